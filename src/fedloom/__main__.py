@@ -1,0 +1,5 @@
+"""``python -m fedloom`` runs the command line."""
+
+from fedloom.cli.main import app
+
+app()

@@ -1,0 +1,25 @@
+"""Aggregation rules as plain functions over client updates."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from fedloom.algorithms.api import ClientUpdate
+from fedloom.core.errors import UpdateError
+from fedloom.core.params import Params
+
+__all__ = ["weighted_mean"]
+
+
+def weighted_mean(updates: Sequence[ClientUpdate]) -> tuple[Params, float]:
+    """``sum_i w_i * delta_i / sum_i w_i`` in the order given, and ``sum_i w_i``.
+
+    The order of ``updates`` fixes the floating-point summation order, so callers
+    pass them sorted by client id for reproducibility.
+    """
+    if not updates:
+        raise UpdateError("cannot aggregate an empty round: no client update was accepted")
+    total = float(sum(u.weight for u in updates))
+    if not total > 0:
+        raise UpdateError(f"total aggregation weight is {total}; every update must have a positive weight")
+    return Params.weighted_sum([u.delta for u in updates], [u.weight / total for u in updates]), total

@@ -1,0 +1,121 @@
+"""FedAvg (McMahan et al. 2017, arXiv 1602.05629), with the server optimiser as a parameter.
+
+Each selected client runs local SGD from the global model ``w`` and returns
+``delta_k = w_k - w`` with weight ``n_k`` (its example count). The server forms
+``delta = sum_k n_k delta_k / sum_k n_k`` and applies its optimiser to it:
+``ServerSGD(lr=1)`` gives ``w <- w + delta``, i.e. classic FedAvg; other server
+optimisers give FedAvgM / FedAdam / FedYogi / FedAdagrad (Reddi et al. 2021,
+arXiv 2003.00295; see ``server_opt``).
+
+With :class:`~fedloom.algorithms.stragglers.Stragglers`, some clients complete
+only part of their local steps; ``drop=True`` excludes them from the mean (the
+FedProx paper's FedAvg baseline), otherwise their partial work is averaged in.
+A round whose every update was dropped leaves the server state unchanged.
+
+:func:`weighted_round` and :func:`apply_round` are the aggregation and server
+step shared with FedProx and FedNova, which differ only on the client side or
+in the weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from fedloom.algorithms.aggregate import weighted_mean
+from fedloom.algorithms.api import (
+    Aggregate,
+    Broadcast,
+    ClientContext,
+    ClientState,
+    ClientUpdate,
+    ServerContext,
+    ServerState,
+    Workspace,
+)
+from fedloom.algorithms.local import LocalSGD
+from fedloom.algorithms.server_opt import ServerOptimizer, ServerSGD
+from fedloom.algorithms.stragglers import (
+    Stragglers,
+    accepted,
+    dropped_update,
+    straggler_metrics,
+    train_with_stragglers,
+)
+from fedloom.core.params import Params
+from fedloom.data.datasets import ArrayDataset
+
+__all__ = ["FedAvg", "apply_round", "empty_aggregate", "weighted_round"]
+
+
+@dataclass(frozen=True)
+class FedAvg:
+    """Example-weighted federated averaging with a pluggable server optimiser."""
+
+    local: LocalSGD = field(default_factory=LocalSGD)
+    server_optimizer: ServerOptimizer = field(default_factory=ServerSGD)
+    stragglers: Stragglers = field(default_factory=Stragglers)
+
+    @property
+    def name(self) -> str:
+        return "fedavg"
+
+    def server_init(self, params: Params) -> ServerState:
+        return ServerState(round=0, params=params, opt_state=self.server_optimizer.init(params))
+
+    def broadcast(self, state: ServerState) -> Broadcast:
+        return Broadcast(round=state.round + 1, params=state.params)
+
+    def client_update(
+        self,
+        workspace: Workspace,
+        broadcast: Broadcast,
+        client_state: ClientState | None,
+        data: ArrayDataset,
+        ctx: ClientContext,
+    ) -> ClientUpdate:
+        plan, result = train_with_stragglers(
+            workspace, broadcast.params, data, self.local, self.stragglers, ctx
+        )
+        if result is None:
+            return dropped_update(ctx, broadcast.params)
+        return ClientUpdate(
+            client_id=ctx.client_id,
+            delta=result.delta,
+            weight=float(len(data)),
+            num_examples=len(data),
+            num_steps=result.num_steps,
+            metrics=straggler_metrics(plan, result),
+        )
+
+    def aggregate(self, updates: Sequence[ClientUpdate], ctx: ServerContext) -> Aggregate:
+        return weighted_round(updates)
+
+    def server_update(self, state: ServerState, aggregate: Aggregate, ctx: ServerContext) -> ServerState:
+        return apply_round(self.server_optimizer, state, aggregate, ctx)
+
+
+def empty_aggregate(updates: Sequence[ClientUpdate]) -> Aggregate:
+    """The aggregate of a round whose every update was dropped: ``num_clients == 0``."""
+    return Aggregate(delta=updates[0].delta.zeros_like(), num_clients=0, total_weight=0.0)
+
+
+def weighted_round(updates: Sequence[ClientUpdate]) -> Aggregate:
+    """Example-weighted mean of the accepted updates (dropped stragglers removed)."""
+    kept = accepted(updates)
+    if updates and not kept:
+        return empty_aggregate(updates)
+    delta, total = weighted_mean(kept)
+    return Aggregate(delta=delta, num_clients=len(kept), total_weight=total)
+
+
+def apply_round(
+    optimizer: ServerOptimizer, state: ServerState, aggregate: Aggregate, ctx: ServerContext
+) -> ServerState:
+    """Apply the server optimiser to ``aggregate.delta``; an empty round changes nothing but the round."""
+    if aggregate.num_clients == 0:
+        return ServerState(
+            round=ctx.round, params=state.params, opt_state=state.opt_state, algo_state=state.algo_state
+        )
+    params, slots = optimizer.step(state.params, aggregate.delta, state.opt_state, ctx.round)
+    return ServerState(round=ctx.round, params=params, opt_state=slots, algo_state=state.algo_state)

@@ -1,0 +1,136 @@
+"""The ``fedloom`` command line: simulate, report, partition, config."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+import tomllib
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from fedloom.config.loader import default_config_toml, load_config, parse_config
+from fedloom.config.schema import ExperimentConfig
+from fedloom.core.errors import FedloomError, RunStateError
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="fedloom: federated learning, simulated and deployed."
+)
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="Experiment file (TOML).")]
+SetOpt = Annotated[
+    list[str] | None, typer.Option("--set", "-s", help="Override one key: --set client.lr=0.1")
+]
+
+
+def _console() -> Console:
+    return Console(highlight=False, soft_wrap=True)
+
+
+def _fail(exc: FedloomError) -> typer.Exit:
+    Console(stderr=True, highlight=False, soft_wrap=True).print(
+        f"[bold red]error:[/bold red] {exc}", markup=True
+    )
+    return typer.Exit(code=2)
+
+
+def _new_run_dir(cfg: ExperimentConfig) -> Path:
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = Path(cfg.out_dir) / f"{stamp}-{cfg.algorithm.name}-{cfg.model.name.replace(':', '.')}"
+    run_dir, i = base, 1
+    while run_dir.exists():
+        run_dir, i = base.with_name(f"{base.name}-{i}"), i + 1
+    return run_dir
+
+
+@app.command()
+def simulate(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory to create.")] = None,
+    resume: Annotated[
+        Path | None, typer.Option("--resume", help="Continue the run in this directory.")
+    ] = None,
+    report: Annotated[bool, typer.Option(help="Write plots and summary.md when the run ends.")] = True,
+) -> None:
+    """Run a federated simulation (the embedded MNIST default when no config is given)."""
+    from fedloom.cli.progress import ConsoleListener
+    from fedloom.sim.runner import CONFIG, run_simulation
+
+    console = _console()
+    try:
+        if resume is not None:
+            if config is not None or set_:
+                raise RunStateError("--resume uses the run's own config.toml; drop --config/--set")
+            cfg_path = resume / CONFIG
+            if not cfg_path.exists():
+                raise RunStateError(f"{resume} is not a run directory: {cfg_path} is missing")
+            cfg = parse_config(tomllib.loads(cfg_path.read_text(encoding="utf-8")))
+            run_dir = resume
+        else:
+            cfg = load_config(config, set_ or [])
+            run_dir = out if out is not None else _new_run_dir(cfg)
+        listener = ConsoleListener(console)
+        try:
+            result = run_simulation(cfg, run_dir, resume=resume is not None, listener=listener)
+        finally:
+            listener.close()
+        m = result.final_metrics
+        acc = f", test accuracy {m['test_accuracy']:.4f}" if "test_accuracy" in m else ""
+        console.print(f"done: {result.stop_reason} after round {result.final_round}{acc}")
+        console.print(f"results: {run_dir}  (config.toml, metrics.jsonl, model.safetensors, state.sqlite)")
+        if report:
+            from fedloom.results.report import write_report
+
+            rep = write_report([run_dir], run_dir)
+            console.print("plots: " + ", ".join(str(p) for p in rep.paths))
+    except FedloomError as exc:
+        raise _fail(exc) from None
+
+
+@app.command("report")
+def report_cmd(
+    run_dirs: Annotated[list[Path], typer.Argument(help="One or more run directories.")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output directory.")] = None,
+) -> None:
+    """Write accuracy/loss plots (runs overlaid) and summary.md."""
+    from fedloom.results.report import write_report
+
+    target = out if out is not None else (run_dirs[0] if len(run_dirs) == 1 else Path("report"))
+    try:
+        rep = write_report(run_dirs, target)
+    except FedloomError as exc:
+        raise _fail(exc) from None
+    for p in rep.paths:
+        _console().print(str(p))
+
+
+@app.command()
+def partition(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Print per-client statistics of the configured partition."""
+    from fedloom.data.stats import partition_stats, render_partition_stats
+    from fedloom.sim.build import build_data
+
+    try:
+        cfg = load_config(config, set_ or [])
+        train, _, source = build_data(cfg)
+        console = _console()
+        console.print(f"data: {source}; partition: {cfg.data.partition}; clients: {train.num_clients}")
+        num_classes = 10
+        render_partition_stats(partition_stats(train, num_classes), console)
+    except FedloomError as exc:
+        raise _fail(exc) from None
+
+
+@app.command("config")
+def config_cmd() -> None:
+    """Print the default experiment file with every key documented."""
+    sys.stdout.write(default_config_toml())
+
+
+def main() -> None:  # pragma: no cover - console-script shim
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    app()

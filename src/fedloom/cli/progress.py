@@ -1,0 +1,75 @@
+"""Round progress: a rich progress bar on a terminal, plain log lines otherwise."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from fedloom.sim.executor import ClientFailure
+
+__all__ = ["ConsoleListener"]
+
+
+def _fmt(metrics: Mapping[str, Any]) -> str:
+    parts = [f"round {metrics['round']}", f"train_loss {metrics['train_loss']:.4f}"]
+    if "test_accuracy" in metrics:
+        parts.append(f"test_acc {metrics['test_accuracy']:.4f}")
+        parts.append(f"test_loss {metrics['test_loss']:.4f}")
+    parts.append(f"clients {metrics['num_clients']}")
+    parts.append(f"{metrics['seconds']:.2f}s")
+    return "  ".join(parts)
+
+
+class ConsoleListener:
+    """Implements :class:`fedloom.sim.runner.RoundListener` for the CLI."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.live = console.is_terminal
+        self._progress: Progress | None = None
+        self._task: Any = None
+        self._rounds = 0
+        self._t0 = time.perf_counter()
+
+    def on_start(self, first_round: int, rounds: int, info: Mapping[str, Any]) -> None:
+        self._rounds = rounds
+        self.console.print(
+            f"data: {info.get('data')}  run: {info.get('run_dir')}  rounds {first_round}..{rounds}"
+        )
+        if self.live:
+            self._progress = Progress(
+                TextColumn("round {task.completed}/{task.total}"),
+                BarColumn(),
+                TextColumn("{task.fields[acc]}  {task.fields[loss]}"),
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                console=self.console,
+            )
+            self._progress.start()
+            self._task = self._progress.add_task(
+                "rounds", total=rounds, completed=first_round - 1, acc="", loss=""
+            )
+
+    def on_round(self, metrics: Mapping[str, Any]) -> None:
+        if self._progress is not None:
+            acc = f"acc {metrics['test_accuracy']:.4f}" if "test_accuracy" in metrics else ""
+            self._progress.update(
+                self._task, completed=metrics["round"], acc=acc, loss=f"loss {metrics['train_loss']:.4f}"
+            )
+        else:
+            self.console.print(_fmt(metrics), highlight=False)
+
+    def on_failure(self, failure: ClientFailure, round: int) -> None:
+        self.console.print(
+            f"[yellow]round {round}: client {failure.client_id} failed: {failure.reason}[/yellow]"
+        )
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None

@@ -1,0 +1,63 @@
+"""The fedloom exception tree.
+
+Every error fedloom raises on purpose derives from :class:`FedloomError`::
+
+    FedloomError
+    ├── ConfigError          an experiment file or override is invalid
+    ├── DataError            data is missing, corrupt, or cannot be partitioned as asked
+    │   └── ChecksumError    a data file's digest differs from the known one
+    ├── UpdateError          a client update is malformed (names, shapes, NaN/inf, norm)
+    ├── TrainingError        training diverged (NaN/inf loss) or cannot go on
+    └── RunStateError        a run directory or its state database is unusable
+
+Errors name the offending value and what was expected, so a user can fix them
+without reading the source.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ChecksumError",
+    "ConfigError",
+    "DataError",
+    "FedloomError",
+    "RunStateError",
+    "TrainingError",
+    "UpdateError",
+]
+
+
+class FedloomError(Exception):
+    """Base class of every error fedloom raises deliberately."""
+
+
+class ConfigError(FedloomError):
+    """An experiment configuration is invalid.
+
+    ``problems`` lists every problem found (all are collected before raising).
+    """
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        text = "invalid configuration:\n" + "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(text)
+
+
+class DataError(FedloomError):
+    """Data is missing, corrupt, or cannot be partitioned as requested."""
+
+
+class ChecksumError(DataError):
+    """A data file's SHA-256 digest differs from the expected one."""
+
+
+class UpdateError(FedloomError):
+    """A client update is malformed: wrong names/shapes/dtypes, NaN/inf or too large."""
+
+
+class TrainingError(FedloomError):
+    """Training cannot continue, e.g. the loss became NaN or infinite."""
+
+
+class RunStateError(FedloomError):
+    """A run directory or its SQLite state database is missing or inconsistent."""

@@ -1,0 +1,59 @@
+"""fedloom's data layer: datasets, federated splits, partitioners and dataset loaders.
+
+Dependency direction inside the package: ``datasets`` ← ``federated`` ←
+``partition`` / ``synthetic`` / ``stats``; ``idx`` / ``locate`` / ``download`` /
+``mnist_pickle`` ← ``mnist``. Everything here depends only on ``fedloom.core``.
+"""
+
+from __future__ import annotations
+
+from fedloom.data.datasets import ArrayDataset
+from fedloom.data.download import MNIST_MIRRORS, Fetch, download_mnist
+from fedloom.data.federated import FederatedDataset, PartitionedDataset
+from fedloom.data.idx import parse_idx, read_idx
+from fedloom.data.locate import DATA_ENV_VAR, default_cache_dir
+from fedloom.data.mnist import MNIST_MEAN, MNIST_STD, MnistData, MnistRaw, load_mnist, load_mnist_raw
+from fedloom.data.partition import (
+    available_schemes,
+    dirichlet,
+    iid,
+    partition,
+    quantity_skew,
+    register_scheme,
+    shards,
+)
+from fedloom.data.stats import PartitionStats, format_partition_stats, partition_stats, render_partition_stats
+from fedloom.data.synthetic import SyntheticConfig, SyntheticDataset, synthetic_fedprox
+
+__all__ = [
+    "DATA_ENV_VAR",
+    "MNIST_MEAN",
+    "MNIST_MIRRORS",
+    "MNIST_STD",
+    "ArrayDataset",
+    "FederatedDataset",
+    "Fetch",
+    "MnistData",
+    "MnistRaw",
+    "PartitionStats",
+    "PartitionedDataset",
+    "SyntheticConfig",
+    "SyntheticDataset",
+    "available_schemes",
+    "default_cache_dir",
+    "dirichlet",
+    "download_mnist",
+    "format_partition_stats",
+    "iid",
+    "load_mnist",
+    "load_mnist_raw",
+    "parse_idx",
+    "partition",
+    "partition_stats",
+    "quantity_skew",
+    "read_idx",
+    "register_scheme",
+    "render_partition_stats",
+    "shards",
+    "synthetic_fedprox",
+]

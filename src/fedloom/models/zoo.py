@@ -1,0 +1,124 @@
+"""Built-in models and the registry that resolves a model name or import path.
+
+The McMahan et al. 2017 (arXiv 1602.05629) MNIST models:
+
+- ``2nn``: 784-200-200-10 multilayer perceptron with ReLU (199,210 parameters);
+- ``cnn``: conv5x5(32) - maxpool2 - conv5x5(64) - maxpool2 - fc512 - fc10 (1,663,370 parameters);
+- ``logreg``: multinomial logistic regression.
+
+Any ``torch.nn.Module`` can be used instead by import path, ``"package.module:ClassName"``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedloom.core.errors import ConfigError
+from fedloom.core.rng import derive_seed
+
+__all__ = ["CNN", "MLP2NN", "LogisticRegression", "build_model", "register_model"]
+
+
+class MLP2NN(nn.Module):
+    """McMahan's 2NN: two hidden layers of 200 ReLU units."""
+
+    def __init__(self, in_features: int = 784, hidden: int = 200, num_classes: int = 10) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.fc3 = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(1)  # (B, in_features)
+        x = torch.relu(self.fc1(x))
+        x = torch.relu(self.fc2(x))
+        return self.fc3(x)  # (B, num_classes) logits
+
+
+class CNN(nn.Module):
+    """McMahan's MNIST CNN: two 5x5 conv layers (32, 64 channels), each max-pooled, fc 512, fc 10."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 32, kernel_size=5, padding=2)
+        self.conv2 = nn.Conv2d(32, 64, kernel_size=5, padding=2)
+        self.fc1 = nn.Linear(64 * 7 * 7, 512)
+        self.fc2 = nn.Linear(512, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.max_pool2d(torch.relu(self.conv1(x)), 2)  # (B, 32, 14, 14)
+        x = torch.max_pool2d(torch.relu(self.conv2(x)), 2)  # (B, 64, 7, 7)
+        x = torch.relu(self.fc1(x.flatten(1)))  # (B, 512)
+        return self.fc2(x)  # (B, num_classes)
+
+
+class LogisticRegression(nn.Module):
+    """Multinomial logistic regression on flattened inputs."""
+
+    def __init__(self, in_features: int = 784, num_classes: int = 10) -> None:
+        super().__init__()
+        self.linear = nn.Linear(in_features, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x.flatten(1))
+
+
+ModelFactory = Callable[..., nn.Module]
+
+_REGISTRY: dict[str, ModelFactory] = {}
+
+
+def register_model(name: str, factory: ModelFactory) -> None:
+    """Register ``factory`` under ``name``; refuses to overwrite an existing name."""
+    if name in _REGISTRY:
+        raise ValueError(f"model {name!r} is already registered")
+    _REGISTRY[name] = factory
+
+
+register_model("2nn", MLP2NN)
+register_model("cnn", CNN)
+register_model("logreg", LogisticRegression)
+
+
+def _resolve(name: str) -> ModelFactory:
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    if ":" not in name:
+        known = ", ".join(sorted(_REGISTRY))
+        raise ConfigError(
+            [f"model.name = {name!r}: unknown model; use one of {known} or 'package.module:Class'"]
+        )
+    module_name, _, attr = name.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError([f"model.name = {name!r}: cannot import module {module_name!r} ({exc})"]) from exc
+    factory = getattr(module, attr, None)
+    if factory is None or not callable(factory):
+        raise ConfigError([f"model.name = {name!r}: module {module_name!r} has no callable {attr!r}"])
+    return factory  # type: ignore[no-any-return]
+
+
+def build_model(name: str, kwargs: Mapping[str, Any], *, seed: int) -> nn.Module:
+    """Build a model with initial weights determined only by ``seed``.
+
+    The global torch RNG is forked and restored, so building a model neither
+    depends on nor disturbs any other random state.
+    """
+    factory = _resolve(name)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(seed, "model-init"))
+        try:
+            module = factory(**dict(kwargs))
+        except TypeError as exc:
+            raise ConfigError([f"model.kwargs = {dict(kwargs)!r}: rejected by {name!r} ({exc})"]) from exc
+    if not isinstance(module, nn.Module):
+        raise ConfigError(
+            [f"model.name = {name!r}: factory returned {type(module).__name__}, not torch.nn.Module"]
+        )
+    return module

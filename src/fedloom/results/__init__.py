@@ -1,0 +1,1 @@
+"""Run results: the SQLite state database, metrics, plots and summaries."""

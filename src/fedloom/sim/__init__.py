@@ -1,0 +1,1 @@
+"""In-process simulation runtime: executors and the round loop."""

@@ -1,0 +1,230 @@
+"""The simulation loop: select, broadcast, train, decode, aggregate, update, evaluate, checkpoint.
+
+``run_simulation`` drives any :class:`~fedloom.algorithms.api.Algorithm` through
+an executor, recording each round atomically in the run's state database. A
+resumed run reloads the last checkpoint and continues; because every random
+draw derives from (seed, round, client, purpose), it ends with the same model,
+bit for bit, as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from fedloom.algorithms.api import ClientState, ClientUpdate, ServerContext, ServerState
+from fedloom.config.loader import config_to_toml
+from fedloom.config.schema import ExperimentConfig
+from fedloom.core.errors import FedloomError, RunStateError, TrainingError
+from fedloom.core.rng import numpy_rng
+from fedloom.core.serde import params_to_bytes
+from fedloom.results.store import RunStore
+from fedloom.sim.build import Components, build_components
+from fedloom.sim.evaluate import evaluate
+from fedloom.sim.executor import ClientFailure, Executor, SequentialExecutor
+from fedloom.sim.sampling import cohort_size, sample_clients
+
+__all__ = ["RoundListener", "RunResult", "run_simulation"]
+
+STATE_DB = "state.sqlite"
+METRICS = "metrics.jsonl"
+CONFIG = "config.toml"
+MODEL = "model.safetensors"
+
+
+class RoundListener(Protocol):
+    """Progress callbacks; the CLI renders them as a progress bar or log lines."""
+
+    def on_start(self, first_round: int, rounds: int, info: Mapping[str, Any]) -> None: ...
+
+    def on_round(self, metrics: Mapping[str, Any]) -> None: ...
+
+    def on_failure(self, failure: ClientFailure, round: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class RunResult:
+    run_dir: Path
+    final_round: int
+    final_metrics: Mapping[str, Any]
+    stop_reason: str
+    state: ServerState
+
+
+def run_simulation(
+    cfg: ExperimentConfig,
+    run_dir: Path,
+    *,
+    resume: bool = False,
+    listener: RoundListener | None = None,
+    components: Components | None = None,
+    executor: Executor | None = None,
+) -> RunResult:
+    """Run (or resume) the experiment ``cfg`` in ``run_dir``; see the module docstring."""
+    comps = components if components is not None else build_components(cfg)
+    execu = (
+        executor if executor is not None else SequentialExecutor(comps.workspace, comps.train, comps.pipeline)
+    )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    db_path = run_dir / STATE_DB
+    if not resume and db_path.exists():
+        raise RunStateError(
+            f"{run_dir} already holds a run; resume it with --resume {run_dir} or pick another --out"
+        )
+    with RunStore(db_path, create=not resume) as store:
+        if resume:
+            state = (
+                store.load_state()
+                if store.latest_round() >= 0
+                else comps.algorithm.server_init(comps.initial_params)
+            )
+            client_states = store.client_states()
+            history = store.metrics(up_to=state.round)
+        else:
+            (run_dir / CONFIG).write_text(config_to_toml(cfg), encoding="utf-8")
+            store.set_meta("config", config_to_toml(cfg))
+            state = comps.algorithm.server_init(comps.initial_params)
+            store.commit_round(state, {"round": 0}, {}, keep=cfg.checkpoint.keep)
+            client_states, history = {}, []
+        _rewrite_metrics(run_dir / METRICS, [m for m in history if m.get("round", 0) > 0])
+        store.set_meta("status", "running")
+        if listener is not None:
+            listener.on_start(
+                state.round + 1, cfg.rounds, {"data": comps.data_source, "run_dir": str(run_dir)}
+            )
+        last = history[-1] if history and history[-1].get("round", 0) > 0 else {}
+        try:
+            state, last, reason = _loop(
+                cfg, comps, execu, store, state, client_states, last, run_dir, listener
+            )
+        except FedloomError as exc:
+            store.set_meta("status", "failed")
+            store.set_meta("error", str(exc))
+            raise
+        _write_atomically(run_dir / MODEL, params_to_bytes(state.params))
+        store.set_meta("status", "completed")
+        store.set_meta("stop_reason", reason)
+    return RunResult(
+        run_dir=run_dir, final_round=state.round, final_metrics=last, stop_reason=reason, state=state
+    )
+
+
+def _reached(cfg: ExperimentConfig, metrics: Mapping[str, Any]) -> bool:
+    target = cfg.eval.target_accuracy
+    acc = metrics.get("test_accuracy")
+    return target > 0 and acc is not None and float(acc) >= target
+
+
+def _loop(
+    cfg: ExperimentConfig,
+    comps: Components,
+    executor: Executor,
+    store: RunStore,
+    state: ServerState,
+    client_states: dict[int, ClientState],
+    last: Mapping[str, Any],
+    run_dir: Path,
+    listener: RoundListener | None,
+) -> tuple[ServerState, Mapping[str, Any], str]:
+    algorithm, pipeline = comps.algorithm, comps.pipeline
+    population = comps.train.num_clients
+    size = cohort_size(population, cfg.sampling.fraction, cfg.sampling.min_clients)
+    if _reached(cfg, last):
+        return state, last, "target accuracy reached"
+    with (run_dir / METRICS).open("a", encoding="utf-8") as metrics_file:
+        while state.round < cfg.rounds:
+            t0 = time.perf_counter()
+            r = state.round + 1
+            ctx = ServerContext(seed=cfg.seed, round=r, population=population)
+            cohort = sample_clients(cfg.seed, r, population, size)
+            outcomes = executor.run_round(
+                algorithm, algorithm.broadcast(state), cohort.tolist(), client_states, ctx
+            )
+            updates: list[ClientUpdate] = []
+            failures: list[ClientFailure] = []
+            for o in outcomes:
+                if isinstance(o, ClientUpdate):
+                    try:
+                        updates.append(pipeline.decode(o, ctx))
+                    except FedloomError as exc:
+                        failures.append(ClientFailure(o.client_id, str(exc)))
+                else:
+                    failures.append(o)
+            for f in failures:
+                if listener is not None:
+                    listener.on_failure(f, r)
+                if f.diverged:
+                    raise TrainingError(
+                        f"{f.reason}; the run stopped at round {r}. The last good checkpoint "
+                        f"(round {state.round}) is intact in {store.path}"
+                    )
+            if not updates:
+                raise TrainingError(f"round {r}: no client update was accepted ({len(failures)} failed)")
+            aggregate = pipeline.server(algorithm.aggregate(updates, ctx), ctx)
+            new_state = algorithm.server_update(state, aggregate, ctx)
+            if not new_state.params.all_finite():
+                raise TrainingError(
+                    f"round {r}: the global model became non-finite (NaN/inf); the last good checkpoint "
+                    f"(round {state.round}) is intact in {store.path}"
+                )
+            state = new_state
+            changed = {u.client_id: u.client_state for u in updates if u.client_state is not None}
+            client_states.update(changed)
+            metrics: dict[str, Any] = _round_metrics(r, updates, failures)
+            if r % cfg.eval.every == 0 or r == cfg.rounds:
+                ev = evaluate(comps.workspace, state.params, comps.test, batch_size=cfg.eval.batch_size)
+                metrics["test_accuracy"] = ev.accuracy
+                metrics["test_loss"] = ev.loss
+                if cfg.eval.federated:
+                    metrics.update(_federated_eval(cfg, comps, state, r))
+            metrics["seconds"] = time.perf_counter() - t0
+            store.commit_round(state, metrics, changed, keep=cfg.checkpoint.keep)
+            metrics_file.write(json.dumps(metrics) + "\n")
+            metrics_file.flush()
+            last = metrics
+            if listener is not None:
+                listener.on_round(metrics)
+            if _reached(cfg, metrics):
+                return state, last, "target accuracy reached"
+    return state, last, "round budget reached"
+
+
+def _round_metrics(r: int, updates: list[ClientUpdate], failures: list[ClientFailure]) -> dict[str, Any]:
+    examples = sum(u.num_examples for u in updates)
+    loss = sum(u.metrics.get("train_loss", 0.0) * u.num_examples for u in updates) / max(examples, 1)
+    return {
+        "round": r,
+        "train_loss": loss,
+        "num_clients": len(updates),
+        "num_failed": len(failures),
+        "num_examples": examples,
+    }
+
+
+def _federated_eval(cfg: ExperimentConfig, comps: Components, state: ServerState, r: int) -> dict[str, float]:
+    population = comps.train.num_clients
+    k = min(cfg.eval.federated_clients, population)
+    chosen = sorted(numpy_rng(cfg.seed, "federated-eval", round=r).choice(population, size=k, replace=False))
+    total, loss, correct = 0, 0.0, 0.0
+    for cid in chosen:
+        data = comps.train.client_data(int(cid))
+        ev = evaluate(comps.workspace, state.params, data, batch_size=cfg.eval.batch_size)
+        total += ev.num_examples
+        loss += ev.loss * ev.num_examples
+        correct += ev.accuracy * ev.num_examples
+    return {"fed_accuracy": correct / max(total, 1), "fed_loss": loss / max(total, 1)}
+
+
+def _rewrite_metrics(path: Path, history: list[dict[str, Any]]) -> None:
+    """Make metrics.jsonl agree with the database (a kill may have cut it mid-line)."""
+    _write_atomically(path, "".join(json.dumps(m) + "\n" for m in history).encode("utf-8"))
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)

@@ -1,0 +1,103 @@
+"""Update transforms: composable stages on a client's delta, with a client and a server side.
+
+A stage has three hooks (pfl-research's postprocessor shape):
+
+``client(update, ctx)``
+    on the client, after local training (clip, add local noise, quantise, mask);
+``decode(update, ctx)``
+    on the server, per received update, before aggregation (dequantise, validate);
+``server(aggregate, ctx)``
+    on the server, after aggregation (central DP noise, unmask the sum).
+
+A :class:`Pipeline` applies the client hooks in order and the server hooks in
+reverse order, so each stage undoes its own encoding after the later stages
+have undone theirs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+from fedloom.algorithms.api import Aggregate, ClientUpdate, ServerContext
+from fedloom.core.errors import UpdateError
+
+__all__ = ["Identity", "NormClip", "Pipeline", "UpdateTransform"]
+
+
+class UpdateTransform(Protocol):
+    def client(self, update: ClientUpdate, ctx: ServerContext) -> ClientUpdate: ...
+
+    def decode(self, update: ClientUpdate, ctx: ServerContext) -> ClientUpdate: ...
+
+    def server(self, aggregate: Aggregate, ctx: ServerContext) -> Aggregate: ...
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Leaves updates unchanged; the neutral element of a pipeline."""
+
+    def client(self, update: ClientUpdate, ctx: ServerContext) -> ClientUpdate:
+        return update
+
+    def decode(self, update: ClientUpdate, ctx: ServerContext) -> ClientUpdate:
+        return update
+
+    def server(self, aggregate: Aggregate, ctx: ServerContext) -> Aggregate:
+        return aggregate
+
+
+@dataclass(frozen=True)
+class NormClip:
+    """Scale each client's delta so its global L2 norm is at most ``max_norm``.
+
+    ``delta <- delta * min(1, max_norm / ||delta||_2)``; the pre-clip norm is
+    reported as the ``update_norm`` metric.
+    """
+
+    max_norm: float
+
+    def __post_init__(self) -> None:
+        if not self.max_norm > 0:
+            raise ValueError(f"NormClip.max_norm must be > 0, got {self.max_norm}")
+
+    def client(self, update: ClientUpdate, ctx: ServerContext) -> ClientUpdate:
+        norm = update.delta.l2_norm()
+        scale = min(1.0, self.max_norm / norm) if norm > 0 else 1.0
+        delta = update.delta if scale == 1.0 else update.delta * scale
+        return replace(update, delta=delta, metrics={**update.metrics, "update_norm": norm})
+
+    def decode(self, update: ClientUpdate, ctx: ServerContext) -> ClientUpdate:
+        norm = update.delta.l2_norm()
+        # Honest clients already clipped; a larger norm means a tampered or buggy client.
+        if norm > self.max_norm * (1 + 1e-5):
+            raise UpdateError(
+                f"client {update.client_id}: update norm {norm:.6g} exceeds the bound {self.max_norm}"
+            )
+        return update
+
+    def server(self, aggregate: Aggregate, ctx: ServerContext) -> Aggregate:
+        return aggregate
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """A sequence of stages: client hooks in order, server hooks in reverse."""
+
+    stages: Sequence[UpdateTransform] = ()
+
+    def client(self, update: ClientUpdate, ctx: ServerContext) -> ClientUpdate:
+        for stage in self.stages:
+            update = stage.client(update, ctx)
+        return update
+
+    def decode(self, update: ClientUpdate, ctx: ServerContext) -> ClientUpdate:
+        for stage in reversed(self.stages):
+            update = stage.decode(update, ctx)
+        return update
+
+    def server(self, aggregate: Aggregate, ctx: ServerContext) -> Aggregate:
+        for stage in reversed(self.stages):
+            aggregate = stage.server(aggregate, ctx)
+        return aggregate

@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fedloom.core.errors import UpdateError
+from fedloom.core.params import Params
+from fedloom.core.serde import params_from_bytes, params_to_bytes, slots_from_bytes, slots_to_bytes
+
+
+def _p(a: list[float], b: list[float]) -> Params:
+    return Params({"a": torch.tensor(a), "b": torch.tensor(b)})
+
+
+def test_arithmetic_is_elementwise_and_does_not_mutate() -> None:
+    x, y = _p([1.0, 2.0], [3.0]), _p([0.5, 0.5], [1.0])
+    z = x + y * 2.0 - y
+    assert z["a"].tolist() == [1.5, 2.5]
+    assert z["b"].tolist() == [4.0]
+    assert x["a"].tolist() == [1.0, 2.0]  # operands untouched
+    assert (x / 2.0)["b"].tolist() == [1.5]
+    assert (-x)["a"].tolist() == [-1.0, -2.0]
+    assert x.add_scaled(y, -2.0)["a"].tolist() == [0.0, 1.0]
+
+
+def test_norm_dot_and_weighted_sum_match_hand_values() -> None:
+    x = _p([3.0, 0.0], [4.0])
+    assert x.l2_norm() == pytest.approx(5.0)
+    assert x.dot(_p([1.0, 1.0], [1.0])) == pytest.approx(7.0)
+    s = Params.weighted_sum([_p([1.0, 1.0], [1.0]), _p([3.0, 5.0], [0.0])], [0.25, 0.75])
+    assert s["a"].tolist() == [2.5, 4.0]
+    assert s["b"].tolist() == [0.25]
+
+
+def test_incompatible_params_are_rejected_with_the_name() -> None:
+    x = _p([1.0, 2.0], [3.0])
+    with pytest.raises(UpdateError, match="'a' has shape"):
+        x.check_compatible(Params({"a": torch.zeros(3), "b": torch.zeros(1)}))
+    with pytest.raises(UpdateError, match="missing \\['b'\\]"):
+        x.check_compatible(Params({"a": torch.zeros(2)}))
+    with pytest.raises(UpdateError, match="dtype"):
+        x.check_compatible(Params({"a": torch.zeros(2, dtype=torch.float64), "b": torch.zeros(1)}))
+
+
+def test_all_finite_detects_nan_and_inf() -> None:
+    assert _p([1.0, 2.0], [3.0]).all_finite()
+    assert not _p([1.0, float("nan")], [3.0]).all_finite()
+    assert not _p([1.0, 2.0], [float("inf")]).all_finite()
+
+
+@given(st.lists(st.floats(-1e6, 1e6, allow_nan=False, width=32), min_size=1, max_size=50))
+def test_serde_round_trip_is_bit_exact(values: list[float]) -> None:
+    p = Params({"z": torch.tensor(values), "a": torch.tensor(values[::-1]).reshape(-1, 1)})
+    q = params_from_bytes(params_to_bytes(p))
+    assert list(q) == ["z", "a"]
+    assert q.equal(p)
+
+
+def test_slots_round_trip_keeps_slot_and_key_order() -> None:
+    slots = {"m": _p([1.0, 2.0], [3.0]), "v": Params({"k": torch.ones(2, 2)})}
+    back = slots_from_bytes(slots_to_bytes(slots))
+    assert list(back) == ["m", "v"]
+    assert back["m"].equal(slots["m"])
+    assert back["v"].equal(slots["v"])
+    assert slots_from_bytes(slots_to_bytes({})) == {}
