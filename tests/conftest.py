@@ -43,10 +43,14 @@ def fedloom_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "fedloom", *args]
 
 
-def run_cli(*args: str, cwd: Path, check: bool = True, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, cwd: Path, check: bool = True, timeout: float = 240
+) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(
         fedloom_cmd(*args), cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=timeout
     )
     if check and proc.returncode != 0:
-        raise AssertionError(f"fedloom {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        raise AssertionError(
+            f"fedloom {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+        )
     return proc

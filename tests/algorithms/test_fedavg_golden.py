@@ -17,7 +17,6 @@ from fedloom.algorithms import (
 from fedloom.core.params import Params
 from fedloom.data.datasets import ArrayDataset
 
-
 # Hand computation (w0 = 0.5, lr = 0.1, batch 2, 2 epochs => 2 full-batch steps per client):
 #   L(w) = mean((w x - y)^2), dL/dw = mean(2 (w x - y) x)
 #   A = {(1, 2)}:        w: 0.5 -> 0.8 -> 1.04          delta_A =  0.54

@@ -6,10 +6,11 @@ import json
 import tomllib
 from pathlib import Path
 
+from tests.conftest import run_cli
+
 from fedloom.config import load_config
 from fedloom.core.serde import params_from_bytes
 from fedloom.results.store import RunStore
-from tests.conftest import run_cli
 
 SLICE = (
     "--set", "data.train_subset=3000", "--set", "data.test_subset=1000", "--set", "data.num_clients=10",

@@ -8,9 +8,10 @@ import subprocess
 import time
 from pathlib import Path
 
+from tests.conftest import cli_env, fedloom_cmd, run_cli
+
 from fedloom.core.serde import params_from_bytes
 from fedloom.results.store import RunStore
-from tests.conftest import cli_env, fedloom_cmd, run_cli
 
 ROUNDS = 12
 
@@ -71,7 +72,9 @@ def test_same_seed_gives_bit_identical_runs(tmp_path: Path, mnist_dir: str) -> N
     finals = []
     for name in ("a", "b"):
         run = tmp_path / name
-        run_cli("simulate", *_args(mnist_dir), "--set", "rounds=3", "--out", str(run), "--no-report", cwd=tmp_path)
+        run_cli(
+            "simulate", *_args(mnist_dir), "--set", "rounds=3", "--out", str(run), "--no-report", cwd=tmp_path
+        )
         finals.append(params_from_bytes((run / "model.safetensors").read_bytes()))
     assert finals[0].equal(finals[1])
     other = tmp_path / "c"

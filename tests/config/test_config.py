@@ -74,7 +74,7 @@ def test_overrides_parse_toml_values_and_bare_strings() -> None:
     assert (cfg.client.lr, cfg.model.name, cfg.rounds, cfg.eval.federated) == (0.2, "cnn", 7, True)
     with pytest.raises(ConfigError, match="expected KEY=VALUE"):
         load_config(None, ["rounds"])
-    with pytest.raises(ConfigError, match="client.lrr"):
+    with pytest.raises(ConfigError, match=r"client\.lrr"):
         load_config(None, ["client.lrr=1"])
 
 

@@ -92,7 +92,7 @@ def local_sgd(
     load_params(workspace, start)
     module.train()
     named = dict(module.named_parameters())
-    params = [named[name] for name in workspace.trainable]
+    params: list[torch.Tensor] = [named[name] for name in workspace.trainable]
     total_steps = cfg.num_steps(n)
     if max_steps is not None:
         total_steps = min(total_steps, max_steps)

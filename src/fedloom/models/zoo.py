@@ -37,7 +37,8 @@ class MLP2NN(nn.Module):
         x = x.flatten(1)  # (B, in_features)
         x = torch.relu(self.fc1(x))
         x = torch.relu(self.fc2(x))
-        return self.fc3(x)  # (B, num_classes) logits
+        out: torch.Tensor = self.fc3(x)  # (B, num_classes) logits
+        return out
 
 
 class CNN(nn.Module):
@@ -54,7 +55,8 @@ class CNN(nn.Module):
         x = torch.max_pool2d(torch.relu(self.conv1(x)), 2)  # (B, 32, 14, 14)
         x = torch.max_pool2d(torch.relu(self.conv2(x)), 2)  # (B, 64, 7, 7)
         x = torch.relu(self.fc1(x.flatten(1)))  # (B, 512)
-        return self.fc2(x)  # (B, num_classes)
+        out: torch.Tensor = self.fc2(x)  # (B, num_classes)
+        return out
 
 
 class LogisticRegression(nn.Module):
@@ -65,7 +67,8 @@ class LogisticRegression(nn.Module):
         self.linear = nn.Linear(in_features, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x.flatten(1))
+        out: torch.Tensor = self.linear(x.flatten(1))
+        return out
 
 
 ModelFactory = Callable[..., nn.Module]

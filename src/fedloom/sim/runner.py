@@ -96,7 +96,7 @@ def run_simulation(
             listener.on_start(
                 state.round + 1, cfg.rounds, {"data": comps.data_source, "run_dir": str(run_dir)}
             )
-        last = history[-1] if history and history[-1].get("round", 0) > 0 else {}
+        last: Mapping[str, Any] = history[-1] if history and history[-1].get("round", 0) > 0 else {}
         try:
             state, last, reason = _loop(
                 cfg, comps, execu, store, state, client_states, last, run_dir, listener
