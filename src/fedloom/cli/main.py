@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from fedloom.config.loader import default_config_toml, load_config, parse_config
+from fedloom.config.loader import config_reference_markdown, default_config_toml, load_config, parse_config
 from fedloom.config.schema import ExperimentConfig
 from fedloom.core.errors import FedloomError, RunStateError
 
@@ -126,9 +126,11 @@ def partition(config: ConfigOpt = None, set_: SetOpt = None) -> None:
 
 
 @app.command("config")
-def config_cmd() -> None:
+def config_cmd(
+    markdown: Annotated[bool, typer.Option("--markdown", help="Print the reference as a markdown table.")] = False,
+) -> None:
     """Print the default experiment file with every key documented."""
-    sys.stdout.write(default_config_toml())
+    sys.stdout.write(config_reference_markdown() if markdown else default_config_toml())
 
 
 def main() -> None:  # pragma: no cover - console-script shim

@@ -2,6 +2,7 @@
 
 from fedloom.config.loader import (
     apply_overrides,
+    config_reference_markdown,
     config_to_toml,
     default_config_toml,
     load_config,
@@ -12,6 +13,7 @@ from fedloom.config.schema import ExperimentConfig
 __all__ = [
     "ExperimentConfig",
     "apply_overrides",
+    "config_reference_markdown",
     "config_to_toml",
     "default_config_toml",
     "load_config",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import tomllib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args, get_origin
 
 import tomli_w
 from pydantic import BaseModel, ValidationError
@@ -17,7 +17,14 @@ from pydantic import BaseModel, ValidationError
 from fedloom.config.schema import ExperimentConfig
 from fedloom.core.errors import ConfigError
 
-__all__ = ["apply_overrides", "config_to_toml", "default_config_toml", "load_config", "parse_config"]
+__all__ = [
+    "apply_overrides",
+    "config_reference_markdown",
+    "config_to_toml",
+    "default_config_toml",
+    "load_config",
+    "parse_config",
+]
 
 
 def _describe(err: Mapping[str, Any]) -> str:
@@ -114,4 +121,35 @@ def default_config_toml() -> str:
             lines.append(f"# {info.description}")
             value = getattr(section, key)
             lines.append(tomli_w.dumps({key: value}).strip() if value != {} else f"{key} = {{}}")
+    return "\n".join(lines) + "\n"
+
+
+def _schema_rows() -> list[tuple[str, str, str, str]]:
+    """(dotted key, type, default, description) for every key of the schema."""
+    rows: list[tuple[str, str, str, str]] = []
+    defaults = ExperimentConfig()
+
+    def type_name(annotation: Any) -> str:
+        if get_origin(annotation) is Literal:
+            return "one of " + ", ".join(f"`{a}`" for a in get_args(annotation))
+        text = getattr(annotation, "__name__", None) or str(annotation)
+        return text.replace("typing.", "")
+
+    for name, info in ExperimentConfig.model_fields.items():
+        value = getattr(defaults, name)
+        if isinstance(value, BaseModel):
+            for key, sub in type(value).model_fields.items():
+                default = tomli_w.dumps({"v": getattr(value, key)}).strip()[4:] if getattr(value, key) != {} else "{}"
+                rows.append((f"{name}.{key}", type_name(sub.annotation), default, sub.description or ""))
+        else:
+            default = tomli_w.dumps({"v": value}).strip()[4:]
+            rows.append((name, type_name(info.annotation), default, info.description or ""))
+    return rows
+
+
+def config_reference_markdown() -> str:
+    """The configuration reference as a markdown table (embedded in the README)."""
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for key, typ, default, desc in _schema_rows():
+        lines.append(f"| `{key}` | {typ.replace('|', chr(92) + '|')} | `{default}` | {desc.replace('|', chr(92) + '|')} |")
     return "\n".join(lines) + "\n"
