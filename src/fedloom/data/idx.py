@@ -96,3 +96,14 @@ def read_idx(path: str | Path) -> np.ndarray:
     """Read an IDX file (raw or ``.gz``) without checksum verification. See :func:`parse_idx`."""
     p = Path(path)
     return parse_idx(read_bytes(p), name=str(p))
+
+
+def encode_idx_uint8(array: np.ndarray) -> bytes:
+    """Encode a uint8 array as IDX bytes (magic ``0x0000 08 ndim``, big-endian dims, raw data).
+
+    The inverse of :func:`parse_idx` for unsigned-byte data (all of MNIST).
+    """
+    if array.dtype != np.uint8:
+        raise DataError(f"encode_idx_uint8 needs a uint8 array, got {array.dtype}")
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    return header + np.ascontiguousarray(array).tobytes()

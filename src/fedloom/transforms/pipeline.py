@@ -27,6 +27,8 @@ __all__ = ["Identity", "NormClip", "Pipeline", "UpdateTransform"]
 
 
 class UpdateTransform(Protocol):
+    """One stage of the pipeline: a client side, a per-update server side and an aggregate side."""
+
     def client(self, update: ClientUpdate, ctx: ServerContext) -> ClientUpdate: ...
 
     def decode(self, update: ClientUpdate, ctx: ServerContext) -> ClientUpdate: ...
