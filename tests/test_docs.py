@@ -10,7 +10,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_readme_config_reference_matches_schema() -> None:
     spec = importlib.util.spec_from_file_location("update_docs", REPO / "scripts" / "update_docs.py")
-    assert spec is not None and spec.loader is not None
+    assert spec is not None
+    assert spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     text = (REPO / "README.md").read_text(encoding="utf-8")

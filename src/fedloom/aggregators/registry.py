@@ -15,20 +15,18 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 from fedloom.aggregators.coordinatewise import coordinate_median, trimmed_mean
 from fedloom.aggregators.geometric import geometric_median, norm_bounded_mean
 from fedloom.aggregators.krum import bulyan, krum, multi_krum
-from fedloom.algorithms.aggregate import weighted_mean
-from fedloom.algorithms.api import ClientUpdate
+from fedloom.algorithms.aggregate import Aggregator, weighted_mean
 from fedloom.core.errors import ConfigError
 from fedloom.core.params import Params
 
 __all__ = ["AGGREGATORS", "Aggregator", "AggregatorFactory", "make_aggregator", "register"]
 
-Aggregator = Callable[[Sequence[ClientUpdate]], tuple[Params, float]]
 AggregatorFactory = Callable[..., Aggregator]
 
 AGGREGATORS: dict[str, AggregatorFactory] = {}

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from fedloom.algorithms.api import ClientUpdate
 from fedloom.core.errors import UpdateError
 from fedloom.core.params import Params
 
-__all__ = ["weighted_mean"]
+__all__ = ["Aggregator", "weighted_mean"]
+
+
+#: A rule combining a round's updates into ``(delta, total_weight)``; ``weighted_mean`` is the default.
+Aggregator = Callable[[Sequence[ClientUpdate]], tuple[Params, float]]
 
 
 def weighted_mean(updates: Sequence[ClientUpdate]) -> tuple[Params, float]:

@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from fedloom.algorithms.aggregate import weighted_mean
+from fedloom.algorithms.aggregate import Aggregator, weighted_mean
 from fedloom.algorithms.api import (
     Aggregate,
     Broadcast,
@@ -55,6 +55,7 @@ class FedAvg:
     local: LocalSGD = field(default_factory=LocalSGD)
     server_optimizer: ServerOptimizer = field(default_factory=ServerSGD)
     stragglers: Stragglers = field(default_factory=Stragglers)
+    aggregator: Aggregator = weighted_mean
 
     @property
     def name(self) -> str:
@@ -89,7 +90,7 @@ class FedAvg:
         )
 
     def aggregate(self, updates: Sequence[ClientUpdate], ctx: ServerContext) -> Aggregate:
-        return weighted_round(updates)
+        return weighted_round(updates, self.aggregator)
 
     def server_update(self, state: ServerState, aggregate: Aggregate, ctx: ServerContext) -> ServerState:
         return apply_round(self.server_optimizer, state, aggregate, ctx)
@@ -100,12 +101,15 @@ def empty_aggregate(updates: Sequence[ClientUpdate]) -> Aggregate:
     return Aggregate(delta=updates[0].delta.zeros_like(), num_clients=0, total_weight=0.0)
 
 
-def weighted_round(updates: Sequence[ClientUpdate]) -> Aggregate:
-    """Example-weighted mean of the accepted updates (dropped stragglers removed)."""
+def weighted_round(updates: Sequence[ClientUpdate], aggregator: Aggregator = weighted_mean) -> Aggregate:
+    """``aggregator`` (by default the example-weighted mean) over the accepted updates.
+
+    Dropped stragglers are removed first.
+    """
     kept = accepted(updates)
     if updates and not kept:
         return empty_aggregate(updates)
-    delta, total = weighted_mean(kept)
+    delta, total = aggregator(kept)
     return Aggregate(delta=delta, num_clients=len(kept), total_weight=total)
 
 

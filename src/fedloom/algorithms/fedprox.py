@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fedloom.algorithms.aggregate import Aggregator, weighted_mean
 from fedloom.algorithms.api import (
     Aggregate,
     Broadcast,
@@ -60,6 +61,7 @@ class FedProx:
     mu: float = 0.01
     server_optimizer: ServerOptimizer = field(default_factory=ServerSGD)
     stragglers: Stragglers = field(default_factory=Stragglers)
+    aggregator: Aggregator = weighted_mean
 
     def __post_init__(self) -> None:
         if not self.mu >= 0:
@@ -103,7 +105,7 @@ class FedProx:
         )
 
     def aggregate(self, updates: Sequence[ClientUpdate], ctx: ServerContext) -> Aggregate:
-        return weighted_round(updates)
+        return weighted_round(updates, self.aggregator)
 
     def server_update(self, state: ServerState, aggregate: Aggregate, ctx: ServerContext) -> ServerState:
         return apply_round(self.server_optimizer, state, aggregate, ctx)

@@ -136,3 +136,6 @@ def config_cmd(
 def main() -> None:  # pragma: no cover - console-script shim
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     app()
+
+
+from fedloom.cli import net as _net  # noqa: F401,E402

@@ -139,7 +139,11 @@ def _schema_rows() -> list[tuple[str, str, str, str]]:
         value = getattr(defaults, name)
         if isinstance(value, BaseModel):
             for key, sub in type(value).model_fields.items():
-                default = tomli_w.dumps({"v": getattr(value, key)}).strip()[4:] if getattr(value, key) != {} else "{}"
+                default = (
+                    tomli_w.dumps({"v": getattr(value, key)}).strip()[4:]
+                    if getattr(value, key) != {}
+                    else "{}"
+                )
                 rows.append((f"{name}.{key}", type_name(sub.annotation), default, sub.description or ""))
         else:
             default = tomli_w.dumps({"v": value}).strip()[4:]
@@ -151,5 +155,7 @@ def config_reference_markdown() -> str:
     """The configuration reference as a markdown table (embedded in the README)."""
     lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
     for key, typ, default, desc in _schema_rows():
-        lines.append(f"| `{key}` | {typ.replace('|', chr(92) + '|')} | `{default}` | {desc.replace('|', chr(92) + '|')} |")
+        lines.append(
+            f"| `{key}` | {typ.replace('|', chr(92) + '|')} | `{default}` | {desc.replace('|', chr(92) + '|')} |"
+        )
     return "\n".join(lines) + "\n"

@@ -13,13 +13,18 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 __all__ = [
     "AlgorithmConfig",
+    "AttackConfig",
     "CheckpointConfig",
     "ClientConfig",
     "DataConfig",
+    "DeployConfig",
     "EvalConfig",
     "ExperimentConfig",
     "ModelConfig",
+    "PrivacyConfig",
+    "RobustConfig",
     "SamplingConfig",
+    "SecAggConfig",
     "ServerConfig",
     "TransformsConfig",
 ]
@@ -156,10 +161,144 @@ class CheckpointConfig(_Section):
     keep: int = Field(3, ge=0, description="Per-round checkpoints kept in the state database (0 = all).")
 
 
+class DeployConfig(_Section):
+    """The gRPC deployment runtime (``fedloom server`` / ``fedloom client``)."""
+
+    clients: list[str] = Field(
+        default_factory=list,
+        description="Ordered registry of expected client names; a client's id is its index here, and "
+        "cohorts are drawn by (seed, round) over this list (empty = '0' .. str(data.num_clients - 1)).",
+    )
+    deadline_s: float = Field(60.0, gt=0, description="Seconds a round stays open for updates.")
+    min_quorum: int = Field(
+        1, ge=1, description="Fewest accepted updates that make a round; fewer by the deadline aborts it."
+    )
+    overselect: float = Field(
+        1.0,
+        ge=1.0,
+        description="Select ceil(overselect * cohort) clients and close the round once the cohort "
+        "size of updates arrived; later ones are discarded as late (1.0 = no over-selection).",
+    )
+    max_round_attempts: int = Field(
+        3, ge=1, description="Aborted attempts of one round (below quorum) before the server stops."
+    )
+    wait_for_clients_s: float = Field(
+        300.0, ge=0, description="Seconds to wait for min_quorum clients to be online before a round."
+    )
+    max_message_bytes: int = Field(
+        4 * 1024 * 1024,
+        ge=4096,
+        description="Largest gRPC message; parameters travel in chunks below this size.",
+    )
+    max_update_bytes: int = Field(
+        0,
+        ge=0,
+        description="Largest accepted update upload in bytes (0 = 2 x the broadcast size + 64 KiB).",
+    )
+    max_update_norm: float = Field(
+        0.0, ge=0, description="Reject updates whose delta has a larger L2 norm (0 = no bound)."
+    )
+    heartbeat_s: float = Field(5.0, gt=0, description="Seconds between client heartbeats.")
+    offline_after_s: float = Field(
+        20.0, gt=0, description="A client unseen for this many seconds counts as offline."
+    )
+
+
+class PrivacyConfig(_Section):
+    """Differential privacy of the released models (client-level; see the README)."""
+
+    mode: Literal["off", "central", "client_clip", "local", "adaptive"] = Field(
+        "off",
+        description="'central' (server clips and noises the sum; DP-FedAvg), 'client_clip' (clients clip, "
+        "server noises), 'local' (each client noises its own update), 'adaptive' (central with a clip norm "
+        "tracking a quantile of update norms), or 'off'. Needs the 'privacy' extra.",
+    )
+    clip_norm: float = Field(1.0, gt=0, description="L2 clip norm C of each client's delta.")
+    noise_multiplier: float = Field(
+        1.0, ge=0, description="Noise std / clip norm (sigma); ignored when target_epsilon > 0."
+    )
+    target_epsilon: float = Field(
+        0.0, ge=0, description="If > 0, calibrate sigma so that `rounds` rounds spend at most this epsilon."
+    )
+    delta: float = Field(1e-5, gt=0, lt=1, description="The delta of (epsilon, delta)-DP.")
+    accountant: Literal["rdp", "pld"] = Field("rdp", description="Privacy accountant (dp-accounting).")
+    budget_epsilon: float = Field(
+        0.0, ge=0, description="Stop the run before a round would take epsilon above this (0 = no budget)."
+    )
+    expected_clients: int = Field(
+        0, ge=0, description="Fixed denominator of the noised mean (0 = the round's actual client count)."
+    )
+    target_quantile: float = Field(0.5, gt=0, lt=1, description="Adaptive clipping: target norm quantile.")
+    clip_lr: float = Field(0.2, gt=0, description="Adaptive clipping: geometric step size of the clip norm.")
+    count_noise_std: float = Field(
+        0.0, ge=0, description="Adaptive clipping: noise std of the clipped count (0 = cohort / 20)."
+    )
+
+
+class RobustConfig(_Section):
+    """The aggregation rule (Byzantine-robust alternatives to the weighted mean)."""
+
+    aggregator: Literal[
+        "mean", "median", "trimmed_mean", "krum", "multi_krum", "bulyan", "geometric_median", "norm_bound"
+    ] = Field("mean", description="Aggregation rule for fedavg/fedprox.")
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Options of the rule, e.g. {beta = 0.1} (trimmed_mean), {f = 2} (krum, bulyan), "
+        "{f = 2, m = 5} (multi_krum), {bound = 1.0} (norm_bound).",
+    )
+
+
+class AttackConfig(_Section):
+    """Simulated malicious clients, to test the defences."""
+
+    kind: Literal["none", "sign_flip", "scaling", "gaussian", "label_flip", "alie"] = Field(
+        "none", description="Attack run by the malicious clients."
+    )
+    fraction: float = Field(0.0, ge=0, lt=1, description="Fraction of the population that is malicious.")
+    scale: float = Field(1.0, gt=0, description="sign_flip: the update becomes -scale * update.")
+    boost: float = Field(10.0, gt=0, description="scaling: the update is multiplied by boost.")
+    std: float = Field(1.0, gt=0, description="gaussian: std of the noise sent instead of the update.")
+    z: float = Field(0.0, ge=0, description="alie: shift in standard deviations (0 = the paper's formula).")
+
+
+class SecAggConfig(_Section):
+    """Secure aggregation (Bonawitz et al. 2017; SecAgg+ of Bell et al. 2020): the server sees only the sum."""
+
+    enabled: bool = Field(False, description="Aggregate with secure aggregation (needs the 'secure' extra).")
+    graph: Literal["complete", "harary"] = Field(
+        "complete", description="'complete' (SecAgg, n^2 cost) or 'harary' (SecAgg+, n log n cost)."
+    )
+    degree: int = Field(0, ge=0, description="SecAgg+ neighbourhood degree (0 = about 3 log2 n).")
+    threshold: int = Field(
+        0, ge=0, description="Shamir threshold t per share group (0 = 2/3 of the group + 1)."
+    )
+    bits: int = Field(32, ge=8, le=53, description="Bits of the fixed-point ring Z_{2^bits}.")
+    dropout_after_masking: float = Field(
+        0.0, ge=0, lt=1, description="Simulation: fraction of each cohort that drops out after masking."
+    )
+
+
 class ExperimentConfig(_Section):
+    """A whole experiment: top-level keys plus one section per component."""
+
     seed: int = Field(0, ge=0, description="Seed of every random draw in the run.")
     rounds: int = Field(200, ge=1, description="Round budget.")
-    executor: Literal["sequential"] = Field("sequential", description="Simulation executor.")
+    executor: Literal["sequential", "parallel", "vectorized", "ray", "auto"] = Field(
+        "auto",
+        description="Simulation executor: 'sequential' (one client after another, the reference), "
+        "'parallel' (worker processes, 1 torch thread each), 'vectorized' (blocks of clients at once "
+        "with torch.func), 'ray' (Ray actors; needs the 'ray' extra) or 'auto' (sequential on 1 core "
+        "or tiny cohorts, parallel on a multi-core CPU, vectorized on CUDA).",
+    )
+    workers: int = Field(
+        0, ge=0, description="Worker processes / Ray actors for 'parallel' and 'ray' (0 = one per core)."
+    )
+    vectorized_block: int = Field(
+        0,
+        ge=0,
+        description="Clients trained at once by 'vectorized' (0 = as many as fit a 256 MiB budget, "
+        "at most 16 on CPU).",
+    )
     out_dir: str = Field("runs", description="Parent directory of new run directories.")
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -170,9 +309,58 @@ class ExperimentConfig(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     transforms: TransformsConfig = Field(default_factory=TransformsConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    deploy: DeployConfig = Field(default_factory=DeployConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    robust: RobustConfig = Field(default_factory=RobustConfig)
+    attack: AttackConfig = Field(default_factory=AttackConfig)
+    secagg: SecAggConfig = Field(default_factory=SecAggConfig)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> ExperimentConfig:
+        problems: list[str] = []
+        if self.robust.aggregator != "mean" and self.algorithm.name not in ("fedavg", "fedprox"):
+            problems.append(
+                f"robust.aggregator = {self.robust.aggregator!r} works with algorithm.name 'fedavg' or "
+                f"'fedprox', not {self.algorithm.name!r}"
+            )
+        if self.privacy.mode != "off":
+            if self.robust.aggregator != "mean":
+                problems.append(
+                    f"privacy.mode = {self.privacy.mode!r} needs robust.aggregator = 'mean' (the DP "
+                    f"sensitivity bound assumes the mean), got {self.robust.aggregator!r}"
+                )
+            if self.algorithm.name not in ("fedavg", "fedprox"):
+                problems.append(
+                    f"privacy.mode = {self.privacy.mode!r} works with algorithm.name 'fedavg' or 'fedprox', "
+                    f"not {self.algorithm.name!r}"
+                )
+            if self.transforms.clip_norm > 0:
+                problems.append(
+                    "privacy.mode clips by itself: set transforms.clip_norm = 0 and use privacy.clip_norm"
+                )
+        if self.privacy.accountant == "pld" and self.privacy.mode in ("central", "client_clip", "adaptive"):
+            problems.append(
+                "privacy.accountant = 'pld' needs Poisson sampling, but rounds sample a fixed-size cohort; use 'rdp'"
+            )
+        if self.secagg.enabled:
+            if self.transforms.clip_norm <= 0:
+                problems.append(
+                    "secagg.enabled needs transforms.clip_norm > 0: fixed-point encoding needs bounded updates"
+                )
+            if self.robust.aggregator != "mean" or self.algorithm.name not in ("fedavg", "fedprox"):
+                problems.append(
+                    "secagg.enabled supports the weighted mean of fedavg/fedprox only (the server sees no "
+                    "individual update, so robust rules and SCAFFOLD/FedNova extras cannot run)"
+                )
+            if self.privacy.mode in ("central", "adaptive"):
+                problems.append(
+                    f"secagg.enabled with privacy.mode = {self.privacy.mode!r}: central DP clips each update on "
+                    "the server, which secure aggregation hides; use 'client_clip' or 'local'"
+                )
+        if self.attack.kind != "none" and self.attack.fraction == 0:
+            problems.append(f"attack.kind = {self.attack.kind!r} needs attack.fraction > 0")
+        if problems:
+            raise ValueError("\n  - ".join(problems))
         if self.sampling.min_clients > self.data.num_clients:
             raise ValueError(
                 f"sampling.min_clients = {self.sampling.min_clients} exceeds data.num_clients = "

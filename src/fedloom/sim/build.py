@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fedloom.aggregators.registry import make_aggregator
 from fedloom.algorithms.api import Algorithm, Workspace
 from fedloom.algorithms.fedavg import FedAvg
 from fedloom.algorithms.fednova import FedNova
@@ -16,6 +17,7 @@ from fedloom.algorithms.local import LocalSGD
 from fedloom.algorithms.scaffold import Scaffold
 from fedloom.algorithms.server_opt import ServerAdagrad, ServerAdam, ServerOptimizer, ServerSGD, ServerYogi
 from fedloom.algorithms.stragglers import Stragglers
+from fedloom.attacks import ALIE, GaussianAttack, LabelFlippedDataset, Scaling, SignFlip, malicious_clients
 from fedloom.config.schema import DataConfig, ExperimentConfig
 from fedloom.core.params import Params
 from fedloom.data.datasets import ArrayDataset
@@ -24,6 +26,7 @@ from fedloom.data.mnist import load_mnist
 from fedloom.data.partition import partition
 from fedloom.data.synthetic import synthetic_fedprox
 from fedloom.models.zoo import build_model
+from fedloom.sim.privacy_plan import PrivacyPlan, plan_privacy
 from fedloom.transforms.pipeline import NormClip, Pipeline, UpdateTransform
 
 __all__ = ["Components", "build_algorithm", "build_components", "build_data", "build_pipeline"]
@@ -38,6 +41,8 @@ class Components:
     workspace: Workspace
     initial_params: Params
     data_source: str
+    privacy: PrivacyPlan | None = None
+    adversary: ALIE | None = None
 
 
 def build_algorithm(cfg: ExperimentConfig) -> Algorithm:
@@ -56,21 +61,43 @@ def build_algorithm(cfg: ExperimentConfig) -> Algorithm:
     else:
         server_opt = ServerSGD(lr=s.lr, momentum=s.momentum)
     stragglers = Stragglers(fraction=a.straggler_fraction, drop=a.drop_stragglers)
+    aggregator = make_aggregator(cfg.robust.aggregator, **cfg.robust.options)
     if a.name == "fedprox":
-        return FedProx(local=local, mu=a.mu, server_optimizer=server_opt, stragglers=stragglers)
+        return FedProx(
+            local=local, mu=a.mu, server_optimizer=server_opt, stragglers=stragglers, aggregator=aggregator
+        )
     if a.name == "scaffold":
         return Scaffold(
             local=local, option=a.scaffold_option, server_optimizer=server_opt, stragglers=stragglers
         )
     if a.name == "fednova":
         return FedNova(local=local, server_optimizer=server_opt, stragglers=stragglers)
-    return FedAvg(local=local, server_optimizer=server_opt, stragglers=stragglers)
+    return FedAvg(local=local, server_optimizer=server_opt, stragglers=stragglers, aggregator=aggregator)
 
 
-def build_pipeline(cfg: ExperimentConfig) -> Pipeline:
+def build_pipeline(cfg: ExperimentConfig, privacy: PrivacyPlan | None = None) -> Pipeline:
+    """Client-side clipping, then the DP stage, then a simulated attack (malicious clients only).
+
+    The attack runs after the honest stages on the client, so a malicious client
+    sends whatever it likes; server-side checks (DP clipping, norm bounds) still apply.
+    """
     stages: list[UpdateTransform] = []
     if cfg.transforms.clip_norm > 0:
         stages.append(NormClip(cfg.transforms.clip_norm))
+    plan = privacy if privacy is not None else plan_privacy(cfg)
+    if plan is not None:
+        stages.append(plan.stage)
+    at = cfg.attack
+    if at.kind in ("sign_flip", "scaling", "gaussian"):
+        bad = malicious_clients(cfg.seed, cfg.data.num_clients, at.fraction)
+        attack: UpdateTransform
+        if at.kind == "sign_flip":
+            attack = SignFlip(bad, scale=at.scale)
+        elif at.kind == "scaling":
+            attack = Scaling(bad, boost=at.boost)
+        else:
+            attack = GaussianAttack(bad, std=at.std)
+        stages.append(attack)
     return Pipeline(tuple(stages))
 
 
@@ -109,10 +136,19 @@ def build_data(cfg: ExperimentConfig) -> tuple[FederatedDataset, ArrayDataset, s
 
 def build_components(cfg: ExperimentConfig) -> Components:
     train, test, source = build_data(cfg)
+    at = cfg.attack
+    adversary: ALIE | None = None
+    if at.kind == "label_flip":
+        train = LabelFlippedDataset(train, malicious_clients(cfg.seed, train.num_clients, at.fraction))
+    elif at.kind == "alie":
+        adversary = ALIE(malicious_clients(cfg.seed, train.num_clients, at.fraction), z=at.z or None)
     module = build_model(cfg.model.name, cfg.model.kwargs, seed=cfg.seed)
+    privacy = plan_privacy(cfg)
     return Components(
+        privacy=privacy,
+        adversary=adversary,
         algorithm=build_algorithm(cfg),
-        pipeline=build_pipeline(cfg),
+        pipeline=build_pipeline(cfg, privacy),
         train=train,
         test=test,
         workspace=Workspace(module),

@@ -5,13 +5,28 @@ per client, in cohort order: a :class:`ClientUpdate` (already passed through the
 client side of the transform pipeline) or a :class:`ClientFailure`, an error
 value the runner filters out before aggregation. Faster executors must return
 the same outcomes as :class:`SequentialExecutor`.
+
+Executors that hold resources (worker processes, Ray actors) have a ``close()``
+method; :func:`close_executor` calls it when present. The helpers here
+(:func:`client_costs`, :func:`lpt_assign`) are shared by the multi-worker
+executors so every one of them splits a cohort the same deterministic way.
+
+Bit-identity and threads: a client's update is bit-identical across executors
+when it is computed with the same number of torch intra-op threads (matrix
+kernels split their sums differently with more threads; differences are ~1e-8
+relative). Worker processes and Ray actors always use one thread; pass
+``threads=1`` to :class:`SequentialExecutor` to reproduce them bit for bit.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import heapq
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
+
+import torch
 
 from fedloom.algorithms.api import (
     Algorithm,
@@ -22,11 +37,27 @@ from fedloom.algorithms.api import (
     ServerContext,
     Workspace,
 )
+from fedloom.algorithms.local import LocalSGD
 from fedloom.core.errors import FedloomError, TrainingError
 from fedloom.data.federated import FederatedDataset
 from fedloom.transforms.pipeline import Pipeline
 
-__all__ = ["ClientFailure", "Executor", "Outcome", "SequentialExecutor"]
+__all__ = [
+    "ClientFailure",
+    "Executor",
+    "ExecutorError",
+    "Outcome",
+    "SequentialExecutor",
+    "client_costs",
+    "close_executor",
+    "lpt_assign",
+    "run_client",
+    "torch_threads",
+]
+
+
+class ExecutorError(FedloomError):
+    """An executor cannot go on: a worker process or actor died, or raised an unexpected error."""
 
 
 @dataclass(frozen=True)
@@ -53,12 +84,21 @@ class Executor(Protocol):
 
 
 class SequentialExecutor:
-    """Trains the cohort one client after another in this process, reusing one workspace."""
+    """Trains the cohort one client after another in this process, reusing one workspace.
 
-    def __init__(self, workspace: Workspace, data: FederatedDataset, pipeline: Pipeline) -> None:
+    ``threads`` > 0 runs the clients with that many torch threads (restoring the
+    previous setting afterwards); 0 leaves torch's setting alone.
+    """
+
+    def __init__(
+        self, workspace: Workspace, data: FederatedDataset, pipeline: Pipeline, *, threads: int = 0
+    ) -> None:
+        if threads < 0:
+            raise ValueError(f"threads must be >= 0 (0 = leave torch's setting), got {threads}")
         self.workspace = workspace
         self.data = data
         self.pipeline = pipeline
+        self.threads = threads
 
     def run_round(
         self,
@@ -68,12 +108,76 @@ class SequentialExecutor:
         client_states: Mapping[int, ClientState],
         ctx: ServerContext,
     ) -> list[Outcome]:
-        return [
-            run_client(
-                self.workspace, self.data, self.pipeline, algorithm, broadcast, int(cid), client_states, ctx
-            )
-            for cid in cohort
-        ]
+        with torch_threads(self.threads):
+            return [
+                run_client(
+                    self.workspace,
+                    self.data,
+                    self.pipeline,
+                    algorithm,
+                    broadcast,
+                    int(cid),
+                    client_states,
+                    ctx,
+                )
+                for cid in cohort
+            ]
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with ``n`` torch intra-op threads (``n == 0``: unchanged), then restore."""
+    if n <= 0 or n == torch.get_num_threads():
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def close_executor(executor: object) -> None:
+    """Release an executor's workers if it has a ``close()`` method."""
+    close = getattr(executor, "close", None)
+    if callable(close):
+        close()
+
+
+def client_costs(algorithm: Algorithm, data: FederatedDataset, cohort: Sequence[int]) -> list[int]:
+    """Estimated work per cohort member: examples processed in local training.
+
+    Uses the algorithm's ``local`` :class:`~fedloom.algorithms.local.LocalSGD` when it
+    has one (``steps * min(n, batch_size)``), otherwise the client's size.
+    """
+    local = getattr(algorithm, "local", None)
+    sizes = [data.client_size(int(cid)) for cid in cohort]
+    if isinstance(local, LocalSGD):
+        return [local.num_steps(n) * min(n, local.batch_size) if n > 0 else 1 for n in sizes]
+    return [max(n, 1) for n in sizes]
+
+
+def lpt_assign(costs: Sequence[int], workers: int) -> list[list[int]]:
+    """Greedy longest-processing-time split of positions ``0..len(costs)-1`` over ``workers``.
+
+    The most expensive item goes to the least-loaded worker (ties: lower worker
+    index; equal costs keep cohort order), so the split is deterministic. Each
+    worker's positions are returned in ascending (cohort) order.
+    """
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    order = sorted(range(len(costs)), key=lambda i: (-costs[i], i))
+    heap = [(0, w) for w in range(workers)]
+    shares: list[list[int]] = [[] for _ in range(workers)]
+    for i in order:
+        load, w = heapq.heappop(heap)
+        shares[w].append(i)
+        heapq.heappush(heap, (load + costs[i], w))
+    return [sorted(s) for s in shares]
 
 
 def run_client(

@@ -23,10 +23,12 @@ from fedloom.core.errors import FedloomError, RunStateError, TrainingError
 from fedloom.core.rng import numpy_rng
 from fedloom.core.serde import params_to_bytes
 from fedloom.results.store import RunStore
+from fedloom.sim.auto import make_executor
 from fedloom.sim.build import Components, build_components
 from fedloom.sim.evaluate import evaluate
-from fedloom.sim.executor import ClientFailure, Executor, SequentialExecutor
+from fedloom.sim.executor import ClientFailure, Executor, close_executor
 from fedloom.sim.sampling import cohort_size, sample_clients
+from fedloom.sim.server_round import SecureSum, finish_round
 
 __all__ = ["RoundListener", "RunResult", "run_simulation"]
 
@@ -66,9 +68,23 @@ def run_simulation(
 ) -> RunResult:
     """Run (or resume) the experiment ``cfg`` in ``run_dir``; see the module docstring."""
     comps = components if components is not None else build_components(cfg)
-    execu = (
-        executor if executor is not None else SequentialExecutor(comps.workspace, comps.train, comps.pipeline)
-    )
+    owned = executor is None  # an executor we build here we also shut down
+    execu = executor if executor is not None else make_executor(cfg, comps)
+    try:
+        return _run(cfg, run_dir, resume, listener, comps, execu)
+    finally:
+        if owned:
+            close_executor(execu)
+
+
+def _run(
+    cfg: ExperimentConfig,
+    run_dir: Path,
+    resume: bool,
+    listener: RoundListener | None,
+    comps: Components,
+    execu: Executor,
+) -> RunResult:
     run_dir.mkdir(parents=True, exist_ok=True)
     db_path = run_dir / STATE_DB
     if not resume and db_path.exists():
@@ -132,6 +148,7 @@ def _loop(
 ) -> tuple[ServerState, Mapping[str, Any], str]:
     algorithm, pipeline = comps.algorithm, comps.pipeline
     population = comps.train.num_clients
+    secure = _secure_sum(cfg, comps)
     size = cohort_size(population, cfg.sampling.fraction, cfg.sampling.min_clients)
     if _reached(cfg, last):
         return state, last, "target accuracy reached"
@@ -141,31 +158,27 @@ def _loop(
             r = state.round + 1
             ctx = ServerContext(seed=cfg.seed, round=r, population=population)
             cohort = sample_clients(cfg.seed, r, population, size)
+            if comps.privacy is not None and comps.privacy.would_exceed(r):
+                return state, last, "privacy budget reached"
             outcomes = executor.run_round(
                 algorithm, algorithm.broadcast(state), cohort.tolist(), client_states, ctx
             )
-            updates: list[ClientUpdate] = []
-            failures: list[ClientFailure] = []
+            if comps.adversary is not None:
+                outcomes = comps.adversary.apply(outcomes, ctx)
             for o in outcomes:
-                if isinstance(o, ClientUpdate):
-                    try:
-                        updates.append(pipeline.decode(o, ctx))
-                    except FedloomError as exc:
-                        failures.append(ClientFailure(o.client_id, str(exc)))
-                else:
-                    failures.append(o)
+                if isinstance(o, ClientFailure) and o.diverged:
+                    raise TrainingError(
+                        f"{o.reason}; the run stopped at round {r}. The last good checkpoint "
+                        f"(round {state.round}) is intact in {store.path}"
+                    )
+            done = finish_round(algorithm, pipeline, state, outcomes, ctx, secure=secure)
+            updates, failures = done.updates, done.failures
             for f in failures:
                 if listener is not None:
                     listener.on_failure(f, r)
-                if f.diverged:
-                    raise TrainingError(
-                        f"{f.reason}; the run stopped at round {r}. The last good checkpoint "
-                        f"(round {state.round}) is intact in {store.path}"
-                    )
             if not updates:
                 raise TrainingError(f"round {r}: no client update was accepted ({len(failures)} failed)")
-            aggregate = pipeline.server(algorithm.aggregate(updates, ctx), ctx)
-            new_state = algorithm.server_update(state, aggregate, ctx)
+            new_state = done.state
             if not new_state.params.all_finite():
                 raise TrainingError(
                     f"round {r}: the global model became non-finite (NaN/inf); the last good checkpoint "
@@ -174,7 +187,9 @@ def _loop(
             state = new_state
             changed = {u.client_id: u.client_state for u in updates if u.client_state is not None}
             client_states.update(changed)
-            metrics: dict[str, Any] = _round_metrics(r, updates, failures)
+            metrics: dict[str, Any] = {**_round_metrics(r, updates, failures), **done.metrics}
+            if comps.privacy is not None:
+                metrics["epsilon"] = comps.privacy.epsilon_after(r)
             if r % cfg.eval.every == 0 or r == cfg.rounds:
                 ev = evaluate(comps.workspace, state.params, comps.test, batch_size=cfg.eval.batch_size)
                 metrics["test_accuracy"] = ev.accuracy
@@ -191,6 +206,22 @@ def _loop(
             if _reached(cfg, metrics):
                 return state, last, "target accuracy reached"
     return state, last, "round budget reached"
+
+
+def _secure_sum(cfg: ExperimentConfig, comps: Components) -> SecureSum | None:
+    """Secure-aggregation settings; the public weight bound W is the largest client size."""
+    sa = cfg.secagg
+    if not sa.enabled:
+        return None
+    return SecureSum(
+        clip=max(1.0, cfg.transforms.clip_norm),
+        max_weight=float(comps.train.client_sizes().max()),
+        graph=sa.graph,
+        degree=sa.degree,
+        threshold=sa.threshold,
+        bits=sa.bits,
+        dropout_after_masking=sa.dropout_after_masking,
+    )
 
 
 def _round_metrics(r: int, updates: list[ClientUpdate], failures: list[ClientFailure]) -> dict[str, Any]:

@@ -1,0 +1,234 @@
+"""fedloom's executors against a minimal hand-written single-process PyTorch FedAvg loop (issue 4).
+
+Workloads:
+  W1  1000 Dirichlet(0.3) MNIST clients, 100 per round, 2NN, E=1, B=20, 10 rounds
+      (targets on a 2-core CPU: parallel <= 0.75x the bare loop per round)
+  W2  10 IID MNIST clients, all per round, CNN, E=1, B=32, 3 rounds (target <= 0.90x)
+
+Timing: in one process, runs alternate (bare, fedloom, bare, fedloom, ...) so drift in
+machine speed hits both alike; fedloom's seconds per round are measured between round
+callbacks of ``run_simulation`` (sampling, training, aggregation, checkpoint commit
+included). The first round (which also forks the pool) and the last (which evaluates)
+are excluded from the medians; start-up is the time from ``run_simulation`` being
+called to the end of round 1 minus a median round.
+
+Memory (``--memory``): each variant runs alone in a subprocess while this process
+samples the PSS of its process tree (main + workers); peak PSS is compared with the
+bare loop's (target <= 1.2x).
+
+    PYTHONPATH=src python benchmarks/bench_executors.py --workload w1 [--executors parallel,vectorized]
+    PYTHONPATH=src python benchmarks/bench_executors.py --workload w2 --rounds 3 --repeats 2
+    PYTHONPATH=src python benchmarks/bench_executors.py --workload w1 --memory
+    PYTHONPATH=src python benchmarks/bench_executors.py --workload w1 --executors vectorized --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from fedloom.config import load_config
+from fedloom.config.schema import ExperimentConfig
+from fedloom.models import MLP2NN
+from fedloom.models.zoo import CNN
+from fedloom.sim.build import Components, build_components
+from fedloom.sim.executor import ClientFailure, Executor
+from fedloom.sim.parallel import ParallelExecutor
+from fedloom.sim.runner import run_simulation
+from fedloom.sim.sampling import cohort_size, sample_clients
+from fedloom.sim.vectorized import VectorizedExecutor
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_memory import peak_pss_of_command  # noqa: E402
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+
+    def on_start(self, first_round: int, rounds: int, info: Mapping[str, Any]) -> None:
+        self.stamps.append(time.perf_counter())
+
+    def on_round(self, metrics: Mapping[str, Any]) -> None:
+        self.stamps.append(time.perf_counter())
+
+    def on_failure(self, failure: ClientFailure, round: int) -> None:
+        raise RuntimeError(failure.reason)
+
+
+def bare_loop(
+    train: Any, cohorts: list[list[int]], make_model: Callable[[], torch.nn.Module], lr: float, batch: int,
+    seed: int, device: str = "cpu",
+) -> list[float]:  # fmt: skip
+    """The minimal FedAvg loop a researcher would write by hand; returns seconds per round."""
+    model = make_model().to(device)
+    glob = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    gen = torch.Generator().manual_seed(seed)
+    times = []
+    for cohort in cohorts:
+        t0 = time.perf_counter()
+        acc = {k: torch.zeros_like(v) for k, v in glob.items()}
+        total = 0
+        for cid in cohort:
+            data = train.client_data(cid)
+            x, y = data.x.to(device), data.y.to(device)
+            model.load_state_dict(glob)
+            opt = torch.optim.SGD(model.parameters(), lr=lr)
+            n = len(data)
+            perm = torch.randperm(n, generator=gen).to(device)
+            for b in range(0, n, batch):
+                idx = perm[b : b + batch]
+                opt.zero_grad()
+                F.cross_entropy(model(x[idx]), y[idx]).backward()
+                opt.step()
+            for k, v in model.state_dict().items():
+                acc[k].add_(v - glob[k], alpha=n)
+            total += n
+        glob = {k: glob[k] + acc[k] / total for k in glob}
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def workload(args: argparse.Namespace) -> tuple[ExperimentConfig, Callable[[], torch.nn.Module]]:
+    common = [
+        f"rounds={args.rounds}", "client.epochs=1", "client.lr=0.05", f"eval.every={args.rounds + 1}",
+        "eval.target_accuracy=0", f"data.dir={args.data_dir}", f"workers={args.workers}",
+    ]  # fmt: skip
+    if args.workload == "w1":
+        sets = ["data.num_clients=1000", "data.alpha=0.3", "sampling.fraction=0.1", "client.batch_size=20"]
+        return load_config(None, common + sets), MLP2NN
+    sets = [
+        "data.num_clients=10", "data.partition=iid", "sampling.fraction=1.0", "client.batch_size=32",
+        "model.name=cnn", f"data.train_subset={args.train_subset}", "eval.batch_size=500",
+    ]  # fmt: skip
+    return load_config(None, common + sets), CNN
+
+
+def make(kind: str, comps: Components, args: argparse.Namespace) -> Executor:
+    if kind == "parallel":
+        return ParallelExecutor(comps.workspace, comps.train, comps.pipeline, workers=args.workers)
+    if kind == "vectorized":
+        return VectorizedExecutor(
+            comps.workspace, comps.train, comps.pipeline, device=args.device, block=args.block
+        )
+    if kind == "ray":
+        from fedloom.sim.ray_executor import RayExecutor
+
+        return RayExecutor(comps.workspace, comps.train, comps.pipeline, workers=args.workers)
+    from fedloom.sim.executor import SequentialExecutor
+
+    return SequentialExecutor(comps.workspace, comps.train, comps.pipeline)
+
+
+def run_fedloom(
+    cfg: ExperimentConfig, comps: Components, kind: str, args: argparse.Namespace
+) -> tuple[list[float], float]:
+    """Seconds per round (rounds 2..R-1) and start-up seconds for one run on executor ``kind``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        timer = _Timer()
+        t0 = time.perf_counter()
+        ex = make(kind, comps, args)
+        try:
+            run_simulation(cfg, Path(tmp) / "run", listener=timer, components=comps, executor=ex)
+        finally:
+            close = getattr(ex, "close", None)
+            if close is not None:
+                close()
+    per_round = [b - a for a, b in zip(timer.stamps, timer.stamps[1:], strict=False)]
+    middle = per_round[1:-1] or per_round
+    startup = (timer.stamps[1] - t0) - statistics.median(middle)
+    return middle, startup
+
+
+def child(args: argparse.Namespace) -> None:
+    """One variant, alone in this process (for --memory)."""
+    cfg, make_model = workload(args)
+    comps = build_components(cfg)
+    if args.child == "bare":
+        size = cohort_size(comps.train.num_clients, cfg.sampling.fraction, cfg.sampling.min_clients)
+        cohorts = [
+            sample_clients(cfg.seed, r, comps.train.num_clients, size).tolist()
+            for r in range(1, args.rounds + 1)
+        ]
+        bare_loop(comps.train, cohorts, make_model, cfg.client.lr, cfg.client.batch_size, 0, args.device)
+    else:
+        run_fedloom(cfg, comps, args.child, args)
+    print("done")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workload", choices=["w1", "w2"], default="w1")
+    ap.add_argument(
+        "--executors", default="parallel", help="comma-separated: parallel,vectorized,sequential,ray"
+    )
+    ap.add_argument("--rounds", type=int, default=0, help="default: 10 for w1, 3 for w2")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--block", type=int, default=0, help="vectorized block size (0 = memory budget)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--train-subset", type=int, default=0, help="w2 only: first N MNIST examples (0 = all)")
+    ap.add_argument("--data-dir", default="")
+    ap.add_argument("--memory", action="store_true", help="measure peak PSS per variant in subprocesses")
+    ap.add_argument("--child", default="", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    args.rounds = args.rounds or (10 if args.workload == "w1" else 3)
+    if args.child:
+        child(args)
+        return
+    kinds = [k for k in args.executors.split(",") if k]
+    if args.memory:
+        base = [sys.executable, __file__, *[a for a in sys.argv[1:] if a != "--memory"]]
+        peaks = {v: peak_pss_of_command([*base, "--child", v])[0] for v in ["bare", *kinds]}
+        for v, mb in peaks.items():
+            print(
+                f"{args.workload} peak PSS {v:>10}: {mb:7.1f} MB  ratio {mb / peaks['bare']:.2f} (target <= 1.20)"
+            )
+        return
+    cfg, make_model = workload(args)
+    comps = build_components(cfg)
+    size = cohort_size(comps.train.num_clients, cfg.sampling.fraction, cfg.sampling.min_clients)
+    cohorts = [
+        sample_clients(cfg.seed, r, comps.train.num_clients, size).tolist() for r in range(1, args.rounds + 1)
+    ]
+    print(
+        f"{args.workload}: torch threads {torch.get_num_threads()}; workers {args.workers}; data {comps.data_source}"
+    )
+    bare_times: list[float] = []
+    fed: dict[str, list[float]] = {k: [] for k in kinds}
+    starts: dict[str, list[float]] = {k: [] for k in kinds}
+    for rep in range(args.repeats):
+        bare = bare_loop(
+            comps.train, cohorts, make_model, cfg.client.lr, cfg.client.batch_size, rep, args.device
+        )
+        bare_times += bare[1:-1] or bare
+        line = [f"repeat {rep + 1}: bare {statistics.median(bare[1:-1] or bare):.4f} s/round"]
+        for k in kinds:
+            t, s = run_fedloom(cfg, comps, k, args)
+            fed[k] += t
+            starts[k].append(s)
+            line.append(f"{k} {statistics.median(t):.4f}")
+        print(", ".join(line), flush=True)
+    b = statistics.median(bare_times)
+    target = 0.75 if args.workload == "w1" else 0.90
+    for k in kinds:
+        f = statistics.median(fed[k])
+        print(
+            f"{args.workload} median s/round: {k} {f:.4f} vs bare loop {b:.4f}: ratio {f / b:.3f} "
+            f"(target <= {target}); start-up {statistics.median(starts[k]):.3f} s (target < 1)"
+        )
+
+
+if __name__ == "__main__":
+    main()

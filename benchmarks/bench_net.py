@@ -1,0 +1,205 @@
+"""Deployment overhead on loopback: a real server process and N clients from one load generator.
+
+Measures, for the McMahan 2NN (784-200-200-10, 199,210 float32 parameters = 796,840 bytes):
+
+* server overhead per round = round wall time (server: round open -> checkpoint committed)
+  minus the slowest client's reported compute. The load generator's clients return a
+  fixed precomputed delta (compute ~0), so the overhead includes everything else:
+  broadcast encoding, download, upload, validation, decode, aggregation, the SQLite
+  writes (pending updates + checkpoint) and the clients' own (de)serialisation;
+* bytes on the wire per client per round, each direction, counted by a TCP relay
+  between the clients and the server (HTTP/2 + gRPC framing, polls, heartbeats and
+  joins included, amortised over the rounds), against the raw parameter bytes.
+
+Targets (issue 6): overhead < 50 ms/round at 20 clients; wire bytes <= 1.05x raw each way.
+
+Run::
+
+    PYTHONPATH=src .venv/bin/python benchmarks/bench_net.py --clients 20 --rounds 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from fedloom.algorithms.api import Broadcast, ClientContext, ClientState, ClientUpdate, ServerContext
+from fedloom.config.schema import ExperimentConfig
+from fedloom.core.params import Params
+from fedloom.models.zoo import build_model
+from fedloom.net.client import ClientOptions, NetClient, Work
+from fedloom.net.logs import JsonLog
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Relay:
+    """A counting TCP relay: ``up`` = client -> server bytes, ``down`` = server -> client bytes."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target = target_port
+        self.up = 0
+        self.down = 0
+        self._lock = threading.Lock()
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(256)
+        self.port = int(self.sock.getsockname()[1])
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            s = socket.create_connection(("127.0.0.1", self.target))
+            for a, b, up in ((c, s, True), (s, c, False)):
+                threading.Thread(target=self._pipe, args=(a, b, up), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, up: bool) -> None:
+        try:
+            while data := src.recv(1 << 16):
+                with self._lock:
+                    if up:
+                        self.up += len(data)
+                    else:
+                        self.down += len(data)
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for x in (src, dst):
+                try:
+                    x.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
+def _fixed_work(cfg: ExperimentConfig) -> Work:
+    delta: list[Params] = []
+
+    def work(b: Broadcast, cs: ClientState | None, cctx: ClientContext, sctx: ServerContext) -> ClientUpdate:
+        if not delta:
+            g = torch.Generator().manual_seed(cctx.client_id)
+            delta.append(b.params.map(lambda v: 1e-3 * torch.randn(v.shape, generator=g)))
+        return ClientUpdate(cctx.client_id, delta[0], 10.0, 10, 1, {"train_loss": 1.0})
+
+    return work
+
+
+def run(clients: int, rounds: int, relay: bool, workdir: Path) -> dict[str, float]:
+    names = [str(i) for i in range(clients)]
+    cfg = workdir / "bench.toml"
+    cfg.write_text(
+        f"""seed = 0
+rounds = {rounds}
+[model]
+name = "2nn"
+[sampling]
+fraction = 1.0
+min_clients = {clients}
+[data]
+num_clients = {clients}
+[eval]
+target_accuracy = 0.0
+[checkpoint]
+keep = 2
+[deploy]
+clients = {json.dumps(names)}
+deadline_s = 60.0
+min_quorum = {clients}
+heartbeat_s = 5.0
+""",
+        encoding="utf-8",
+    )
+    port = _free_port()
+    state = workdir / ("srv-relay" if relay else "srv")
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    srv = subprocess.Popen(
+        [sys.executable, "-m", "fedloom", "server", "--config", str(cfg), "--listen", f"127.0.0.1:{port}",
+         "--state-dir", str(state)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    target = port
+    r = Relay(port) if relay else None
+    if r is not None:
+        target = r.port
+    sink = io.StringIO()
+    threads = []
+    for n in names:
+        c = NetClient(
+            ClientOptions(server=f"127.0.0.1:{target}", name=n, give_up_after_s=60),
+            JsonLog(f"client:{n}", stream=sink),
+            work=_fixed_work,
+        )
+        t = threading.Thread(target=c.serve, daemon=True)
+        t.start()
+        threads.append(t)
+    srv.wait(timeout=600)
+    for t in threads:
+        t.join(timeout=30)
+    metrics = [json.loads(x) for x in (state / "metrics.jsonl").read_text().splitlines()]
+    overhead = [m["seconds"] - m["max_client_compute_s"] for m in metrics[1:]]  # round 1 warms up
+    raw = Params.from_module(build_model("2nn", {}, seed=0)).num_bytes()
+    out = {
+        "rounds": float(len(metrics)),
+        "overhead_ms_median": 1000 * statistics.median(overhead),
+        "overhead_ms_max": 1000 * max(overhead),
+        "raw_param_bytes": float(raw),
+    }
+    if r is not None:
+        per = clients * len(metrics)
+        out["down_bytes_per_client_round"] = r.down / per
+        out["up_bytes_per_client_round"] = r.up / per
+        out["down_ratio"] = r.down / per / raw
+        out["up_ratio"] = r.up / per / raw
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--clients", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=10)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        direct = run(args.clients, args.rounds, relay=False, workdir=Path(tmp))
+        relayed = run(args.clients, args.rounds, relay=True, workdir=Path(tmp))
+        took = time.perf_counter() - t0
+    print(f"2NN ({direct['raw_param_bytes']:.0f} raw parameter bytes), {args.clients} clients, {args.rounds} rounds, "
+          f"{os.cpu_count()} CPUs, {took:.0f} s")  # fmt: skip
+    print(
+        f"server overhead per round (direct): median {direct['overhead_ms_median']:.1f} ms, "
+        f"max {direct['overhead_ms_max']:.1f} ms   [target < 50 ms]"
+    )
+    print(
+        f"wire bytes per client per round (relay): down {relayed['down_bytes_per_client_round']:.0f} "
+        f"({relayed['down_ratio']:.4f}x raw), up {relayed['up_bytes_per_client_round']:.0f} "
+        f"({relayed['up_ratio']:.4f}x raw)   [target <= 1.05x]"
+    )
+    print(f"overhead through the relay: median {relayed['overhead_ms_median']:.1f} ms")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,234 @@
+"""``fedloom server``, ``fedloom client``, ``fedloom certs`` and ``fedloom status`` (the deployment CLI)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fedloom.cli.main import ConfigOpt, SetOpt, _console, _fail, app
+from fedloom.config.loader import load_config
+from fedloom.core.errors import FedloomError
+
+__all__: list[str] = []
+
+TlsDirOpt = Annotated[
+    Path | None,
+    typer.Option("--tls-dir", help="Directory written by `fedloom certs` (server) or a client's bundle."),
+]
+
+
+def _need_net() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("grpc") is None:
+        raise _fail(FedloomError("the deployment runtime needs the 'net' extra: pip install 'fedloom[net]'"))
+
+
+@app.command()
+def server(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    listen: Annotated[str, typer.Option("--listen", help="HOST:PORT to listen on (port 0 = any).")] = (
+        "127.0.0.1:8470"
+    ),
+    state_dir: Annotated[
+        Path, typer.Option("--state-dir", help="Run state (SQLite); an existing run is resumed.")
+    ] = Path("fedloom-server"),
+    tls_dir: TlsDirOpt = None,
+    tokens: Annotated[
+        Path | None, typer.Option("--tokens", help="tokens.json of per-client tokens (default: TLS dir's).")
+    ] = None,
+    insecure: Annotated[
+        bool,
+        typer.Option("--insecure", help="Allow a non-loopback address without TLS (never in production)."),
+    ] = False,
+    eval_data: Annotated[
+        str | None,
+        typer.Option("--eval-data", help="Central test set: 'config' or FILE.py:ARG (see `client --data`)."),
+    ] = None,
+    data_dir: Annotated[Path | None, typer.Option("--data-dir", help="Directory for --eval-data.")] = None,
+) -> None:
+    """Run the federated server for an experiment; clients connect with `fedloom client`."""
+    _need_net()
+    from fedloom.net.auth import Credentials, is_loopback
+    from fedloom.net.datasources import load_eval_data
+    from fedloom.net.logs import JsonLog
+    from fedloom.net.server import ServerOptions, run_server
+
+    state_dir.mkdir(parents=True, exist_ok=True)
+    log = JsonLog("server", file=state_dir / "server.log.jsonl")
+    try:
+        cfg = load_config(config, set_ or [])
+        host = listen.rsplit(":", 1)[0]
+        tls = Credentials()
+        if tls_dir is not None:
+            tls = Credentials(ca=tls_dir / "ca.pem", cert=tls_dir / "server.pem", key=tls_dir / "server.key")
+            tokens = tokens if tokens is not None else tls_dir / "tokens.json"
+        elif not is_loopback(host) and not insecure:
+            raise FedloomError(
+                f"--listen {listen} is not a loopback address: TLS is required; create credentials with "
+                "`fedloom certs --out DIR --clients ...` and pass --tls-dir DIR (or --insecure to override)"
+            )
+        if tokens is None:
+            log("auth_disabled", level="warning", reason="no --tokens/--tls-dir: any client name is accepted")
+        test = load_eval_data(eval_data, cfg, data_dir=data_dir) if eval_data else None
+        options = ServerOptions(listen=listen, tls=tls, tokens=tokens, eval_data=test)
+        state = run_server(cfg, state_dir, options, log)
+        _console().print(f"done after round {state.round}; state and model in {state_dir}")
+    except FedloomError as exc:
+        raise _fail(exc) from None
+
+
+@app.command()
+def client(
+    server: Annotated[str, typer.Option("--server", help="HOST:PORT of the fedloom server.")],
+    data: Annotated[
+        str,
+        typer.Option(
+            "--data", help="'config' (with --partition-client) or a loader 'FILE.py:ARG' / 'module:ARG'."
+        ),
+    ],
+    client_id: Annotated[
+        str | None, typer.Option("--client-id", help="This client's name in deploy.clients.")
+    ] = None,
+    token: Annotated[str | None, typer.Option("--token", help="This client's token.")] = None,
+    token_file: Annotated[Path | None, typer.Option("--token-file", help="File holding the token.")] = None,
+    tls_dir: TlsDirOpt = None,
+    data_dir: Annotated[Path | None, typer.Option("--data-dir", help="Where the loader finds data.")] = None,
+    partition_client: Annotated[
+        int | None, typer.Option("--partition-client", help="With --data config: this client's partition.")
+    ] = None,
+    state_dir: Annotated[
+        Path | None,
+        typer.Option("--state-dir", help="Client state directory (default .fedloom-client/NAME)."),
+    ] = None,
+    give_up_after: Annotated[
+        float, typer.Option("--give-up-after", help="Exit after this many seconds without the server.")
+    ] = 300.0,
+    threads: Annotated[int, typer.Option("--threads", help="torch CPU threads for local training.")] = 1,
+) -> None:
+    """Join a fedloom server and train on this machine's data until the run ends."""
+    _need_net()
+    import torch
+
+    from fedloom.net.auth import Credentials
+    from fedloom.net.client import ClientOptions, NetClient
+    from fedloom.net.datasources import load_client_data
+    from fedloom.net.logs import JsonLog
+
+    torch.set_num_threads(max(1, threads))
+    name = client_id
+    if name is None:
+        name = (
+            str(partition_client)
+            if data == "config" and partition_client is not None
+            else data.rpartition(":")[2]
+        )
+    log = JsonLog(f"client:{name}")
+    try:
+        secret = token or ""
+        if token_file is not None:
+            secret = token_file.read_text(encoding="utf-8").strip()
+        tls = Credentials()
+        if tls_dir is not None:
+            tls = Credentials(ca=tls_dir / "ca.pem", cert=tls_dir / "cert.pem", key=tls_dir / "key.pem")
+            if not secret and (tls_dir / "token").is_file():
+                secret = (tls_dir / "token").read_text(encoding="utf-8").strip()
+        opts = ClientOptions(
+            server=server,
+            name=name,
+            token=secret,
+            tls=tls,
+            state_dir=state_dir if state_dir is not None else Path(".fedloom-client") / name,
+            give_up_after_s=give_up_after,
+        )
+        code = NetClient(
+            opts,
+            log,
+            load_data=lambda cfg: load_client_data(
+                data, cfg, data_dir=data_dir, partition_client=partition_client
+            ),
+        ).serve()
+    except FedloomError as exc:
+        raise _fail(exc) from None
+    raise typer.Exit(code=code)
+
+
+@app.command()
+def certs(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write the credentials to.")],
+    clients: Annotated[str | None, typer.Option("--clients", help="Comma-separated client names.")] = None,
+    hosts: Annotated[
+        str, typer.Option("--hosts", help="Comma-separated server host names/IPs for its certificate.")
+    ] = "localhost,127.0.0.1",
+    revoke: Annotated[
+        str | None, typer.Option("--revoke", help="Revoke this client in OUT/tokens.json.")
+    ] = None,
+) -> None:
+    """Create a CA, a server certificate and per-client credentials (or revoke a client)."""
+    from fedloom.net.auth import generate_credentials
+    from fedloom.net.auth import revoke as revoke_client
+
+    try:
+        if revoke is not None:
+            revoke_client(out, revoke)
+            _console().print(f"revoked {revoke!r} in {out / 'tokens.json'}")
+            return
+        if not clients:
+            raise FedloomError("--clients a,b,c is required (or --revoke NAME)")
+        names = [c.strip() for c in clients.split(",")]
+        generate_credentials(out, names, hosts=[h.strip() for h in hosts.split(",") if h.strip()])
+    except FedloomError as exc:
+        raise _fail(exc) from None
+    _console().print(
+        f"wrote CA, server certificate, tokens.json and {len(names)} client bundles to {out}; "
+        f"give each client {out}/clients/NAME/ (keep ca.key and tokens.json on the server)"
+    )
+
+
+@app.command()
+def status(
+    server: Annotated[str, typer.Option("--server", help="HOST:PORT of the fedloom server.")],
+    tls_dir: TlsDirOpt = None,
+    token: Annotated[str | None, typer.Option("--token", help="The operator token.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the raw JSON.")] = False,
+) -> None:
+    """Show a running server's round, clients, last metrics and rejections."""
+    _need_net()
+    from fedloom.net.auth import Credentials
+    from fedloom.net.client import fetch_status
+
+    tls = Credentials()
+    secret = token or ""
+    if tls_dir is not None:
+        tls = Credentials(ca=tls_dir / "ca.pem")
+        if not secret and (tls_dir / "operator.token").is_file():
+            secret = (tls_dir / "operator.token").read_text(encoding="utf-8").strip()
+    try:
+        info = fetch_status(server, tls, secret)
+    except FedloomError as exc:
+        raise _fail(exc) from None
+    if as_json:
+        sys.stdout.write(json.dumps(info, indent=2) + "\n")
+        return
+    con = _console()
+    cur = info.get("current") or {}
+    con.print(
+        f"run {info['run_id']}: completed round {info['completed_round']}"
+        + ("  (done)" if info["done"] else "")
+    )
+    if cur:
+        con.print(
+            f"round {cur['round']} (attempt {cur['attempt']}, {'open' if cur['open'] else 'closing'}, "
+            f"deadline in {cur['deadline_in_s']} s): accepted {len(cur['accepted'])}/{len(cur['selected'])} "
+            f"{', '.join(cur['accepted'])}"
+        )
+    online = [c["name"] for c in info["clients"] if c["online"]]
+    con.print(f"clients online {len(online)}/{len(info['clients'])}: {', '.join(online)}")
+    con.print("last metrics: " + json.dumps(info["last_metrics"]))
+    con.print("rejections: " + (json.dumps(info["rejections"]) if info["rejections"] else "none"))
+    con.print("audit: " + json.dumps(info["audit"]))

@@ -1,0 +1,13 @@
+"""The deployment runtime: a gRPC server and client processes driving the same algorithms as ``sim``.
+
+Needs the ``net`` extra (``pip install 'fedloom[net]'``). Modules::
+
+    wire         chunked parameter transfer and the update encoding (no grpc)
+    state        SQLite tables for the client registry, pending updates and the audit log
+    coordinator  round bookkeeping and update validation (no grpc)
+    auth         per-client tokens, TLS certificates (cryptography)
+    server       the gRPC service and the server's round loop
+    client       the client process: pull, train, push, reconnect
+    datasources  how a client process loads its own data
+    logs         structured (JSON lines) logging
+"""

@@ -1,0 +1,210 @@
+"""Client authentication: per-client tokens and TLS credentials.
+
+``fedloom certs --out DIR --clients a,b,c`` calls :func:`generate_credentials`,
+which writes::
+
+    DIR/ca.pem, DIR/ca.key              a private certificate authority
+    DIR/server.pem, DIR/server.key      the server certificate (SANs: the given hosts)
+    DIR/tokens.json                     SHA-256 digests of the client and operator tokens
+    DIR/operator.token                  the token for ``fedloom status``
+    DIR/clients/<name>/{cert.pem,key.pem,token,ca.pem}   one bundle per client, to hand over
+
+Notes
+-----
+Threat model: a client proves its identity with its token (a 256-bit secret sent
+in call metadata, compared by digest in constant time) and, when TLS is on, with
+its certificate (mutual TLS: the server requires a certificate signed by the CA,
+and its common name must equal the claimed client name). Without TLS a token
+travels in clear text, which is why TLS is on by default for every address that
+is not loopback. Revocation (:func:`revoke`) marks a name in ``tokens.json``; the
+server re-reads the file when it changes, so a revoked client is refused at its
+next call without a restart. Keys are written with mode 0600.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import hmac
+import ipaddress
+import json
+import os
+import secrets
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedloom.core.errors import FedloomError
+
+__all__ = ["AuthError", "Credentials", "TokenBook", "generate_credentials", "is_loopback", "revoke"]
+
+TOKENS = "tokens.json"
+OPERATOR = "operator"
+
+
+class AuthError(FedloomError):
+    """A caller is unknown, revoked or presented a wrong credential."""
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _digest(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """Paths of one side's TLS material; any may be ``None`` (TLS off)."""
+
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+
+    def read(self) -> tuple[bytes | None, bytes | None, bytes | None]:
+        return tuple(p.read_bytes() if p is not None else None for p in (self.ca, self.cert, self.key))  # type: ignore[return-value]
+
+
+class TokenBook:
+    """The server's view of ``tokens.json``; re-read whenever the file changes."""
+
+    def __init__(self, path: Path) -> None:
+        if not path.is_file():
+            raise AuthError(f"token file {path} does not exist; create it with `fedloom certs`")
+        self.path = path
+        self._lock = threading.Lock()
+        self._mtime = -1.0
+        self._entries: dict[str, dict[str, Any]] = {}
+        self._reload()
+
+    def _reload(self) -> None:
+        mtime = self.path.stat().st_mtime
+        if mtime == self._mtime:
+            return
+        try:
+            raw = json.loads(self.path.read_text(encoding="utf-8"))
+            entries = dict(raw["clients"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise AuthError(f"token file {self.path} is unreadable: {exc}") from None
+        self._entries, self._mtime = entries, mtime
+
+    def check(self, name: str, token: str) -> None:
+        """Raise :class:`AuthError` with the reason unless ``token`` is ``name``'s valid token."""
+        with self._lock:
+            self._reload()
+            entry = self._entries.get(name)
+        if entry is None:
+            raise AuthError(f"unknown client {name!r}: not in {self.path.name}")
+        if entry.get("revoked", False):
+            raise AuthError(f"client {name!r} has been revoked")
+        if not hmac.compare_digest(str(entry.get("sha256", "")), _digest(token)):
+            raise AuthError(f"wrong token for client {name!r}")
+
+
+def revoke(directory: Path, name: str) -> None:
+    """Mark ``name`` revoked in ``directory/tokens.json``."""
+    path = directory / TOKENS
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    if name not in raw["clients"]:
+        raise AuthError(f"unknown client {name!r} in {path}")
+    raw["clients"][name]["revoked"] = True
+    tmp = path.with_name(TOKENS + ".tmp")
+    tmp.write_text(json.dumps(raw, indent=2), encoding="utf-8")
+    tmp.replace(path)
+
+
+def generate_credentials(
+    out: Path, clients: Sequence[str], *, hosts: Sequence[str] = ("localhost", "127.0.0.1"), days: int = 365
+) -> None:
+    """Write a CA, a server certificate, per-client certificates and tokens (see the module docstring)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    bad = [c for c in clients if not c or c == OPERATOR or "/" in c or c.strip() != c]
+    if bad or len(set(clients)) != len(clients):
+        raise AuthError(f"client names must be unique, non-empty, without '/', not {OPERATOR!r}: {bad}")
+    now = datetime.datetime.now(datetime.UTC)
+
+    def pem_key(k: ec.EllipticCurvePrivateKey) -> bytes:
+        return k.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+
+    def pem_cert(c: x509.Certificate) -> bytes:
+        return c.public_bytes(serialization.Encoding.PEM)
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedloom CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+
+    def leaf(cn: str, usage: x509.ObjectIdentifier, sans: list[x509.GeneralName]) -> tuple[bytes, bytes]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        b = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+            .issuer_name(ca_name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=days))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        )
+        if sans:
+            b = b.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        return pem_cert(b.sign(ca_key, hashes.SHA256())), pem_key(key)
+
+    sans: list[x509.GeneralName] = []
+    for h in hosts:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(h)))
+        except ValueError:
+            sans.append(x509.DNSName(h))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "ca.pem").write_bytes(pem_cert(ca))
+    _write_private(out / "ca.key", pem_key(ca_key))
+    cert, key = leaf(hosts[0] if hosts else "localhost", ExtendedKeyUsageOID.SERVER_AUTH, sans)
+    (out / "server.pem").write_bytes(cert)
+    _write_private(out / "server.key", key)
+    book: dict[str, dict[str, Any]] = {}
+    for name in clients:
+        d = out / "clients" / name
+        cert, key = leaf(name, ExtendedKeyUsageOID.CLIENT_AUTH, [])
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "cert.pem").write_bytes(cert)
+        (d / "ca.pem").write_bytes(pem_cert(ca))
+        _write_private(d / "key.pem", key)
+        token = secrets.token_urlsafe(32)
+        _write_private(d / "token", token.encode("ascii"))
+        book[name] = {"sha256": _digest(token), "revoked": False}
+    op = secrets.token_urlsafe(32)
+    _write_private(out / "operator.token", op.encode("ascii"))
+    book[OPERATOR] = {"sha256": _digest(op), "revoked": False}
+    (out / TOKENS).write_text(json.dumps({"clients": book}, indent=2), encoding="utf-8")

@@ -1,0 +1,309 @@
+"""The client process: join, pull tasks, train with the experiment's algorithm, push the update.
+
+A client's local work is exactly the simulation's (:func:`fedloom.sim.executor.run_client`):
+``algorithm.client_update(workspace, broadcast, client_state, data, ClientContext(seed,
+round, id))`` followed by ``pipeline.client(update, ServerContext(...))``. The client
+learns the experiment (config TOML), its id and the population from the server at
+:rpc:`Join`, so client and server can never disagree on them.
+
+Persistent client state (``ClientUpdate.client_state``, e.g. SCAFFOLD's control
+variate) stays on the client, on disk, one safetensors file per round in its state
+directory: round ``r`` trains from the newest state saved *before* ``r``, so a
+round retried after a server restart starts from the same state and yields the
+same update.
+
+When the server is unreachable the client retries with exponential backoff (0.5 s
+doubling to 15 s, with a fixed per-client offset so clients do not stampede), then
+re-joins; it gives up after ``give_up_after_s`` without contact. Credentials that
+the server refuses end the process at once with exit code 3.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+import tomllib
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from fedloom.algorithms.api import (
+    Algorithm,
+    Broadcast,
+    ClientContext,
+    ClientState,
+    ClientUpdate,
+    ServerContext,
+    Workspace,
+)
+from fedloom.config.loader import parse_config
+from fedloom.config.schema import ExperimentConfig
+from fedloom.core.errors import FedloomError, RunStateError, TrainingError
+from fedloom.core.serde import slots_from_bytes, slots_to_bytes
+from fedloom.data.datasets import ArrayDataset
+from fedloom.models.zoo import build_model
+from fedloom.net.auth import Credentials
+from fedloom.net.logs import JsonLog
+from fedloom.net.proto import fedloom_pb2 as pb
+from fedloom.net.proto import fedloom_pb2_grpc as pbg
+from fedloom.net.wire import chunk_size_for, decode_broadcast, encode_update, iter_chunks
+from fedloom.sim.build import build_algorithm, build_pipeline
+from fedloom.transforms.pipeline import Pipeline
+
+__all__ = [
+    "EXIT_AUTH",
+    "EXIT_GAVE_UP",
+    "ClientOptions",
+    "ClientStateStore",
+    "NetClient",
+    "Work",
+    "fetch_status",
+    "make_channel",
+]
+
+EXIT_AUTH = 3
+EXIT_GAVE_UP = 4
+
+# The client's local work for one round: (broadcast, stored state, ids) -> the pipeline-encoded update.
+Work = Callable[[Broadcast, ClientState | None, ClientContext, ServerContext], ClientUpdate]
+
+
+@dataclass(frozen=True)
+class ClientOptions:
+    server: str
+    name: str
+    token: str = ""
+    tls: Credentials = field(default_factory=Credentials)
+    state_dir: Path | None = None
+    give_up_after_s: float = 300.0
+    poll_s: float = 10.0
+
+
+def make_channel(server: str, tls: Credentials, max_message_bytes: int) -> grpc.Channel:
+    opts = [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+    ]
+    ca, cert, key = tls.read()
+    if ca is None:
+        return grpc.insecure_channel(server, options=opts)
+    creds = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+    return grpc.secure_channel(server, creds, options=opts)
+
+
+class ClientStateStore:
+    """Per-round client state files ``state-r<round>.safetensors`` in one directory."""
+
+    def __init__(self, directory: Path, run_id: str, *, keep: int = 3) -> None:
+        self.dir = directory
+        self.keep = keep
+        directory.mkdir(parents=True, exist_ok=True)
+        marker = directory / "run_id"
+        if marker.exists() and marker.read_text(encoding="utf-8").strip() != run_id:
+            for p in directory.glob("state-r*.safetensors"):
+                p.unlink()  # state of another run must not leak into this one
+        marker.write_text(run_id + "\n", encoding="utf-8")
+
+    def _rounds(self) -> list[int]:
+        return sorted(int(p.stem.removeprefix("state-r")) for p in self.dir.glob("state-r*.safetensors"))
+
+    def load(self, before: int) -> ClientState | None:
+        """The newest state saved by a round earlier than ``before`` (None: never trained)."""
+        earlier = [r for r in self._rounds() if r < before]
+        if not earlier:
+            return None
+        blob = (self.dir / f"state-r{earlier[-1]:06d}.safetensors").read_bytes()
+        return ClientState(values=slots_from_bytes(blob))
+
+    def save(self, round: int, state: ClientState) -> None:
+        path = self.dir / f"state-r{round:06d}.safetensors"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(slots_to_bytes(state.values))
+        tmp.replace(path)
+        for r in self._rounds()[: -self.keep]:
+            (self.dir / f"state-r{r:06d}.safetensors").unlink(missing_ok=True)
+
+
+def algorithm_work(
+    algorithm: Algorithm, pipeline: Pipeline, workspace: Workspace, data: ArrayDataset
+) -> Work:
+    """The simulation's local work (sim.executor.run_client), as a :data:`Work`."""
+
+    def work(b: Broadcast, cs: ClientState | None, cctx: ClientContext, sctx: ServerContext) -> ClientUpdate:
+        return pipeline.client(algorithm.client_update(workspace, b, cs, data, cctx), sctx)
+
+    return work
+
+
+class NetClient:
+    """One client's life: see the module docstring. :meth:`serve` returns an exit code."""
+
+    def __init__(
+        self,
+        options: ClientOptions,
+        log: JsonLog,
+        *,
+        load_data: Callable[[ExperimentConfig], ArrayDataset] | None = None,
+        work: Callable[[ExperimentConfig], Work] | None = None,
+    ) -> None:
+        if load_data is None and work is None:
+            raise ValueError("NetClient needs load_data (real training) or work (a custom trainer)")
+        self.o = options
+        self.log = log
+        self._load_data = load_data
+        self._make_work = work
+        self._work: Work | None = None
+        self._run_id = ""
+        self._cfg: ExperimentConfig | None = None
+        self._states: ClientStateStore | None = None
+        self._md = (("fedloom-client", options.name), ("fedloom-token", options.token))
+        self._offset = 1.0 + (zlib.crc32(options.name.encode()) % 100) / 200.0
+        self.rounds_done: list[int] = []
+
+    def _setup(self, reply: pb.JoinReply) -> None:
+        if self._work is not None and reply.run_id == self._run_id:
+            return
+        cfg = parse_config(tomllib.loads(reply.config_toml))
+        self._cfg, self._run_id = cfg, reply.run_id
+        if self._make_work is not None:
+            self._work = self._make_work(cfg)
+        else:
+            assert self._load_data is not None
+            data = self._load_data(cfg)
+            module = build_model(cfg.model.name, cfg.model.kwargs, seed=cfg.seed)
+            self._work = algorithm_work(build_algorithm(cfg), build_pipeline(cfg), Workspace(module), data)
+            self.log("data_loaded", examples=len(data))
+        if self.o.state_dir is not None:
+            self._states = ClientStateStore(self.o.state_dir, reply.run_id)
+
+    def serve(self) -> int:
+        failures = 0
+        last_contact = time.monotonic()
+        max_msg = 4 * 1024 * 1024
+        while True:
+            channel = make_channel(self.o.server, self.o.tls, max_msg)
+            stop = threading.Event()
+            hb: threading.Thread | None = None
+            try:
+                stub = pbg.CoordinatorStub(channel)  # type: ignore[no-untyped-call]
+                reply = stub.Join(pb.JoinRequest(client_name=self.o.name), metadata=self._md, timeout=10)
+                if reply.max_message_bytes != max_msg:
+                    max_msg = int(reply.max_message_bytes)
+                    channel.close()
+                    channel = make_channel(self.o.server, self.o.tls, max_msg)
+                    stub = pbg.CoordinatorStub(channel)  # type: ignore[no-untyped-call]
+                self._setup(reply)
+                self.log("joined", id=reply.client_id, population=reply.population, run_id=reply.run_id)
+                failures, last_contact = 0, time.monotonic()
+                hb = threading.Thread(
+                    target=self._heartbeat, args=(stub, reply.heartbeat_s, stop), daemon=True
+                )
+                hb.start()
+                while True:
+                    task = stub.GetTask(
+                        pb.TaskRequest(wait_s=self.o.poll_s), metadata=self._md, timeout=self.o.poll_s + 15
+                    )
+                    last_contact = time.monotonic()
+                    if task.kind == pb.DONE:
+                        self.log("done", rounds=len(self.rounds_done))
+                        return 0
+                    if task.kind == pb.TRAIN:
+                        self._round(stub, task, reply, chunk_size_for(max_msg))
+            except grpc.RpcError as exc:
+                code = exc.code() if hasattr(exc, "code") else None
+                if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                    self.log(
+                        "refused", level="error", reason=exc.details() if hasattr(exc, "details") else ""
+                    )
+                    return EXIT_AUTH
+                failures += 1
+                delay = min(15.0, 0.5 * 2 ** min(failures - 1, 5)) * self._offset
+                away = time.monotonic() - last_contact
+                if away > self.o.give_up_after_s:
+                    self.log("gave_up", level="error", away_s=round(away, 1))
+                    return EXIT_GAVE_UP
+                self.log("server_unreachable", level="warning", code=str(code), retry_in_s=round(delay, 2))
+                time.sleep(delay)
+            finally:
+                stop.set()
+                if hb is not None:
+                    hb.join()  # a daemon thread inside grpc at interpreter exit aborts the process
+                channel.close()
+
+    def _heartbeat(self, stub: pbg.CoordinatorStub, every: float, stop: threading.Event) -> None:
+        while not stop.wait(every):
+            try:
+                stub.Heartbeat(pb.HeartbeatRequest(phase="alive"), metadata=self._md, timeout=every)
+            except grpc.RpcError:
+                return  # the main loop notices and reconnects
+
+    def _round(self, stub: pbg.CoordinatorStub, task: pb.TaskReply, join: pb.JoinReply, chunk: int) -> None:
+        if self._cfg is None or self._work is None:
+            raise RunStateError("a task arrived before the client joined")
+        r = task.round
+        blob = b"".join(
+            c.data
+            for c in stub.Download(
+                pb.DownloadRequest(round=r, broadcast_digest=task.broadcast_digest),
+                metadata=self._md,
+                timeout=max(30.0, task.deadline_in_s),
+            )
+        )
+        if hashlib.sha256(blob).hexdigest() != task.broadcast_digest:
+            raise RunStateError(f"round {r}: the downloaded model does not match its digest")
+        broadcast = decode_broadcast(blob, r)
+        cs = self._states.load(before=r) if self._states is not None else None
+        cctx = ClientContext(seed=self._cfg.seed, round=r, client_id=join.client_id)
+        sctx = ServerContext(seed=self._cfg.seed, round=r, population=join.population)
+        t0 = time.perf_counter()
+        try:
+            update = self._work(broadcast, cs, cctx, sctx)
+        except FedloomError as exc:
+            kind = "diverged" if isinstance(exc, TrainingError) else "error"
+            self.log("train_failed", level="warning", round=r, reason=str(exc))
+            header = pb.UpdateHeader(
+                round=r, broadcast_digest=task.broadcast_digest, failure=f"{kind}: {exc}"
+            )
+            stub.Upload(iter([pb.Chunk(header=header)]), metadata=self._md, timeout=30)
+            return
+        compute = time.perf_counter() - t0
+        if update.client_state is not None and self._states is not None:
+            self._states.save(r, update.client_state)
+        meta, ublob = encode_update(update, compute_s=compute)
+        reply = stub.Upload(
+            upload_chunks(r, task.broadcast_digest, meta, ublob, chunk), metadata=self._md, timeout=60
+        )
+        self.rounds_done.append(r)
+        if reply.accepted:
+            self.log("update_accepted", round=r, bytes=len(ublob), compute_s=round(compute, 4))
+        else:
+            self.log("update_rejected", level="warning", round=r, reason=reply.error)
+
+
+def fetch_status(server: str, tls: Credentials, token: str, *, timeout: float = 10.0) -> dict[str, Any]:
+    """The server's operator view (the Status RPC) as a dict; raises :class:`FedloomError` if unreachable."""
+    channel = make_channel(server, tls, 4 * 1024 * 1024)
+    try:
+        reply = pbg.CoordinatorStub(channel).Status(  # type: ignore[no-untyped-call]
+            pb.StatusRequest(), metadata=(("fedloom-token", token),), timeout=timeout
+        )
+    except grpc.RpcError as exc:
+        details = exc.details() if hasattr(exc, "details") else str(exc)
+        raise FedloomError(f"status from {server} failed: {details}") from None
+    finally:
+        channel.close()
+    info: dict[str, Any] = json.loads(reply.json)
+    return info
+
+
+def upload_chunks(round: int, digest: str, meta_json: str, blob: bytes, chunk: int) -> Iterator[pb.Chunk]:
+    """The Upload stream: a header on the first chunk, then the blob in pieces."""
+    header = pb.UpdateHeader(round=round, broadcast_digest=digest, total_bytes=len(blob), meta_json=meta_json)
+    for i, piece in enumerate(iter_chunks(blob, chunk)):
+        yield pb.Chunk(header=header, data=piece) if i == 0 else pb.Chunk(data=piece)

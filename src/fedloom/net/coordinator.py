@@ -1,0 +1,375 @@
+"""Round bookkeeping and update validation for the deployed server (no grpc here).
+
+The server's round loop opens a round (:meth:`Coordinator.open_round`), RPC
+handler threads hand in updates (:meth:`Coordinator.submit`), and the loop
+blocks in :meth:`Coordinator.wait_close` until the round closes:
+
+* as soon as ``target`` updates are accepted (the cohort size; with over-selection
+  more clients were asked than needed), or
+* once every selected client has answered (accepted or reported a failure), or
+* at the deadline.
+
+Every incoming update is validated before it counts: the round it names (an
+older round is *late* if its sender was selected then, else a *replay*; a future
+round is refused), the sender's selection, duplicates, the broadcast it was
+trained on, that it parses, names/shapes/dtypes against the global model,
+finiteness, the configured norm bound, and the pipeline's own ``decode`` checks.
+A rejected update gets its reason back, a log line and an audit row; nothing
+already accepted is touched. Accepted updates are written to the ``pending``
+table before the client hears "accepted", so a killed server loses none.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedloom.algorithms.api import Broadcast, ClientUpdate, ServerContext
+from fedloom.core.errors import FedloomError, UpdateError
+from fedloom.net.logs import JsonLog
+from fedloom.net.state import NetState, PendingUpdate
+from fedloom.net.wire import decode_update
+from fedloom.transforms.pipeline import Pipeline
+
+__all__ = ["Closed", "Coordinator", "Task"]
+
+
+@dataclass(frozen=True)
+class Task:
+    """The answer to a client's GetTask: ``kind`` is "wait", "train" or "done"."""
+
+    kind: str
+    round: int = 0
+    digest: str = ""
+    size: int = 0
+    deadline_in_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class Closed:
+    """What a closed round attempt produced (updates sorted by client id)."""
+
+    updates: list[ClientUpdate]
+    compute_s: dict[int, float]
+    failed: dict[int, str]
+    dropouts: list[int]
+
+
+@dataclass
+class _Round:
+    number: int
+    attempt: int
+    selected: frozenset[int]
+    target: int
+    deadline: float
+    broadcast: Broadcast
+    blob: bytes
+    digest: str
+    ctx: ServerContext
+    accepted: dict[int, ClientUpdate] = field(default_factory=dict)
+    compute_s: dict[int, float] = field(default_factory=dict)
+    failed: dict[int, str] = field(default_factory=dict)
+    open: bool = True
+
+
+class Coordinator:
+    """Shared state between the round loop and the RPC handlers (one lock, one condition)."""
+
+    def __init__(
+        self,
+        names: Sequence[str],
+        state: NetState,
+        pipeline: Pipeline,
+        log: JsonLog,
+        *,
+        max_update_norm: float = 0.0,
+        offline_after_s: float = 20.0,
+    ) -> None:
+        self.names = list(names)
+        self._ids = {n: i for i, n in enumerate(self.names)}
+        self._state = state
+        self._pipeline = pipeline
+        self._log = log
+        self._max_norm = max_update_norm
+        self._offline_after = offline_after_s
+        self._cond = threading.Condition()
+        self._round: _Round | None = None
+        self._previous_selected: dict[int, frozenset[int]] = {}
+        self._last_seen: dict[int, float] = {}
+        self._done = False
+        self._told_done: set[int] = set()
+        self.rejections: Counter[str] = Counter()
+        self.last_metrics: Mapping[str, Any] = {}
+        self.completed_round = 0
+
+    # ---- identity and liveness -------------------------------------------
+    def client_id(self, name: str) -> int | None:
+        return self._ids.get(name)
+
+    def touch(self, cid: int) -> None:
+        with self._cond:
+            self._last_seen[cid] = time.monotonic()
+
+    def online(self) -> list[int]:
+        now = time.monotonic()
+        with self._cond:
+            return sorted(c for c, t in self._last_seen.items() if now - t <= self._offline_after)
+
+    # ---- round loop side -------------------------------------------------
+    def open_round(
+        self,
+        broadcast: Broadcast,
+        blob: bytes,
+        digest: str,
+        *,
+        attempt: int,
+        selected: Sequence[int],
+        target: int,
+        deadline_s: float,
+        ctx: ServerContext,
+        pending: Sequence[PendingUpdate] = (),
+    ) -> None:
+        """Open round ``broadcast.round`` for ``selected``; ``pending`` were accepted before a restart."""
+        rnd = _Round(
+            number=broadcast.round,
+            attempt=attempt,
+            selected=frozenset(selected),
+            target=target,
+            deadline=time.monotonic() + deadline_s,
+            broadcast=broadcast,
+            blob=blob,
+            digest=digest,
+            ctx=ctx,
+        )
+        for p in pending:
+            update, compute = decode_update(p.client_id, p.meta_json, p.blob)
+            rnd.accepted[p.client_id] = self._pipeline.decode(update, ctx)
+            rnd.compute_s[p.client_id] = compute
+        with self._cond:
+            self._round = rnd
+            self._previous_selected[rnd.number] = rnd.selected
+            self._cond.notify_all()
+        self._log(
+            "round_open",
+            round=rnd.number,
+            attempt=attempt,
+            selected=[self.names[c] for c in sorted(rnd.selected)],
+            target=target,
+            deadline_s=deadline_s,
+            restored=len(pending),
+        )
+
+    def wait_close(self) -> Closed:
+        """Block until the open round closes (see the module docstring); late updates are refused after."""
+        with self._cond:
+            rnd = self._round
+            if rnd is None:
+                raise RuntimeError("wait_close() without an open round")
+            while True:
+                answered = len(rnd.accepted) + len(rnd.failed)
+                if len(rnd.accepted) >= rnd.target or answered >= len(rnd.selected):
+                    break
+                left = rnd.deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(timeout=left)
+            rnd.open = False
+            # Only selected clients without an accepted update can still send a *late* one;
+            # anything else for this round is a replay.
+            self._previous_selected[rnd.number] = rnd.selected - set(rnd.accepted)
+            for old in [r for r in self._previous_selected if r < rnd.number - 2]:
+                del self._previous_selected[old]
+            updates = [rnd.accepted[c] for c in sorted(rnd.accepted)]
+            dropouts = sorted(rnd.selected - set(rnd.accepted) - set(rnd.failed))
+            self._cond.notify_all()
+        for c in dropouts:
+            self._state.audit(rnd.number, c, self.names[c], "dropout", 0, f"attempt {rnd.attempt}")
+        return Closed(updates, dict(rnd.compute_s), dict(rnd.failed), dropouts)
+
+    def finish(self, metrics: Mapping[str, Any]) -> None:
+        with self._cond:
+            self.last_metrics = dict(metrics)
+            self.completed_round = int(metrics.get("round", 0))
+
+    def set_done(self) -> None:
+        with self._cond:
+            self._done = True
+            self._round = None
+            self._cond.notify_all()
+
+    def everyone_told_done(self) -> bool:
+        """True once every client online at the end has been answered DONE."""
+        return set(self.online()) <= self._told_done
+
+    # ---- RPC side ----------------------------------------------------------
+    def task_for(self, cid: int, wait_s: float) -> Task:
+        end = time.monotonic() + max(0.0, min(wait_s, 30.0))
+        with self._cond:
+            while True:
+                self._last_seen[cid] = time.monotonic()
+                if self._done:
+                    self._told_done.add(cid)
+                    return Task("done")
+                rnd = self._round
+                if (
+                    rnd is not None
+                    and rnd.open
+                    and cid in rnd.selected
+                    and cid not in rnd.accepted
+                    and cid not in rnd.failed
+                ):
+                    return Task(
+                        "train",
+                        round=rnd.number,
+                        digest=rnd.digest,
+                        size=len(rnd.blob),
+                        deadline_in_s=max(0.0, rnd.deadline - time.monotonic()),
+                    )
+                left = end - time.monotonic()
+                if left <= 0:
+                    return Task("wait")
+                self._cond.wait(timeout=left)
+
+    def broadcast_blob(self, round: int, digest: str) -> bytes | None:
+        with self._cond:
+            rnd = self._round
+            if rnd is None or rnd.number != round or rnd.digest != digest:
+                return None
+            return rnd.blob
+
+    def upload_limit(self, configured: int) -> int:
+        """Largest upload accepted now: ``configured`` or 2 x the broadcast + 64 KiB."""
+        if configured > 0:
+            return configured
+        with self._cond:
+            size = len(self._round.blob) if self._round is not None else 0
+        return 2 * size + 65536
+
+    def reject(self, cid: int, round: int, nbytes: int, reason: str, *, event: str = "rejected") -> str:
+        self.rejections[event] += 1
+        name = self.names[cid] if 0 <= cid < len(self.names) else "?"
+        self._state.audit(round, cid, name, event, nbytes, reason)
+        self._log("update_" + event, level="warning", client=name, round=round, bytes=nbytes, reason=reason)
+        return reason
+
+    def report_failure(self, cid: int, round: int, reason: str) -> str | None:
+        """A client could not train (e.g. diverged); counts as its answer for the round."""
+        with self._cond:
+            rnd = self._round
+            if rnd is None or not rnd.open or rnd.number != round or cid not in rnd.selected:
+                return self.reject(cid, round, 0, f"failure report for round {round} is not current")
+            rnd.failed[cid] = reason
+            self._cond.notify_all()
+        self._state.audit(round, cid, self.names[cid], "failed", 0, reason)
+        self._log("client_failed", level="warning", client=self.names[cid], round=round, reason=reason)
+        return None
+
+    def _check_slot(self, cid: int, round: int, digest: str) -> str | None:
+        """Why an update from ``cid`` for ``round`` cannot be taken now (None = it can); lock held."""
+        rnd = self._round
+        current = rnd.number if rnd is not None else self.completed_round + 1
+        if rnd is not None and round == rnd.number and cid in rnd.accepted:
+            return f"duplicate submission: client {self.names[cid]!r} already contributed to round {round}"
+        if rnd is None or round < current or (round == current and not rnd.open):
+            if round >= current - 1 and cid in self._previous_selected.get(round, frozenset()):
+                return "late"
+            return f"update for round {round}, which is closed (replayed or stale update)"
+        if round > current:
+            return f"update for round {round}, but round {current} is open (not yet started)"
+        if cid not in rnd.selected:
+            return f"client {self.names[cid]!r} is not selected for round {round}"
+        if digest != rnd.digest:
+            return f"update was trained on another model (digest {digest[:12]}), not round {round}'s"
+        return None
+
+    def submit(self, cid: int, round: int, digest: str, meta_json: str, blob: bytes) -> str | None:
+        """Validate and record one update; returns the rejection reason, or ``None`` if accepted."""
+        with self._cond:
+            why = self._check_slot(cid, round, digest)
+            rnd = self._round
+        if why == "late":
+            return self.reject(
+                cid, round, len(blob), f"late update for round {round}: the round had closed", event="late"
+            )
+        if why is not None or rnd is None:
+            return self.reject(cid, round, len(blob), why or "no round is open")
+        try:
+            update, compute = decode_update(cid, meta_json, blob)
+            self._validate(update, rnd)
+            decoded = self._pipeline.decode(update, rnd.ctx)
+        except FedloomError as exc:
+            return self.reject(cid, round, len(blob), str(exc))
+        with self._cond:
+            why = self._check_slot(cid, round, digest)  # the round may have closed meanwhile
+            if why is None:
+                self._state.add_pending(
+                    round, cid, self.names[cid], meta_json, blob, f"attempt {rnd.attempt}"
+                )
+                rnd.accepted[cid] = decoded
+                rnd.compute_s[cid] = compute
+                self._cond.notify_all()
+        if why is not None:
+            event = "late" if why == "late" else "rejected"
+            return self.reject(cid, round, len(blob), why if why != "late" else "late update", event=event)
+        self._log("update_accepted", client=self.names[cid], round=round, bytes=len(blob))
+        return None
+
+    def _validate(self, update: ClientUpdate, rnd: _Round) -> None:
+        rnd.broadcast.params.check_compatible(update.delta, what="update delta")
+        if not update.delta.all_finite():
+            raise UpdateError("update delta contains NaN or infinite values")
+        for name, extra in update.extras.items():
+            if not extra.all_finite():
+                raise UpdateError(f"update extra {name!r} contains NaN or infinite values")
+            if set(extra) <= set(rnd.broadcast.params):
+                for k, v in extra.items():
+                    ref = rnd.broadcast.params[k]
+                    if v.shape != ref.shape or v.dtype != ref.dtype:
+                        raise UpdateError(
+                            f"update extra {name!r} parameter {k!r} has shape {tuple(v.shape)} "
+                            f"{v.dtype}, expected {tuple(ref.shape)} {ref.dtype}"
+                        )
+        if self._max_norm > 0:
+            norm = update.delta.l2_norm()
+            if norm > self._max_norm:
+                raise UpdateError(
+                    f"update norm {norm:.6g} exceeds the bound deploy.max_update_norm = {self._max_norm}"
+                )
+
+    # ---- operator view -----------------------------------------------------
+    def status(self, extra: Mapping[str, Any]) -> dict[str, Any]:
+        now = time.monotonic()
+        with self._cond:
+            rnd = self._round
+            clients = [
+                {
+                    "name": n,
+                    "id": i,
+                    "online": i in self._last_seen and now - self._last_seen[i] <= self._offline_after,
+                    "last_seen_s_ago": round(now - self._last_seen[i], 1) if i in self._last_seen else None,
+                }
+                for i, n in enumerate(self.names)
+            ]
+            current: dict[str, Any] = {}
+            if rnd is not None:
+                current = {
+                    "round": rnd.number,
+                    "attempt": rnd.attempt,
+                    "open": rnd.open,
+                    "selected": [self.names[c] for c in sorted(rnd.selected)],
+                    "accepted": [self.names[c] for c in sorted(rnd.accepted)],
+                    "deadline_in_s": round(max(0.0, rnd.deadline - now), 1),
+                }
+            return {
+                **extra,
+                "done": self._done,
+                "completed_round": self.completed_round,
+                "current": current,
+                "clients": clients,
+                "last_metrics": dict(self.last_metrics),
+                "rejections": dict(self.rejections),
+            }

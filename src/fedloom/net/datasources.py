@@ -1,0 +1,86 @@
+"""How a process loads its own data: a client's training set, the server's test set.
+
+A data spec is one of::
+
+    config            the experiment's own dataset ([data] section) -- client: partition
+                      ``partition_client`` of it; server: its central test set
+    FILE.py:ARG       a loader file (e.g. examples/heart_disease/heart_data.py:cleveland)
+    package.mod:ARG   the same, as an importable module
+
+A loader module defines ``load_client(arg, data_dir) -> ArrayDataset`` (a client's
+training data) and may define ``load_eval(arg, data_dir) -> ArrayDataset`` (a test
+set for the server). The data stays where it is; nothing is copied.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
+from fedloom.config.schema import ExperimentConfig
+from fedloom.core.errors import DataError
+from fedloom.data.datasets import ArrayDataset
+
+__all__ = ["load_client_data", "load_eval_data"]
+
+
+def _loader(spec: str) -> tuple[ModuleType, str]:
+    target, sep, arg = spec.rpartition(":")
+    if not sep or not target:
+        raise DataError(f"data spec {spec!r}: expected 'config', 'FILE.py:ARG' or 'package.module:ARG'")
+    if target.endswith(".py"):
+        path = Path(target)
+        if not path.is_file():
+            raise DataError(f"data spec {spec!r}: loader file {path} does not exist")
+        mspec = importlib.util.spec_from_file_location(f"fedloom_loader_{path.stem}", path)
+        if mspec is None or mspec.loader is None:
+            raise DataError(f"data spec {spec!r}: cannot load {path}")
+        module = importlib.util.module_from_spec(mspec)
+        mspec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as exc:
+            raise DataError(f"data spec {spec!r}: cannot import {target!r} ({exc})") from None
+    return module, arg
+
+
+def load_client_data(
+    spec: str, cfg: ExperimentConfig, *, data_dir: Path | None, partition_client: int | None
+) -> ArrayDataset:
+    """The training data of the client process started with ``--data spec``."""
+    if spec == "config":
+        from fedloom.sim.build import build_data
+
+        if partition_client is None:
+            raise DataError("--data config needs --partition-client K (which partition is this client's)")
+        train, _, _ = build_data(cfg)
+        if not 0 <= partition_client < train.num_clients:
+            raise DataError(f"--partition-client {partition_client} is outside [0, {train.num_clients})")
+        return train.client_data(partition_client)
+    module, arg = _loader(spec)
+    fn = getattr(module, "load_client", None)
+    if fn is None:
+        raise DataError(f"data spec {spec!r}: the loader defines no load_client(arg, data_dir)")
+    data = fn(arg, data_dir)
+    if not isinstance(data, ArrayDataset):
+        raise DataError(f"data spec {spec!r}: load_client returned {type(data).__name__}, not ArrayDataset")
+    return data
+
+
+def load_eval_data(spec: str, cfg: ExperimentConfig, *, data_dir: Path | None) -> ArrayDataset:
+    """The server's central test set for ``--eval-data spec``."""
+    if spec == "config":
+        from fedloom.sim.build import build_data
+
+        return build_data(cfg)[1]
+    module, arg = _loader(spec)
+    fn = getattr(module, "load_eval", None)
+    if fn is None:
+        raise DataError(f"data spec {spec!r}: the loader defines no load_eval(arg, data_dir)")
+    data = fn(arg, data_dir)
+    if not isinstance(data, ArrayDataset):
+        raise DataError(f"data spec {spec!r}: load_eval returned {type(data).__name__}, not ArrayDataset")
+    return data

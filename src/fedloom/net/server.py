@@ -1,0 +1,439 @@
+"""The deployed server: the gRPC service (thin) and the round loop (the simulation runner's twin).
+
+The round loop mirrors :func:`fedloom.sim.runner.run_simulation`: cohorts from
+``sample_clients(seed, round, population, size)`` over the ordered registry
+``deploy.clients``, updates through ``pipeline.decode`` (at upload time, in the
+coordinator), ``algorithm.aggregate`` over the accepted updates sorted by client
+id, ``pipeline.server``, ``algorithm.server_update``, evaluation, and one
+``RunStore.commit_round`` per round.
+
+Resume: a server started on a state directory that holds a run continues it
+from its last checkpoint, with the same cohort for the interrupted round and the
+updates that round had already accepted (the ``pending`` table). Because cohorts
+depend only on (seed, round), aggregation order only on client ids, and clients
+train deterministically from (seed, round, client), a run killed and resumed
+ends with the same model, bit for bit, as an uninterrupted one -- provided every
+selected client answers within the deadline (the quorum/deadline outcome of a
+round that closes on time is inherently timing dependent).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from fedloom.algorithms.api import ServerContext, ServerState, Workspace
+from fedloom.config.loader import config_to_toml
+from fedloom.config.schema import ExperimentConfig
+from fedloom.core.errors import FedloomError, RunStateError, TrainingError
+from fedloom.core.params import Params
+from fedloom.core.serde import params_to_bytes
+from fedloom.data.datasets import ArrayDataset
+from fedloom.models.zoo import build_model
+from fedloom.net.auth import OPERATOR, AuthError, Credentials, TokenBook
+from fedloom.net.coordinator import Coordinator
+from fedloom.net.logs import JsonLog
+from fedloom.net.proto import fedloom_pb2 as pb
+from fedloom.net.proto import fedloom_pb2_grpc as pbg
+from fedloom.net.state import NetState
+from fedloom.net.wire import chunk_size_for, encode_broadcast, iter_chunks
+from fedloom.results.store import RunStore
+from fedloom.sim.build import build_algorithm, build_pipeline
+from fedloom.sim.evaluate import evaluate
+from fedloom.sim.sampling import cohort_size, sample_clients
+
+__all__ = ["ServerOptions", "client_names", "run_server"]
+
+STATE_DB = "state.sqlite"
+METRICS = "metrics.jsonl"
+MODEL = "model.safetensors"
+ENDPOINT = "endpoint"
+
+
+def client_names(cfg: ExperimentConfig) -> list[str]:
+    """The ordered registry of expected clients (a client's id is its index)."""
+    return list(cfg.deploy.clients) or [str(i) for i in range(cfg.data.num_clients)]
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    listen: str = "127.0.0.1:8470"
+    tls: Credentials = field(default_factory=Credentials)
+    tokens: Path | None = None
+    eval_data: ArrayDataset | None = None
+    linger_s: float = 10.0
+
+
+class _Service(pbg.CoordinatorServicer):
+    def __init__(
+        self,
+        coord: Coordinator,
+        cfg: ExperimentConfig,
+        tokens: TokenBook | None,
+        mtls: bool,
+        state: NetState,
+        log: JsonLog,
+        run_id: str,
+    ) -> None:
+        self.coord, self.cfg, self.tokens, self.mtls = coord, cfg, tokens, mtls
+        self.state, self.log, self.run_id = state, log, run_id
+        self.chunk = chunk_size_for(cfg.deploy.max_message_bytes)
+
+    # ---- authentication ------------------------------------------------
+    def _who(self, context: grpc.ServicerContext, *, operator: bool = False) -> int:
+        md = {k: v for k, v in context.invocation_metadata()}
+        name = str(md.get("fedloom-client", ""))
+        token = str(md.get("fedloom-token", ""))
+        try:
+            if self.mtls and not operator:
+                cns = [c.decode() for c in context.auth_context().get("x509_common_name", [])]
+                if name not in cns:
+                    raise AuthError(f"client certificate is for {cns}, not for {name!r}")
+            if self.tokens is not None:
+                self.tokens.check(OPERATOR if operator else name, token)
+            if operator:
+                return -1
+            cid = self.coord.client_id(name)
+            if cid is None:
+                raise AuthError(f"unknown client {name!r}: not in deploy.clients")
+        except AuthError as exc:
+            self.log("refused", level="warning", client=name, peer=context.peer(), reason=str(exc))
+            self.state.audit(self.coord.completed_round + 1, -1, name, "refused", 0, str(exc))
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+            raise  # unreachable: abort raises
+        self.coord.touch(cid)
+        return cid
+
+    # ---- RPCs ----------------------------------------------------------
+    def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
+        cid = self._who(context)
+        name = self.coord.names[cid]
+        self.state.record_join(cid, name)
+        self.log("join", client=name, id=cid, peer=context.peer())
+        return pb.JoinReply(
+            client_id=cid,
+            config_toml=config_to_toml(self.cfg),
+            run_id=self.run_id,
+            max_message_bytes=self.cfg.deploy.max_message_bytes,
+            heartbeat_s=self.cfg.deploy.heartbeat_s,
+            population=len(self.coord.names),
+        )
+
+    def GetTask(self, request: pb.TaskRequest, context: grpc.ServicerContext) -> pb.TaskReply:
+        cid = self._who(context)
+        t = self.coord.task_for(cid, request.wait_s)
+        kind = {"wait": pb.WAIT, "train": pb.TRAIN, "done": pb.DONE}[t.kind]
+        return pb.TaskReply(
+            kind=kind,
+            round=t.round,
+            broadcast_digest=t.digest,
+            broadcast_bytes=t.size,
+            deadline_in_s=t.deadline_in_s,
+        )
+
+    def Download(self, request: pb.DownloadRequest, context: grpc.ServicerContext) -> Iterator[pb.Chunk]:
+        self._who(context)
+        blob = self.coord.broadcast_blob(request.round, request.broadcast_digest)
+        if blob is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"round {request.round} is not open")
+            return
+        for piece in iter_chunks(blob, self.chunk):
+            yield pb.Chunk(data=piece)
+
+    def Upload(self, request_iterator: Iterator[pb.Chunk], context: grpc.ServicerContext) -> pb.UploadReply:
+        cid = self._who(context)
+        try:
+            first = next(request_iterator)
+        except StopIteration:
+            return pb.UploadReply(accepted=False, error=self.coord.reject(cid, 0, 0, "empty upload"))
+        if not first.HasField("header"):
+            return pb.UploadReply(
+                accepted=False, error=self.coord.reject(cid, 0, len(first.data), "upload without a header")
+            )
+        h = first.header
+        if h.failure:
+            err = self.coord.report_failure(cid, h.round, h.failure)
+            return pb.UploadReply(accepted=err is None, error=err or "")
+        limit = self.coord.upload_limit(self.cfg.deploy.max_update_bytes)
+        if h.total_bytes > limit:
+            reason = f"update of {h.total_bytes} bytes exceeds the limit of {limit} bytes"
+            return pb.UploadReply(
+                accepted=False, error=self.coord.reject(cid, h.round, h.total_bytes, reason)
+            )
+        buf = bytearray(first.data)
+        for chunk in request_iterator:
+            buf += chunk.data
+            if len(buf) > limit:
+                reason = f"update stream passed the limit of {limit} bytes"
+                return pb.UploadReply(accepted=False, error=self.coord.reject(cid, h.round, len(buf), reason))
+        if len(buf) != h.total_bytes:
+            reason = f"update announced {h.total_bytes} bytes but {len(buf)} arrived"
+            return pb.UploadReply(accepted=False, error=self.coord.reject(cid, h.round, len(buf), reason))
+        err = self.coord.submit(cid, h.round, h.broadcast_digest, h.meta_json, bytes(buf))
+        return pb.UploadReply(accepted=err is None, error=err or "")
+
+    def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatReply:
+        self._who(context)
+        return pb.HeartbeatReply(round=self.coord.completed_round)
+
+    def Status(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.StatusReply:
+        self._who(context, operator=True)
+        counts = self.state.event_counts()
+        return pb.StatusReply(json=json.dumps(self.coord.status({"run_id": self.run_id, "audit": counts})))
+
+
+def _grpc_server(
+    service: _Service, cfg: ExperimentConfig, options: ServerOptions, population: int
+) -> tuple[grpc.Server, int]:
+    limit = cfg.deploy.max_message_bytes
+    server = grpc.server(
+        _thread_pool(max(16, 2 * population + 8)),
+        options=[
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    pbg.add_CoordinatorServicer_to_server(service, server)  # type: ignore[no-untyped-call]
+    ca, cert, key = options.tls.read()
+    if cert is not None and key is not None:
+        creds = grpc.ssl_server_credentials(
+            [(key, cert)], root_certificates=ca, require_client_auth=ca is not None
+        )
+        port = server.add_secure_port(options.listen, creds)
+    else:
+        port = server.add_insecure_port(options.listen)
+    if port == 0:
+        raise RunStateError(f"cannot listen on {options.listen} (address in use or invalid)")
+    return server, port
+
+
+def _thread_pool(n: int) -> Any:
+    from concurrent.futures import ThreadPoolExecutor
+
+    return ThreadPoolExecutor(max_workers=n, thread_name_prefix="fedloom-rpc")
+
+
+def run_server(cfg: ExperimentConfig, state_dir: Path, options: ServerOptions, log: JsonLog) -> ServerState:
+    """Serve the experiment until its round budget (or target accuracy) is reached; resumable."""
+    names = client_names(cfg)
+    d = cfg.deploy
+    population = len(names)
+    size = cohort_size(population, cfg.sampling.fraction, cfg.sampling.min_clients)
+    if d.min_quorum > size:
+        raise RunStateError(f"deploy.min_quorum = {d.min_quorum} exceeds the cohort size {size}")
+    if len(set(names)) != len(names):
+        raise RunStateError(f"deploy.clients has duplicate names: {names}")
+    selected_n = min(population, math.ceil(size * d.overselect - 1e-9))
+    algorithm, pipeline = build_algorithm(cfg), build_pipeline(cfg)
+    module = build_model(cfg.model.name, cfg.model.kwargs, seed=cfg.seed)
+    workspace, initial = Workspace(module), Params.from_module(module)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    db = state_dir / STATE_DB
+    toml = config_to_toml(cfg)
+    with RunStore(db, create=True) as store, NetState(db) as net:
+        if store.latest_round() >= 0:
+            if store.get_meta("config") != toml:
+                raise RunStateError(
+                    f"{state_dir} holds a run with a different configuration; use another --state-dir"
+                )
+            state = store.load_state()
+            run_id = store.get_meta("run_id") or ""
+            log("resume", round=state.round, state_dir=str(state_dir))
+        else:
+            run_id = hashlib.sha256(f"{toml}{time.time()}".encode()).hexdigest()[:16]
+            store.set_meta("config", toml)
+            store.set_meta("run_id", run_id)
+            state = algorithm.server_init(initial)
+            store.commit_round(state, {"round": 0}, {}, keep=cfg.checkpoint.keep)
+        history = [m for m in store.metrics(up_to=state.round) if m.get("round", 0) > 0]
+        store.set_meta("status", "running")
+        coord = Coordinator(
+            names, net, pipeline, log, max_update_norm=d.max_update_norm, offline_after_s=d.offline_after_s
+        )
+        if history:
+            coord.finish(history[-1])
+        tokens = TokenBook(options.tokens) if options.tokens is not None else None
+        mtls = options.tls.ca is not None and options.tls.cert is not None
+        service = _Service(coord, cfg, tokens, mtls, net, log, run_id)
+        server, port = _grpc_server(service, cfg, options, population)
+        server.start()
+        host = options.listen.rsplit(":", 1)[0]
+        (state_dir / ENDPOINT).write_text(f"{host}:{port}\n", encoding="utf-8")
+        log(
+            "listening",
+            address=f"{host}:{port}",
+            port=port,
+            tls=options.tls.cert is not None,
+            mutual_tls=mtls,
+            tokens=tokens is not None,
+            clients=names,
+            round=state.round,
+        )
+        try:
+            state = _loop(
+                cfg,
+                state,
+                store,
+                net,
+                coord,
+                algorithm,
+                pipeline,
+                workspace,
+                options,
+                log,
+                selected_n,
+                size,
+                history,
+            )
+            (state_dir / MODEL).write_bytes(params_to_bytes(state.params))
+            store.set_meta("status", "completed")
+            coord.set_done()
+            log("done", round=state.round, metrics=coord.last_metrics)
+            end = time.monotonic() + options.linger_s
+            while time.monotonic() < end and not coord.everyone_told_done():
+                time.sleep(0.1)
+        except FedloomError as exc:
+            store.set_meta("status", "failed")
+            store.set_meta("error", str(exc))
+            coord.set_done()
+            log("failed", level="error", error=str(exc))
+            time.sleep(min(options.linger_s, 2.0))
+            raise
+        finally:
+            server.stop(grace=1.0).wait()
+    return state
+
+
+def _loop(
+    cfg: ExperimentConfig,
+    state: ServerState,
+    store: RunStore,
+    net: NetState,
+    coord: Coordinator,
+    algorithm: Any,
+    pipeline: Any,
+    workspace: Workspace,
+    options: ServerOptions,
+    log: JsonLog,
+    selected_n: int,
+    size: int,
+    history: list[dict[str, Any]],
+) -> ServerState:
+    d = cfg.deploy
+    population = len(coord.names)
+    metrics_path = store.path.parent / METRICS
+    metrics_path.write_text("".join(json.dumps(m) + "\n" for m in history), encoding="utf-8")
+    if _reached(cfg, history[-1] if history else {}):
+        return state
+    while state.round < cfg.rounds:
+        r = state.round + 1
+        ctx = ServerContext(seed=cfg.seed, round=r, population=population)
+        cohort = sample_clients(cfg.seed, r, population, selected_n).tolist()
+        broadcast = algorithm.broadcast(state)
+        blob = encode_broadcast(broadcast)
+        digest = hashlib.sha256(blob).hexdigest()
+        for attempt in range(1, d.max_round_attempts + 1):
+            _wait_for_clients(coord, d.min_quorum, d.wait_for_clients_s, r, log)
+            t0 = time.perf_counter()
+            coord.open_round(
+                broadcast,
+                blob,
+                digest,
+                attempt=attempt,
+                selected=cohort,
+                target=min(size, len(cohort)),
+                deadline_s=d.deadline_s,
+                ctx=ctx,
+                pending=net.pending(r),
+            )
+            closed = coord.wait_close()
+            if len(closed.updates) >= d.min_quorum:
+                break
+            reason = (
+                f"round {r} attempt {attempt}: {len(closed.updates)} accepted updates, below "
+                f"deploy.min_quorum = {d.min_quorum}"
+            )
+            net.audit(r, -1, "", "round_aborted", 0, reason)
+            log(
+                "round_aborted",
+                level="warning",
+                round=r,
+                attempt=attempt,
+                reason=reason,
+                dropouts=[coord.names[c] for c in closed.dropouts],
+            )
+        else:
+            raise TrainingError(
+                f"round {r} aborted {d.max_round_attempts} times below quorum; the last good checkpoint "
+                f"(round {state.round}) is intact in {store.path}; restart the server to retry"
+            )
+        aggregate = pipeline.server(algorithm.aggregate(closed.updates, ctx), ctx)
+        new_state = algorithm.server_update(state, aggregate, ctx)
+        if not new_state.params.all_finite():
+            raise TrainingError(
+                f"round {r}: the global model became non-finite; checkpoint {state.round} kept"
+            )
+        state = new_state
+        ex = sum(u.num_examples for u in closed.updates)
+        metrics: dict[str, Any] = {
+            "round": r,
+            "train_loss": sum(u.metrics.get("train_loss", 0.0) * u.num_examples for u in closed.updates)
+            / max(ex, 1),
+            "num_clients": len(closed.updates),
+            "num_failed": len(closed.failed),
+            "num_dropouts": len(closed.dropouts),
+            "num_examples": ex,
+            "attempt": attempt,
+        }
+        if options.eval_data is not None and (r % cfg.eval.every == 0 or r == cfg.rounds):
+            ev = evaluate(workspace, state.params, options.eval_data, batch_size=cfg.eval.batch_size)
+            metrics["test_accuracy"] = ev.accuracy
+            metrics["test_loss"] = ev.loss
+        metrics["seconds"] = time.perf_counter() - t0
+        metrics["max_client_compute_s"] = max(closed.compute_s.values(), default=0.0)
+        store.commit_round(state, metrics, {}, keep=cfg.checkpoint.keep)
+        net.clear_pending(r)
+        net.audit(
+            r, -1, "", "round_committed", 0, json.dumps({"clients": [u.client_id for u in closed.updates]})
+        )
+        with metrics_path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(metrics) + "\n")
+        coord.finish(metrics)
+        log("round_committed", **metrics)
+        if _reached(cfg, metrics):
+            log("target_reached", round=r)
+            break
+    return state
+
+
+def _reached(cfg: ExperimentConfig, metrics: Mapping[str, Any]) -> bool:
+    target = cfg.eval.target_accuracy
+    acc = metrics.get("test_accuracy")
+    return target > 0 and acc is not None and float(acc) >= target
+
+
+def _wait_for_clients(coord: Coordinator, quorum: int, limit_s: float, r: int, log: JsonLog) -> None:
+    end = time.monotonic() + limit_s
+    said = -1
+    while True:
+        online = len(coord.online())
+        if online >= quorum:
+            return
+        if online != said:
+            log("waiting_for_clients", round=r, online=online, needed=quorum)
+            said = online
+        if time.monotonic() >= end:
+            raise TrainingError(
+                f"round {r}: only {online} clients online after {limit_s:.0f} s, "
+                f"deploy.min_quorum = {quorum} needed"
+            )
+        time.sleep(0.05)

@@ -1,0 +1,219 @@
+"""The parallel executor: a persistent pool of forked worker processes, one torch thread each.
+
+On a multi-core CPU the lever for many small clients is client-level
+parallelism with no orchestration overhead (issue 4). The pool:
+
+* is forked once, on the first round, and lives until :meth:`ParallelExecutor.close`:
+  the workers inherit the workspace, the federated dataset and the transform
+  pipeline copy-on-write, so the data is never pickled (``gc.freeze()`` before
+  the fork keeps the garbage collector from touching, and so copying, the
+  parent's objects);
+* splits each cohort into disjoint shares balanced by estimated work (greedy
+  LPT over :func:`~fedloom.sim.executor.client_costs`, deterministic);
+* sends each worker one message per round -- the algorithm, the broadcast, its
+  client ids and their states -- and gets one message back with all its
+  outcomes, both through shared memory (:mod:`fedloom.sim.transport`);
+* returns the outcomes in cohort order. Each client is trained by
+  :func:`~fedloom.sim.executor.run_client` with 1 torch thread, so its update is
+  bit-identical to ``SequentialExecutor(threads=1)``'s; the runner aggregates in
+  cohort order, so the model is too.
+
+A worker that dies (killed, out of memory, segfault) makes the round raise
+:class:`~fedloom.sim.executor.ExecutorError` naming it; the pool is then shut
+down. An unexpected exception in a worker is re-raised the same way with the
+worker's traceback. Only the ``fork`` start method is supported (Linux, macOS
+with care); elsewhere use the Ray or sequential executor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import multiprocessing as mp
+import traceback
+from collections.abc import Mapping, Sequence
+from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+import torch
+
+from fedloom.algorithms.api import Algorithm, Broadcast, ClientState, ServerContext, Workspace
+from fedloom.data.federated import FederatedDataset
+from fedloom.sim.executor import ExecutorError, Outcome, client_costs, lpt_assign, run_client
+from fedloom.sim.transport import Packed, pack, unpack
+from fedloom.transforms.pipeline import Pipeline
+
+__all__ = ["ParallelExecutor"]
+
+_STOP = None
+
+
+def _worker_main(conn: Connection, workspace: Workspace, data: FederatedDataset, pipeline: Pipeline) -> None:
+    """A worker's loop: receive a round's share, train it, send the outcomes back."""
+    torch.set_num_threads(1)
+    try:
+        while True:
+            try:
+                msg = conn.recv()
+            except EOFError:
+                return
+            if msg is _STOP:
+                return
+            try:
+                algorithm, broadcast, cids, states, ctx = unpack(msg)
+                outcomes = [
+                    run_client(workspace, data, pipeline, algorithm, broadcast, cid, states, ctx)
+                    for cid in cids
+                ]
+                reply: tuple[str, Any] = ("ok", pack(outcomes))
+                del msg, broadcast, states, outcomes
+            except Exception as exc:
+                reply = ("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+            conn.send(reply)
+            del reply
+    except KeyboardInterrupt:
+        return
+
+
+class ParallelExecutor:
+    """Trains each round's cohort on ``workers`` forked processes (see the module docstring).
+
+    Use as a context manager, or call :meth:`close` when done. The workspace,
+    data and pipeline are captured when the pool starts (the first round) and
+    must not change afterwards.
+    """
+
+    def __init__(
+        self, workspace: Workspace, data: FederatedDataset, pipeline: Pipeline, *, workers: int
+    ) -> None:
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        if "fork" not in mp.get_all_start_methods():
+            raise ExecutorError(
+                "the parallel executor needs the 'fork' start method, which this platform lacks; "
+                "use executor = 'sequential' or 'ray'"
+            )
+        self.workspace = workspace
+        self.data = data
+        self.pipeline = pipeline
+        self.workers = workers
+        self._procs: list[BaseProcess] = []
+        self._conns: list[Connection] = []
+
+    # ---- lifecycle ------------------------------------------------------
+    def start(self) -> None:
+        """Fork the workers (done automatically by the first round)."""
+        if self._procs:
+            return
+        ctx = mp.get_context("fork")
+        gc.collect()
+        gc.freeze()  # objects alive now stay out of the GC's reach, so children share their pages
+        try:
+            for i in range(self.workers):
+                parent, child = ctx.Pipe(duplex=True)
+                proc = ctx.Process(
+                    target=_worker_main,
+                    args=(child, self.workspace, self.data, self.pipeline),
+                    name=f"fedloom-worker-{i}",
+                    daemon=True,
+                )
+                proc.start()
+                child.close()
+                self._procs.append(proc)
+                self._conns.append(parent)
+        finally:
+            gc.unfreeze()
+
+    def close(self) -> None:
+        """Stop the workers; safe to call more than once."""
+        for conn in self._conns:
+            with contextlib.suppress(OSError, ValueError):
+                conn.send(_STOP)
+        for proc in self._procs:
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(timeout=5)
+        for conn in self._conns:
+            conn.close()
+        self._procs, self._conns = [], []
+
+    def __enter__(self) -> ParallelExecutor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_procs", None):
+            self.close()
+
+    # ---- a round --------------------------------------------------------
+    def run_round(
+        self,
+        algorithm: Algorithm,
+        broadcast: Broadcast,
+        cohort: Sequence[int],
+        client_states: Mapping[int, ClientState],
+        ctx: ServerContext,
+    ) -> list[Outcome]:
+        cids = [int(c) for c in cohort]
+        if not cids:
+            return []
+        self.start()
+        shares = lpt_assign(client_costs(algorithm, self.data, cids), self.workers)
+        pending: dict[int, list[int]] = {}
+        for w, positions in enumerate(shares):
+            if not positions:
+                continue
+            mine = [cids[i] for i in positions]
+            states = {c: client_states[c] for c in mine if c in client_states}
+            self._send(w, pack((algorithm, broadcast, mine, states, ctx)), ctx)
+            pending[w] = positions
+        results: list[Outcome | None] = [None] * len(cids)
+        while pending:
+            self._collect(pending, results, ctx)
+        return [r for r in results if r is not None]
+
+    def _send(self, w: int, msg: Packed, ctx: ServerContext) -> None:
+        try:
+            self._conns[w].send(msg)
+        except (OSError, ValueError) as exc:
+            raise self._died(w, ctx) from exc
+
+    def _collect(
+        self, pending: dict[int, list[int]], results: list[Outcome | None], ctx: ServerContext
+    ) -> None:
+        conns = {self._conns[w]: w for w in pending}
+        sentinels = {self._procs[w].sentinel: w for w in pending}
+        ready = wait([*conns, *sentinels])
+        for obj in ready:
+            if isinstance(obj, Connection):
+                w = conns[obj]
+                try:
+                    kind, body = obj.recv()
+                except (EOFError, OSError) as exc:
+                    raise self._died(w, ctx) from exc
+                if kind != "ok":
+                    self.close()
+                    raise ExecutorError(f"round {ctx.round}: worker {w} failed:\n{body}")
+                outcomes: list[Outcome] = unpack(body)
+                for pos, outcome in zip(pending.pop(w), outcomes, strict=True):
+                    results[pos] = outcome
+        for obj in ready:
+            if isinstance(obj, int) and obj in sentinels:
+                w = sentinels[obj]
+                if w in pending and not self._conns[w].poll():
+                    raise self._died(w, ctx)
+
+    def _died(self, w: int, ctx: ServerContext) -> ExecutorError:
+        proc = self._procs[w]
+        proc.join(timeout=1)
+        code = proc.exitcode
+        self.close()
+        how = f"exit code {code}" if code is None or code >= 0 else f"signal {-code}"
+        return ExecutorError(
+            f"round {ctx.round}: parallel worker {w} (pid {proc.pid}) died ({how}); "
+            "the pool was shut down. If it ran out of memory, use fewer workers"
+        )

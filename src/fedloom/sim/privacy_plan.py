@@ -1,0 +1,110 @@
+"""Turn the ``[privacy]`` config into a DP transform stage and a privacy ledger.
+
+The ledger answers "what epsilon has the run spent after r rounds" and "would
+round r exceed the budget". Rounds sample a fixed-size cohort without
+replacement, so central-family modes account with
+:class:`~fedloom.privacy.accounting.FixedSizeSampling`; local DP accounts per
+client with :func:`~fedloom.privacy.accounting.local_epsilon`, pessimistically
+assuming the client took part in every round so far. ``dp-accounting`` is
+imported only when DP is on (it lives in the ``privacy`` extra).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fedloom.config.schema import ExperimentConfig
+from fedloom.core.errors import ConfigError
+from fedloom.sim.sampling import cohort_size
+from fedloom.transforms.pipeline import UpdateTransform
+
+__all__ = ["PrivacyPlan", "plan_privacy"]
+
+
+@dataclass(frozen=True)
+class PrivacyPlan:
+    """The DP stage of the pipeline and the accounting for the run."""
+
+    stage: UpdateTransform
+    noise_multiplier: float
+    delta: float
+    budget: float
+    mode: str
+    cohort: int
+    population: int
+    accountant: str
+
+    def epsilon_after(self, rounds: int) -> float:
+        """Epsilon spent after ``rounds`` completed rounds (an upper bound for local DP)."""
+        from fedloom.privacy.accounting import FixedSizeSampling, epsilon, local_epsilon
+
+        if rounds <= 0 or self.noise_multiplier == 0:
+            return 0.0 if rounds <= 0 else float("inf")
+        if self.mode == "local":
+            return local_epsilon(self.noise_multiplier, rounds, self.delta, accountant=self.accountant)
+        sampling = FixedSizeSampling(self.cohort, self.population)
+        return epsilon(self.noise_multiplier, sampling, rounds, self.delta, accountant=self.accountant)
+
+    def would_exceed(self, next_round: int) -> bool:
+        return self.budget > 0 and self.epsilon_after(next_round) > self.budget
+
+
+def plan_privacy(cfg: ExperimentConfig) -> PrivacyPlan | None:
+    """The plan for ``cfg`` (``None`` when ``privacy.mode = "off"``).
+
+    With ``privacy.target_epsilon > 0`` the noise multiplier is calibrated so
+    that ``cfg.rounds`` rounds spend at most that epsilon.
+    """
+    p = cfg.privacy
+    if p.mode == "off":
+        return None
+    try:
+        from fedloom.privacy.accounting import FixedSizeSampling
+        from fedloom.privacy.calibrate import calibrate_noise_multiplier
+        from fedloom.transforms.adaptive_clip import AdaptiveClipDP
+        from fedloom.transforms.dp import CentralDP, ClientClipDP, LocalDP
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise ConfigError(
+            [f"privacy.mode = {p.mode!r} needs the privacy extra: pip install 'fedloom[privacy]' ({exc})"]
+        ) from exc
+    population = cfg.data.num_clients
+    cohort = cohort_size(population, cfg.sampling.fraction, cfg.sampling.min_clients)
+    sigma = p.noise_multiplier
+    if p.target_epsilon > 0:
+        if p.mode == "local":
+            raise ConfigError(["privacy.target_epsilon: calibration is for central modes, not 'local'"])
+        sampling = FixedSizeSampling(cohort, population)
+        sigma = calibrate_noise_multiplier(
+            p.target_epsilon, p.delta, cfg.rounds, sampling, accountant=p.accountant
+        )
+    expected = p.expected_clients or None
+    stage: UpdateTransform
+    try:
+        if p.mode == "central":
+            stage = CentralDP(p.clip_norm, sigma, expected)
+        elif p.mode == "client_clip":
+            stage = ClientClipDP(p.clip_norm, sigma, expected)
+        elif p.mode == "local":
+            stage = LocalDP(p.clip_norm, sigma)
+        else:
+            count_std = p.count_noise_std or cohort / 20
+            stage = AdaptiveClipDP(
+                noise_multiplier=sigma,
+                count_noise_std=count_std,
+                initial_clip=p.clip_norm,
+                target_quantile=p.target_quantile,
+                clip_lr=p.clip_lr,
+                expected_clients=expected,
+            )
+    except ValueError as exc:
+        raise ConfigError([f"privacy: {exc}"]) from exc
+    return PrivacyPlan(
+        stage=stage,
+        noise_multiplier=sigma,
+        delta=p.delta,
+        budget=p.budget_epsilon,
+        mode=p.mode,
+        cohort=cohort,
+        population=population,
+        accountant=p.accountant,
+    )

@@ -1,0 +1,115 @@
+"""The server side of one round, shared by every runtime: decode, aggregate, update.
+
+Given the outcomes a runtime collected (from in-process executors or from gRPC
+clients), :func:`finish_round` runs the pipeline's ``decode`` on each update
+(turning rejections into :class:`ClientFailure` values), aggregates -- with the
+algorithm's rule, or through secure aggregation when it is configured -- runs
+the pipeline's ``server`` side and the algorithm's ``server_update``, and
+advances the state of stateful transforms (adaptive clipping) into
+``ServerState.algo_state`` so that it is checkpointed with the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from fedloom.algorithms.api import Aggregate, Algorithm, ClientUpdate, ServerContext, ServerState
+from fedloom.core.errors import FedloomError
+from fedloom.sim.executor import ClientFailure, Outcome
+from fedloom.transforms.adaptive_clip import advance_pipeline, bind_pipeline
+from fedloom.transforms.pipeline import Pipeline
+
+__all__ = ["RoundResult", "SecureSum", "finish_round"]
+
+
+@dataclass(frozen=True)
+class SecureSum:
+    """Secure aggregation settings for :func:`finish_round` (see :mod:`fedloom.secagg`)."""
+
+    clip: float
+    max_weight: float
+    graph: str = "complete"
+    degree: int = 0
+    threshold: int = 0
+    bits: int = 32
+    dropout_after_masking: float = 0.0
+
+    def aggregate(
+        self, updates: Sequence[ClientUpdate], ctx: ServerContext
+    ) -> tuple[Aggregate, dict[str, Any]]:
+        """The weighted-mean aggregate computed by the SecAgg protocol over ``updates``."""
+        from fedloom.algorithms.stragglers import accepted
+        from fedloom.core.rng import numpy_rng
+        from fedloom.secagg.simulate import simulate_secure_sum
+        from fedloom.secagg.updates import aggregate_from_sum, flatten_weighted
+
+        kept = accepted(updates)
+        vectors = [flatten_weighted(u, max_weight=self.max_weight) for u in kept]
+        n = len(vectors)
+        k = int(self.dropout_after_masking * n)
+        dropped = numpy_rng(ctx.seed, "secagg-dropout", round=ctx.round).choice(n, size=k, replace=False)
+        result = simulate_secure_sum(
+            vectors,
+            clip=self.clip,
+            threshold=self.threshold or None,
+            graph="harary" if self.graph == "harary" else "complete",
+            degree=self.degree or None,
+            bits=self.bits,
+            dropouts_after_masking=[int(i) for i in dropped],
+            seed=ctx.seed,
+            round=ctx.round,
+        )
+        agg = aggregate_from_sum(
+            result.total, kept[0].delta, max_weight=self.max_weight, num_clients=len(result.included)
+        )
+        return agg, {"secagg_bytes_up": result.max_bytes_up, "secagg_dropouts": k}
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    state: ServerState
+    updates: list[ClientUpdate]
+    failures: list[ClientFailure]
+    metrics: dict[str, Any]
+
+
+def finish_round(
+    algorithm: Algorithm,
+    pipeline: Pipeline,
+    state: ServerState,
+    outcomes: Sequence[Outcome],
+    ctx: ServerContext,
+    *,
+    secure: SecureSum | None = None,
+) -> RoundResult:
+    """Decode, aggregate and apply one round's outcomes (see the module docstring).
+
+    Raises :class:`~fedloom.core.errors.UpdateError` when no update was accepted,
+    and lets secure-aggregation aborts (:class:`~fedloom.secagg.errors.SecAggError`) propagate.
+    """
+    bound = bind_pipeline(pipeline, state.algo_state)
+    updates: list[ClientUpdate] = []
+    failures: list[ClientFailure] = []
+    for o in outcomes:
+        if isinstance(o, ClientUpdate):
+            try:
+                updates.append(bound.decode(o, ctx))
+            except FedloomError as exc:
+                failures.append(ClientFailure(o.client_id, str(exc)))
+        else:
+            failures.append(o)
+    metrics: dict[str, Any] = {}
+    if not updates:
+        return RoundResult(state=state, updates=updates, failures=failures, metrics=metrics)
+    if secure is not None:
+        aggregate, metrics = secure.aggregate(updates, ctx)
+    else:
+        aggregate = algorithm.aggregate(updates, ctx)
+    aggregate = bound.server(aggregate, ctx)
+    new_state = algorithm.server_update(state, aggregate, ctx)
+    advanced = advance_pipeline(bound, updates, ctx)
+    if advanced:
+        new_state = replace(new_state, algo_state={**new_state.algo_state, **advanced})
+    return RoundResult(state=new_state, updates=updates, failures=failures, metrics=metrics)

@@ -1,0 +1,105 @@
+"""Fast checks of the deployment's pure parts: wire encoding, chunking, client state, tokens."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedloom.algorithms.api import Broadcast, ClientState, ClientUpdate
+from fedloom.core.errors import UpdateError
+from fedloom.core.params import Params
+from fedloom.net.auth import AuthError, TokenBook, generate_credentials, is_loopback, revoke
+from fedloom.net.client import ClientStateStore
+from fedloom.net.wire import (
+    UpdateMeta,
+    chunk_size_for,
+    decode_broadcast,
+    decode_update,
+    encode_broadcast,
+    encode_update,
+    iter_chunks,
+)
+
+
+def _p(seed: int) -> Params:
+    g = torch.Generator().manual_seed(seed)
+    return Params({"w": torch.randn(3, 4, generator=g), "b": torch.randn(4, generator=g)})
+
+
+def test_update_round_trip_is_bit_exact() -> None:
+    u = ClientUpdate(2, _p(0), 5.0, 5, 3, {"train_loss": 0.5}, extras={"dc": _p(1)})
+    meta, blob = encode_update(u, compute_s=0.25)
+    back, compute = decode_update(2, meta, blob)
+    assert back.delta.equal(u.delta) and back.extras["dc"].equal(u.extras["dc"])
+    assert (back.weight, back.num_examples, back.num_steps, compute) == (5.0, 5, 3, 0.25)
+    assert list(back.delta) == ["w", "b"]
+
+
+def test_broadcast_round_trip_and_chunks() -> None:
+    b = Broadcast(7, _p(0), {"c": _p(2)})
+    blob = encode_broadcast(b)
+    pieces = list(iter_chunks(blob, 50))
+    assert all(len(p) <= 50 for p in pieces) and b"".join(pieces) == blob
+    back = decode_broadcast(b"".join(pieces), 7)
+    assert back.params.equal(b.params) and back.extras["c"].equal(b.extras["c"])
+    assert chunk_size_for(4096) == 2048 and chunk_size_for(1 << 30) == 1 << 20
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        ("[]", "JSON object"),
+        ('{"weight": -1, "num_examples": 1, "num_steps": 1}', "weight"),
+        ('{"weight": 1, "num_examples": "x", "num_steps": 1}', "num_examples"),
+        ('{"weight": 1, "num_examples": 1, "num_steps": 1, "metrics": {"a": "b"}}', "metrics"),
+    ],
+)
+def test_bad_update_headers_are_named(header: str, expected: str) -> None:
+    with pytest.raises(UpdateError, match=expected):
+        UpdateMeta.from_json(header)
+
+
+def test_garbage_blob_is_an_update_error() -> None:
+    meta, _ = encode_update(ClientUpdate(0, _p(0), 1.0, 1, 1))
+    with pytest.raises(UpdateError, match="does not parse"):
+        decode_update(0, meta, b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
+
+
+def test_client_state_store_trains_round_r_from_state_before_r(tmp_path: Path) -> None:
+    s = ClientStateStore(tmp_path, "run1", keep=2)
+    assert s.load(before=1) is None
+    s.save(1, ClientState({"c": _p(1)}))
+    s.save(2, ClientState({"c": _p(2)}))
+    again = s.load(before=2)  # a retried round 2 (server restart) starts from round 1's state
+    assert again is not None and again.values["c"].equal(_p(1))
+    s.save(3, ClientState({"c": _p(3)}))
+    assert len(list(tmp_path.glob("state-r*.safetensors"))) == 2
+    fresh = ClientStateStore(tmp_path, "run2")  # another run's state never leaks in
+    assert fresh.load(before=10) is None
+
+
+def test_credentials_tokens_and_revocation(tmp_path: Path) -> None:
+    generate_credentials(tmp_path, ["a", "b"])
+    for f in ("ca.pem", "server.pem", "server.key", "clients/a/cert.pem", "clients/a/key.pem", "operator.token"):
+        assert (tmp_path / f).is_file(), f
+    assert (tmp_path / "clients/a/key.pem").stat().st_mode & 0o077 == 0
+    book = TokenBook(tmp_path / "tokens.json")
+    token = (tmp_path / "clients/a/token").read_text()
+    book.check("a", token)
+    with pytest.raises(AuthError, match="wrong token"):
+        book.check("a", "nope")
+    with pytest.raises(AuthError, match="unknown client"):
+        book.check("zed", token)
+    revoke(tmp_path, "a")
+    with pytest.raises(AuthError, match="revoked"):
+        book.check("a", token)
+    assert "sha256" in json.loads((tmp_path / "tokens.json").read_text())["clients"]["b"]
+    assert token not in (tmp_path / "tokens.json").read_text()
+
+
+def test_loopback_detection() -> None:
+    assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("[::1]")
+    assert not is_loopback("0.0.0.0") and not is_loopback("10.1.2.3") and not is_loopback("example.org")

@@ -1,0 +1,124 @@
+"""Every executor gives the sequential executor's final model (bit for bit, or to 1e-5 for vmap)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from tests.sim.conftest import mnist_config
+
+from fedloom.config.schema import ExperimentConfig
+from fedloom.core.params import Params
+from fedloom.sim.build import Components, build_components
+from fedloom.sim.executor import Executor, SequentialExecutor
+from fedloom.sim.parallel import ParallelExecutor
+from fedloom.sim.runner import run_simulation
+from fedloom.sim.vectorized import VectorizedExecutor
+
+
+def _final(cfg: ExperimentConfig, comps: Components, executor: Executor, out: Path) -> Params:
+    return run_simulation(cfg, out, components=comps, executor=executor).state.params
+
+
+@pytest.fixture(scope="module")
+def reference(
+    mnist_2nn: tuple[ExperimentConfig, Components], tmp_path_factory: pytest.TempPathFactory
+) -> Params:
+    cfg, comps = mnist_2nn
+    seq = SequentialExecutor(comps.workspace, comps.train, comps.pipeline, threads=1)
+    return _final(cfg, comps, seq, tmp_path_factory.mktemp("seq") / "run")
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_parallel_is_bit_identical(
+    mnist_2nn: tuple[ExperimentConfig, Components], reference: Params, workers: int, tmp_path: Path
+) -> None:
+    cfg, comps = mnist_2nn
+    with ParallelExecutor(comps.workspace, comps.train, comps.pipeline, workers=workers) as ex:
+        got = _final(cfg, comps, ex, tmp_path / "run")
+    assert got.equal(reference)
+
+
+def test_vectorized_matches_to_float_tolerance(
+    mnist_2nn: tuple[ExperimentConfig, Components], reference: Params, tmp_path: Path
+) -> None:
+    cfg, comps = mnist_2nn
+    ex = VectorizedExecutor(comps.workspace, comps.train, comps.pipeline, block=4)
+    got = _final(cfg, comps, ex, tmp_path / "run")
+    assert got.allclose(reference, rtol=1e-5, atol=1e-7)
+
+
+def test_ray_is_bit_identical(
+    mnist_2nn: tuple[ExperimentConfig, Components], reference: Params, tmp_path: Path
+) -> None:
+    pytest.importorskip("ray")
+    import ray
+
+    from fedloom.sim.ray_executor import RayExecutor
+
+    cfg, comps = mnist_2nn
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        ex = RayExecutor(comps.workspace, comps.train, comps.pipeline, workers=2)
+        try:
+            got = _final(cfg, comps, ex, tmp_path / "run")
+        finally:
+            ex.close()
+    finally:
+        ray.shutdown()
+    assert got.equal(reference)
+
+
+def test_scaffold_client_states_flow_through_workers(mnist_dir: str, tmp_path: Path) -> None:
+    # Half the clients each round, so clients come back with the control variates they kept.
+    cfg = mnist_config(mnist_dir, "algorithm.name=scaffold", "data.num_clients=8", "sampling.fraction=0.5")
+    comps = build_components(cfg)
+    seq = SequentialExecutor(comps.workspace, comps.train, comps.pipeline, threads=1)
+    want = run_simulation(cfg, tmp_path / "seq", components=comps, executor=seq).state
+    with ParallelExecutor(comps.workspace, comps.train, comps.pipeline, workers=2) as ex:
+        got = run_simulation(cfg, tmp_path / "par", components=comps, executor=ex).state
+    assert got.params.equal(want.params)
+    assert got.algo_state["control"].equal(want.algo_state["control"])
+
+
+def test_fedprox_with_stragglers_vectorized(mnist_dir: str, tmp_path: Path) -> None:
+    cfg = mnist_config(
+        mnist_dir, "algorithm.name=fedprox", "algorithm.mu=0.1", "algorithm.straggler_fraction=0.5"
+    )
+    comps = build_components(cfg)
+    seq = SequentialExecutor(comps.workspace, comps.train, comps.pipeline)
+    want = _final(cfg, comps, seq, tmp_path / "seq")
+    got = _final(
+        cfg, comps, VectorizedExecutor(comps.workspace, comps.train, comps.pipeline), tmp_path / "vec"
+    )
+    assert got.allclose(want, rtol=1e-5, atol=1e-7)
+
+
+def test_vectorized_falls_back_with_one_log_line(
+    mnist_dir: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = mnist_config(mnist_dir, "algorithm.name=fednova", "rounds=2")
+    comps = build_components(cfg)
+    seq = SequentialExecutor(comps.workspace, comps.train, comps.pipeline)
+    want = _final(cfg, comps, seq, tmp_path / "seq")
+    with caplog.at_level(logging.WARNING, logger="fedloom"):
+        ex = VectorizedExecutor(comps.workspace, comps.train, comps.pipeline)
+        got = _final(cfg, comps, ex, tmp_path / "vec")
+    assert got.equal(want)
+    lines = [r.getMessage() for r in caplog.records if "sequentially" in r.getMessage()]
+    assert len(lines) == 1
+    assert "FedNova" in lines[0]
+
+
+def test_thread_count_is_restored(mnist_2nn: tuple[ExperimentConfig, Components]) -> None:
+    before = torch.get_num_threads()
+    _cfg, comps = mnist_2nn
+    algo = comps.algorithm
+    from fedloom.algorithms.api import ServerContext
+
+    SequentialExecutor(comps.workspace, comps.train, comps.pipeline, threads=1).run_round(
+        algo, algo.broadcast(algo.server_init(comps.initial_params)), [0], {}, ServerContext(0, 1, 30)
+    )
+    assert torch.get_num_threads() == before

@@ -1,0 +1,122 @@
+"""The parallel pool's scheduling, error handling and lifetime; the executor factory."""
+
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass
+
+import pytest
+from tests.sim.conftest import mnist_config
+
+from fedloom.algorithms.api import ClientUpdate, ServerContext
+from fedloom.algorithms.fedavg import FedAvg
+from fedloom.config import load_config
+from fedloom.config.schema import ExperimentConfig
+from fedloom.core.errors import ConfigError
+from fedloom.sim.auto import choose_executor, make_executor
+from fedloom.sim.build import Components
+from fedloom.sim.executor import ExecutorError, SequentialExecutor, close_executor, lpt_assign
+from fedloom.sim.parallel import ParallelExecutor
+
+
+def test_lpt_balances_deterministically() -> None:
+    costs = [7, 3, 3, 5, 1, 9, 2]
+    shares = lpt_assign(costs, 3)
+    assert sorted(i for s in shares for i in s) == list(range(len(costs)))
+    loads = [sum(costs[i] for i in s) for s in shares]
+    assert max(loads) - min(loads) <= max(costs)
+    assert shares == lpt_assign(costs, 3)
+    assert lpt_assign([1, 1], 4) == [[0], [1], [], []]
+
+
+@pytest.mark.parametrize(
+    ("requested", "workers", "cohort", "cores", "cuda", "kind"),
+    [
+        ("auto", 0, 100, 1, False, "sequential"),
+        ("auto", 0, 3, 2, False, "sequential"),
+        ("auto", 0, 100, 2, False, "parallel"),
+        ("auto", 0, 100, 2, True, "vectorized"),
+        ("sequential", 0, 100, 8, True, "sequential"),
+        ("parallel", 3, 2, 1, False, "parallel"),
+    ],
+)
+def test_auto_choice(requested: str, workers: int, cohort: int, cores: int, cuda: bool, kind: str) -> None:
+    choice = choose_executor(requested, workers, cohort, cores=cores, cuda=cuda)
+    assert choice.kind == kind
+    assert choice.reason
+    if kind == "parallel":
+        assert choice.workers == (workers or cores)
+
+
+def test_config_keys_and_factory(mnist_2nn: tuple[ExperimentConfig, Components]) -> None:
+    assert load_config(None, []).executor == "auto"
+    cfg = load_config(None, ["executor=parallel", "workers=3"])
+    assert (cfg.executor, cfg.workers) == ("parallel", 3)
+    with pytest.raises(ConfigError, match="executor"):
+        load_config(None, ["executor=threads"])
+    _, comps = mnist_2nn
+    ex = make_executor(cfg, comps)
+    assert isinstance(ex, ParallelExecutor)
+    assert ex.workers == 3
+    close_executor(ex)
+    assert isinstance(make_executor(load_config(None, ["executor=sequential"]), comps), SequentialExecutor)
+
+
+@dataclass(frozen=True)
+class _Killer(FedAvg):
+    """FedAvg whose client 0 kills its own process (a worker crash)."""
+
+    def client_update(self, workspace, broadcast, client_state, data, ctx) -> ClientUpdate:  # type: ignore[no-untyped-def]
+        if ctx.client_id == 0:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().client_update(workspace, broadcast, client_state, data, ctx)
+
+
+@dataclass(frozen=True)
+class _Buggy(FedAvg):
+    """FedAvg with a bug (an unexpected exception) on client 0."""
+
+    def client_update(self, workspace, broadcast, client_state, data, ctx) -> ClientUpdate:  # type: ignore[no-untyped-def]
+        if ctx.client_id == 0:
+            raise ZeroDivisionError("bug in client code")
+        return super().client_update(workspace, broadcast, client_state, data, ctx)
+
+
+@pytest.mark.parametrize(("algo", "match"), [(_Killer(), "died .*signal 9"), (_Buggy(), "ZeroDivisionError")])
+def test_worker_failure_is_a_clear_error(
+    mnist_2nn: tuple[ExperimentConfig, Components], algo: FedAvg, match: str
+) -> None:
+    _, comps = mnist_2nn
+    ex = ParallelExecutor(comps.workspace, comps.train, comps.pipeline, workers=2)
+    ctx = ServerContext(seed=0, round=1, population=comps.train.num_clients)
+    bc = algo.broadcast(algo.server_init(comps.initial_params))
+    try:
+        with pytest.raises(ExecutorError, match=match):
+            ex.run_round(algo, bc, [0, 1, 2, 3], {}, ctx)
+    finally:
+        ex.close()
+    assert not ex._procs
+
+
+def test_run_simulation_default_executor_closes_its_pool(mnist_dir: str, tmp_path: object) -> None:
+    from pathlib import Path
+
+    from fedloom.sim.runner import run_simulation
+
+    cfg = mnist_config(mnist_dir, "rounds=1", "executor=parallel", "workers=2")
+    before = {p for p in os.listdir("/proc") if p.isdigit()}
+    run_simulation(cfg, Path(str(tmp_path)) / "run")
+    children = [
+        p for p in os.listdir("/proc")
+        if p.isdigit() and p not in before and _ppid(p) == os.getpid()
+    ]  # fmt: skip
+    assert children == []
+
+
+def _ppid(pid: str) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1
