@@ -48,7 +48,7 @@ from fedloom.sim.sampling import cohort_size, sample_clients
 from fedloom.sim.vectorized import VectorizedExecutor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_memory import peak_pss_of_command  # noqa: E402
+from bench_memory import peak_pss_of_command
 
 
 class _Timer:
@@ -178,6 +178,9 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--block", type=int, default=0, help="vectorized block size (0 = memory budget)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument(
+        "--bare-threads", type=int, default=0, help="torch threads of the bare loop (0 = default)"
+    )
     ap.add_argument("--train-subset", type=int, default=0, help="w2 only: first N MNIST examples (0 = all)")
     ap.add_argument("--data-dir", default="")
     ap.add_argument("--memory", action="store_true", help="measure peak PSS per variant in subprocesses")

@@ -21,6 +21,7 @@ Run::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -72,7 +73,11 @@ class Relay:
                 c, _ = self.sock.accept()
             except OSError:
                 return
-            s = socket.create_connection(("127.0.0.1", self.target))
+            try:
+                s = socket.create_connection(("127.0.0.1", self.target))
+            except OSError:  # the server is not up yet: the client retries
+                c.close()
+                continue
             for a, b, up in ((c, s, True), (s, c, False)):
                 threading.Thread(target=self._pipe, args=(a, b, up), daemon=True).start()
 
@@ -89,10 +94,8 @@ class Relay:
             pass
         finally:
             for x in (src, dst):
-                try:
+                with contextlib.suppress(OSError):
                     x.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
 
 
 def _fixed_work(cfg: ExperimentConfig) -> Work:
@@ -185,6 +188,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         direct = run(args.clients, args.rounds, relay=False, workdir=Path(tmp))
+        print(json.dumps(direct), flush=True)
         relayed = run(args.clients, args.rounds, relay=True, workdir=Path(tmp))
         took = time.perf_counter() - t0
     print(f"2NN ({direct['raw_param_bytes']:.0f} raw parameter bytes), {args.clients} clients, {args.rounds} rounds, "

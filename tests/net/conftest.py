@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from tests.net.helpers import HEART_DIR, HOSPITALS, client, free_port, server, write_config
 
 pytest.importorskip("grpc", reason="the deployment tests need the 'net' extra (grpcio)")

@@ -83,7 +83,9 @@ class Proc:
             if self.p.poll() is not None and not self.events(event):
                 break
             time.sleep(0.05)
-        raise AssertionError(f"{self.name}: no {event} {match} within {timeout}s:\n{self.err.read_text()[-3000:]}")
+        raise AssertionError(
+            f"{self.name}: no {event} {match} within {timeout}s:\n{self.err.read_text()[-3000:]}"
+        )
 
     def wait(self, timeout: float = 120) -> int:
         return self.p.wait(timeout=timeout)

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tests.net.helpers import HOSPITALS, LOADER, client, free_port, server
 
 from fedloom.algorithms.api import Workspace
 from fedloom.config.loader import load_config
@@ -21,7 +22,6 @@ from fedloom.net.state import NetState
 from fedloom.sim.build import Components, build_algorithm, build_pipeline
 from fedloom.sim.executor import SequentialExecutor
 from fedloom.sim.runner import run_simulation
-from tests.net.helpers import HOSPITALS, LOADER, client, free_port, server
 
 pytestmark = pytest.mark.slow
 
@@ -62,14 +62,17 @@ def test_deployed_run_completes_audits_and_matches_simulation(
             (r, h) for r in range(1, 5) for h in HOSPITALS
         )
         assert net.event_counts().get("rejected", 0) == 0
-        assert net.pending(5) == [] and all(not net.pending(r) for r in range(1, 5))
+        assert net.pending(5) == []
+        assert all(not net.pending(r) for r in range(1, 5))
     # The model is larger than deploy.max_message_bytes (4096), so it travelled in chunks.
     assert _model(reference_run).num_bytes() > 4096
     # SCAFFOLD's control variates stayed on the clients, on disk.
     assert list((reference_run / "cstate" / "va").glob("state-r*.safetensors"))
 
     cfg = load_config(reference_run / "exp.toml")
-    parts = [load_client_data(f"{LOADER}:{h}", cfg, data_dir=heart_dir, partition_client=None) for h in HOSPITALS]
+    parts = [
+        load_client_data(f"{LOADER}:{h}", cfg, data_dir=heart_dir, partition_client=None) for h in HOSPITALS
+    ]
     module = build_model(cfg.model.name, cfg.model.kwargs, seed=cfg.seed)
     comps = Components(
         algorithm=build_algorithm(cfg),
@@ -104,7 +107,8 @@ def test_server_sigkill_mid_round_resumes_to_the_same_model(reference_run: Path,
         srv2 = server(tmp_path, cfg, port, name="server2")
         assert srv2.wait(180) == 0, srv2.err.read_text()[-3000:]
         resumed = srv2.wait_event("resume")
-        assert resumed["round"] == 1
+        # Normally 1 (killed inside round 2); under heavy CPU load round 2 may have just committed.
+        assert resumed["round"] in (1, 2)
         for c in clients:
             assert c.wait(60) == 0, c.err.read_text()[-2000:]
             assert c.events("server_unreachable"), f"{c.name} never noticed the outage"

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from tests.conftest import run_cli
+from tests.net.helpers import HOSPITALS, LOADER, client, free_port, server, write_config
 
 from fedloom.algorithms.api import Broadcast, ClientContext, ClientUpdate, ServerContext, Workspace
 from fedloom.config.loader import load_config
@@ -26,8 +28,6 @@ from fedloom.net.state import NetState
 from fedloom.net.wire import decode_broadcast, encode_update
 from fedloom.results.store import RunStore
 from fedloom.sim.build import build_algorithm, build_pipeline
-from tests.conftest import run_cli
-from tests.net.helpers import HOSPITALS, LOADER, client, free_port, server, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -69,7 +69,9 @@ class _Mallory:
             ServerContext(seed=self.seed, round=b.round, population=4),
         )
 
-    def send(self, round: int, digest: str, meta: str, blob: bytes, *, as_client: str = "va") -> pb.UploadReply:
+    def send(
+        self, round: int, digest: str, meta: str, blob: bytes, *, as_client: str = "va"
+    ) -> pb.UploadReply:
         chunks = list(upload_chunks(round, digest, meta, blob, 1000))
         md = (("fedloom-client", as_client), ("fedloom-token", ""))
         reply: pb.UploadReply = self.stub.Upload(iter(chunks), metadata=md, timeout=30)
@@ -115,7 +117,9 @@ def test_every_bad_update_is_rejected_and_the_round_goes_on(
         bad["dtype"] = (m.send_update(1, d, _with_delta(good, delta.map(lambda v: v.double()))), "dtype")
         bad["norm"] = (m.send_update(1, d, _with_delta(good, delta * 1e6)), "exceeds the bound")
         meta, blob = encode_update(good)
-        garbage = bytes(torch.randint(0, 256, (len(blob),), generator=torch.Generator().manual_seed(1)).tolist())
+        garbage = bytes(
+            torch.randint(0, 256, (len(blob),), generator=torch.Generator().manual_seed(1)).tolist()
+        )
         bad["garbage"] = (m.send(1, d, meta, garbage), "does not parse")
         bad["header"] = (m.send(1, d, "{not json", blob), "not JSON")
         bad["oversized"] = (m.send(1, d, meta, blob * 40), "exceeds the limit")
@@ -134,13 +138,16 @@ def test_every_bad_update_is_rejected_and_the_round_goes_on(
             assert time.monotonic() < end
             time.sleep(0.05)
         dup = m.send(1, d, meta, blob, as_client="cleveland")
-        assert not dup.accepted and "duplicate submission" in dup.error
+        assert not dup.accepted
+        assert "duplicate submission" in dup.error
         assert m.send(1, d, meta, blob).accepted
         status = run_cli("status", "--server", f"127.0.0.1:{port}", cwd=tmp_path)
-        assert "clients online" in status.stdout and "rejected" in status.stdout
+        assert "clients online" in status.stdout
+        assert "rejected" in status.stdout
         t2, b2 = m.task(2)
         replay = m.send(1, d, meta, blob)
-        assert not replay.accepted and "replayed or stale" in replay.error, replay.error
+        assert not replay.accepted
+        assert "replayed or stale" in replay.error, replay.error
         assert m.send_update(2, t2.broadcast_digest, m.train(b2)).accepted
         m.channel.close()
         assert srv.wait(120) == 0, srv.err.read_text()[-3000:]
@@ -189,7 +196,8 @@ def test_client_sigkills_round_completes_with_quorum_then_aborts_cleanly_below_i
     assert "below quorum" in srv.err.read_text()
     metrics = [json.loads(x) for x in (tmp_path / "srv" / "metrics.jsonl").read_text().splitlines()]
     done = [m["round"] for m in metrics]
-    assert done[:3] == [1, 2, 3] and done[-1] < 5
+    assert done[:3] == [1, 2, 3]
+    assert done[-1] < 5
     assert metrics[0]["num_clients"] == 4
     with NetState(tmp_path / "srv" / "state.sqlite") as net:
         accepted = {(a.round, a.client) for a in net.audit_rows("accepted")}
@@ -201,27 +209,45 @@ def test_client_sigkills_round_completes_with_quorum_then_aborts_cleanly_below_i
         assert m["num_clients"] == len(got) >= 3  # every accepted update made it into its round
         if "switzerland" not in got:
             assert (r, "switzerland") in dropouts
-    assert len(aborted) == 1 and aborted[0].round == done[-1] + 1
+    assert len(aborted) == 1
+    assert aborted[0].round == done[-1] + 1
     with RunStore(tmp_path / "srv" / "state.sqlite") as store:
         assert store.get_meta("status") == "failed"
         assert store.latest_round() == done[-1]  # the last good checkpoint is intact
 
 
-def test_tls_and_tokens_refuse_unknown_revoked_and_uncredentialed_clients(heart_dir: Path, tmp_path: Path) -> None:
+def test_tls_and_tokens_refuse_unknown_revoked_and_uncredentialed_clients(
+    heart_dir: Path, tmp_path: Path
+) -> None:
     run_cli("certs", "--out", str(tmp_path / "certs"), "--clients", "a,b", cwd=tmp_path)
     revoke(tmp_path / "certs", "b")  # `fedloom certs --revoke b`, without another process start
     cfg = write_config(tmp_path / "exp.toml")
-    text = cfg.read_text().replace('clients = ["cleveland", "hungarian", "switzerland", "va"]', 'clients = ["a", "b"]')
+    text = cfg.read_text().replace(
+        'clients = ["cleveland", "hungarian", "switzerland", "va"]', 'clients = ["a", "b"]'
+    )
     text = text.replace("min_clients = 4", "min_clients = 2").replace("num_clients = 4", "num_clients = 2")
     text = text.replace("min_quorum = 4", "min_quorum = 1").replace("deadline_s = 30.0", "deadline_s = 2.0")
     cfg.write_text(text.replace("rounds = 4", "rounds = 1").replace('name = "scaffold"', 'name = "fedavg"'))
     port = free_port()
     certs = tmp_path / "certs"
     srv = server(tmp_path, cfg, port, "--tls-dir", str(certs))
-    good = client(tmp_path, "cleveland", port, "--client-id", "a", "--tls-dir", str(certs / "clients" / "a"), name="a")
-    revoked = client(tmp_path, "va", port, "--client-id", "b", "--tls-dir", str(certs / "clients" / "b"), name="b")
+    good = client(
+        tmp_path, "cleveland", port, "--client-id", "a", "--tls-dir", str(certs / "clients" / "a"), name="a"
+    )
+    revoked = client(
+        tmp_path, "va", port, "--client-id", "b", "--tls-dir", str(certs / "clients" / "b"), name="b"
+    )
     wrong = client(
-        tmp_path, "va", port, "--client-id", "a", "--tls-dir", str(certs / "clients" / "a"), "--token", "x", name="w"
+        tmp_path,
+        "va",
+        port,
+        "--client-id",
+        "a",
+        "--tls-dir",
+        str(certs / "clients" / "a"),
+        "--token",
+        "x",
+        name="w",
     )
     stranger = client(
         tmp_path, "va", port, "--client-id", "mallory", "--tls-dir", str(certs / "clients" / "a"), name="m"

@@ -33,7 +33,8 @@ def test_update_round_trip_is_bit_exact() -> None:
     u = ClientUpdate(2, _p(0), 5.0, 5, 3, {"train_loss": 0.5}, extras={"dc": _p(1)})
     meta, blob = encode_update(u, compute_s=0.25)
     back, compute = decode_update(2, meta, blob)
-    assert back.delta.equal(u.delta) and back.extras["dc"].equal(u.extras["dc"])
+    assert back.delta.equal(u.delta)
+    assert back.extras["dc"].equal(u.extras["dc"])
     assert (back.weight, back.num_examples, back.num_steps, compute) == (5.0, 5, 3, 0.25)
     assert list(back.delta) == ["w", "b"]
 
@@ -42,10 +43,13 @@ def test_broadcast_round_trip_and_chunks() -> None:
     b = Broadcast(7, _p(0), {"c": _p(2)})
     blob = encode_broadcast(b)
     pieces = list(iter_chunks(blob, 50))
-    assert all(len(p) <= 50 for p in pieces) and b"".join(pieces) == blob
+    assert all(len(p) <= 50 for p in pieces)
+    assert b"".join(pieces) == blob
     back = decode_broadcast(b"".join(pieces), 7)
-    assert back.params.equal(b.params) and back.extras["c"].equal(b.extras["c"])
-    assert chunk_size_for(4096) == 2048 and chunk_size_for(1 << 30) == 1 << 20
+    assert back.params.equal(b.params)
+    assert back.extras["c"].equal(b.extras["c"])
+    assert chunk_size_for(4096) == 2048
+    assert chunk_size_for(1 << 30) == 1 << 20
 
 
 @pytest.mark.parametrize(
@@ -74,7 +78,8 @@ def test_client_state_store_trains_round_r_from_state_before_r(tmp_path: Path) -
     s.save(1, ClientState({"c": _p(1)}))
     s.save(2, ClientState({"c": _p(2)}))
     again = s.load(before=2)  # a retried round 2 (server restart) starts from round 1's state
-    assert again is not None and again.values["c"].equal(_p(1))
+    assert again is not None
+    assert again.values["c"].equal(_p(1))
     s.save(3, ClientState({"c": _p(3)}))
     assert len(list(tmp_path.glob("state-r*.safetensors"))) == 2
     fresh = ClientStateStore(tmp_path, "run2")  # another run's state never leaks in
@@ -83,7 +88,14 @@ def test_client_state_store_trains_round_r_from_state_before_r(tmp_path: Path) -
 
 def test_credentials_tokens_and_revocation(tmp_path: Path) -> None:
     generate_credentials(tmp_path, ["a", "b"])
-    for f in ("ca.pem", "server.pem", "server.key", "clients/a/cert.pem", "clients/a/key.pem", "operator.token"):
+    for f in (
+        "ca.pem",
+        "server.pem",
+        "server.key",
+        "clients/a/cert.pem",
+        "clients/a/key.pem",
+        "operator.token",
+    ):
         assert (tmp_path / f).is_file(), f
     assert (tmp_path / "clients/a/key.pem").stat().st_mode & 0o077 == 0
     book = TokenBook(tmp_path / "tokens.json")
@@ -101,5 +113,9 @@ def test_credentials_tokens_and_revocation(tmp_path: Path) -> None:
 
 
 def test_loopback_detection() -> None:
-    assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("[::1]")
-    assert not is_loopback("0.0.0.0") and not is_loopback("10.1.2.3") and not is_loopback("example.org")
+    assert is_loopback("127.0.0.1")
+    assert is_loopback("localhost")
+    assert is_loopback("[::1]")
+    assert not is_loopback("0.0.0.0")
+    assert not is_loopback("10.1.2.3")
+    assert not is_loopback("example.org")

@@ -127,7 +127,9 @@ def partition(config: ConfigOpt = None, set_: SetOpt = None) -> None:
 
 @app.command("config")
 def config_cmd(
-    markdown: Annotated[bool, typer.Option("--markdown", help="Print the reference as a markdown table.")] = False,
+    markdown: Annotated[
+        bool, typer.Option("--markdown", help="Print the reference as a markdown table.")
+    ] = False,
 ) -> None:
     """Print the default experiment file with every key documented."""
     sys.stdout.write(config_reference_markdown() if markdown else default_config_toml())

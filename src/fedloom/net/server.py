@@ -49,6 +49,7 @@ from fedloom.results.store import RunStore
 from fedloom.sim.build import build_algorithm, build_pipeline
 from fedloom.sim.evaluate import evaluate
 from fedloom.sim.sampling import cohort_size, sample_clients
+from fedloom.sim.server_round import apply_updates
 
 __all__ = ["ServerOptions", "client_names", "run_server"]
 
@@ -354,6 +355,7 @@ def _loop(
                 deadline_s=d.deadline_s,
                 ctx=ctx,
                 pending=net.pending(r),
+                algo_state=state.algo_state,
             )
             closed = coord.wait_close()
             if len(closed.updates) >= d.min_quorum:
@@ -376,8 +378,7 @@ def _loop(
                 f"round {r} aborted {d.max_round_attempts} times below quorum; the last good checkpoint "
                 f"(round {state.round}) is intact in {store.path}; restart the server to retry"
             )
-        aggregate = pipeline.server(algorithm.aggregate(closed.updates, ctx), ctx)
-        new_state = algorithm.server_update(state, aggregate, ctx)
+        new_state, _ = apply_updates(algorithm, pipeline, state, closed.updates, ctx)
         if not new_state.params.all_finite():
             raise TrainingError(
                 f"round {r}: the global model became non-finite; checkpoint {state.round} kept"

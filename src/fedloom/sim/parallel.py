@@ -11,8 +11,9 @@ parallelism with no orchestration overhead (issue 4). The pool:
 * splits each cohort into disjoint shares balanced by estimated work (greedy
   LPT over :func:`~fedloom.sim.executor.client_costs`, deterministic);
 * sends each worker one message per round -- the algorithm, the broadcast, its
-  client ids and their states -- and gets one message back with all its
-  outcomes, both through shared memory (:mod:`fedloom.sim.transport`);
+  client ids and their states -- and gets its outcomes back in chunks of
+  ``CHUNK`` clients as they finish (so a worker never holds more than a chunk of
+  deltas), both through shared memory (:mod:`fedloom.sim.transport`);
 * returns the outcomes in cohort order. Each client is trained by
   :func:`~fedloom.sim.executor.run_client` with 1 torch thread, so its update is
   bit-identical to ``SequentialExecutor(threads=1)``'s; the runner aggregates in
@@ -47,11 +48,22 @@ from fedloom.transforms.pipeline import Pipeline
 __all__ = ["ParallelExecutor"]
 
 _STOP = None
+# Outcomes per reply: a worker holds at most this many private deltas before handing them over,
+# so its memory does not grow with its share of the cohort.
+CHUNK = 8
 
 
-def _worker_main(conn: Connection, workspace: Workspace, data: FederatedDataset, pipeline: Pipeline) -> None:
+def _worker_main(
+    conn: Connection,
+    workspace: Workspace,
+    data: FederatedDataset,
+    pipeline: Pipeline,
+    siblings: list[Connection],
+) -> None:
     """A worker's loop: receive a round's share, train it, send the outcomes back."""
     torch.set_num_threads(1)
+    for other in siblings:  # the parent's ends of earlier workers' pipes, inherited by the fork:
+        other.close()  # close them so a dead parent shows up as EOF in every worker at once
     try:
         while True:
             try:
@@ -62,16 +74,18 @@ def _worker_main(conn: Connection, workspace: Workspace, data: FederatedDataset,
                 return
             try:
                 algorithm, broadcast, cids, states, ctx = unpack(msg)
-                outcomes = [
-                    run_client(workspace, data, pipeline, algorithm, broadcast, cid, states, ctx)
-                    for cid in cids
-                ]
-                reply: tuple[str, Any] = ("ok", pack(outcomes))
-                del msg, broadcast, states, outcomes
+                del msg
+                chunk: list[Outcome] = []
+                for i, cid in enumerate(cids):
+                    chunk.append(
+                        run_client(workspace, data, pipeline, algorithm, broadcast, cid, states, ctx)
+                    )
+                    if len(chunk) == CHUNK or i == len(cids) - 1:
+                        conn.send(("ok", pack(chunk)))
+                        chunk = []
+                del broadcast, states
             except Exception as exc:
-                reply = ("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
-            conn.send(reply)
-            del reply
+                conn.send(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
     except KeyboardInterrupt:
         return
 
@@ -114,7 +128,7 @@ class ParallelExecutor:
                 parent, child = ctx.Pipe(duplex=True)
                 proc = ctx.Process(
                     target=_worker_main,
-                    args=(child, self.workspace, self.data, self.pipeline),
+                    args=(child, self.workspace, self.data, self.pipeline, list(self._conns)),
                     name=f"fedloom-worker-{i}",
                     daemon=True,
                 )
@@ -172,8 +186,9 @@ class ParallelExecutor:
             self._send(w, pack((algorithm, broadcast, mine, states, ctx)), ctx)
             pending[w] = positions
         results: list[Outcome | None] = [None] * len(cids)
+        done = dict.fromkeys(pending, 0)  # outcomes received so far, per worker
         while pending:
-            self._collect(pending, results, ctx)
+            self._collect(pending, done, results, ctx)
         return [r for r in results if r is not None]
 
     def _send(self, w: int, msg: Packed, ctx: ServerContext) -> None:
@@ -199,8 +214,12 @@ class ParallelExecutor:
                     self.close()
                     raise ExecutorError(f"round {ctx.round}: worker {w} failed:\n{body}")
                 outcomes: list[Outcome] = unpack(body)
-                for pos, outcome in zip(pending.pop(w), outcomes, strict=True):
+                positions = pending[w][done[w] : done[w] + len(outcomes)]
+                for pos, outcome in zip(positions, outcomes, strict=True):
                     results[pos] = outcome
+                done[w] += len(outcomes)
+                if done[w] == len(pending[w]):
+                    del pending[w]
         for obj in ready:
             if isinstance(obj, int) and obj in sentinels:
                 w = sentinels[obj]

@@ -21,7 +21,7 @@ from fedloom.sim.executor import ClientFailure, Outcome
 from fedloom.transforms.adaptive_clip import advance_pipeline, bind_pipeline
 from fedloom.transforms.pipeline import Pipeline
 
-__all__ = ["RoundResult", "SecureSum", "finish_round"]
+__all__ = ["RoundResult", "SecureSum", "apply_updates", "decode_outcomes", "finish_round"]
 
 
 @dataclass(frozen=True)
@@ -75,20 +75,10 @@ class RoundResult:
     metrics: dict[str, Any]
 
 
-def finish_round(
-    algorithm: Algorithm,
-    pipeline: Pipeline,
-    state: ServerState,
-    outcomes: Sequence[Outcome],
-    ctx: ServerContext,
-    *,
-    secure: SecureSum | None = None,
-) -> RoundResult:
-    """Decode, aggregate and apply one round's outcomes (see the module docstring).
-
-    Raises :class:`~fedloom.core.errors.UpdateError` when no update was accepted,
-    and lets secure-aggregation aborts (:class:`~fedloom.secagg.errors.SecAggError`) propagate.
-    """
+def decode_outcomes(
+    pipeline: Pipeline, state: ServerState, outcomes: Sequence[Outcome], ctx: ServerContext
+) -> tuple[list[ClientUpdate], list[ClientFailure]]:
+    """Run the (state-bound) pipeline's ``decode`` on each update; rejections become failures."""
     bound = bind_pipeline(pipeline, state.algo_state)
     updates: list[ClientUpdate] = []
     failures: list[ClientFailure] = []
@@ -100,9 +90,24 @@ def finish_round(
                 failures.append(ClientFailure(o.client_id, str(exc)))
         else:
             failures.append(o)
+    return updates, failures
+
+
+def apply_updates(
+    algorithm: Algorithm,
+    pipeline: Pipeline,
+    state: ServerState,
+    updates: Sequence[ClientUpdate],
+    ctx: ServerContext,
+    *,
+    secure: SecureSum | None = None,
+) -> tuple[ServerState, dict[str, Any]]:
+    """Aggregate decoded ``updates`` (at least one), run the server side, return the new state.
+
+    Used by the simulation loop and by the gRPC server alike.
+    """
+    bound = bind_pipeline(pipeline, state.algo_state)
     metrics: dict[str, Any] = {}
-    if not updates:
-        return RoundResult(state=state, updates=updates, failures=failures, metrics=metrics)
     if secure is not None:
         aggregate, metrics = secure.aggregate(updates, ctx)
     else:
@@ -112,4 +117,24 @@ def finish_round(
     advanced = advance_pipeline(bound, updates, ctx)
     if advanced:
         new_state = replace(new_state, algo_state={**new_state.algo_state, **advanced})
+    return new_state, metrics
+
+
+def finish_round(
+    algorithm: Algorithm,
+    pipeline: Pipeline,
+    state: ServerState,
+    outcomes: Sequence[Outcome],
+    ctx: ServerContext,
+    *,
+    secure: SecureSum | None = None,
+) -> RoundResult:
+    """:func:`decode_outcomes` then, if any update was accepted, :func:`apply_updates`.
+
+    Secure-aggregation aborts (:class:`~fedloom.secagg.errors.SecAggError`) propagate.
+    """
+    updates, failures = decode_outcomes(pipeline, state, outcomes, ctx)
+    if not updates:
+        return RoundResult(state=state, updates=updates, failures=failures, metrics={})
+    new_state, metrics = apply_updates(algorithm, pipeline, state, updates, ctx, secure=secure)
     return RoundResult(state=new_state, updates=updates, failures=failures, metrics=metrics)
