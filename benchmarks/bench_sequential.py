@@ -84,7 +84,7 @@ def main() -> None:
     sets = [
         f"rounds={args.rounds}", "data.num_clients=1000", "data.alpha=0.3", "sampling.fraction=0.1",
         "client.epochs=1", "client.batch_size=20", "client.lr=0.05", f"eval.every={args.rounds + 1}",
-        "eval.target_accuracy=0", f"data.dir={args.data_dir}",
+        "eval.target_accuracy=0", f"data.dir={args.data_dir}", "executor=sequential",
     ]  # fmt: skip
     cfg = load_config(None, sets)
     comps = build_components(cfg)

@@ -14,8 +14,9 @@ executors so every one of them splits a cohort the same deterministic way.
 Bit-identity and threads: a client's update is bit-identical across executors
 when it is computed with the same number of torch intra-op threads (matrix
 kernels split their sums differently with more threads; differences are ~1e-8
-relative). Worker processes and Ray actors always use one thread; pass
-``threads=1`` to :class:`SequentialExecutor` to reproduce them bit for bit.
+relative). Worker processes and Ray actors always use one thread, and so does
+:class:`SequentialExecutor` by default, so a seeded run gives the same model
+bit for bit whatever the executor and the number of workers.
 """
 
 from __future__ import annotations
@@ -87,11 +88,12 @@ class SequentialExecutor:
     """Trains the cohort one client after another in this process, reusing one workspace.
 
     ``threads`` > 0 runs the clients with that many torch threads (restoring the
-    previous setting afterwards); 0 leaves torch's setting alone.
+    previous setting afterwards); 0 leaves torch's setting alone. The default, 1,
+    makes its results bit-identical to the multi-worker executors.
     """
 
     def __init__(
-        self, workspace: Workspace, data: FederatedDataset, pipeline: Pipeline, *, threads: int = 0
+        self, workspace: Workspace, data: FederatedDataset, pipeline: Pipeline, *, threads: int = 1
     ) -> None:
         if threads < 0:
             raise ValueError(f"threads must be >= 0 (0 = leave torch's setting), got {threads}")

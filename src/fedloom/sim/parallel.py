@@ -35,7 +35,6 @@ import traceback
 from collections.abc import Mapping, Sequence
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
-from typing import Any
 
 import torch
 
@@ -198,7 +197,11 @@ class ParallelExecutor:
             raise self._died(w, ctx) from exc
 
     def _collect(
-        self, pending: dict[int, list[int]], results: list[Outcome | None], ctx: ServerContext
+        self,
+        pending: dict[int, list[int]],
+        done: dict[int, int],
+        results: list[Outcome | None],
+        ctx: ServerContext,
     ) -> None:
         conns = {self._conns[w]: w for w in pending}
         sentinels = {self._procs[w].sentinel: w for w in pending}
