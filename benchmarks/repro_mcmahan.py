@@ -66,7 +66,10 @@ def main() -> None:
         reached = result.stop_reason == "target accuracy reached"
         acc = result.final_metrics.get("test_accuracy", float("nan"))
         rows.append((name, target, result.final_round if reached else None, paper, acc, seconds))
-        print(f"{name}: {result.stop_reason} at round {result.final_round} (acc {acc:.4f}, {seconds:.0f} s)", flush=True)
+        print(
+            f"{name}: {result.stop_reason} at round {result.final_round} (acc {acc:.4f}, {seconds:.0f} s)",
+            flush=True,
+        )
     write_report([args.out / f"{n}-lr{args.lr}-s{args.seed}" for n in args.only], args.out)
     print("\n| setting | target | rounds to target (fedloom) | paper | final acc | wall s |")
     print("|---|---|---|---|---|---|")

@@ -7,7 +7,14 @@ from rich.console import Console
 from fedloom.cli.progress import ConsoleListener
 from fedloom.sim.executor import ClientFailure
 
-ROUND = {"round": 3, "train_loss": 0.25, "num_clients": 10, "seconds": 0.5, "test_accuracy": 0.9, "test_loss": 0.3}
+ROUND = {
+    "round": 3,
+    "train_loss": 0.25,
+    "num_clients": 10,
+    "seconds": 0.5,
+    "test_accuracy": 0.9,
+    "test_loss": 0.3,
+}
 
 
 def test_plain_log_lines_when_not_a_terminal() -> None:

@@ -62,7 +62,11 @@ def test_adaptive_clip_state_is_checkpointed_and_resume_is_exact(tmp_path: Path)
     clip = whole.state.algo_state["dp_adaptive_clip"]["clip_norm"]
     assert float(clip[0]) != 0.05  # the clip norm moved from its initial value
     with RunStore(tmp_path / "part" / "state.sqlite") as store:
-        assert store.load_state().algo_state["dp_adaptive_clip"].equal(whole.state.algo_state["dp_adaptive_clip"])
+        assert (
+            store.load_state()
+            .algo_state["dp_adaptive_clip"]
+            .equal(whole.state.algo_state["dp_adaptive_clip"])
+        )
 
 
 def test_robust_aggregator_resists_a_scaling_attack(tmp_path: Path) -> None:
