@@ -2,16 +2,36 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import socket
+import sqlite3
 import subprocess
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tests.conftest import REPO, cli_env, fedloom_cmd
+
+from fedloom.algorithms.api import (
+    Broadcast,
+    ClientContext,
+    ClientState,
+    ClientUpdate,
+    ServerContext,
+    Workspace,
+)
+from fedloom.config.schema import ExperimentConfig
+from fedloom.core.errors import TrainingError
+from fedloom.models.zoo import build_model
+from fedloom.net.datasources import load_client_data
+from fedloom.sim.build import build_algorithm, build_pipeline
+
+if TYPE_CHECKING:  # fedloom.net.client imports grpc, which conftest checks for before any test runs
+    from fedloom.net.client import NetClient, Work
 
 HEART_DIR = REPO.parent / "shared" / "data" / "heart_disease"
 LOADER = REPO / "examples" / "heart_disease" / "heart_data.py"
@@ -145,3 +165,65 @@ def write_config(path: Path, extra: str = "", base: str = BASE_TOML) -> Path:
     """``base`` with ``extra`` TOML lines merged in (later keys of a section win via --set-like edit)."""
     path.write_text(base + extra, encoding="utf-8")
     return path
+
+
+def db_snapshot(state_db: Path) -> tuple[dict[int, list[int]], int]:
+    """``(pending client ids by round, latest checkpointed round)`` read without writing the DB."""
+    if not state_db.exists():
+        return {}, -1
+    con = sqlite3.connect(f"file:{state_db}?mode=ro", uri=True, timeout=30)
+    try:
+        pending: dict[int, list[int]] = {}
+        with contextlib.suppress(sqlite3.OperationalError):  # tables not created yet
+            for r, c in con.execute("SELECT round, client_id FROM pending_updates ORDER BY round, client_id"):
+                pending.setdefault(int(r), []).append(int(c))
+        latest = -1
+        with contextlib.suppress(sqlite3.OperationalError):
+            row = con.execute("SELECT MAX(round) FROM checkpoints").fetchone()
+            latest = -1 if row is None or row[0] is None else int(row[0])
+        return pending, latest
+    finally:
+        con.close()
+
+
+class GatedWork:
+    """A real client's local work (the simulation's) that holds its update of ``hold_round`` until released.
+
+    Used in-process as a :class:`~fedloom.net.client.NetClient` ``work`` factory, it makes
+    "mid-round" exact: the round cannot close (it waits for this client), so the test can
+    kill the server with the other updates accepted and no checkpoint for the round.
+    """
+
+    def __init__(self, hospital: str, heart_dir: Path, hold_round: int) -> None:
+        self.hospital, self.heart_dir, self.hold_round = hospital, heart_dir, hold_round
+        self.holding = threading.Event()  # set once the held update is computed
+        self.release = threading.Event()
+
+    def __call__(self, cfg: ExperimentConfig) -> Work:
+        from fedloom.net.client import algorithm_work
+
+        data = load_client_data(
+            f"{LOADER}:{self.hospital}", cfg, data_dir=self.heart_dir, partition_client=None
+        )
+        module = build_model(cfg.model.name, cfg.model.kwargs, seed=cfg.seed)
+        inner = algorithm_work(build_algorithm(cfg), build_pipeline(cfg), Workspace(module), data)
+
+        def work(
+            b: Broadcast, cs: ClientState | None, cctx: ClientContext, sctx: ServerContext
+        ) -> ClientUpdate:
+            update = inner(b, cs, cctx, sctx)
+            if b.round == self.hold_round and not self.release.is_set():
+                self.holding.set()
+                if not self.release.wait(timeout=180):
+                    raise TrainingError("the test never released the held update")
+            return update
+
+        return work
+
+
+def run_in_thread(c: NetClient) -> tuple[threading.Thread, list[int]]:
+    """Serve ``c`` on a thread; the list receives its exit code."""
+    code: list[int] = []
+    t = threading.Thread(target=lambda: code.append(c.serve()), daemon=True)
+    t.start()
+    return t, code

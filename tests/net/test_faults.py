@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import socket
@@ -12,7 +13,17 @@ from pathlib import Path
 import pytest
 import torch
 from tests.conftest import run_cli
-from tests.net.helpers import HOSPITALS, LOADER, client, free_port, server, write_config
+from tests.net.helpers import (
+    HOSPITALS,
+    LOADER,
+    GatedWork,
+    Proc,
+    client,
+    free_port,
+    run_in_thread,
+    server,
+    write_config,
+)
 
 from fedloom.algorithms.api import Broadcast, ClientContext, ClientUpdate, ServerContext, Workspace
 from fedloom.config.loader import load_config
@@ -20,8 +31,9 @@ from fedloom.core.params import Params
 from fedloom.core.serde import slots_to_bytes
 from fedloom.models.zoo import build_model
 from fedloom.net.auth import Credentials, revoke
-from fedloom.net.client import algorithm_work, make_channel, upload_chunks
+from fedloom.net.client import ClientOptions, NetClient, algorithm_work, make_channel, upload_chunks
 from fedloom.net.datasources import load_client_data
+from fedloom.net.logs import JsonLog
 from fedloom.net.proto import fedloom_pb2 as pb
 from fedloom.net.proto import fedloom_pb2_grpc as pbg
 from fedloom.net.state import NetState
@@ -266,3 +278,61 @@ def test_tls_and_tokens_refuse_unknown_revoked_and_uncredentialed_clients(
     assert any("wrong token" in r for r in reasons)
     assert any("mallory" in r for r in reasons)
     assert "revoked" in revoked.err.read_text()
+
+
+def test_overselected_late_update_is_discarded_and_counted(heart_dir: Path, tmp_path: Path) -> None:
+    """deploy.overselect: 4 asked for a cohort of 3; the round closes on 3, the 4th is late.
+
+    'va' (in-process) holds its update until the round is committed, so which client is
+    late is fixed, not a race.
+    """
+    cfg = write_config(tmp_path / "exp.toml")
+    text = cfg.read_text().replace('name = "scaffold"', 'name = "fedavg"').replace("rounds = 4", "rounds = 1")
+    text = text.replace("fraction = 1.0", "fraction = 0.75").replace("min_clients = 4", "min_clients = 3")
+    cfg.write_text(text.replace("min_quorum = 4", "min_quorum = 3\noverselect = 1.34"))
+    port = free_port()
+    gated = GatedWork("va", heart_dir, hold_round=1)
+    sink = io.StringIO()
+    va = NetClient(
+        ClientOptions(server=f"127.0.0.1:{port}", name="va", give_up_after_s=60),
+        JsonLog("client:va", stream=sink),
+        work=gated,
+    )
+    srv = server(tmp_path, cfg, port)
+    va_thread, va_code = run_in_thread(va)
+    others: list[Proc] = []
+    try:
+        end = time.monotonic() + 60
+        while '"joined"' not in sink.getvalue():  # va is online before the quorum can open round 1
+            assert time.monotonic() < end, sink.getvalue()[-2000:]
+            time.sleep(0.05)
+        others = [client(tmp_path, h, port) for h in HOSPITALS[:3]]
+        opened = srv.wait_event("round_open", round=1)
+        assert opened["target"] == 3
+        assert sorted(opened["selected"]) == sorted(HOSPITALS)  # ceil(1.34 * 3) = 4 selected
+        assert gated.holding.wait(120)
+        srv.wait_event("round_committed", round=1)
+        gated.release.set()  # the round closed on the other three: this update is late
+        srv.wait_event("update_late", client="va", round=1)
+        assert srv.wait(120) == 0, srv.err.read_text()[-3000:]
+        va_thread.join(60)
+        assert va_code == [0], sink.getvalue()[-2000:]
+        for c in others:
+            assert c.wait(30) == 0, c.err.read_text()[-2000:]
+    finally:
+        gated.release.set()
+        for p in [srv, *others]:
+            p.stop()
+    rejected = [json.loads(x) for x in sink.getvalue().splitlines() if '"update_rejected"' in x]
+    assert len(rejected) == 1
+    assert "late update for round 1" in rejected[0]["reason"]
+    metrics = [json.loads(x) for x in (tmp_path / "srv" / "metrics.jsonl").read_text().splitlines()]
+    assert [(m["round"], m["num_clients"], m["num_dropouts"]) for m in metrics] == [(1, 3, 1)]
+    with NetState(tmp_path / "srv" / "state.sqlite") as net:
+        assert sorted(a.client for a in net.audit_rows("accepted")) == sorted(HOSPITALS[:3])
+        late = net.audit_rows("late")
+        assert [(a.round, a.client) for a in late] == [(1, "va")]
+        assert late[0].bytes > 0
+        assert net.event_counts()["late"] == 1
+        assert [json.loads(a.detail)["clients"] for a in net.audit_rows("round_committed")] == [[0, 1, 2]]
+        assert [(a.round, a.client) for a in net.audit_rows("dropout")] == [(1, "va")]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from fedloom.core.errors import UpdateError
 from fedloom.core.params import Params
 from fedloom.net.auth import AuthError, TokenBook, generate_credentials, is_loopback, revoke
 from fedloom.net.client import ClientStateStore
+from fedloom.net.state import NetState
 from fedloom.net.wire import (
     UpdateMeta,
     chunk_size_for,
@@ -119,3 +121,48 @@ def test_loopback_detection() -> None:
     assert not is_loopback("0.0.0.0")
     assert not is_loopback("10.1.2.3")
     assert not is_loopback("example.org")
+
+
+def test_pending_updates_round_trip_detect_lost_blobs_and_clear(tmp_path: Path) -> None:
+    db = tmp_path / "state.sqlite"
+    with NetState(db) as net:
+        net.add_pending(1, 2, "c", '{"w": 1}', b"two", "attempt 1")
+        net.add_pending(1, 0, "a", '{"w": 0}', b"zero", "attempt 1")
+        staged = net.stage(1, 1, b"never recorded")  # e.g. the round closed meanwhile
+        net.discard(staged)
+        orphan = net.stage(1, 3, b"killed before its row")
+        net.add_pending(2, 0, "a", "{}", b"next", "attempt 1")
+        assert [(p.client_id, p.meta_json, p.blob) for p in net.pending(1)] == [
+            (0, '{"w": 0}', b"zero"),
+            (2, '{"w": 1}', b"two"),
+        ]
+        assert [(a.round, a.client, a.bytes) for a in net.audit_rows("accepted")] == [
+            (1, "c", 3),
+            (1, "a", 4),
+            (2, "a", 4),
+        ]
+        # A blob damaged outside the process (only an OS crash can do that) is reported, not used.
+        next(net.blob_dir.glob("r000001-c000002-*")).write_bytes(b"tw0")
+        assert [p.client_id for p in net.pending(1)] == [0]
+        assert net.lost_pending(1) == [2]
+        net.clear_pending(1)
+        assert net.pending(1) == []
+        assert not (net.blob_dir / orphan.file).exists()
+        assert [p.blob for p in net.pending(2)] == [b"next"]
+        assert sorted(f.name[:7] for f in net.blob_dir.iterdir()) == ["r000002"]
+
+
+def test_pending_blobs_of_an_older_state_dir_are_migrated(tmp_path: Path) -> None:
+    db = tmp_path / "state.sqlite"
+    con = sqlite3.connect(db)
+    con.execute(
+        "CREATE TABLE pending (round INTEGER NOT NULL, client_id INTEGER NOT NULL, "
+        "meta_json TEXT NOT NULL, blob BLOB NOT NULL, PRIMARY KEY (round, client_id))"
+    )
+    con.execute("INSERT INTO pending VALUES (3, 1, '{}', ?)", (b"old",))
+    con.commit()
+    con.close()
+    with NetState(db) as net:
+        assert [(p.client_id, p.blob) for p in net.pending(3)] == [(1, b"old")]
+    with NetState(db) as net:  # idempotent
+        assert [(p.client_id, p.blob) for p in net.pending(3)] == [(1, b"old")]

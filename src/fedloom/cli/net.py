@@ -51,9 +51,19 @@ def server(
         typer.Option("--eval-data", help="Central test set: 'config' or FILE.py:ARG (see `client --data`)."),
     ] = None,
     data_dir: Annotated[Path | None, typer.Option("--data-dir", help="Directory for --eval-data.")] = None,
+    threads: Annotated[
+        int,
+        typer.Option(
+            "--threads", min=1, help="torch intra-op threads for validation, aggregation and evaluation."
+        ),
+    ] = 1,
 ) -> None:
     """Run the federated server for an experiment; clients connect with `fedloom client`."""
     _need_net()
+    import gc
+
+    import torch
+
     from fedloom.net.auth import Credentials, is_loopback
     from fedloom.net.datasources import load_eval_data
     from fedloom.net.logs import JsonLog
@@ -77,6 +87,12 @@ def server(
             log("auth_disabled", level="warning", reason="no --tokens/--tls-dir: any client name is accepted")
         test = load_eval_data(eval_data, cfg, data_dir=data_dir) if eval_data else None
         options = ServerOptions(listen=listen, tls=tls, tokens=tokens, eval_data=test)
+        # One intra-op thread by default: the server's parallelism is its RPC threads (one per
+        # upload), and OpenMP teams in each of them oversubscribe the cores and spin.
+        torch.set_num_threads(threads)
+        # The many long-lived objects of the imports (torch, grpc) leave the collector's view, so
+        # the full collections that the RPC handlers' allocations trigger stay cheap.
+        gc.freeze()
         state = run_server(cfg, state_dir, options, log)
         _console().print(f"done after round {state.round}; state and model in {state_dir}")
     except FedloomError as exc:

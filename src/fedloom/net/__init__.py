@@ -3,7 +3,8 @@
 Needs the ``net`` extra (``pip install 'fedloom[net]'``). Modules::
 
     wire         chunked parameter transfer and the update encoding (no grpc)
-    state        SQLite tables for the client registry, pending updates and the audit log
+    state        SQLite tables for the client registry, pending updates (blobs in files) and the audit log
+    timing       per-phase timings of a round (logged with round_committed)
     coordinator  round bookkeeping and update validation (no grpc)
     auth         per-client tokens, TLS certificates (cryptography)
     server       the gRPC service and the server's round loop

@@ -33,6 +33,7 @@ from fedloom.core.errors import FedloomError, UpdateError
 from fedloom.core.params import Params
 from fedloom.net.logs import JsonLog
 from fedloom.net.state import NetState, PendingUpdate
+from fedloom.net.timing import RoundTiming
 from fedloom.net.wire import decode_update
 from fedloom.transforms.adaptive_clip import bind_pipeline
 from fedloom.transforms.pipeline import Pipeline
@@ -59,6 +60,7 @@ class Closed:
     compute_s: dict[int, float]
     failed: dict[int, str]
     dropouts: list[int]
+    timing: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -77,6 +79,7 @@ class _Round:
     compute_s: dict[int, float] = field(default_factory=dict)
     failed: dict[int, str] = field(default_factory=dict)
     open: bool = True
+    timing: RoundTiming = field(default_factory=RoundTiming)
 
 
 class Coordinator:
@@ -187,6 +190,7 @@ class Coordinator:
                     break
                 self._cond.wait(timeout=left)
             rnd.open = False
+            rnd.timing.closed = time.perf_counter()
             # Only selected clients without an accepted update can still send a *late* one;
             # anything else for this round is a replay.
             self._previous_selected[rnd.number] = rnd.selected - set(rnd.accepted)
@@ -197,7 +201,7 @@ class Coordinator:
             self._cond.notify_all()
         for c in dropouts:
             self._state.audit(rnd.number, c, self.names[c], "dropout", 0, f"attempt {rnd.attempt}")
-        return Closed(updates, dict(rnd.compute_s), dict(rnd.failed), dropouts)
+        return Closed(updates, dict(rnd.compute_s), dict(rnd.failed), dropouts, rnd.timing.summary())
 
     def finish(self, metrics: Mapping[str, Any]) -> None:
         with self._cond:
@@ -250,6 +254,12 @@ class Coordinator:
                 return None
             return rnd.blob
 
+    def note_download(self, round: int, start: float, end: float) -> None:
+        """Record that a Download of ``round``'s broadcast took ``start`` .. ``end`` (perf_counter)."""
+        with self._cond:
+            if self._round is not None and self._round.number == round:
+                self._round.timing.add_download(start, end)
+
     def upload_limit(self, configured: int) -> int:
         """Largest upload accepted now: ``configured`` or 2 x the broadcast + 64 KiB."""
         if configured > 0:
@@ -295,8 +305,13 @@ class Coordinator:
             return f"update was trained on another model (digest {digest[:12]}), not round {round}'s"
         return None
 
-    def submit(self, cid: int, round: int, digest: str, meta_json: str, blob: bytes) -> str | None:
-        """Validate and record one update; returns the rejection reason, or ``None`` if accepted."""
+    def submit(
+        self, cid: int, round: int, digest: str, meta_json: str, blob: bytes, *, received_s: float = 0.0
+    ) -> str | None:
+        """Validate and record one update; returns the rejection reason, or ``None`` if accepted.
+
+        ``received_s`` is how long the upload stream took to arrive (for the round's timing).
+        """
         with self._cond:
             why = self._check_slot(cid, round, digest)
             rnd = self._round
@@ -306,22 +321,30 @@ class Coordinator:
             )
         if why is not None or rnd is None:
             return self.reject(cid, round, len(blob), why or "no round is open")
+        t_validate = time.perf_counter()
         try:
             update, compute = decode_update(cid, meta_json, blob)
             self._validate(update, rnd)
             decoded = rnd.pipeline.decode(update, rnd.ctx)
         except FedloomError as exc:
             return self.reject(cid, round, len(blob), str(exc))
+        # The blob is written outside the lock (uploads stage in parallel); only the small
+        # row that makes it count is committed under it, before the client hears "accepted".
+        t_store = time.perf_counter()
+        staged = self._state.stage(round, cid, blob)
         with self._cond:
             why = self._check_slot(cid, round, digest)  # the round may have closed meanwhile
+            if why is None and self._round is not rnd:
+                why = "late"  # the attempt it was validated against closed and a new one opened
             if why is None:
-                self._state.add_pending(
-                    round, cid, self.names[cid], meta_json, blob, f"attempt {rnd.attempt}"
-                )
+                self._state.record_pending(staged, self.names[cid], meta_json, f"attempt {rnd.attempt}")
                 rnd.accepted[cid] = decoded
                 rnd.compute_s[cid] = compute
+                end = time.perf_counter()
+                rnd.timing.add_upload(received_s, t_store - t_validate, end - t_store, end)
                 self._cond.notify_all()
         if why is not None:
+            self._state.discard(staged)
             event = "late" if why == "late" else "rejected"
             return self.reject(cid, round, len(blob), why if why != "late" else "late update", event=event)
         self._log("update_accepted", client=self.names[cid], round=round, bytes=len(blob))

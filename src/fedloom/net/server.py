@@ -9,12 +9,15 @@ id, ``pipeline.server``, ``algorithm.server_update``, evaluation, and one
 
 Resume: a server started on a state directory that holds a run continues it
 from its last checkpoint, with the same cohort for the interrupted round and the
-updates that round had already accepted (the ``pending`` table). Because cohorts
+updates that round had already accepted (the pending updates, see :mod:`fedloom.net.state`). Because cohorts
 depend only on (seed, round), aggregation order only on client ids, and clients
 train deterministically from (seed, round, client), a run killed and resumed
 ends with the same model, bit for bit, as an uninterrupted one -- provided every
 selected client answers within the deadline (the quorum/deadline outcome of a
 round that closes on time is inherently timing dependent).
+
+Each ``round_committed`` log line carries ``phases``: where the round's wall time went
+(see :mod:`fedloom.net.timing`), so the overhead benchmark can be explained.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -87,6 +91,8 @@ class _Service(pbg.CoordinatorServicer):
         self.coord, self.cfg, self.tokens, self.mtls = coord, cfg, tokens, mtls
         self.state, self.log, self.run_id = state, log, run_id
         self.chunk = chunk_size_for(cfg.deploy.max_message_bytes)
+        self._pieces_lock = threading.Lock()
+        self._cut: tuple[str, list[bytes]] = ("", [])
 
     # ---- authentication ------------------------------------------------
     def _who(self, context: grpc.ServicerContext, *, operator: bool = False) -> int:
@@ -142,12 +148,26 @@ class _Service(pbg.CoordinatorServicer):
 
     def Download(self, request: pb.DownloadRequest, context: grpc.ServicerContext) -> Iterator[pb.Chunk]:
         self._who(context)
-        blob = self.coord.broadcast_blob(request.round, request.broadcast_digest)
-        if blob is None:
+        start = time.perf_counter()
+        pieces = self._pieces(request.round, request.broadcast_digest)
+        if pieces is None:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"round {request.round} is not open")
             return
-        for piece in iter_chunks(blob, self.chunk):
+        for piece in pieces:
             yield pb.Chunk(data=piece)
+        self.coord.note_download(request.round, start, time.perf_counter())
+
+    def _pieces(self, round: int, digest: str) -> list[bytes] | None:
+        """The open round's broadcast cut into chunks, cut once per round rather than per client."""
+        with self._pieces_lock:
+            if self._cut[0] != digest:
+                blob = self.coord.broadcast_blob(round, digest)
+                if blob is None:
+                    return None
+                self._cut = (digest, list(iter_chunks(blob, self.chunk)))
+            elif self.coord.broadcast_blob(round, digest) is None:
+                return None  # the same model again, but that round closed
+            return self._cut[1]
 
     def Upload(self, request_iterator: Iterator[pb.Chunk], context: grpc.ServicerContext) -> pb.UploadReply:
         cid = self._who(context)
@@ -169,16 +189,20 @@ class _Service(pbg.CoordinatorServicer):
             return pb.UploadReply(
                 accepted=False, error=self.coord.reject(cid, h.round, h.total_bytes, reason)
             )
-        buf = bytearray(first.data)
+        start = time.perf_counter()
+        pieces, size = [first.data], len(first.data)
         for chunk in request_iterator:
-            buf += chunk.data
-            if len(buf) > limit:
+            pieces.append(chunk.data)
+            size += len(chunk.data)
+            if size > limit:
                 reason = f"update stream passed the limit of {limit} bytes"
-                return pb.UploadReply(accepted=False, error=self.coord.reject(cid, h.round, len(buf), reason))
-        if len(buf) != h.total_bytes:
-            reason = f"update announced {h.total_bytes} bytes but {len(buf)} arrived"
-            return pb.UploadReply(accepted=False, error=self.coord.reject(cid, h.round, len(buf), reason))
-        err = self.coord.submit(cid, h.round, h.broadcast_digest, h.meta_json, bytes(buf))
+                return pb.UploadReply(accepted=False, error=self.coord.reject(cid, h.round, size, reason))
+        if size != h.total_bytes:
+            reason = f"update announced {h.total_bytes} bytes but {size} arrived"
+            return pb.UploadReply(accepted=False, error=self.coord.reject(cid, h.round, size, reason))
+        blob = pieces[0] if len(pieces) == 1 else b"".join(pieces)  # one chunk: no copy at all
+        received = time.perf_counter() - start
+        err = self.coord.submit(cid, h.round, h.broadcast_digest, h.meta_json, blob, received_s=received)
         return pb.UploadReply(accepted=err is None, error=err or "")
 
     def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatReply:
@@ -339,11 +363,16 @@ def _loop(
         r = state.round + 1
         ctx = ServerContext(seed=cfg.seed, round=r, population=population)
         cohort = sample_clients(cfg.seed, r, population, selected_n).tolist()
+        t_encode = time.perf_counter()
         broadcast = algorithm.broadcast(state)
         blob = encode_broadcast(broadcast)
         digest = hashlib.sha256(blob).hexdigest()
+        encode_s = time.perf_counter() - t_encode
         for attempt in range(1, d.max_round_attempts + 1):
             _wait_for_clients(coord, d.min_quorum, d.wait_for_clients_s, r, log)
+            lost = net.lost_pending(r)
+            if lost:  # only after an OS crash or power loss (see fedloom.net.state)
+                log("pending_lost", level="warning", round=r, clients=[coord.names[c] for c in lost])
             t0 = time.perf_counter()
             coord.open_round(
                 broadcast,
@@ -378,7 +407,9 @@ def _loop(
                 f"round {r} aborted {d.max_round_attempts} times below quorum; the last good checkpoint "
                 f"(round {state.round}) is intact in {store.path}; restart the server to retry"
             )
+        t_agg = time.perf_counter()
         new_state, _ = apply_updates(algorithm, pipeline, state, closed.updates, ctx)
+        aggregate_s = time.perf_counter() - t_agg
         if not new_state.params.all_finite():
             raise TrainingError(
                 f"round {r}: the global model became non-finite; checkpoint {state.round} kept"
@@ -395,13 +426,17 @@ def _loop(
             "num_examples": ex,
             "attempt": attempt,
         }
+        t_eval = time.perf_counter()
         if options.eval_data is not None and (r % cfg.eval.every == 0 or r == cfg.rounds):
             ev = evaluate(workspace, state.params, options.eval_data, batch_size=cfg.eval.batch_size)
             metrics["test_accuracy"] = ev.accuracy
             metrics["test_loss"] = ev.loss
+        eval_s = time.perf_counter() - t_eval
         metrics["seconds"] = time.perf_counter() - t0
         metrics["max_client_compute_s"] = max(closed.compute_s.values(), default=0.0)
+        t_ckpt = time.perf_counter()
         store.commit_round(state, metrics, {}, keep=cfg.checkpoint.keep)
+        checkpoint_s = time.perf_counter() - t_ckpt
         net.clear_pending(r)
         net.audit(
             r, -1, "", "round_committed", 0, json.dumps({"clients": [u.client_id for u in closed.updates]})
@@ -409,7 +444,16 @@ def _loop(
         with metrics_path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(metrics) + "\n")
         coord.finish(metrics)
-        log("round_committed", **metrics)
+        phases = {
+            "encode_broadcast_ms": round(1000 * encode_s, 2),
+            **closed.timing,
+            "aggregate_ms": round(1000 * aggregate_s, 2),
+            "evaluate_ms": round(1000 * eval_s, 2),
+            "checkpoint_ms": round(1000 * checkpoint_s, 2),
+            # open -> checkpoint committed, pending cleared and metrics appended
+            "round_wall_ms": round(1000 * (time.perf_counter() - t0), 2),
+        }
+        log("round_committed", **metrics, phases=phases)
         if _reached(cfg, metrics):
             log("target_reached", round=r)
             break

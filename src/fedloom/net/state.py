@@ -2,15 +2,35 @@
 
 RunStore keeps the run's checkpoints, metrics and meta; this module adds::
 
-    clients(client_id PRIMARY KEY, name UNIQUE, joins, last_seen)  the registry
-    pending(round, client_id, meta_json, blob)                     accepted, not yet aggregated
+    clients(client_id PRIMARY KEY, name UNIQUE, joins, last_seen)            the registry
+    pending_updates(round, client_id, meta_json, file, sha256, bytes)        accepted, not yet aggregated
     audit(seq PRIMARY KEY, ts, round, client_id, client, event, bytes, detail)
 
-``pending`` holds every accepted update of the open round, written before the
-client is told "accepted", so a server killed mid-round resumes with them and no
-accepted update is lost; rows of a round are deleted once its checkpoint is
-committed. ``audit`` is append-only: which client contributed to which round,
-bytes received, rejections with their reason, dropouts, aborted rounds.
+``pending_updates`` holds every accepted update of the open round, recorded before
+the client is told "accepted", so a server killed mid-round resumes with them and
+no accepted update is lost; rows (and files) of a round are deleted once its
+checkpoint is committed. The tensor blob of a pending update lives in its own
+file ``pending/r<round>-c<client>-<sha256 prefix>.safetensors`` beside the
+database; the row names it and carries its SHA-256. ``audit`` is append-only:
+which client contributed to which round, bytes received, rejections with their
+reason, dropouts, aborted rounds.
+
+Notes
+-----
+Durability. The blob file is written completely and renamed into place *before*
+the row and its ``accepted`` audit line commit (one transaction), and the client
+hears "accepted" only after that commit. Neither step calls fsync: the database
+runs in WAL mode with ``synchronous=NORMAL``, and the file sits in the page cache,
+so both survive the process being killed (SIGKILL, OOM, a crash) -- the failure
+this runtime promises to survive bit-exactly. An operating-system crash or power
+loss can lose the last few commits and files; a row whose file is then missing
+or does not match its SHA-256 is dropped at resume (logged by the caller), and
+the client, still selected and without an accepted update, is asked again.
+RunStore's checkpoints keep ``synchronous=FULL``. Keeping 16 MB of blobs per
+round out of SQLite matters for speed: in the database every blob was written
+twice (WAL, then checkpointed into the main file, with fsyncs at each WAL
+checkpoint) and deleting it walked its overflow-page chain; a file costs one
+write and one unlink.
 
 Audit events: ``join``, ``refused``, ``accepted``, ``rejected``, ``late``,
 ``failed`` (the client reported a training failure), ``dropout`` (selected, no
@@ -19,6 +39,8 @@ update by the close), ``round_committed``, ``round_aborted``.
 
 from __future__ import annotations
 
+import hashlib
+import os
 import sqlite3
 import threading
 import time
@@ -26,15 +48,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-__all__ = ["AuditRow", "NetState", "PendingUpdate"]
+__all__ = ["AuditRow", "NetState", "PendingUpdate", "StagedBlob"]
+
+PENDING_DIR = "pending"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS clients (
     client_id INTEGER PRIMARY KEY, name TEXT UNIQUE NOT NULL, joins INTEGER NOT NULL, last_seen REAL NOT NULL
 );
-CREATE TABLE IF NOT EXISTS pending (
-    round INTEGER NOT NULL, client_id INTEGER NOT NULL, meta_json TEXT NOT NULL, blob BLOB NOT NULL,
-    PRIMARY KEY (round, client_id)
+CREATE TABLE IF NOT EXISTS pending_updates (
+    round INTEGER NOT NULL, client_id INTEGER NOT NULL, meta_json TEXT NOT NULL, file TEXT NOT NULL,
+    sha256 TEXT NOT NULL, bytes INTEGER NOT NULL, PRIMARY KEY (round, client_id)
 );
 CREATE TABLE IF NOT EXISTS audit (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, round INTEGER NOT NULL,
@@ -61,18 +85,32 @@ class PendingUpdate:
     blob: bytes
 
 
+@dataclass(frozen=True)
+class StagedBlob:
+    """An update blob written to its file but not yet recorded (see :meth:`NetState.stage`)."""
+
+    round: int
+    client_id: int
+    file: str
+    sha256: str
+    bytes: int
+
+
 class NetState:
     """Thread-safe access to the deployment tables (one connection behind a lock)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.blob_dir = path.parent / PENDING_DIR
+        self.blob_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         # WAL + synchronous=NORMAL: every commit survives a killed process (the threat here);
-        # RunStore's checkpoints keep synchronous=FULL for power loss.
+        # RunStore's checkpoints keep synchronous=FULL for power loss. See the module Notes.
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        self._migrate_blob_table()
 
     def __enter__(self) -> NetState:
         return self
@@ -104,32 +142,115 @@ class NetState:
         return {int(r[0]): (str(r[1]), int(r[2])) for r in rows}
 
     # ---- pending updates --------------------------------------------------
-    def add_pending(
-        self, round: int, client_id: int, client: str, meta_json: str, blob: bytes, detail: str
-    ) -> None:
-        """Store an accepted update and its audit row in one transaction."""
+    def stage(self, round: int, client_id: int, blob: bytes) -> StagedBlob:
+        """Write ``blob`` to its pending file (no lock held: callers stage concurrently).
+
+        The file counts only once :meth:`record_pending` committed its row; a staged
+        blob that is not recorded is removed with :meth:`discard`.
+        """
+        sha = hashlib.sha256(blob).hexdigest()
+        name = f"r{round:06d}-c{client_id:06d}-{sha[:16]}.safetensors"
+        final = self.blob_dir / name
+        # A unique temporary name: two identical uploads may be staged at the same time.
+        tmp = self.blob_dir / f".{name}.{os.getpid()}.{threading.get_ident()}.tmp"
+        tmp.write_bytes(blob)
+        tmp.replace(final)
+        return StagedBlob(round, client_id, name, sha, len(blob))
+
+    def discard(self, staged: StagedBlob) -> None:
+        """Remove a staged file that was never recorded (or whose row is gone)."""
+        with self._lock:
+            row = self._db.execute("SELECT 1 FROM pending_updates WHERE file = ?", (staged.file,)).fetchone()
+        if row is None:
+            (self.blob_dir / staged.file).unlink(missing_ok=True)
+
+    def record_pending(self, staged: StagedBlob, client: str, meta_json: str, detail: str) -> None:
+        """Record a staged update and its ``accepted`` audit row in one transaction."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 self._db.execute(
-                    "INSERT INTO pending VALUES (?, ?, ?, ?)", (round, client_id, meta_json, blob)
+                    "INSERT INTO pending_updates VALUES (?, ?, ?, ?, ?, ?)",
+                    (staged.round, staged.client_id, meta_json, staged.file, staged.sha256, staged.bytes),
                 )
-                self._audit_locked(round, client_id, client, "accepted", len(blob), detail)
+                self._audit_locked(staged.round, staged.client_id, client, "accepted", staged.bytes, detail)
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
 
+    def add_pending(
+        self, round: int, client_id: int, client: str, meta_json: str, blob: bytes, detail: str
+    ) -> None:
+        """:meth:`stage` and :meth:`record_pending` in one call."""
+        staged = self.stage(round, client_id, blob)
+        try:
+            self.record_pending(staged, client, meta_json, detail)
+        except BaseException:
+            self.discard(staged)
+            raise
+
     def pending(self, round: int) -> list[PendingUpdate]:
+        """The intact pending updates of ``round``, by client id; see :meth:`lost_pending`."""
+        return [p for p in self._read_pending(round) if isinstance(p, PendingUpdate)]
+
+    def lost_pending(self, round: int) -> list[int]:
+        """Clients of ``round`` whose recorded blob is missing or corrupt (only after an OS crash)."""
+        return [p for p in self._read_pending(round) if isinstance(p, int)]
+
+    def _read_pending(self, round: int) -> list[PendingUpdate | int]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT client_id, meta_json, blob FROM pending WHERE round = ? ORDER BY client_id", (round,)
+                "SELECT client_id, meta_json, file, sha256 FROM pending_updates WHERE round = ? "
+                "ORDER BY client_id",
+                (round,),
             ).fetchall()
-        return [PendingUpdate(int(r[0]), str(r[1]), bytes(r[2])) for r in rows]
+        out: list[PendingUpdate | int] = []
+        for cid, meta, name, sha in rows:
+            try:
+                blob = (self.blob_dir / str(name)).read_bytes()
+            except FileNotFoundError:
+                blob = b""
+            if blob and hashlib.sha256(blob).hexdigest() == sha:
+                out.append(PendingUpdate(int(cid), str(meta), blob))
+            else:
+                out.append(int(cid))
+        return out
 
     def clear_pending(self, up_to_round: int) -> None:
+        """Forget the pending updates of rounds <= ``up_to_round`` (rows first, then files)."""
         with self._lock:
-            self._db.execute("DELETE FROM pending WHERE round <= ?", (up_to_round,))
+            self._db.execute("DELETE FROM pending_updates WHERE round <= ?", (up_to_round,))
+            live = {str(r[0]) for r in self._db.execute("SELECT file FROM pending_updates")}
+        # Also sweeps files staged by a process killed before it recorded them. A temporary
+        # file of round ``up_to_round`` itself may belong to an upload still being staged (it
+        # passed the slot check before the round closed), so those wait for the next sweep.
+        for f in self.blob_dir.iterdir():
+            r = _round_of(f.name)
+            if f.name.startswith("."):
+                if r < up_to_round:
+                    f.unlink(missing_ok=True)
+            elif f.name not in live and r <= up_to_round:
+                f.unlink(missing_ok=True)
+
+    def _migrate_blob_table(self) -> None:
+        """Move rows of the former in-database ``pending(..., blob)`` table to files (older state dirs)."""
+        with self._lock:
+            old = self._db.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'pending'"
+            ).fetchone()
+            if old is None:
+                return
+            rows = self._db.execute("SELECT round, client_id, meta_json, blob FROM pending").fetchall()
+        for rnd, cid, meta, blob in rows:
+            staged = self.stage(int(rnd), int(cid), bytes(blob))
+            with self._lock:
+                self._db.execute(
+                    "INSERT OR IGNORE INTO pending_updates VALUES (?, ?, ?, ?, ?, ?)",
+                    (staged.round, staged.client_id, str(meta), staged.file, staged.sha256, staged.bytes),
+                )
+        with self._lock:
+            self._db.execute("DROP TABLE pending")
 
     # ---- audit ----------------------------------------------------------
     def audit(
@@ -160,3 +281,9 @@ class NetState:
         with self._lock:
             rows = self._db.execute("SELECT event, COUNT(*) FROM audit GROUP BY event").fetchall()
         return {str(r[0]): int(r[1]) for r in rows}
+
+
+def _round_of(name: str) -> int:
+    """The round in a pending file name (``r000012-c...`` or ``.r000012-c....tmp``)."""
+    digits = name.lstrip(".").removeprefix("r")[:6]
+    return int(digits) if digits.isdigit() else 0

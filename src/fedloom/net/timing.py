@@ -1,0 +1,65 @@
+"""Where a deployed round's wall time goes: per-phase timings, logged with ``round_committed``.
+
+The RPC handlers of a round run concurrently, so their per-client phases are
+reported twice: summed over clients (the server's work, which two cores share)
+and as the moment, relative to the round's opening, when the last one finished
+(the critical path). The round loop adds its own serial phases (aggregate,
+evaluation, checkpoint, clean-up). All values are milliseconds of
+``time.perf_counter``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+__all__ = ["RoundTiming"]
+
+
+@dataclass
+class RoundTiming:
+    """Accumulates one round attempt's timings; the coordinator's lock guards the mutators."""
+
+    opened: float = field(default_factory=time.perf_counter)
+    downloads: int = 0
+    download_sum: float = 0.0
+    last_download: float = 0.0
+    uploads: int = 0
+    receive_sum: float = 0.0
+    validate_sum: float = 0.0
+    store_sum: float = 0.0
+    first_accept: float = 0.0
+    last_accept: float = 0.0
+    closed: float = 0.0
+
+    def add_download(self, start: float, end: float) -> None:
+        self.downloads += 1
+        self.download_sum += end - start
+        self.last_download = max(self.last_download, end)
+
+    def add_upload(self, receive_s: float, validate_s: float, store_s: float, end: float) -> None:
+        self.uploads += 1
+        self.receive_sum += receive_s
+        self.validate_sum += validate_s
+        self.store_sum += store_s
+        self.first_accept = end if self.first_accept == 0.0 else min(self.first_accept, end)
+        self.last_accept = max(self.last_accept, end)
+
+    def summary(self) -> dict[str, float]:
+        """Milliseconds: ``*_sum_ms`` summed over clients, ``*_at_ms`` since the round opened."""
+
+        def at(t: float) -> float:
+            return round(1000 * (t - self.opened), 2) if t else 0.0
+
+        return {
+            "downloads": float(self.downloads),
+            "download_sum_ms": round(1000 * self.download_sum, 2),
+            "last_download_at_ms": at(self.last_download),
+            "uploads": float(self.uploads),
+            "upload_receive_sum_ms": round(1000 * self.receive_sum, 2),
+            "upload_validate_sum_ms": round(1000 * self.validate_sum, 2),
+            "upload_store_sum_ms": round(1000 * self.store_sum, 2),
+            "first_accept_at_ms": at(self.first_accept),
+            "last_accept_at_ms": at(self.last_accept),
+            "closed_at_ms": at(self.closed),
+        }
