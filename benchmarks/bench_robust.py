@@ -8,8 +8,9 @@ the aggregators that need ``f`` are told the expected number per cohort,
 
 Attacks: sign_flip (-delta), scaling (boost = cohort size, model replacement
 at server lr 1), gaussian (N(0, 1) updates), label_flip (y -> 9 - y on the
-attackers' data), alie (omniscient "a little is enough", applied to each
-round's outcomes by wrapping the executor). Writes ``robust.csv``,
+attackers' data), alie (omniscient "a little is enough" over each round's
+outcomes). Every run is configured exactly as a user would, through the
+``robust.*`` and ``attack.*`` keys; the data is loaded once. Writes ``robust.csv``,
 ``robust.md`` and ``robust.png`` to ``--out``.
 
     python benchmarks/bench_robust.py                       # the full grid
@@ -23,8 +24,6 @@ import csv
 import math
 import tempfile
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,27 +32,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from fedloom.aggregators import Aggregator, make_aggregator
-from fedloom.algorithms.api import (
-    Aggregate,
-    Algorithm,
-    Broadcast,
-    ClientContext,
-    ClientState,
-    ClientUpdate,
-    ServerContext,
-    ServerState,
-    Workspace,
-)
-from fedloom.algorithms.stragglers import accepted
-from fedloom.attacks import ALIE, GaussianAttack, LabelFlippedDataset, Scaling, SignFlip, malicious_clients
 from fedloom.config import load_config
-from fedloom.data.datasets import ArrayDataset
-from fedloom.sim.build import Components, build_components
-from fedloom.sim.executor import Outcome, SequentialExecutor
+from fedloom.sim.build import build_components, build_data
 from fedloom.sim.runner import run_simulation
 from fedloom.sim.sampling import cohort_size
-from fedloom.transforms.pipeline import Pipeline
 
 AGGREGATORS = [
     "mean",
@@ -68,56 +50,6 @@ AGGREGATORS = [
 ATTACKS = ["sign_flip", "scaling", "gaussian", "label_flip", "alie"]
 
 
-@dataclass(frozen=True)
-class WithAggregator:
-    """An algorithm whose aggregation is replaced by ``aggregator`` (composition, not subclassing)."""
-
-    base: Algorithm
-    aggregator: Aggregator
-
-    @property
-    def name(self) -> str:
-        return self.base.name
-
-    def server_init(self, params: Any) -> ServerState:
-        return self.base.server_init(params)
-
-    def broadcast(self, state: ServerState) -> Broadcast:
-        return self.base.broadcast(state)
-
-    def client_update(
-        self,
-        workspace: Workspace,
-        broadcast: Broadcast,
-        client_state: ClientState | None,
-        data: ArrayDataset,
-        ctx: ClientContext,
-    ) -> ClientUpdate:
-        return self.base.client_update(workspace, broadcast, client_state, data, ctx)
-
-    def aggregate(self, updates: Sequence[ClientUpdate], ctx: ServerContext) -> Aggregate:
-        kept = accepted(updates)
-        delta, total = self.aggregator(kept)
-        return Aggregate(delta=delta, num_clients=len(kept), total_weight=total)
-
-    def server_update(self, state: ServerState, aggregate: Aggregate, ctx: ServerContext) -> ServerState:
-        return self.base.server_update(state, aggregate, ctx)
-
-
-@dataclass
-class AdversarialExecutor:
-    """Runs the round with ``inner``, then lets the omniscient adversary rewrite the outcomes."""
-
-    inner: SequentialExecutor
-    adversary: ALIE
-
-    def run_round(
-        self, algorithm: Any, broadcast: Any, cohort: Any, client_states: Any, ctx: Any
-    ) -> list[Outcome]:
-        outcomes = self.inner.run_round(algorithm, broadcast, cohort, client_states, ctx)
-        return self.adversary.apply(list(outcomes), ctx)
-
-
 def aggregator_options(name: str, n: int, f: int) -> dict[str, Any]:
     f = min(f, (n - 3) // 2)
     return {
@@ -129,26 +61,19 @@ def aggregator_options(name: str, n: int, f: int) -> dict[str, Any]:
     }.get(name, {})
 
 
-def run_one(cfg: Any, comps: Components, agg: str, attack: str, fraction: float, f: int, n: int) -> float:
-    bad = malicious_clients(cfg.seed, comps.train.num_clients, fraction)
-    algorithm = WithAggregator(comps.algorithm, make_aggregator(agg, **aggregator_options(agg, n, f)))
-    train = comps.train
-    stages: list[Any] = []
-    if attack == "sign_flip":
-        stages.append(SignFlip(bad))
-    elif attack == "scaling":
-        stages.append(Scaling(bad, boost=float(n)))
-    elif attack == "gaussian":
-        stages.append(GaussianAttack(bad, std=1.0))
-    elif attack == "label_flip":
-        train = LabelFlippedDataset(comps.train, bad)
-    c = replace(comps, algorithm=algorithm, pipeline=Pipeline(tuple(stages)), train=train)
-    executor: Any = SequentialExecutor(c.workspace, c.train, c.pipeline)
-    if attack == "alie":
-        executor = AdversarialExecutor(executor, ALIE(bad))
+def run_one(sets: list[str], data: Any, agg: str, attack: str, fraction: float, f: int, n: int) -> float:
+    """One run through the real config path: ``robust.*`` and ``attack.*`` keys, as a user sets them."""
+    extra = [f"robust.aggregator={agg}", f"robust.options={_toml_table(aggregator_options(agg, n, f))}"]
+    if fraction > 0:
+        extra += [f"attack.kind={attack}", f"attack.fraction={fraction}", f"attack.boost={float(n)}"]
+    cfg = load_config(None, [*sets, *extra])
     with tempfile.TemporaryDirectory() as tmp:
-        result = run_simulation(cfg, Path(tmp) / "run", components=c, executor=executor)
+        result = run_simulation(cfg, Path(tmp) / "run", components=build_components(cfg, data=data))
     return float(result.final_metrics.get("test_accuracy", math.nan))
+
+
+def _toml_table(options: dict[str, Any]) -> str:
+    return "{" + ", ".join(f"{k} = {v}" for k, v in options.items()) + "}"
 
 
 def main() -> None:
@@ -177,8 +102,8 @@ def main() -> None:
         f"eval.every={a.rounds}", "eval.target_accuracy=0", f"data.dir={a.data_dir}",
     ]  # fmt: skip
     cfg = load_config(None, sets)
-    comps = build_components(cfg)
-    n = cohort_size(comps.train.num_clients, cfg.sampling.fraction, cfg.sampling.min_clients)
+    data = build_data(cfg)
+    n = cohort_size(cfg.data.num_clients, cfg.sampling.fraction, cfg.sampling.min_clients)
     a.out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     for agg in a.aggregators:
@@ -189,7 +114,7 @@ def main() -> None:
                 if frac == 0 and clean is not None:
                     acc = clean  # no attacker: the attack is irrelevant
                 else:
-                    acc = run_one(cfg, comps, agg, attack, frac, math.ceil(frac * n), n)
+                    acc = run_one(sets, data, agg, attack, frac, math.ceil(frac * n), n)
                     clean = acc if frac == 0 else clean
                 rows.append({"aggregator": agg, "attack": attack, "fraction": frac, "accuracy": acc})
                 print(f"{agg:17s} {attack:10s} {frac:4.2f}  acc={acc:.4f}  ({time.perf_counter() - t0:.1f}s)")

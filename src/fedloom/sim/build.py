@@ -134,8 +134,12 @@ def build_data(cfg: ExperimentConfig) -> tuple[FederatedDataset, ArrayDataset, s
     return PartitionedDataset(base, indices), test, mnist.source
 
 
-def build_components(cfg: ExperimentConfig) -> Components:
-    train, test, source = build_data(cfg)
+def build_components(
+    cfg: ExperimentConfig, *, data: tuple[FederatedDataset, ArrayDataset, str] | None = None
+) -> Components:
+    """Everything a run needs. ``data`` (as returned by :func:`build_data`) skips reloading it,
+    e.g. when a benchmark sweeps settings that do not change the data."""
+    train, test, source = data if data is not None else build_data(cfg)
     at = cfg.attack
     adversary: ALIE | None = None
     if at.kind == "label_flip":
