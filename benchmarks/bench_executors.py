@@ -29,75 +29,25 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from fedloom.config import load_config
 from fedloom.config.schema import ExperimentConfig
 from fedloom.models import MLP2NN
 from fedloom.models.zoo import CNN
 from fedloom.sim.build import Components, build_components
-from fedloom.sim.executor import ClientFailure, Executor
+from fedloom.sim.executor import Executor
 from fedloom.sim.parallel import ParallelExecutor
 from fedloom.sim.runner import run_simulation
 from fedloom.sim.sampling import cohort_size, sample_clients
 from fedloom.sim.vectorized import VectorizedExecutor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from baseline import RoundTimer, bare_loop
 from bench_memory import peak_pss_of_command
-
-
-class _Timer:
-    def __init__(self) -> None:
-        self.stamps: list[float] = []
-
-    def on_start(self, first_round: int, rounds: int, info: Mapping[str, Any]) -> None:
-        self.stamps.append(time.perf_counter())
-
-    def on_round(self, metrics: Mapping[str, Any]) -> None:
-        self.stamps.append(time.perf_counter())
-
-    def on_failure(self, failure: ClientFailure, round: int) -> None:
-        raise RuntimeError(failure.reason)
-
-
-def bare_loop(
-    train: Any, cohorts: list[list[int]], make_model: Callable[[], torch.nn.Module], lr: float, batch: int,
-    seed: int, device: str = "cpu",
-) -> list[float]:  # fmt: skip
-    """The minimal FedAvg loop a researcher would write by hand; returns seconds per round."""
-    model = make_model().to(device)
-    glob = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    gen = torch.Generator().manual_seed(seed)
-    times = []
-    for cohort in cohorts:
-        t0 = time.perf_counter()
-        acc = {k: torch.zeros_like(v) for k, v in glob.items()}
-        total = 0
-        for cid in cohort:
-            data = train.client_data(cid)
-            x, y = data.x.to(device), data.y.to(device)
-            model.load_state_dict(glob)
-            opt = torch.optim.SGD(model.parameters(), lr=lr)
-            n = len(data)
-            perm = torch.randperm(n, generator=gen).to(device)
-            for b in range(0, n, batch):
-                idx = perm[b : b + batch]
-                opt.zero_grad()
-                F.cross_entropy(model(x[idx]), y[idx]).backward()
-                opt.step()
-            for k, v in model.state_dict().items():
-                acc[k].add_(v - glob[k], alpha=n)
-            total += n
-        glob = {k: glob[k] + acc[k] / total for k in glob}
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return times
 
 
 def workload(args: argparse.Namespace) -> tuple[ExperimentConfig, Callable[[], torch.nn.Module]]:
@@ -136,7 +86,7 @@ def run_fedloom(
 ) -> tuple[list[float], float]:
     """Seconds per round (rounds 2..R-1) and start-up seconds for one run on executor ``kind``."""
     with tempfile.TemporaryDirectory() as tmp:
-        timer = _Timer()
+        timer = RoundTimer()
         t0 = time.perf_counter()
         ex = make(kind, comps, args)
         try:

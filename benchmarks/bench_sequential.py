@@ -15,64 +15,20 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
-import time
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from fedloom.config import load_config
 from fedloom.models import MLP2NN
 from fedloom.sim.build import build_components
-from fedloom.sim.executor import ClientFailure
 from fedloom.sim.runner import run_simulation
 from fedloom.sim.sampling import cohort_size, sample_clients
 
-
-class _Timer:
-    def __init__(self) -> None:
-        self.stamps: list[float] = []
-
-    def on_start(self, first_round: int, rounds: int, info: Mapping[str, Any]) -> None:
-        self.stamps.append(time.perf_counter())
-
-    def on_round(self, metrics: Mapping[str, Any]) -> None:
-        self.stamps.append(time.perf_counter())
-
-    def on_failure(self, failure: ClientFailure, round: int) -> None:
-        raise RuntimeError(failure.reason)
-
-
-def bare_loop(train: Any, cohorts: list[list[int]], lr: float, batch: int, seed: int) -> list[float]:
-    """The minimal FedAvg loop a researcher would write by hand; returns seconds per round."""
-    model = MLP2NN()
-    glob = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    gen = torch.Generator().manual_seed(seed)
-    times = []
-    for cohort in cohorts:
-        t0 = time.perf_counter()
-        acc = {k: torch.zeros_like(v) for k, v in glob.items()}
-        total = 0
-        for cid in cohort:
-            data = train.client_data(cid)
-            model.load_state_dict(glob)
-            opt = torch.optim.SGD(model.parameters(), lr=lr)
-            n = len(data)
-            perm = torch.randperm(n, generator=gen)
-            for b in range(0, n, batch):
-                idx = perm[b : b + batch]
-                opt.zero_grad()
-                F.cross_entropy(model(data.x[idx]), data.y[idx]).backward()
-                opt.step()
-            for k, v in model.state_dict().items():
-                acc[k].add_(v - glob[k], alpha=n)
-            total += n
-        glob = {k: glob[k] + acc[k] / total for k in glob}
-        times.append(time.perf_counter() - t0)
-    return times
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from baseline import RoundTimer, bare_loop
 
 
 def main() -> None:
@@ -97,11 +53,11 @@ def main() -> None:
     bare_times: list[float] = []
     for rep in range(args.repeats):
         with tempfile.TemporaryDirectory() as tmp:
-            timer = _Timer()
+            timer = RoundTimer()
             run_simulation(cfg, Path(tmp) / "run", listener=timer, components=comps)
             per_round = [b - a for a, b in zip(timer.stamps, timer.stamps[1:], strict=False)]
             fed_times += per_round[:-1]  # the last round also evaluates
-        bare = bare_loop(comps.train, cohorts, cfg.client.lr, cfg.client.batch_size, rep)
+        bare = bare_loop(comps.train, cohorts, MLP2NN, cfg.client.lr, cfg.client.batch_size, rep)
         bare_times += bare[:-1]
         print(
             f"repeat {rep + 1}: fedloom {statistics.median(per_round[:-1]):.4f} s/round, "
