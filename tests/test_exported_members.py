@@ -14,6 +14,10 @@ PUBLIC = [
     "fedloom.models",
     "fedloom.config",
     "fedloom.data",
+    "fedloom.privacy",
+    "fedloom.aggregators",
+    "fedloom.attacks",
+    "fedloom.secagg",
 ]
 
 

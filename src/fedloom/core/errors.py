@@ -8,7 +8,12 @@ Every error fedloom raises on purpose derives from :class:`FedloomError`::
     │   └── ChecksumError    a data file's digest differs from the known one
     ├── UpdateError          a client update is malformed (names, shapes, NaN/inf, norm)
     ├── TrainingError        training diverged (NaN/inf loss) or cannot go on
-    └── RunStateError        a run directory or its state database is unusable
+    ├── RunStateError        a run directory or its state database is unusable
+    ├── ExecutorError        a simulation worker process or Ray actor died or failed
+    └── SecAggError          secure aggregation failed (defined in fedloom.secagg.errors)
+        ├── SecAggAbort           too many clients dropped out: no sum is released
+        ├── ShareDecryptionError  a relayed share failed authentication
+        └── ProtocolViolation     a message broke the protocol
 
 Errors name the offending value and what was expected, so a user can fix them
 without reading the source.
@@ -20,6 +25,7 @@ __all__ = [
     "ChecksumError",
     "ConfigError",
     "DataError",
+    "ExecutorError",
     "FedloomError",
     "RunStateError",
     "TrainingError",
@@ -61,3 +67,7 @@ class TrainingError(FedloomError):
 
 class RunStateError(FedloomError):
     """A run directory or its SQLite state database is missing or inconsistent."""
+
+
+class ExecutorError(FedloomError):
+    """An executor cannot go on: a worker process or actor died, or raised an unexpected error."""

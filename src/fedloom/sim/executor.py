@@ -39,7 +39,7 @@ from fedloom.algorithms.api import (
     Workspace,
 )
 from fedloom.algorithms.local import LocalSGD
-from fedloom.core.errors import FedloomError, TrainingError
+from fedloom.core.errors import ExecutorError, FedloomError, TrainingError
 from fedloom.data.federated import FederatedDataset
 from fedloom.transforms.pipeline import Pipeline
 
@@ -55,10 +55,6 @@ __all__ = [
     "run_client",
     "torch_threads",
 ]
-
-
-class ExecutorError(FedloomError):
-    """An executor cannot go on: a worker process or actor died, or raised an unexpected error."""
 
 
 @dataclass(frozen=True)
