@@ -52,6 +52,7 @@ from fedloom.net.wire import chunk_size_for, encode_broadcast, iter_chunks
 from fedloom.results.store import RunStore
 from fedloom.sim.build import build_algorithm, build_pipeline
 from fedloom.sim.evaluate import evaluate
+from fedloom.sim.privacy_plan import plan_privacy
 from fedloom.sim.sampling import cohort_size, sample_clients
 from fedloom.sim.server_round import apply_updates
 
@@ -258,7 +259,7 @@ def run_server(cfg: ExperimentConfig, state_dir: Path, options: ServerOptions, l
     if len(set(names)) != len(names):
         raise RunStateError(f"deploy.clients has duplicate names: {names}")
     selected_n = min(population, math.ceil(size * d.overselect - 1e-9))
-    algorithm, pipeline = build_algorithm(cfg), build_pipeline(cfg)
+    algorithm, pipeline = build_algorithm(cfg), build_pipeline(cfg, plan_privacy(cfg, population=population))
     module = build_model(cfg.model.name, cfg.model.kwargs, seed=cfg.seed)
     workspace, initial = Workspace(module), Params.from_module(module)
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -359,8 +360,12 @@ def _loop(
     metrics_path.write_text("".join(json.dumps(m) + "\n" for m in history), encoding="utf-8")
     if _reached(cfg, history[-1] if history else {}):
         return state
+    privacy = plan_privacy(cfg, population=population)
     while state.round < cfg.rounds:
         r = state.round + 1
+        if privacy is not None and privacy.would_exceed(r):
+            log("privacy_budget_reached", round=r, epsilon=privacy.epsilon_after(state.round))
+            break
         ctx = ServerContext(seed=cfg.seed, round=r, population=population)
         cohort = sample_clients(cfg.seed, r, population, selected_n).tolist()
         t_encode = time.perf_counter()
@@ -426,6 +431,8 @@ def _loop(
             "num_examples": ex,
             "attempt": attempt,
         }
+        if privacy is not None:
+            metrics["epsilon"] = privacy.epsilon_after(r)
         t_eval = time.perf_counter()
         if options.eval_data is not None and (r % cfg.eval.every == 0 or r == cfg.rounds):
             ev = evaluate(workspace, state.params, options.eval_data, batch_size=cfg.eval.batch_size)

@@ -49,11 +49,13 @@ class PrivacyPlan:
         return self.budget > 0 and self.epsilon_after(next_round) > self.budget
 
 
-def plan_privacy(cfg: ExperimentConfig) -> PrivacyPlan | None:
+def plan_privacy(cfg: ExperimentConfig, *, population: int | None = None) -> PrivacyPlan | None:
     """The plan for ``cfg`` (``None`` when ``privacy.mode = "off"``).
 
-    With ``privacy.target_epsilon > 0`` the noise multiplier is calibrated so
-    that ``cfg.rounds`` rounds spend at most that epsilon.
+    ``population`` is the number of clients cohorts are drawn from (default
+    ``data.num_clients``; the deployment passes its registry size). With
+    ``privacy.target_epsilon > 0`` the noise multiplier is calibrated so that
+    ``cfg.rounds`` rounds spend at most that epsilon.
     """
     p = cfg.privacy
     if p.mode == "off":
@@ -67,7 +69,7 @@ def plan_privacy(cfg: ExperimentConfig) -> PrivacyPlan | None:
         raise ConfigError(
             [f"privacy.mode = {p.mode!r} needs the privacy extra: pip install 'fedloom[privacy]' ({exc})"]
         ) from exc
-    population = cfg.data.num_clients
+    population = population if population is not None else cfg.data.num_clients
     cohort = cohort_size(population, cfg.sampling.fraction, cfg.sampling.min_clients)
     sigma = p.noise_multiplier
     if p.target_epsilon > 0:
