@@ -276,6 +276,12 @@ class SecAggConfig(_Section):
     dropout_after_masking: float = Field(
         0.0, ge=0, lt=1, description="Simulation: fraction of each cohort that drops out after masking."
     )
+    max_weight: float = Field(
+        0.0,
+        ge=0,
+        description="Public bound W on a client's weight for secure sums. Deployment: required > 0, "
+        "heavier clients are refused; simulation: ignored (W = the largest client size).",
+    )
 
 
 class ExperimentConfig(_Section):

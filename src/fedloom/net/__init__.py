@@ -6,6 +6,7 @@ Needs the ``net`` extra (``pip install 'fedloom[net]'``). Modules::
     state        SQLite tables for the client registry, pending updates (blobs in files) and the audit log
     timing       per-phase timings of a round (logged with round_committed)
     coordinator  round bookkeeping and update validation (no grpc)
+    secure       secure aggregation: the server relays the four SecAgg stages (no grpc)
     auth         per-client tokens, TLS certificates (cryptography)
     server       the gRPC service and the server's round loop
     client       the client process: pull, train, push, reconnect

@@ -16,6 +16,11 @@ When the server is unreachable the client retries with exponential backoff (0.5 
 doubling to 15 s, with a fixed per-client offset so clients do not stampede), then
 re-joins; it gives up after ``give_up_after_s`` without contact. Credentials that
 the server refuses end the process at once with exit code 3.
+
+When the task carries SecAgg parameters (``secagg.enabled``) the update is never
+uploaded: the client takes part in the four SecAgg stages instead (see
+:mod:`fedloom.net.secure`), sending its masked ``flatten_weighted`` vector and, in
+the clear, only the update's metadata (weight, counts, train loss, compute time).
 """
 
 from __future__ import annotations
@@ -275,6 +280,9 @@ class NetClient:
         compute = time.perf_counter() - t0
         if update.client_state is not None and self._states is not None:
             self._states.save(r, update.client_state)
+        if task.secagg_json:
+            self._secure(stub, task, join.client_id, update, compute)
+            return
         meta, ublob = encode_update(update, compute_s=compute)
         reply = stub.Upload(
             upload_chunks(r, task.broadcast_digest, meta, ublob, chunk), metadata=self._md, timeout=60
@@ -284,6 +292,73 @@ class NetClient:
             self.log("update_accepted", round=r, bytes=len(ublob), compute_s=round(compute, 4))
         else:
             self.log("update_rejected", level="warning", round=r, reason=reply.error)
+
+    def _secure(
+        self, stub: pbg.CoordinatorStub, task: pb.TaskReply, cid: int, update: ClientUpdate, compute: float
+    ) -> None:
+        """Run the four SecAgg stages for ``update`` (the client side of :mod:`fedloom.net.secure`)."""
+        from fedloom.net.secure import SecureParams
+        from fedloom.net.wire import UpdateMeta, decode_secagg, encode_secagg
+        from fedloom.secagg import client as sa
+        from fedloom.secagg.fixedpoint import encode
+        from fedloom.secagg.messages import Roster, ShareInbox, UnmaskRequest
+        from fedloom.secagg.updates import flatten_weighted
+
+        r = task.round
+        p = SecureParams.from_json(task.secagg_json)
+        meta = UpdateMeta(
+            weight=update.weight,
+            num_examples=update.num_examples,
+            num_steps=update.num_steps,
+            metrics=update.metrics,
+            compute_s=compute,
+        ).to_json()
+        timeout = task.deadline_in_s + 4 * 60.0
+
+        def call(stage: int, message: object, meta_json: str = "") -> bytes | None:
+            reply = stub.SecAgg(
+                pb.SecAggRequest(
+                    round=r,
+                    stage=stage,
+                    payload=encode_secagg(message),
+                    meta_json=meta_json,
+                    session=p.session.hex(),
+                ),
+                metadata=self._md,
+                timeout=timeout,
+            )
+            if reply.error:
+                self.log("secagg_dropped", level="warning", round=r, stage=stage, reason=reply.error)
+                return None
+            return bytes(reply.payload)
+
+        try:
+            x = encode(flatten_weighted(update, max_weight=p.max_weight), p.fixed_point())
+        except FedloomError as exc:  # e.g. a weight over secagg.max_weight: report, as a failed training
+            self.log("secagg_failed", level="warning", round=r, reason=str(exc))
+            header = pb.UpdateHeader(round=r, broadcast_digest=task.broadcast_digest, failure=f"error: {exc}")
+            stub.Upload(iter([pb.Chunk(header=header)]), metadata=self._md, timeout=30)
+            return
+        try:
+            keys, advert = sa.advertise_keys(p.round_params(), cid)
+            roster = call(0, advert, meta)
+            if roster is None:
+                return
+            sharing, shares = sa.share_keys(keys, decode_secagg(roster, Roster))
+            inbox = call(1, shares)
+            if inbox is None:
+                return
+            masked, y = sa.masked_input(sharing, decode_secagg(inbox, ShareInbox), x)
+            request = call(2, y)
+            if request is None:
+                return
+            if call(3, sa.unmask(masked, decode_secagg(request, UnmaskRequest))) is None:
+                return
+        except FedloomError as exc:  # e.g. a malformed server message
+            self.log("secagg_failed", level="warning", round=r, reason=str(exc))
+            return
+        self.rounds_done.append(r)
+        self.log("secagg_done", round=r, compute_s=round(compute, 4))
 
 
 def fetch_status(server: str, tls: Credentials, token: str, *, timeout: float = 10.0) -> dict[str, Any]:

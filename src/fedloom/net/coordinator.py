@@ -17,6 +17,11 @@ finiteness, the configured norm bound, and the pipeline's own ``decode`` checks.
 A rejected update gets its reason back, a log line and an audit row; nothing
 already accepted is touched. Accepted updates are written to the ``pending``
 table before the client hears "accepted", so a killed server loses none.
+
+Under secure aggregation (``open_round(..., relay=...)``, see :mod:`fedloom.net.secure`)
+plaintext uploads are refused outright -- nothing is staged or stored -- and selected
+clients take part through :meth:`Coordinator.secure_exchange`; the round loop drives
+the relay and closes the attempt with :meth:`Coordinator.close_secure`.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedloom.algorithms.api import Broadcast, ClientUpdate, ServerContext
 from fedloom.core.errors import FedloomError, UpdateError
@@ -37,6 +42,9 @@ from fedloom.net.timing import RoundTiming
 from fedloom.net.wire import decode_update
 from fedloom.transforms.adaptive_clip import bind_pipeline
 from fedloom.transforms.pipeline import Pipeline
+
+if TYPE_CHECKING:  # fedloom.net.secure needs the optional 'secure' extra
+    from fedloom.net.secure import SecureOutcome, SecureRelay
 
 __all__ = ["Closed", "Coordinator", "Task"]
 
@@ -50,17 +58,22 @@ class Task:
     digest: str = ""
     size: int = 0
     deadline_in_s: float = 0.0
+    secagg_json: str = ""
 
 
 @dataclass(frozen=True)
 class Closed:
-    """What a closed round attempt produced (updates sorted by client id)."""
+    """What a closed round attempt produced (updates sorted by client id; none under SecAgg).
+
+    ``secure`` is the secure sum of a secure round that completed, else ``None``.
+    """
 
     updates: list[ClientUpdate]
     compute_s: dict[int, float]
     failed: dict[int, str]
     dropouts: list[int]
     timing: dict[str, float] = field(default_factory=dict)
+    secure: SecureOutcome | None = None
 
 
 @dataclass
@@ -80,6 +93,7 @@ class _Round:
     failed: dict[int, str] = field(default_factory=dict)
     open: bool = True
     timing: RoundTiming = field(default_factory=RoundTiming)
+    relay: SecureRelay | None = None
 
 
 class Coordinator:
@@ -139,10 +153,12 @@ class Coordinator:
         ctx: ServerContext,
         pending: Sequence[PendingUpdate] = (),
         algo_state: Mapping[str, Params] | None = None,
+        relay: SecureRelay | None = None,
     ) -> None:
         """Open round ``broadcast.round`` for ``selected``; ``pending`` were accepted before a restart.
 
-        ``algo_state`` binds stateful pipeline stages (adaptive clipping) for this round's decode.
+        ``algo_state`` binds stateful pipeline stages (adaptive clipping) for this round's decode;
+        ``relay`` makes it a secure round (no uploads; ``pending`` must be empty).
         """
         round_pipeline = bind_pipeline(self._pipeline, algo_state or {})
         rnd = _Round(
@@ -156,6 +172,7 @@ class Coordinator:
             digest=digest,
             ctx=ctx,
             pipeline=round_pipeline,
+            relay=relay,
         )
         for p in pending:
             update, compute = decode_update(p.client_id, p.meta_json, p.blob)
@@ -203,6 +220,55 @@ class Coordinator:
             self._state.audit(rnd.number, c, self.names[c], "dropout", 0, f"attempt {rnd.attempt}")
         return Closed(updates, dict(rnd.compute_s), dict(rnd.failed), dropouts, rnd.timing.summary())
 
+    def close_secure(self, outcome: SecureOutcome | None) -> Closed:
+        """Close the open secure round attempt; ``outcome`` is the relay's result (``None``: it aborted)."""
+        included = set(outcome.included) if outcome is not None else set()
+        with self._cond:
+            rnd = self._round
+            if rnd is None or rnd.relay is None:
+                raise RuntimeError("close_secure() without an open secure round")
+            rnd.open = False
+            rnd.timing.closed = time.perf_counter()
+            self._previous_selected[rnd.number] = rnd.selected - included
+            for old in [r for r in self._previous_selected if r < rnd.number - 2]:
+                del self._previous_selected[old]
+            dropouts = sorted(rnd.selected - included - set(rnd.failed))
+            self._cond.notify_all()
+        for c in dropouts:
+            self._state.audit(rnd.number, c, self.names[c], "dropout", 0, f"attempt {rnd.attempt}")
+        compute = {c: m.compute_s for c, m in outcome.metas.items()} if outcome is not None else {}
+        return Closed([], compute, dict(rnd.failed), dropouts, rnd.timing.summary(), secure=outcome)
+
+    def refuses_plaintext(self) -> bool:
+        """True while a secure round is open: an upload is refused before its blob is read."""
+        with self._cond:
+            return self._round is not None and self._round.relay is not None
+
+    def secure_exchange(
+        self, cid: int, round: int, stage: int, payload: bytes, meta_json: str, session: str
+    ) -> tuple[bytes, str]:
+        """One SecAgg stage for ``cid`` (blocks until the stage closes): (reply, "") or (b"", reason)."""
+        with self._cond:
+            rnd = self._round
+            ok = (
+                rnd is not None
+                and rnd.open
+                and rnd.relay is not None
+                and rnd.number == round
+                and cid in rnd.selected
+                and rnd.relay.params.session.hex() == session
+            )
+            relay = rnd.relay if rnd is not None and ok else None
+        if relay is None:
+            reply, why = b"", f"no secure round {round} is open for this client (session {session[:8]})"
+        else:
+            reply, why = relay.exchange(cid, stage, payload, meta_json)
+        if why:
+            self.reject(cid, round, len(payload), why, event="secagg_refused")
+        elif stage == 2:
+            self._state.audit(round, cid, self.names[cid], "secagg_masked", len(payload), "masked input")
+        return reply, why
+
     def finish(self, metrics: Mapping[str, Any]) -> None:
         with self._cond:
             self.last_metrics = dict(metrics)
@@ -234,6 +300,7 @@ class Coordinator:
                     and cid in rnd.selected
                     and cid not in rnd.accepted
                     and cid not in rnd.failed
+                    and (rnd.relay is None or not rnd.relay.joined(cid))
                 ):
                     return Task(
                         "train",
@@ -241,6 +308,7 @@ class Coordinator:
                         digest=rnd.digest,
                         size=len(rnd.blob),
                         deadline_in_s=max(0.0, rnd.deadline - time.monotonic()),
+                        secagg_json=rnd.relay.params.to_json() if rnd.relay is not None else "",
                     )
                 left = end - time.monotonic()
                 if left <= 0:
@@ -282,7 +350,10 @@ class Coordinator:
             if rnd is None or not rnd.open or rnd.number != round or cid not in rnd.selected:
                 return self.reject(cid, round, 0, f"failure report for round {round} is not current")
             rnd.failed[cid] = reason
+            relay = rnd.relay
             self._cond.notify_all()
+        if relay is not None:
+            relay.note_failure(cid)
         self._state.audit(round, cid, self.names[cid], "failed", 0, reason)
         self._log("client_failed", level="warning", client=self.names[cid], round=round, reason=reason)
         return None
@@ -303,6 +374,8 @@ class Coordinator:
             return f"client {self.names[cid]!r} is not selected for round {round}"
         if digest != rnd.digest:
             return f"update was trained on another model (digest {digest[:12]}), not round {round}'s"
+        if rnd.relay is not None:
+            return f"secure aggregation is on: plaintext updates are refused (round {round})"
         return None
 
     def submit(

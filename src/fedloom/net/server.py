@@ -16,6 +16,11 @@ ends with the same model, bit for bit, as an uninterrupted one -- provided every
 selected client answers within the deadline (the quorum/deadline outcome of a
 round that closes on time is inherently timing dependent).
 
+Secure aggregation (``secagg.enabled``): a round is run through a
+:class:`~fedloom.net.secure.SecureRelay` -- clients upload no update, the server
+relays the four SecAgg stages (the ``SecAgg`` RPC) and turns the unmasked sum
+into the aggregate (``aggregate_from_sum``); see :mod:`fedloom.net.secure`.
+
 Each ``round_committed`` log line carries ``phases``: where the round's wall time went
 (see :mod:`fedloom.net.timing`), so the overhead benchmark can be explained.
 """
@@ -30,11 +35,11 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from fedloom.algorithms.api import ServerContext, ServerState, Workspace
+from fedloom.algorithms.api import Broadcast, ServerContext, ServerState, Workspace
 from fedloom.config.loader import config_to_toml
 from fedloom.config.schema import ExperimentConfig
 from fedloom.core.errors import FedloomError, RunStateError, TrainingError
@@ -55,6 +60,9 @@ from fedloom.sim.evaluate import evaluate
 from fedloom.sim.privacy_plan import plan_privacy
 from fedloom.sim.sampling import cohort_size, sample_clients
 from fedloom.sim.server_round import apply_updates
+
+if TYPE_CHECKING:  # fedloom.net.secure needs the optional 'secure' extra
+    from fedloom.net.secure import SecureRelay
 
 __all__ = ["ServerOptions", "client_names", "run_server"]
 
@@ -145,7 +153,15 @@ class _Service(pbg.CoordinatorServicer):
             broadcast_digest=t.digest,
             broadcast_bytes=t.size,
             deadline_in_s=t.deadline_in_s,
+            secagg_json=t.secagg_json,
         )
+
+    def SecAgg(self, request: pb.SecAggRequest, context: grpc.ServicerContext) -> pb.SecAggReply:
+        cid = self._who(context)
+        reply, error = self.coord.secure_exchange(
+            cid, request.round, request.stage, request.payload, request.meta_json, request.session
+        )
+        return pb.SecAggReply(payload=reply, error=error)
 
     def Download(self, request: pb.DownloadRequest, context: grpc.ServicerContext) -> Iterator[pb.Chunk]:
         self._who(context)
@@ -184,6 +200,9 @@ class _Service(pbg.CoordinatorServicer):
         if h.failure:
             err = self.coord.report_failure(cid, h.round, h.failure)
             return pb.UploadReply(accepted=err is None, error=err or "")
+        if self.coord.refuses_plaintext():
+            reason = "secure aggregation is on: plaintext updates are refused"
+            return pb.UploadReply(accepted=False, error=self.coord.reject(cid, h.round, 0, reason))
         limit = self.coord.upload_limit(self.cfg.deploy.max_update_bytes)
         if h.total_bytes > limit:
             reason = f"update of {h.total_bytes} bytes exceeds the limit of {limit} bytes"
@@ -261,6 +280,7 @@ def run_server(cfg: ExperimentConfig, state_dir: Path, options: ServerOptions, l
     selected_n = min(population, math.ceil(size * d.overselect - 1e-9))
     algorithm, pipeline = build_algorithm(cfg), build_pipeline(cfg, plan_privacy(cfg, population=population))
     module = build_model(cfg.model.name, cfg.model.kwargs, seed=cfg.seed)
+    _check_secagg(cfg, Params.from_module(module).num_elements() + 1)
     workspace, initial = Workspace(module), Params.from_module(module)
     state_dir.mkdir(parents=True, exist_ok=True)
     db = state_dir / STATE_DB
@@ -379,6 +399,7 @@ def _loop(
             if lost:  # only after an OS crash or power loss (see fedloom.net.state)
                 log("pending_lost", level="warning", round=r, clients=[coord.names[c] for c in lost])
             t0 = time.perf_counter()
+            relay = _secure_relay(cfg, cohort, min(size, len(cohort)), broadcast, r)
             coord.open_round(
                 broadcast,
                 blob,
@@ -388,15 +409,28 @@ def _loop(
                 target=min(size, len(cohort)),
                 deadline_s=d.deadline_s,
                 ctx=ctx,
-                pending=net.pending(r),
+                pending=net.pending(r) if relay is None else (),
                 algo_state=state.algo_state,
+                relay=relay,
             )
-            closed = coord.wait_close()
-            if len(closed.updates) >= d.min_quorum:
+            secure_error = ""
+            if relay is None:
+                closed = coord.wait_close()
+                contributors = len(closed.updates)
+            else:
+                from fedloom.secagg.errors import SecAggError
+
+                try:
+                    outcome = relay.run()
+                except SecAggError as exc:
+                    outcome, secure_error = None, f"; {exc}"
+                closed = coord.close_secure(outcome)
+                contributors = len(outcome.included) if outcome is not None else 0
+            if contributors >= d.min_quorum:
                 break
             reason = (
-                f"round {r} attempt {attempt}: {len(closed.updates)} accepted updates, below "
-                f"deploy.min_quorum = {d.min_quorum}"
+                f"round {r} attempt {attempt}: {contributors} accepted updates, below "
+                f"deploy.min_quorum = {d.min_quorum}{secure_error}"
             )
             net.audit(r, -1, "", "round_aborted", 0, reason)
             log(
@@ -413,19 +447,35 @@ def _loop(
                 f"(round {state.round}) is intact in {store.path}; restart the server to retry"
             )
         t_agg = time.perf_counter()
-        new_state, _ = apply_updates(algorithm, pipeline, state, closed.updates, ctx)
+        if closed.secure is not None:
+            from fedloom.secagg.updates import aggregate_from_sum
+
+            agg = aggregate_from_sum(
+                closed.secure.total,
+                broadcast.params,
+                max_weight=cfg.secagg.max_weight,
+                num_clients=len(closed.secure.included),
+            )
+            new_state, _ = apply_updates(algorithm, pipeline, state, [], ctx, precomputed=agg)
+        else:
+            new_state, _ = apply_updates(algorithm, pipeline, state, closed.updates, ctx)
         aggregate_s = time.perf_counter() - t_agg
         if not new_state.params.all_finite():
             raise TrainingError(
                 f"round {r}: the global model became non-finite; checkpoint {state.round} kept"
             )
         state = new_state
-        ex = sum(u.num_examples for u in closed.updates)
+        # (client, examples, train loss): under SecAgg from the metadata sent in the clear at stage 0
+        contributed = (
+            [(c, m.num_examples, m.metrics.get("train_loss", 0.0)) for c, m in closed.secure.metas.items()]
+            if closed.secure is not None
+            else [(u.client_id, u.num_examples, u.metrics.get("train_loss", 0.0)) for u in closed.updates]
+        )
+        ex = sum(n for _, n, _ in contributed)
         metrics: dict[str, Any] = {
             "round": r,
-            "train_loss": sum(u.metrics.get("train_loss", 0.0) * u.num_examples for u in closed.updates)
-            / max(ex, 1),
-            "num_clients": len(closed.updates),
+            "train_loss": sum(n * loss for _, n, loss in contributed) / max(ex, 1),
+            "num_clients": len(contributed),
             "num_failed": len(closed.failed),
             "num_dropouts": len(closed.dropouts),
             "num_examples": ex,
@@ -441,12 +491,14 @@ def _loop(
         eval_s = time.perf_counter() - t_eval
         metrics["seconds"] = time.perf_counter() - t0
         metrics["max_client_compute_s"] = max(closed.compute_s.values(), default=0.0)
+        if closed.secure is not None:
+            metrics["secagg_error_bound"] = closed.secure.error_bound
         t_ckpt = time.perf_counter()
         store.commit_round(state, metrics, {}, keep=cfg.checkpoint.keep)
         checkpoint_s = time.perf_counter() - t_ckpt
         net.clear_pending(r)
         net.audit(
-            r, -1, "", "round_committed", 0, json.dumps({"clients": [u.client_id for u in closed.updates]})
+            r, -1, "", "round_committed", 0, json.dumps({"clients": sorted(c for c, _, _ in contributed)})
         )
         with metrics_path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(metrics) + "\n")
@@ -465,6 +517,54 @@ def _loop(
             log("target_reached", round=r)
             break
     return state
+
+
+def _check_secagg(cfg: ExperimentConfig, length: int) -> None:
+    """Refuse, before serving, a secure-aggregation setup that could never complete a round."""
+    if not cfg.secagg.enabled:
+        return
+    from fedloom.secagg.fixedpoint import wire_bytes_per_element
+
+    problems = []
+    if cfg.secagg.max_weight <= 0:
+        problems.append("secagg.max_weight must be > 0 in deployment (a public bound on client weights)")
+    # The masked vector travels as base64 in one unchunked message.
+    need = 4 * math.ceil(wire_bytes_per_element(cfg.secagg.bits) * length / 3) + 1024
+    if need > cfg.deploy.max_message_bytes:
+        problems.append(
+            f"secagg: a masked update needs about {need} bytes in one message, over "
+            f"deploy.max_message_bytes = {cfg.deploy.max_message_bytes}"
+        )
+    if problems:
+        raise RunStateError("; ".join(problems))
+
+
+def _secure_relay(
+    cfg: ExperimentConfig, cohort: list[int], target: int, broadcast: Broadcast, r: int
+) -> SecureRelay | None:
+    """A fresh :class:`~fedloom.net.secure.SecureRelay` for this attempt, or ``None`` without SecAgg."""
+    sa = cfg.secagg
+    if not sa.enabled:
+        return None
+    from fedloom.core.rng import numpy_rng
+    from fedloom.net.secure import SecureParams, SecureRelay, cohort_graph
+
+    graph = cohort_graph(sa.graph, cohort, sa.degree, numpy_rng(cfg.seed, "secagg-graph", round=r))
+    params = SecureParams.fresh(
+        graph,
+        threshold=sa.threshold,
+        bits=sa.bits,
+        length=broadcast.params.num_elements() + 1,
+        clip=max(1.0, cfg.transforms.clip_norm),
+        max_weight=sa.max_weight,
+    )
+    return SecureRelay(
+        params,
+        graph,
+        target=target,
+        deadline=time.monotonic() + cfg.deploy.deadline_s,
+        stage_timeout_s=cfg.deploy.deadline_s,
+    )
 
 
 def _reached(cfg: ExperimentConfig, metrics: Mapping[str, Any]) -> bool:

@@ -6,15 +6,24 @@ scalars (weight, example and step counts, metrics). Both are safetensors blobs:
 raw little-endian tensor buffers behind a small JSON header, never pickle. The blob
 is cut into chunks of at most ``chunk_bytes`` so a model larger than gRPC's message
 limit still travels.
+
+Under secure aggregation the SecAgg round messages (:mod:`fedloom.secagg.messages`,
+dataclasses of ints, bytes and tuples) travel as JSON with base64 bytes
+(:func:`encode_secagg` / :func:`decode_secagg`); they are not chunked, so the
+masked vector must fit ``deploy.max_message_bytes``.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import dataclasses
 import json
 import math
+import typing
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from fedloom.algorithms.api import Broadcast, ClientUpdate
 from fedloom.core.errors import RunStateError, UpdateError
@@ -25,8 +34,10 @@ __all__ = [
     "UpdateMeta",
     "chunk_size_for",
     "decode_broadcast",
+    "decode_secagg",
     "decode_update",
     "encode_broadcast",
+    "encode_secagg",
     "encode_update",
     "iter_chunks",
 ]
@@ -166,3 +177,84 @@ def decode_update(client_id: int, meta_json: str, blob: bytes) -> tuple[ClientUp
         extras=extras,
     )
     return update, meta.compute_s
+
+
+_M = TypeVar("_M")
+
+
+def _secagg_types() -> dict[str, type]:
+    # Imported here: fedloom.secagg needs the optional 'secure' extra (cryptography).
+    from fedloom.secagg import messages as m
+
+    kinds = (
+        m.AdvertiseKeys,
+        m.Roster,
+        m.ShareKeys,
+        m.ShareInbox,
+        m.MaskedInput,
+        m.UnmaskRequest,
+        m.UnmaskResponse,
+    )
+    return {t.__name__: t for t in kinds}
+
+
+def _to_plain(x: object) -> Any:
+    if isinstance(x, bytes):
+        return base64.b64encode(x).decode("ascii")
+    if isinstance(x, int) and not isinstance(x, bool):
+        return x
+    if isinstance(x, tuple):
+        return [_to_plain(v) for v in x]
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return {f.name: _to_plain(getattr(x, f.name)) for f in dataclasses.fields(x)}
+    raise TypeError(f"not a secure-aggregation message part: {type(x).__name__}")
+
+
+def _from_plain(tp: Any, v: Any, where: str) -> Any:
+    if tp is bytes:
+        if not isinstance(v, str):
+            raise UpdateError(f"{where}: expected base64 text")
+        try:
+            return base64.b64decode(v, validate=True)
+        except binascii.Error:
+            raise UpdateError(f"{where}: invalid base64") from None
+    if tp is int:
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise UpdateError(f"{where}: expected an integer, got {type(v).__name__}")
+        return v
+    if typing.get_origin(tp) is tuple:
+        if not isinstance(v, list):
+            raise UpdateError(f"{where}: expected a list")
+        elem = typing.get_args(tp)[0]
+        return tuple(_from_plain(elem, e, f"{where}[{i}]") for i, e in enumerate(v))
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        hints = typing.get_type_hints(tp)
+        names = [f.name for f in dataclasses.fields(tp)]
+        if not isinstance(v, dict) or sorted(v) != sorted(names):
+            raise UpdateError(f"{where}: expected the fields {names} of {tp.__name__}")
+        return tp(**{n: _from_plain(hints[n], v[n], f"{where}.{n}") for n in names})
+    raise TypeError(f"unsupported message field type {tp!r}")
+
+
+def encode_secagg(message: object) -> bytes:
+    """One SecAgg round message as bytes (JSON, bytes fields base64); inverse of :func:`decode_secagg`."""
+    name = type(message).__name__
+    if _secagg_types().get(name) is not type(message):
+        raise TypeError(f"not a secure-aggregation message: {name}")
+    return json.dumps({"type": name, "body": _to_plain(message)}, separators=(",", ":")).encode()
+
+
+def decode_secagg(data: bytes, kind: type[_M]) -> _M:
+    """The ``kind`` message in ``data``; raises :class:`UpdateError` if it is anything else or malformed."""
+    try:
+        raw = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UpdateError(f"secure-aggregation message is not JSON: {exc}") from None
+    if kind not in _secagg_types().values():
+        raise TypeError(f"not a secure-aggregation message type: {kind!r}")
+    if not isinstance(raw, dict) or raw.get("type") != kind.__name__ or "body" not in raw:
+        raise UpdateError(f"expected a {kind.__name__} message")
+    out = _from_plain(kind, raw["body"], kind.__name__)
+    if not isinstance(out, kind):  # pragma: no cover - _from_plain builds ``kind``
+        raise UpdateError(f"expected a {kind.__name__} message")
+    return out

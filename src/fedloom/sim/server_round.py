@@ -101,14 +101,19 @@ def apply_updates(
     ctx: ServerContext,
     *,
     secure: SecureSum | None = None,
+    precomputed: Aggregate | None = None,
 ) -> tuple[ServerState, dict[str, Any]]:
     """Aggregate decoded ``updates`` (at least one), run the server side, return the new state.
 
-    Used by the simulation loop and by the gRPC server alike.
+    Used by the simulation loop and by the gRPC server alike. ``precomputed`` is an
+    aggregate made elsewhere (the deployed secure sum, where the server holds no
+    individual update): it replaces aggregation, and ``updates`` may then be empty.
     """
     bound = bind_pipeline(pipeline, state.algo_state)
     metrics: dict[str, Any] = {}
-    if secure is not None:
+    if precomputed is not None:
+        aggregate = precomputed
+    elif secure is not None:
         aggregate, metrics = secure.aggregate(updates, ctx)
     else:
         aggregate = algorithm.aggregate(updates, ctx)

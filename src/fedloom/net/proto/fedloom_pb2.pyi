@@ -46,20 +46,22 @@ class TaskRequest(_message.Message):
     def __init__(self, wait_s: _Optional[float] = ...) -> None: ...
 
 class TaskReply(_message.Message):
-    __slots__ = ("kind", "round", "broadcast_digest", "broadcast_bytes", "deadline_in_s", "message")
+    __slots__ = ("kind", "round", "broadcast_digest", "broadcast_bytes", "deadline_in_s", "message", "secagg_json")
     KIND_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     BROADCAST_DIGEST_FIELD_NUMBER: _ClassVar[int]
     BROADCAST_BYTES_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_IN_S_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    SECAGG_JSON_FIELD_NUMBER: _ClassVar[int]
     kind: TaskKind
     round: int
     broadcast_digest: str
     broadcast_bytes: int
     deadline_in_s: float
     message: str
-    def __init__(self, kind: _Optional[_Union[TaskKind, str]] = ..., round: _Optional[int] = ..., broadcast_digest: _Optional[str] = ..., broadcast_bytes: _Optional[int] = ..., deadline_in_s: _Optional[float] = ..., message: _Optional[str] = ...) -> None: ...
+    secagg_json: str
+    def __init__(self, kind: _Optional[_Union[TaskKind, str]] = ..., round: _Optional[int] = ..., broadcast_digest: _Optional[str] = ..., broadcast_bytes: _Optional[int] = ..., deadline_in_s: _Optional[float] = ..., message: _Optional[str] = ..., secagg_json: _Optional[str] = ...) -> None: ...
 
 class DownloadRequest(_message.Message):
     __slots__ = ("round", "broadcast_digest")
@@ -98,6 +100,28 @@ class UploadReply(_message.Message):
     accepted: bool
     error: str
     def __init__(self, accepted: _Optional[bool] = ..., error: _Optional[str] = ...) -> None: ...
+
+class SecAggRequest(_message.Message):
+    __slots__ = ("round", "stage", "payload", "meta_json", "session")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    META_JSON_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    stage: int
+    payload: bytes
+    meta_json: str
+    session: str
+    def __init__(self, round: _Optional[int] = ..., stage: _Optional[int] = ..., payload: _Optional[bytes] = ..., meta_json: _Optional[str] = ..., session: _Optional[str] = ...) -> None: ...
+
+class SecAggReply(_message.Message):
+    __slots__ = ("payload", "error")
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    payload: bytes
+    error: str
+    def __init__(self, payload: _Optional[bytes] = ..., error: _Optional[str] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("phase",)

@@ -54,6 +54,11 @@ class CoordinatorStub:
                 request_serializer=fedloom_dot_net_dot_proto_dot_fedloom__pb2.Chunk.SerializeToString,
                 response_deserializer=fedloom_dot_net_dot_proto_dot_fedloom__pb2.UploadReply.FromString,
                 _registered_method=True)
+        self.SecAgg = channel.unary_unary(
+                '/fedloom.net.v1.Coordinator/SecAgg',
+                request_serializer=fedloom_dot_net_dot_proto_dot_fedloom__pb2.SecAggRequest.SerializeToString,
+                response_deserializer=fedloom_dot_net_dot_proto_dot_fedloom__pb2.SecAggReply.FromString,
+                _registered_method=True)
         self.Heartbeat = channel.unary_unary(
                 '/fedloom.net.v1.Coordinator/Heartbeat',
                 request_serializer=fedloom_dot_net_dot_proto_dot_fedloom__pb2.HeartbeatRequest.SerializeToString,
@@ -97,6 +102,14 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SecAgg(self, request, context):
+        """Secure aggregation (secagg.enabled): one stage of the 4-round SecAgg exchange. The call
+        blocks until the server closes the stage, then returns this client's reply for it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Heartbeat(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -132,6 +145,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.Upload,
                     request_deserializer=fedloom_dot_net_dot_proto_dot_fedloom__pb2.Chunk.FromString,
                     response_serializer=fedloom_dot_net_dot_proto_dot_fedloom__pb2.UploadReply.SerializeToString,
+            ),
+            'SecAgg': grpc.unary_unary_rpc_method_handler(
+                    servicer.SecAgg,
+                    request_deserializer=fedloom_dot_net_dot_proto_dot_fedloom__pb2.SecAggRequest.FromString,
+                    response_serializer=fedloom_dot_net_dot_proto_dot_fedloom__pb2.SecAggReply.SerializeToString,
             ),
             'Heartbeat': grpc.unary_unary_rpc_method_handler(
                     servicer.Heartbeat,
@@ -252,6 +270,33 @@ class Coordinator:
             '/fedloom.net.v1.Coordinator/Upload',
             fedloom_dot_net_dot_proto_dot_fedloom__pb2.Chunk.SerializeToString,
             fedloom_dot_net_dot_proto_dot_fedloom__pb2.UploadReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SecAgg(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedloom.net.v1.Coordinator/SecAgg',
+            fedloom_dot_net_dot_proto_dot_fedloom__pb2.SecAggRequest.SerializeToString,
+            fedloom_dot_net_dot_proto_dot_fedloom__pb2.SecAggReply.FromString,
             options,
             channel_credentials,
             insecure,

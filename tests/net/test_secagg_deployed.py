@@ -1,0 +1,156 @@
+"""Secure aggregation in deployment: the relay in-process, then real server and client processes."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tests.net.helpers import HOSPITALS, Proc, client, free_port, server, write_config
+
+from fedloom.core.serde import params_from_bytes
+from fedloom.net.secure import SecureOutcome, SecureParams, SecureRelay
+from fedloom.net.wire import UpdateMeta, decode_secagg, encode_secagg
+from fedloom.secagg import client as sa
+from fedloom.secagg.errors import SecAggAbort
+from fedloom.secagg.fixedpoint import encode
+from fedloom.secagg.graph import complete_graph
+from fedloom.secagg.messages import (
+    AdvertiseKeys,
+    EncryptedShare,
+    Roster,
+    ShareInbox,
+    ShareKeys,
+    UnmaskRequest,
+    UnmaskResponse,
+)
+
+pytest.importorskip("cryptography", reason="secure aggregation needs the 'secure' extra")
+
+
+def test_secagg_messages_round_trip_through_the_wire_codec() -> None:
+    a = AdvertiseKeys(3, b"\x00c" * 16, b"s" * 32)
+    for m in (
+        a,
+        Roster(1, (a, AdvertiseKeys(4, b"", b"\xff"))),
+        ShareKeys(2, (EncryptedShare(2, 5, b"ct"),)),
+        UnmaskRequest((0, 2, 7)),
+    ):
+        assert decode_secagg(encode_secagg(m), type(m)) == m
+    with pytest.raises(Exception, match="expected a Roster"):
+        decode_secagg(encode_secagg(a), Roster)
+
+
+def _party(relay: SecureRelay, cid: int, x: np.ndarray, stop_before: int, out: dict[int, str]) -> None:
+    """One client's four stages against ``relay`` directly; it vanishes before stage ``stop_before``."""
+    p = relay.params
+    meta = UpdateMeta(weight=1.0, num_examples=10, num_steps=1, metrics={}, compute_s=0.0).to_json()
+    keys, advert = sa.advertise_keys(p.round_params(), cid)
+    reply, err = relay.exchange(cid, 0, encode_secagg(advert), meta)
+    if err or stop_before <= 1:
+        out[cid] = err or "left"
+        return
+    sharing, shares = sa.share_keys(keys, decode_secagg(reply, Roster))
+    reply, err = relay.exchange(cid, 1, encode_secagg(shares))
+    if err or stop_before <= 2:
+        out[cid] = err or "left"
+        return
+    masked, y = sa.masked_input(sharing, decode_secagg(reply, ShareInbox), encode(x, p.fixed_point()))
+    reply, err = relay.exchange(cid, 2, encode_secagg(y))
+    if err or stop_before <= 3:
+        out[cid] = err or "left"
+        return
+    resp: UnmaskResponse = sa.unmask(masked, decode_secagg(reply, UnmaskRequest))
+    out[cid] = relay.exchange(cid, 3, encode_secagg(resp))[1] or "done"
+
+
+def _run_relay(n: int, stop_before: dict[int, int], threshold: int) -> tuple[SecureOutcome, np.ndarray]:
+    cohort = list(range(10, 10 + n))
+    graph = complete_graph(cohort)
+    params = SecureParams.fresh(graph, threshold=threshold, bits=32, length=5, clip=1.0, max_weight=1.0)
+    relay = SecureRelay(params, graph, target=n, deadline=time.monotonic() + 10, stage_timeout_s=0.5)
+    xs = {c: np.linspace(-0.5, 0.5, 5) * (i + 1) / n for i, c in enumerate(cohort)}
+    out: dict[int, str] = {}
+    threads = [
+        threading.Thread(target=_party, args=(relay, c, xs[c], stop_before.get(c, 9), out)) for c in cohort
+    ]
+    for t in threads:
+        t.start()
+    try:
+        outcome = relay.run()
+    finally:
+        for t in threads:
+            t.join(timeout=10)
+    expected = sum(xs[c] for c in outcome.included)
+    assert isinstance(expected, np.ndarray)
+    return outcome, expected
+
+
+def test_relay_recovers_from_dropouts_before_and_after_masking() -> None:
+    # 11 drops before masking (left out of the sum), 12 after masking (kept in it).
+    outcome, expected = _run_relay(5, {11: 2, 12: 3}, threshold=3)
+    assert outcome.included == (10, 12, 13, 14)
+    assert sorted(outcome.metas) == [10, 12, 13, 14]
+    np.testing.assert_allclose(outcome.total, expected, atol=outcome.error_bound)
+
+
+def test_relay_aborts_below_the_threshold_and_releases_every_waiting_client() -> None:
+    with pytest.raises(SecAggAbort):
+        _run_relay(4, {11: 3, 12: 3}, threshold=3)  # only 2 unmask responses for t = 3
+
+
+SECAGG = """
+[transforms]
+clip_norm = 1.0
+[secagg]
+enabled = true
+max_weight = 400.0
+"""
+
+
+def _start(cwd: Path, extra: str) -> tuple[Proc, list[Proc]]:
+    """A 2-round fedavg deployment of the 4 hospitals in ``cwd``: (server, clients)."""
+    cwd.mkdir()
+    cfg = write_config(cwd / "exp.toml", extra)
+    text = cfg.read_text().replace('name = "scaffold"', 'name = "fedavg"').replace("rounds = 4", "rounds = 2")
+    cfg.write_text(text.replace("max_message_bytes = 4096", "max_message_bytes = 65536"))
+    port = free_port()
+    return server(cwd, cfg, port), [client(cwd, h, port) for h in HOSPITALS]
+
+
+def test_deployed_secagg_matches_the_plain_run_and_never_receives_an_update(
+    heart_dir: Path, tmp_path: Path
+) -> None:
+    # Both runs at once: same seed, same data, so the same clients train the same updates.
+    runs = {
+        "plain": _start(tmp_path / "plain", SECAGG.replace("enabled = true", "enabled = false")),
+        "secure": _start(tmp_path / "secure", SECAGG),
+    }
+    try:
+        for name, (srv, _) in runs.items():
+            assert srv.wait(90) == 0, f"{name}: {srv.err.read_text()[-3000:]}"
+    finally:
+        for srv, clients in runs.values():
+            for p in [srv, *clients]:
+                p.stop()
+    plain = params_from_bytes((tmp_path / "plain" / "srv" / "model.safetensors").read_bytes())
+    secure = params_from_bytes((tmp_path / "secure" / "srv" / "model.safetensors").read_bytes())
+    assert not all(np.array_equal(secure[k].numpy(), plain[k].numpy()) for k in plain)  # fixed point
+    for k in plain:
+        np.testing.assert_allclose(secure[k].numpy(), plain[k].numpy(), atol=1e-4, rtol=0)
+    rows = [json.loads(x) for x in (tmp_path / "secure" / "srv" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["round"], r["num_clients"], r["attempt"]) for r in rows] == [(1, 4, 1), (2, 4, 1)]
+    assert len(runs["plain"][0].events("update_accepted")) == 8  # one per client and round...
+    assert not runs["secure"][0].events("update_accepted")  # ...and none under SecAgg
+    with sqlite3.connect(tmp_path / "secure" / "srv" / "state.sqlite") as db:
+        events = [e for (e,) in db.execute("SELECT event FROM audit")]
+        assert db.execute("SELECT COUNT(*) FROM pending_updates").fetchone() == (0,)
+    # Every stored update writes an "accepted" audit row with its pending row; none here,
+    # only the 4 masked vectors per round.
+    assert events.count("secagg_masked") == 8
+    assert not {"accepted", "rejected", "secagg_refused"} & set(events)
+    assert not list((tmp_path / "secure" / "srv").glob("**/r*-c*.safetensors"))
