@@ -156,3 +156,15 @@ def test_adaptive_clip_marks_bits_and_state_round_trips() -> None:
     rebound = stage.bind(state)
     assert rebound.current_clip == float(state[STATE_KEY]["clip_norm"].item())
     assert stage.bind({}).current_clip == 2.0
+
+
+def test_secure_noise_is_not_reproducible_from_the_seed() -> None:
+    """Deployment noise comes from the OS CSPRNG: the same (seed, round) gives different noise."""
+    from fedloom.core.rng import noise_rng
+
+    a = torch.randn(8, generator=noise_rng(0, "dp-noise", round=1))
+    b = torch.randn(8, generator=noise_rng(0, "dp-noise", round=1))
+    assert torch.equal(a, b)
+    c = torch.randn(8, generator=noise_rng(0, "dp-noise", round=1, secure=True))
+    d = torch.randn(8, generator=noise_rng(0, "dp-noise", round=1, secure=True))
+    assert not torch.equal(c, d)

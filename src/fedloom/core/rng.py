@@ -12,12 +12,13 @@ coordinates give statistically independent streams.
 from __future__ import annotations
 
 import hashlib
+import secrets
 import struct
 
 import numpy as np
 import torch
 
-__all__ = ["derive_seed", "numpy_rng", "torch_rng"]
+__all__ = ["derive_seed", "noise_rng", "numpy_rng", "torch_rng"]
 
 _NO_CLIENT = -1
 
@@ -43,4 +44,21 @@ def torch_rng(seed: int, purpose: str, *, round: int = -1, client: int = _NO_CLI
     """A CPU torch generator for the given coordinates (see :func:`derive_seed`)."""
     g = torch.Generator()
     g.manual_seed(derive_seed(seed, purpose, round=round, client=client))
+    return g
+
+
+def noise_rng(
+    seed: int, purpose: str, *, round: int = -1, client: int = _NO_CLIENT, secure: bool = False
+) -> torch.Generator:
+    """A generator for privacy noise.
+
+    In simulation (``secure=False``) it is :func:`torch_rng`, so runs are
+    reproducible. In deployment (``secure=True``) it is seeded from the operating
+    system's CSPRNG: noise derived from a known seed could be subtracted by anyone
+    who knows the seed, voiding the DP guarantee.
+    """
+    if not secure:
+        return torch_rng(seed, purpose, round=round, client=client)
+    g = torch.Generator()
+    g.manual_seed(secrets.randbits(63))
     return g

@@ -59,6 +59,7 @@ from fedloom.net.proto import fedloom_pb2 as pb
 from fedloom.net.proto import fedloom_pb2_grpc as pbg
 from fedloom.net.wire import chunk_size_for, decode_broadcast, encode_update, iter_chunks
 from fedloom.sim.build import build_algorithm, build_pipeline
+from fedloom.sim.privacy_plan import plan_privacy
 from fedloom.transforms.pipeline import Pipeline
 
 __all__ = [
@@ -182,7 +183,9 @@ class NetClient:
             assert self._load_data is not None
             data = self._load_data(cfg)
             module = build_model(cfg.model.name, cfg.model.kwargs, seed=cfg.seed)
-            self._work = algorithm_work(build_algorithm(cfg), build_pipeline(cfg), Workspace(module), data)
+            privacy = plan_privacy(cfg, population=len(cfg.deploy.clients) or None, secure_noise=True)
+            pipeline = build_pipeline(cfg, privacy)
+            self._work = algorithm_work(build_algorithm(cfg), pipeline, Workspace(module), data)
             self.log("data_loaded", examples=len(data))
         if self.o.state_dir is not None:
             self._states = ClientStateStore(self.o.state_dir, reply.run_id)

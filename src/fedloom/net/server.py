@@ -278,7 +278,10 @@ def run_server(cfg: ExperimentConfig, state_dir: Path, options: ServerOptions, l
     if len(set(names)) != len(names):
         raise RunStateError(f"deploy.clients has duplicate names: {names}")
     selected_n = min(population, math.ceil(size * d.overselect - 1e-9))
-    algorithm, pipeline = build_algorithm(cfg), build_pipeline(cfg, plan_privacy(cfg, population=population))
+    algorithm, pipeline = (
+        build_algorithm(cfg),
+        build_pipeline(cfg, plan_privacy(cfg, population=population, secure_noise=True)),
+    )
     module = build_model(cfg.model.name, cfg.model.kwargs, seed=cfg.seed)
     _check_secagg(cfg, Params.from_module(module).num_elements() + 1)
     workspace, initial = Workspace(module), Params.from_module(module)

@@ -49,11 +49,14 @@ class PrivacyPlan:
         return self.budget > 0 and self.epsilon_after(next_round) > self.budget
 
 
-def plan_privacy(cfg: ExperimentConfig, *, population: int | None = None) -> PrivacyPlan | None:
+def plan_privacy(
+    cfg: ExperimentConfig, *, population: int | None = None, secure_noise: bool = False
+) -> PrivacyPlan | None:
     """The plan for ``cfg`` (``None`` when ``privacy.mode = "off"``).
 
     ``population`` is the number of clients cohorts are drawn from (default
-    ``data.num_clients``; the deployment passes its registry size). With
+    ``data.num_clients``; the deployment passes its registry size). The deployment
+    also sets ``secure_noise``: noise from the OS CSPRNG instead of the seed. With
     ``privacy.target_epsilon > 0`` the noise multiplier is calibrated so that
     ``cfg.rounds`` rounds spend at most that epsilon.
     """
@@ -83,11 +86,11 @@ def plan_privacy(cfg: ExperimentConfig, *, population: int | None = None) -> Pri
     stage: UpdateTransform
     try:
         if p.mode == "central":
-            stage = CentralDP(p.clip_norm, sigma, expected)
+            stage = CentralDP(p.clip_norm, sigma, expected, secure_noise)
         elif p.mode == "client_clip":
-            stage = ClientClipDP(p.clip_norm, sigma, expected)
+            stage = ClientClipDP(p.clip_norm, sigma, expected, secure_noise)
         elif p.mode == "local":
-            stage = LocalDP(p.clip_norm, sigma)
+            stage = LocalDP(p.clip_norm, sigma, secure_noise)
         else:
             count_std = p.count_noise_std or cohort / 20
             stage = AdaptiveClipDP(
@@ -97,6 +100,7 @@ def plan_privacy(cfg: ExperimentConfig, *, population: int | None = None) -> Pri
                 target_quantile=p.target_quantile,
                 clip_lr=p.clip_lr,
                 expected_clients=expected,
+                secure_noise=secure_noise,
             )
     except ValueError as exc:
         raise ConfigError([f"privacy: {exc}"]) from exc

@@ -43,7 +43,7 @@ from fedloom.algorithms.api import Aggregate, ClientUpdate, ServerContext
 from fedloom.algorithms.stragglers import accepted
 from fedloom.core.errors import RunStateError
 from fedloom.core.params import Params
-from fedloom.core.rng import torch_rng
+from fedloom.core.rng import noise_rng
 from fedloom.transforms.dp import NOISE_PURPOSE, clip_to_norm, noised_mean
 from fedloom.transforms.pipeline import Pipeline, UpdateTransform
 
@@ -113,6 +113,7 @@ class AdaptiveClipDP:
     clip_lr: float = 0.2
     expected_clients: int | None = None
     clip_norm: float | None = None
+    secure_noise: bool = False  # draw noise from the OS CSPRNG (deployment), not the seed
 
     def __post_init__(self) -> None:
         problems = []
@@ -151,7 +152,7 @@ class AdaptiveClipDP:
         if kept:
             bits = sum(int(u.metrics.get(UNCLIPPED, 0.0) > 0) for u in kept)
             denom = float(self.expected_clients or len(kept))
-            gen = torch_rng(ctx.seed, COUNT_PURPOSE, round=ctx.round)
+            gen = noise_rng(ctx.seed, COUNT_PURPOSE, round=ctx.round, secure=self.secure_noise)
             frac = noised_unclipped_fraction(bits, len(kept), denom, self.count_noise_std, gen)
             clip = next_clip_norm(clip, frac, self.target_quantile, self.clip_lr)
         return {STATE_KEY: Params({"clip_norm": torch.tensor([clip], dtype=torch.float64)})}
@@ -168,7 +169,7 @@ class AdaptiveClipDP:
 
     def server(self, aggregate: Aggregate, ctx: ServerContext) -> Aggregate:
         z_delta = delta_noise_multiplier(self.noise_multiplier, self.count_noise_std)
-        gen = torch_rng(ctx.seed, NOISE_PURPOSE, round=ctx.round)
+        gen = noise_rng(ctx.seed, NOISE_PURPOSE, round=ctx.round, secure=self.secure_noise)
         return noised_mean(
             aggregate,
             noise_std_on_sum=z_delta * self.current_clip,

@@ -56,7 +56,7 @@ import torch
 from fedloom.algorithms.api import Aggregate, ClientUpdate, ServerContext
 from fedloom.core.errors import UpdateError
 from fedloom.core.params import Params
-from fedloom.core.rng import torch_rng
+from fedloom.core.rng import noise_rng
 
 __all__ = [
     "CentralDP",
@@ -136,6 +136,7 @@ class CentralDP:
     clip_norm: float
     noise_multiplier: float
     expected_clients: int | None = None
+    secure_noise: bool = False  # draw noise from the OS CSPRNG (deployment), not the seed
 
     def __post_init__(self) -> None:
         _check(self.clip_norm, self.noise_multiplier, self.expected_clients, "CentralDP")
@@ -148,7 +149,7 @@ class CentralDP:
         return _uniform(update, norm, delta)
 
     def server(self, aggregate: Aggregate, ctx: ServerContext) -> Aggregate:
-        gen = torch_rng(ctx.seed, NOISE_PURPOSE, round=ctx.round)
+        gen = noise_rng(ctx.seed, NOISE_PURPOSE, round=ctx.round, secure=self.secure_noise)
         return noised_mean(
             aggregate,
             noise_std_on_sum=self.noise_multiplier * self.clip_norm,
@@ -164,6 +165,7 @@ class ClientClipDP:
     clip_norm: float
     noise_multiplier: float
     expected_clients: int | None = None
+    secure_noise: bool = False  # draw noise from the OS CSPRNG (deployment), not the seed
 
     def __post_init__(self) -> None:
         _check(self.clip_norm, self.noise_multiplier, self.expected_clients, "ClientClipDP")
@@ -183,7 +185,7 @@ class ClientClipDP:
         return replace(update, weight=1.0)
 
     def server(self, aggregate: Aggregate, ctx: ServerContext) -> Aggregate:
-        gen = torch_rng(ctx.seed, NOISE_PURPOSE, round=ctx.round)
+        gen = noise_rng(ctx.seed, NOISE_PURPOSE, round=ctx.round, secure=self.secure_noise)
         return noised_mean(
             aggregate,
             noise_std_on_sum=self.noise_multiplier * self.clip_norm,
@@ -203,13 +205,16 @@ class LocalDP:
 
     clip_norm: float
     noise_multiplier: float
+    secure_noise: bool = False  # draw noise from the OS CSPRNG (deployment), not the seed
 
     def __post_init__(self) -> None:
         _check(self.clip_norm, self.noise_multiplier, None, "LocalDP")
 
     def client(self, update: ClientUpdate, ctx: ServerContext) -> ClientUpdate:
         delta, _ = clip_to_norm(update.delta, self.clip_norm)  # pre-clip norm not reported: it leaks
-        gen = torch_rng(ctx.seed, NOISE_PURPOSE, round=ctx.round, client=update.client_id)
+        gen = noise_rng(
+            ctx.seed, NOISE_PURPOSE, round=ctx.round, client=update.client_id, secure=self.secure_noise
+        )
         noisy = delta + gaussian_like(delta, self.noise_multiplier * self.clip_norm, gen)
         return replace(update, delta=noisy)
 
