@@ -10,8 +10,7 @@ reads both for every run and writes three files into ``out_dir``:
 * ``summary.md``: one table row per run (see :class:`RunSummary`) and links to the plots.
 
 The numbers come from the pure function :func:`summarize_run`; labels from :func:`run_labels`.
-Plots use matplotlib's object API with an explicit Agg canvas, so no pyplot state or global
-backend switch is touched.
+Plots are drawn by :mod:`fedloom.results.plots`.
 """
 
 from __future__ import annotations
@@ -23,12 +22,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from matplotlib.axes import Axes
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
-
 from fedloom.core.errors import RunStateError
+from fedloom.results.plots import PlotRun, plot_accuracy, plot_loss
 
 __all__ = ["Report", "RunReport", "RunSummary", "run_labels", "summarize_run", "write_report"]
 
@@ -267,63 +262,6 @@ def _get(config: Mapping[str, object], dotted: str) -> object:
     return node
 
 
-def _series(rows: Sequence[Mapping[str, object]], key: str) -> tuple[list[int], list[float]]:
-    """(rounds, values) of the rows where ``key`` is a number."""
-    pairs = [(int(_number(r, "round") or 0), v) for r in rows if (v := _number(r, key)) is not None]
-    return [p[0] for p in pairs], [p[1] for p in pairs]
-
-
-def _new_figure(width: float, height: float) -> Figure:
-    fig = Figure(figsize=(width, height), dpi=120, layout="constrained")
-    FigureCanvasAgg(fig)  # attaches itself to fig: rendering never goes through pyplot
-    return fig
-
-
-def _plot_metric(ax: Axes, runs: Sequence[_LoadedRun], key: str, title: str) -> None:
-    """Overlay ``key`` against round for every run that logged it."""
-    drawn = False
-    for run in runs:
-        xs, ys = _series(run.rows, key)
-        if xs:
-            ax.plot(xs, ys, marker="o" if len(xs) <= 50 else None, markersize=3, label=run.report.label)
-            drawn = True
-    ax.set_title(title)
-    ax.set_xlabel("round")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.grid(visible=True, alpha=0.3)
-    if drawn:
-        ax.legend(fontsize="small")
-    else:
-        ax.text(0.5, 0.5, f"no {key} recorded", ha="center", va="center", transform=ax.transAxes)
-
-
-def _plot_accuracy(runs: Sequence[_LoadedRun], path: Path) -> None:
-    fig = _new_figure(7.0, 4.5)
-    ax = fig.add_subplot()
-    for target in sorted({r.report.target for r in runs if r.report.target > 0}):
-        ax.axhline(target, linestyle="--", color="grey", linewidth=1)
-        ax.annotate(
-            f"target {target:g}",
-            (0.01, target),
-            xycoords=("axes fraction", "data"),
-            va="bottom",
-            fontsize="small",
-            color="grey",
-        )
-    _plot_metric(ax, runs, "test_accuracy", "Test accuracy")
-    ax.set_ylabel("accuracy")
-    fig.savefig(path)
-
-
-def _plot_loss(runs: Sequence[_LoadedRun], path: Path) -> None:
-    fig = _new_figure(11.0, 4.5)
-    train_ax, test_ax = fig.subplots(1, 2)
-    _plot_metric(train_ax, runs, "train_loss", "Train loss")
-    _plot_metric(test_ax, runs, "test_loss", "Test loss")
-    train_ax.set_ylabel("loss")
-    fig.savefig(path)
-
-
 def _cell(value: object) -> str:
     return str(value).replace("|", "\\|")
 
@@ -414,8 +352,9 @@ def write_report(run_dirs: Sequence[Path], out_dir: Path) -> Report:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     accuracy, loss, summary = out_dir / "accuracy.png", out_dir / "loss.png", out_dir / "summary.md"
-    _plot_accuracy(runs, accuracy)
-    _plot_loss(runs, loss)
+    plot_runs = [PlotRun(label=r.report.label, target=r.report.target, rows=r.rows) for r in runs]
+    plot_accuracy(plot_runs, accuracy)
+    plot_loss(plot_runs, loss)
     reports = tuple(r.report for r in runs)
     summary.write_text(_summary_markdown(reports), encoding="utf-8")
     return Report(paths=(accuracy, loss, summary), runs=reports)
