@@ -100,3 +100,11 @@ def test_nan_loss_stops_with_last_good_checkpoint_intact(tmp_path: Path, mnist_d
         assert store.load_state().params.all_finite()
     lines = (run / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == last
+
+
+def test_simulate_logs_the_executor_choice_and_reason(tmp_path: Path, mnist_dir: str) -> None:
+    proc = run_cli("simulate", "--set", f"data.dir={mnist_dir}", *SLICE, "--set", "rounds=1",
+                   "--set", "executor=sequential", "--out", str(tmp_path / "r"), "--no-report",
+                   cwd=tmp_path)  # fmt: skip
+    assert "executor: sequential" in proc.stdout
+    assert "requested in the configuration" in proc.stdout

@@ -120,3 +120,9 @@ def _ppid(pid: str) -> int:
             return int(f.read().rsplit(")", 1)[1].split()[1])
     except (OSError, IndexError, ValueError):
         return -1
+
+
+def test_auto_falls_back_to_sequential_without_fork() -> None:
+    choice = choose_executor("auto", 0, 100, cores=4, cuda=False, fork=False)
+    assert choice.kind == "sequential"
+    assert "fork" in choice.reason

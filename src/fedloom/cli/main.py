@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import sys
 import tomllib
@@ -28,6 +29,17 @@ SetOpt = Annotated[
 
 def _console() -> Console:
     return Console(highlight=False, soft_wrap=True)
+
+
+def _show_logs(console: Console) -> None:
+    """Route fedloom's INFO log lines (e.g. which executor was chosen and why) to the console."""
+    logger = logging.getLogger("fedloom")
+    if not any(getattr(h, "fedloom_cli", False) for h in logger.handlers):
+        handler = logging.StreamHandler(console.file)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+        handler.fedloom_cli = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
 
 
 def _fail(exc: FedloomError) -> typer.Exit:
@@ -73,6 +85,7 @@ def simulate(
         else:
             cfg = load_config(config, set_ or [])
             run_dir = out if out is not None else _new_run_dir(cfg)
+        _show_logs(console)
         listener = ConsoleListener(console)
         try:
             result = run_simulation(cfg, run_dir, resume=resume is not None, listener=listener)

@@ -15,6 +15,7 @@ The choice and its reason are logged on the ``fedloom`` logger.
 from __future__ import annotations
 
 import logging
+import multiprocessing as mp
 import os
 from dataclasses import dataclass
 
@@ -49,11 +50,18 @@ def available_cores() -> int:
 
 
 def choose_executor(
-    requested: str, workers: int, cohort: int, *, cores: int | None = None, cuda: bool | None = None
+    requested: str,
+    workers: int,
+    cohort: int,
+    *,
+    cores: int | None = None,
+    cuda: bool | None = None,
+    fork: bool | None = None,
 ) -> ExecutorChoice:
     """Resolve ``requested`` (an ``executor`` value) into a concrete choice; pure, for testing."""
     cores = available_cores() if cores is None else cores
     cuda = torch.cuda.is_available() if cuda is None else cuda
+    fork = "fork" in mp.get_all_start_methods() if fork is None else fork
     n = workers if workers > 0 else cores
     if requested != "auto":
         device = "cuda" if requested == "vectorized" and cuda else "cpu"
@@ -62,6 +70,8 @@ def choose_executor(
         return ExecutorChoice("vectorized", 1, "cuda", "a CUDA device is available")
     if n < 2:
         return ExecutorChoice("sequential", 1, "cpu", f"{n} worker(s) available: nothing to parallelise")
+    if not fork:
+        return ExecutorChoice("sequential", 1, "cpu", "this platform cannot fork worker processes")
     if cohort < 2 * n:
         return ExecutorChoice(
             "sequential", 1, "cpu", f"{cohort} clients per round is too few to share among {n} workers"
