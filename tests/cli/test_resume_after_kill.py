@@ -32,6 +32,22 @@ def _rounds_done(run: Path) -> int:
     return sum(1 for line in path.read_text().splitlines() if line.endswith("}"))
 
 
+def _processes_mentioning(text: str) -> list[int]:
+    """Live (non-zombie) processes whose command line contains ``text``."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if text in cmdline and state != "Z":
+            pids.append(int(entry.name))
+    return pids
+
+
 def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path: Path, mnist_dir: str) -> None:
     whole = tmp_path / "whole"
     run_cli("simulate", *_args(mnist_dir), "--out", str(whole), "--no-report", cwd=tmp_path)
@@ -47,6 +63,11 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path: Path, mnist_dir:
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
+    # The parallel workers notice their parent's death and exit: no orphans are left behind.
+    deadline = time.monotonic() + 20
+    while _processes_mentioning(str(killed)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _processes_mentioning(str(killed)) == [], "worker processes outlived the killed run"
     done = _rounds_done(killed)
     assert 4 <= done < ROUNDS, f"the kill landed after {done} rounds; expected mid-run"
     assert not (killed / "model.safetensors").exists()

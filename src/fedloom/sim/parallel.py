@@ -61,7 +61,7 @@ def _worker_main(
 ) -> None:
     """A worker's loop: receive a round's share, train it, send the outcomes back."""
     torch.set_num_threads(1)
-    for other in siblings:  # the parent's ends of earlier workers' pipes, inherited by the fork:
+    for other in siblings:  # the parent's ends of its own and earlier workers' pipes, inherited by the fork:
         other.close()  # close them so a dead parent shows up as EOF in every worker at once
     try:
         while True:
@@ -127,7 +127,9 @@ class ParallelExecutor:
                 parent, child = ctx.Pipe(duplex=True)
                 proc = ctx.Process(
                     target=_worker_main,
-                    args=(child, self.workspace, self.data, self.pipeline, list(self._conns)),
+                    # The child also inherits the parent's end of its own pipe: it must close that
+                    # too, or it never sees EOF when the parent dies and lives on as an orphan.
+                    args=(child, self.workspace, self.data, self.pipeline, [*self._conns, parent]),
                     name=f"fedloom-worker-{i}",
                     daemon=True,
                 )
