@@ -13,8 +13,14 @@ parallelism with no orchestration overhead (issue 4). The pool:
 * sends each worker one message per round -- the algorithm, the broadcast, its
   client ids and their states -- and gets its outcomes back in chunks of
   ``CHUNK`` clients as they finish (so a worker never holds more than a chunk of
-  deltas), both through shared memory (:mod:`fedloom.sim.transport`);
-* returns the outcomes in cohort order. Each client is trained by
+  deltas), both through shared memory (:mod:`fedloom.sim.transport`): two
+  :class:`~fedloom.sim.transport.Arena` regions per worker, one each way, mapped
+  before the fork and reused every round, so a round creates no shared-memory
+  segment and passes no file descriptor (making a fresh segment per chunk cost
+  about a sixth of a 2NN worker's time);
+* returns the outcomes in cohort order. Their deltas are views of the pool's
+  memory, valid until the next round (the runner is done with them by then);
+  client states, which the runner keeps across rounds, are copied out. Each client is trained by
   :func:`~fedloom.sim.executor.run_client` with 1 torch thread, so its update is
   bit-identical to ``SequentialExecutor(threads=1)``'s; the runner aggregates in
   cohort order, so the model is too.
@@ -33,15 +39,23 @@ import gc
 import multiprocessing as mp
 import traceback
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 
 import torch
 
-from fedloom.algorithms.api import Algorithm, Broadcast, ClientState, ServerContext, Workspace
+from fedloom.algorithms.api import (
+    Algorithm,
+    Broadcast,
+    ClientState,
+    ClientUpdate,
+    ServerContext,
+    Workspace,
+)
 from fedloom.data.federated import FederatedDataset
 from fedloom.sim.executor import ExecutorError, Outcome, client_costs, lpt_assign, run_client
-from fedloom.sim.transport import Packed, pack, unpack
+from fedloom.sim.transport import Arena, Packed, pack, unpack
 from fedloom.transforms.pipeline import Pipeline
 
 __all__ = ["ParallelExecutor"]
@@ -50,6 +64,11 @@ _STOP = None
 # Outcomes per reply: a worker holds at most this many private deltas before handing them over,
 # so its memory does not grow with its share of the cohort.
 CHUNK = 8
+# Arena sizing: room for this many model-sized tensors per cohort member (delta, an
+# algorithm's extras, a client state), within a per-arena cap. Only pages written are
+# ever backed by memory; what does not fit goes through a fresh shared segment.
+TENSORS_PER_CLIENT = 3
+ARENA_CAP = 1 << 30
 
 
 def _worker_main(
@@ -58,8 +77,15 @@ def _worker_main(
     data: FederatedDataset,
     pipeline: Pipeline,
     siblings: list[Connection],
+    down: Arena,
+    up: Arena,
 ) -> None:
-    """A worker's loop: receive a round's share, train it, send the outcomes back."""
+    """A worker's loop: receive a round's share, train it, send the outcomes back.
+
+    ``down`` holds what the parent sends, ``up`` what this worker returns; the
+    worker resets ``up`` when a round's message arrives (the parent is done with
+    the previous round's outcomes by then).
+    """
     torch.set_num_threads(1)
     for other in siblings:  # the parent's ends of its own and earlier workers' pipes, inherited by the fork:
         other.close()  # close them so a dead parent shows up as EOF in every worker at once
@@ -72,15 +98,16 @@ def _worker_main(
             if msg is _STOP:
                 return
             try:
-                algorithm, broadcast, cids, states, ctx = unpack(msg)
+                algorithm, broadcast, cids, states, ctx = unpack(msg, down)
                 del msg
+                up.reset()
                 chunk: list[Outcome] = []
                 for i, cid in enumerate(cids):
                     chunk.append(
                         run_client(workspace, data, pipeline, algorithm, broadcast, cid, states, ctx)
                     )
                     if len(chunk) == CHUNK or i == len(cids) - 1:
-                        conn.send(("ok", pack(chunk)))
+                        conn.send(("ok", pack(chunk, up)))
                         chunk = []
                 del broadcast, states
             except Exception as exc:
@@ -113,23 +140,31 @@ class ParallelExecutor:
         self.workers = workers
         self._procs: list[BaseProcess] = []
         self._conns: list[Connection] = []
+        self._arenas: list[tuple[Arena, Arena]] = []  # (down, up) per worker
 
     # ---- lifecycle ------------------------------------------------------
-    def start(self) -> None:
-        """Fork the workers (done automatically by the first round)."""
+    def start(self, cohort_size: int = 1) -> None:
+        """Fork the workers (done automatically by the first round).
+
+        ``cohort_size`` sizes the shared regions (a round with a larger cohort
+        still works; what does not fit travels in fresh shared segments).
+        """
         if self._procs:
             return
+        model_bytes = sum(t.numel() * t.element_size() for t in self.workspace.module.state_dict().values())
+        nbytes = min(ARENA_CAP, (max(cohort_size, 1) * TENSORS_PER_CLIENT + 4) * model_bytes + (1 << 20))
         ctx = mp.get_context("fork")
         gc.collect()
         gc.freeze()  # objects alive now stay out of the GC's reach, so children share their pages
         try:
             for i in range(self.workers):
                 parent, child = ctx.Pipe(duplex=True)
+                arenas = (Arena(nbytes), Arena(nbytes))
                 proc = ctx.Process(
                     target=_worker_main,
                     # The child also inherits the parent's end of its own pipe: it must close that
                     # too, or it never sees EOF when the parent dies and lives on as an orphan.
-                    args=(child, self.workspace, self.data, self.pipeline, [*self._conns, parent]),
+                    args=(child, self.workspace, self.data, self.pipeline, [*self._conns, parent], *arenas),
                     name=f"fedloom-worker-{i}",
                     daemon=True,
                 )
@@ -137,6 +172,7 @@ class ParallelExecutor:
                 child.close()
                 self._procs.append(proc)
                 self._conns.append(parent)
+                self._arenas.append(arenas)
         finally:
             gc.unfreeze()
 
@@ -152,7 +188,7 @@ class ParallelExecutor:
                 proc.join(timeout=5)
         for conn in self._conns:
             conn.close()
-        self._procs, self._conns = [], []
+        self._procs, self._conns, self._arenas = [], [], []
 
     def __enter__(self) -> ParallelExecutor:
         return self
@@ -176,7 +212,7 @@ class ParallelExecutor:
         cids = [int(c) for c in cohort]
         if not cids:
             return []
-        self.start()
+        self.start(len(cids))
         shares = lpt_assign(client_costs(algorithm, self.data, cids), self.workers)
         pending: dict[int, list[int]] = {}
         for w, positions in enumerate(shares):
@@ -184,13 +220,15 @@ class ParallelExecutor:
                 continue
             mine = [cids[i] for i in positions]
             states = {c: client_states[c] for c in mine if c in client_states}
-            self._send(w, pack((algorithm, broadcast, mine, states, ctx)), ctx)
+            down = self._arenas[w][0]
+            down.reset()  # the worker finished reading last round's message before replying
+            self._send(w, pack((algorithm, broadcast, mine, states, ctx), down), ctx)
             pending[w] = positions
         results: list[Outcome | None] = [None] * len(cids)
         done = dict.fromkeys(pending, 0)  # outcomes received so far, per worker
         while pending:
             self._collect(pending, done, results, ctx)
-        return [r for r in results if r is not None]
+        return [_own_client_state(r) for r in results if r is not None]
 
     def _send(self, w: int, msg: Packed, ctx: ServerContext) -> None:
         try:
@@ -218,7 +256,7 @@ class ParallelExecutor:
                 if kind != "ok":
                     self.close()
                     raise ExecutorError(f"round {ctx.round}: worker {w} failed:\n{body}")
-                outcomes: list[Outcome] = unpack(body)
+                outcomes: list[Outcome] = unpack(body, self._arenas[w][1])
                 positions = pending[w][done[w] : done[w] + len(outcomes)]
                 for pos, outcome in zip(positions, outcomes, strict=True):
                     results[pos] = outcome
@@ -241,3 +279,11 @@ class ParallelExecutor:
             f"round {ctx.round}: parallel worker {w} (pid {proc.pid}) died ({how}); "
             "the pool was shut down. If it ran out of memory, use fewer workers"
         )
+
+
+def _own_client_state(outcome: Outcome) -> Outcome:
+    """``outcome`` with its client state copied out of the worker's arena (it outlives the round)."""
+    if not isinstance(outcome, ClientUpdate) or outcome.client_state is None:
+        return outcome
+    values = {k: v.clone() for k, v in outcome.client_state.values.items()}
+    return replace(outcome, client_state=ClientState(values=values))
