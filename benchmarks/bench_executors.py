@@ -39,7 +39,7 @@ from fedloom.config.schema import ExperimentConfig
 from fedloom.models import MLP2NN
 from fedloom.models.zoo import CNN
 from fedloom.sim.build import Components, build_components
-from fedloom.sim.executor import Executor
+from fedloom.sim.executor import Executor, torch_threads
 from fedloom.sim.parallel import ParallelExecutor
 from fedloom.sim.runner import run_simulation
 from fedloom.sim.sampling import cohort_size, sample_clients
@@ -162,9 +162,10 @@ def main() -> None:
     fed: dict[str, list[float]] = {k: [] for k in kinds}
     starts: dict[str, list[float]] = {k: [] for k in kinds}
     for rep in range(args.repeats):
-        bare = bare_loop(
-            comps.train, cohorts, make_model, cfg.client.lr, cfg.client.batch_size, rep, args.device
-        )
+        with torch_threads(args.bare_threads):
+            bare = bare_loop(
+                comps.train, cohorts, make_model, cfg.client.lr, cfg.client.batch_size, rep, args.device
+            )
         bare_times += bare[1:-1] or bare
         line = [f"repeat {rep + 1}: bare {statistics.median(bare[1:-1] or bare):.4f} s/round"]
         for k in kinds:

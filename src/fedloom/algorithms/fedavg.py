@@ -116,8 +116,13 @@ def weighted_round(updates: Sequence[ClientUpdate], aggregator: Aggregator = wei
 def apply_round(
     optimizer: ServerOptimizer, state: ServerState, aggregate: Aggregate, ctx: ServerContext
 ) -> ServerState:
-    """Apply the server optimiser to ``aggregate.delta``; an empty round changes nothing but the round."""
-    if aggregate.num_clients == 0:
+    """Apply the server optimiser to ``aggregate.delta``.
+
+    An empty round (no client contributed) changes nothing but the round number,
+    unless a DP stage released noise for it (a non-zero delta, see
+    :func:`fedloom.transforms.dp.noised_mean`): that release is applied like any other.
+    """
+    if aggregate.num_clients == 0 and aggregate.delta.l2_norm() == 0:
         return ServerState(
             round=ctx.round, params=state.params, opt_state=state.opt_state, algo_state=state.algo_state
         )

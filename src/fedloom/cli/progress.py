@@ -14,8 +14,13 @@ from fedloom.sim.executor import ClientFailure
 __all__ = ["ConsoleListener"]
 
 
+def _loss(metrics: Mapping[str, Any]) -> str:
+    loss = metrics.get("train_loss")
+    return "-" if loss is None else f"{loss:.4f}"  # None: nobody trained (an empty Poisson cohort)
+
+
 def _fmt(metrics: Mapping[str, Any]) -> str:
-    parts = [f"round {metrics['round']}", f"train_loss {metrics['train_loss']:.4f}"]
+    parts = [f"round {metrics['round']}", f"train_loss {_loss(metrics)}"]
     if "test_accuracy" in metrics:
         parts.append(f"test_acc {metrics['test_accuracy']:.4f}")
         parts.append(f"test_loss {metrics['test_loss']:.4f}")
@@ -59,7 +64,7 @@ class ConsoleListener:
         if self._progress is not None:
             acc = f"acc {metrics['test_accuracy']:.4f}" if "test_accuracy" in metrics else ""
             self._progress.update(
-                self._task, completed=metrics["round"], acc=acc, loss=f"loss {metrics['train_loss']:.4f}"
+                self._task, completed=metrics["round"], acc=acc, loss=f"loss {_loss(metrics)}"
             )
         else:
             self.console.print(_fmt(metrics), highlight=False)

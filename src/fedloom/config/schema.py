@@ -139,8 +139,20 @@ class ServerConfig(_Section):
 
 
 class SamplingConfig(_Section):
-    fraction: float = Field(0.1, gt=0, le=1, description="Fraction C of clients sampled each round.")
-    min_clients: int = Field(1, ge=1, description="Sample at least this many clients per round.")
+    scheme: Literal["fixed", "poisson"] = Field(
+        "fixed",
+        description="'fixed': a cohort of max(min_clients, ceil(fraction * clients)) drawn without "
+        "replacement; 'poisson': each client joins independently with probability fraction (cohort "
+        "sizes vary and may be 0; the sampling DP accounting assumes, and the one PLD supports).",
+    )
+    fraction: float = Field(
+        0.1, gt=0, le=1, description="Fraction C of clients sampled each round (the rate under 'poisson')."
+    )
+    min_clients: int = Field(
+        1,
+        ge=1,
+        description="Sample at least this many clients per round ('fixed' only; must be 1 under 'poisson').",
+    )
 
 
 class EvalConfig(_Section):
@@ -344,9 +356,19 @@ class ExperimentConfig(_Section):
                 problems.append(
                     "privacy.mode clips by itself: set transforms.clip_norm = 0 and use privacy.clip_norm"
                 )
-        if self.privacy.accountant == "pld" and self.privacy.mode in ("central", "client_clip", "adaptive"):
+        if (
+            self.privacy.accountant == "pld"
+            and self.privacy.mode in ("central", "client_clip", "adaptive")
+            and self.sampling.scheme != "poisson"
+        ):
             problems.append(
-                "privacy.accountant = 'pld' needs Poisson sampling, but rounds sample a fixed-size cohort; use 'rdp'"
+                "privacy.accountant = 'pld' needs sampling.scheme = 'poisson' (dp-accounting's PLD has no "
+                "fixed-size sampling event); set it, or use accountant = 'rdp'"
+            )
+        if self.sampling.scheme == "poisson" and self.sampling.min_clients != 1:
+            problems.append(
+                f"sampling.min_clients = {self.sampling.min_clients} does not apply to sampling.scheme = "
+                "'poisson' (a floor on the cohort would change the sampling the accountant assumes); leave it at 1"
             )
         if self.secagg.enabled:
             if self.transforms.clip_norm <= 0:

@@ -42,7 +42,7 @@ import grpc
 from fedloom.algorithms.api import Broadcast, ServerContext, ServerState, Workspace
 from fedloom.config.loader import config_to_toml
 from fedloom.config.schema import ExperimentConfig
-from fedloom.core.errors import FedloomError, RunStateError, TrainingError
+from fedloom.core.errors import ConfigError, FedloomError, RunStateError, TrainingError
 from fedloom.core.params import Params
 from fedloom.core.serde import params_to_bytes
 from fedloom.data.datasets import ArrayDataset
@@ -271,6 +271,14 @@ def run_server(cfg: ExperimentConfig, state_dir: Path, options: ServerOptions, l
     """Serve the experiment until its round budget (or target accuracy) is reached; resumable."""
     names = client_names(cfg)
     d = cfg.deploy
+    if cfg.sampling.scheme != "fixed":
+        raise ConfigError(
+            [
+                f"sampling.scheme = {cfg.sampling.scheme!r}: the deployment selects fixed-size cohorts "
+                "(a deployed round needs deploy.min_quorum answers, which a Poisson draw cannot promise); "
+                "use 'fixed' (DP accounting then uses RDP)"
+            ]
+        )
     population = len(names)
     size = cohort_size(population, cfg.sampling.fraction, cfg.sampling.min_clients)
     if d.min_quorum > size:

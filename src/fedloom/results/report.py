@@ -27,7 +27,9 @@ from fedloom.results.plots import PlotRun, plot_accuracy, plot_loss
 
 __all__ = ["Report", "RunReport", "RunSummary", "run_labels", "summarize_run", "write_report"]
 
-_REQUIRED = ("round", "train_loss", "seconds")
+_REQUIRED = ("round", "seconds")
+# Present in every row; null in a round that trained nobody (an empty Poisson cohort).
+_NULLABLE = ("train_loss",)
 _OPTIONAL = ("test_accuracy", "test_loss", "fed_accuracy", "fed_loss", "num_clients")
 # Keys that differ between runs without describing the experiment; never used in labels.
 _LABEL_IGNORED = frozenset({"out_dir", "data.dir"})
@@ -92,6 +94,11 @@ def _row_problems(row: object) -> list[str]:
     if not isinstance(row, dict):
         return [f"expected a JSON object, got {type(row).__name__}"]
     problems = [f"'{key}' missing or not a number" for key in _REQUIRED if _number(row, key) is None]
+    problems += [
+        f"'{key}' missing or not a number (or null)"
+        for key in _NULLABLE
+        if key not in row or (row[key] is not None and _number(row, key) is None)
+    ]
     problems += [
         f"'{key}' = {row[key]!r} is not a number"
         for key in _OPTIONAL

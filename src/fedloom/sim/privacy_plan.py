@@ -1,9 +1,15 @@
 """Turn the ``[privacy]`` config into a DP transform stage and a privacy ledger.
 
 The ledger answers "what epsilon has the run spent after r rounds" and "would
-round r exceed the budget". Rounds sample a fixed-size cohort without
-replacement, so central-family modes account with
-:class:`~fedloom.privacy.accounting.FixedSizeSampling`; local DP accounts per
+round r exceed the budget". Central-family modes account for the sampling the
+runtimes really do: with ``sampling.scheme = "fixed"`` a fixed-size cohort drawn
+without replacement (:class:`~fedloom.privacy.accounting.FixedSizeSampling`,
+RDP only, neighbouring datasets differ by replacing one client); with
+``"poisson"`` Poisson sampling at rate ``sampling.fraction``
+(:class:`~fedloom.privacy.accounting.PoissonSampling`, RDP or PLD, neighbours
+differ by adding or removing one client), where the noised mean divides by the
+fixed expected cohort ``fraction * population`` unless
+``privacy.expected_clients`` says otherwise. Local DP accounts per
 client with :func:`~fedloom.privacy.accounting.local_epsilon`, pessimistically
 assuming the client took part in every round so far. ``dp-accounting`` is
 imported only when DP is on (it lives in the ``privacy`` extra).
@@ -11,12 +17,16 @@ imported only when DP is on (it lives in the ``privacy`` extra).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from fedloom.config.schema import ExperimentConfig
 from fedloom.core.errors import ConfigError
 from fedloom.sim.sampling import cohort_size
-from fedloom.transforms.pipeline import UpdateTransform
+from fedloom.transforms.pipeline import Identity, UpdateTransform
+
+if TYPE_CHECKING:  # dp-accounting lives in the optional 'privacy' extra
+    from fedloom.privacy.accounting import FixedSizeSampling, PoissonSampling
 
 __all__ = ["PrivacyPlan", "plan_privacy"]
 
@@ -33,17 +43,26 @@ class PrivacyPlan:
     cohort: int
     population: int
     accountant: str
+    scheme: str = "fixed"
+    rate: float = 1.0
+
+    def sampling(self) -> FixedSizeSampling | PoissonSampling:
+        """The sampling event the accountant composes each round."""
+        from fedloom.privacy.accounting import FixedSizeSampling, PoissonSampling
+
+        if self.scheme == "poisson":
+            return PoissonSampling(self.rate)
+        return FixedSizeSampling(self.cohort, self.population)
 
     def epsilon_after(self, rounds: int) -> float:
         """Epsilon spent after ``rounds`` completed rounds (an upper bound for local DP)."""
-        from fedloom.privacy.accounting import FixedSizeSampling, epsilon, local_epsilon
+        from fedloom.privacy.accounting import epsilon, local_epsilon
 
         if rounds <= 0 or self.noise_multiplier == 0:
             return 0.0 if rounds <= 0 else float("inf")
         if self.mode == "local":
             return local_epsilon(self.noise_multiplier, rounds, self.delta, accountant=self.accountant)
-        sampling = FixedSizeSampling(self.cohort, self.population)
-        return epsilon(self.noise_multiplier, sampling, rounds, self.delta, accountant=self.accountant)
+        return epsilon(self.noise_multiplier, self.sampling(), rounds, self.delta, accountant=self.accountant)
 
     def would_exceed(self, next_round: int) -> bool:
         return self.budget > 0 and self.epsilon_after(next_round) > self.budget
@@ -64,7 +83,6 @@ def plan_privacy(
     if p.mode == "off":
         return None
     try:
-        from fedloom.privacy.accounting import FixedSizeSampling
         from fedloom.privacy.calibrate import calibrate_noise_multiplier
         from fedloom.transforms.adaptive_clip import AdaptiveClipDP
         from fedloom.transforms.dp import CentralDP, ClientClipDP, LocalDP
@@ -73,16 +91,35 @@ def plan_privacy(
             [f"privacy.mode = {p.mode!r} needs the privacy extra: pip install 'fedloom[privacy]' ({exc})"]
         ) from exc
     population = population if population is not None else cfg.data.num_clients
-    cohort = cohort_size(population, cfg.sampling.fraction, cfg.sampling.min_clients)
+    s = cfg.sampling
+    poisson = s.scheme == "poisson"
+    # Under Poisson sampling the cohort size is random: the expected one stands in for it.
+    cohort = (
+        max(1, round(s.fraction * population))
+        if poisson
+        else cohort_size(population, s.fraction, s.min_clients)
+    )
     sigma = p.noise_multiplier
+    ledger = PrivacyPlan(
+        stage=Identity(),  # replaced below, once sigma is known
+        noise_multiplier=sigma,
+        delta=p.delta,
+        budget=p.budget_epsilon,
+        mode=p.mode,
+        cohort=cohort,
+        population=population,
+        accountant=p.accountant,
+        scheme=s.scheme,
+        rate=s.fraction,
+    )
     if p.target_epsilon > 0:
         if p.mode == "local":
             raise ConfigError(["privacy.target_epsilon: calibration is for central modes, not 'local'"])
-        sampling = FixedSizeSampling(cohort, population)
         sigma = calibrate_noise_multiplier(
-            p.target_epsilon, p.delta, cfg.rounds, sampling, accountant=p.accountant
+            p.target_epsilon, p.delta, cfg.rounds, ledger.sampling(), accountant=p.accountant
         )
-    expected = p.expected_clients or None
+    # Poisson: McMahan et al.'s fixed-denominator estimator, the one the Poisson analysis covers.
+    expected = p.expected_clients or (cohort if poisson else None)
     stage: UpdateTransform
     try:
         if p.mode == "central":
@@ -104,13 +141,4 @@ def plan_privacy(
             )
     except ValueError as exc:
         raise ConfigError([f"privacy: {exc}"]) from exc
-    return PrivacyPlan(
-        stage=stage,
-        noise_multiplier=sigma,
-        delta=p.delta,
-        budget=p.budget_epsilon,
-        mode=p.mode,
-        cohort=cohort,
-        population=population,
-        accountant=p.accountant,
-    )
+    return replace(ledger, stage=stage, noise_multiplier=sigma)

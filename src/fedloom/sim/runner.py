@@ -12,11 +12,13 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from fedloom.algorithms.api import ClientState, ClientUpdate, ServerContext, ServerState
+import torch
+
+from fedloom.algorithms.api import Aggregate, ClientState, ClientUpdate, ServerContext, ServerState
 from fedloom.config.loader import config_to_toml
 from fedloom.config.schema import ExperimentConfig
 from fedloom.core.errors import FedloomError, RunStateError, TrainingError
@@ -27,8 +29,8 @@ from fedloom.sim.auto import make_executor
 from fedloom.sim.build import Components, build_components
 from fedloom.sim.evaluate import evaluate
 from fedloom.sim.executor import ClientFailure, Executor, close_executor
-from fedloom.sim.sampling import cohort_size, sample_clients
-from fedloom.sim.server_round import SecureSum, finish_round
+from fedloom.sim.sampling import draw_cohort
+from fedloom.sim.server_round import SecureSum, apply_updates, finish_round
 
 __all__ = ["RoundListener", "RunResult", "run_simulation"]
 
@@ -148,8 +150,8 @@ def _loop(
 ) -> tuple[ServerState, Mapping[str, Any], str]:
     algorithm, pipeline = comps.algorithm, comps.pipeline
     population = comps.train.num_clients
+    s = cfg.sampling
     secure = _secure_sum(cfg, comps)
-    size = cohort_size(population, cfg.sampling.fraction, cfg.sampling.min_clients)
     if _reached(cfg, last):
         return state, last, "target accuracy reached"
     with (run_dir / METRICS).open("a", encoding="utf-8") as metrics_file:
@@ -157,9 +159,19 @@ def _loop(
             t0 = time.perf_counter()
             r = state.round + 1
             ctx = ServerContext(seed=cfg.seed, round=r, population=population)
-            cohort = sample_clients(cfg.seed, r, population, size)
+            cohort = draw_cohort(
+                cfg.seed, r, population, scheme=s.scheme, fraction=s.fraction, min_clients=s.min_clients
+            )
             if comps.privacy is not None and comps.privacy.would_exceed(r):
                 return state, last, "privacy budget reached"
+            if len(cohort) == 0:  # only under Poisson sampling
+                state, last = _empty_round(cfg, comps, state, ctx, t0)
+                store.commit_round(state, last, {}, keep=cfg.checkpoint.keep)
+                metrics_file.write(json.dumps(last) + "\n")
+                metrics_file.flush()
+                if listener is not None:
+                    listener.on_round(last)
+                continue
             outcomes = executor.run_round(
                 algorithm, algorithm.broadcast(state), cohort.tolist(), client_states, ctx
             )
@@ -206,6 +218,32 @@ def _loop(
             if _reached(cfg, metrics):
                 return state, last, "target accuracy reached"
     return state, last, "round budget reached"
+
+
+def _empty_round(
+    cfg: ExperimentConfig, comps: Components, state: ServerState, ctx: ServerContext, t0: float
+) -> tuple[ServerState, dict[str, Any]]:
+    """A round whose (Poisson) cohort is empty.
+
+    Without DP the model is unchanged and only the round number advances. With a
+    central DP stage the round still releases its noise (see
+    :func:`fedloom.transforms.dp.noised_mean`), and the accountant charges it like
+    any other round: the server's output must not depend on whether anyone was drawn.
+    """
+    metrics: dict[str, Any] = {**_round_metrics(ctx.round, [], []), "train_loss": None}  # nobody trained
+    if comps.privacy is not None and comps.privacy.mode != "local":
+        empty = Aggregate(delta=state.params.map(torch.zeros_like), num_clients=0, total_weight=0.0)
+        new_state, _ = apply_updates(comps.algorithm, comps.pipeline, state, [], ctx, precomputed=empty)
+    else:
+        new_state = replace(state, round=ctx.round)
+    if comps.privacy is not None:
+        metrics["epsilon"] = comps.privacy.epsilon_after(ctx.round)
+    if ctx.round % cfg.eval.every == 0 or ctx.round == cfg.rounds:
+        ev = evaluate(comps.workspace, new_state.params, comps.test, batch_size=cfg.eval.batch_size)
+        metrics["test_accuracy"] = ev.accuracy
+        metrics["test_loss"] = ev.loss
+    metrics["seconds"] = time.perf_counter() - t0
+    return new_state, metrics
 
 
 def _secure_sum(cfg: ExperimentConfig, comps: Components) -> SecureSum | None:

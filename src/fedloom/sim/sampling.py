@@ -8,7 +8,7 @@ import numpy as np
 
 from fedloom.core.rng import numpy_rng
 
-__all__ = ["cohort_size", "sample_clients"]
+__all__ = ["cohort_size", "draw_cohort", "poisson_clients", "sample_clients"]
 
 
 def cohort_size(population: int, fraction: float, min_clients: int) -> int:
@@ -24,3 +24,34 @@ def sample_clients(seed: int, round: int, population: int, size: int) -> np.ndar
     """
     rng = numpy_rng(seed, "client-sampling", round=round)
     return np.sort(rng.choice(population, size=size, replace=False)).astype(np.int64)
+
+
+def poisson_clients(seed: int, round: int, population: int, rate: float) -> np.ndarray:
+    """Poisson sampling: each client is in the cohort independently with probability ``rate``.
+
+    Drawn as ``k ~ Binomial(population, rate)`` then ``k`` distinct ids uniformly,
+    which is the same distribution as ``population`` coin flips but costs O(k),
+    not O(population). Sorted ascending; may be empty. Depends only on
+    ``(seed, round)``, like :func:`sample_clients`.
+    """
+    if not 0 < rate <= 1:
+        raise ValueError(f"rate must be in (0, 1], got {rate}")
+    rng = numpy_rng(seed, "client-sampling-poisson", round=round)
+    k = int(rng.binomial(population, rate))
+    return np.sort(rng.choice(population, size=k, replace=False)).astype(np.int64)
+
+
+def draw_cohort(
+    seed: int, round: int, population: int, *, scheme: str, fraction: float, min_clients: int
+) -> np.ndarray:
+    """The round's cohort under the configured ``sampling.scheme``.
+
+    ``"fixed"``: :func:`sample_clients` of :func:`cohort_size` clients;
+    ``"poisson"``: :func:`poisson_clients` with rate ``fraction`` (``min_clients``
+    does not apply: a floor on the cohort would break the Poisson analysis).
+    """
+    if scheme == "poisson":
+        return poisson_clients(seed, round, population, fraction)
+    if scheme != "fixed":
+        raise ValueError(f"sampling scheme must be 'fixed' or 'poisson', got {scheme!r}")
+    return sample_clients(seed, round, population, cohort_size(population, fraction, min_clients))

@@ -91,13 +91,18 @@ def noised_mean(
     """``(S + N(0, noise_std_on_sum^2)) / D`` from a uniform-weight mean aggregate (see module docstring).
 
     ``S = aggregate.delta * aggregate.num_clients``; ``D`` is ``denominator`` or,
-    when None, ``aggregate.num_clients``. An empty aggregate is returned as is
-    (nothing computed from client data is released). Raises
-    :class:`UpdateError` when the aggregate's weights were not uniform.
+    when None, ``aggregate.num_clients``. An empty aggregate (a Poisson draw that
+    selected nobody; its ``delta`` is zeros) still releases ``N(0, ...) / D`` when
+    ``D`` is fixed -- skipping the release would reveal that the round was empty --
+    and is returned as is otherwise. Raises :class:`UpdateError` when the
+    aggregate's weights were not uniform.
     """
     n = aggregate.num_clients
     if n == 0:
-        return aggregate
+        if denominator is None:
+            return aggregate
+        noise = gaussian_like(aggregate.delta, noise_std_on_sum, generator)
+        return replace(aggregate, delta=noise / float(denominator))
     if abs(aggregate.total_weight - n) > 1e-6 * n:
         raise UpdateError(
             f"DP noise needs a uniform-weight mean (total_weight == num_clients), got total_weight "
