@@ -127,6 +127,34 @@ def test_krum_and_bulyan_pick_benign_with_f_attackers(seed: int) -> None:
     assert float((geo - benign.mean(0)).norm()) < 1.0
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_multi_krum_averages_only_benign_updates_with_f_attackers(seed: int) -> None:
+    n, f, m = 11, 4, 5
+    ups, benign = _benign_and_attack(seed, n=n, f=f)
+    out = _w(multi_krum(ups, f=f, m=m))
+    # The m selected are benign rows, so their mean lies in the benign hull and is an exact
+    # mean of m of them: check it against every benign row set it could be, via the scores.
+    assert bool((out >= benign.min(0).values).all() and (out <= benign.max(0).values).all())
+    dist = pairwise_sq_distances(benign.double())
+    k = n - f - 2  # Krum's neighbourhood size
+    scores = dist.sort(dim=1).values[:, 1 : k + 1].sum(1)  # all-benign scores order the benign rows alike
+    assert torch.allclose(out, benign[scores.argsort()[:m]].mean(0), atol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_norm_bound_caps_the_influence_of_any_update(seed: int) -> None:
+    n, f, bound = 10, 3, 10.0  # benign norms are about sqrt(20) < bound: only attackers are clipped
+    ups, benign = _benign_and_attack(seed, n=n, f=f)
+    out = _w(norm_bounded_mean(ups, bound=bound))
+    clean = benign.mean(0)
+    # Each attacker moves the mean by at most bound / n, whatever it sent (2e6-sized here).
+    shift = float((out - clean * (n - f) / n).norm())
+    assert shift <= f * bound / n + 1e-5
+    # The plain mean is destroyed by the same attackers.
+    plain = torch.stack([u.delta["w"] for u in ups]).mean(0)
+    assert float((plain - clean).norm()) > 1e4
+
+
 def test_registry_refuses_duplicates_and_bad_names_or_options() -> None:
     with pytest.raises(ValueError, match="already registered"):
         register("median", lambda **_: coordinate_median)
