@@ -80,6 +80,11 @@ def test_bad_inputs_fail_with_clear_messages(tmp_path: Path, mnist_dir: str) -> 
                    cwd=tmp_path, check=False)  # fmt: skip
     assert proc.returncode == 2
     assert "shard" in proc.stderr
+    # A data directory that does not exist.
+    proc = run_cli("simulate", "--set", f"data.dir={tmp_path / 'nowhere'}", "--out", str(tmp_path / "y"),
+                   cwd=tmp_path, check=False)  # fmt: skip
+    assert proc.returncode == 2
+    assert "is not a directory" in proc.stderr
     # Resuming something that is not a run directory.
     proc = run_cli("simulate", "--resume", str(tmp_path), cwd=tmp_path, check=False)
     assert proc.returncode == 2

