@@ -81,13 +81,25 @@ def test_zero_rounds_cost_nothing_and_bad_arguments_are_named() -> None:
     target=st.floats(0.5, 8.0),
     q=st.sampled_from([0.01, 0.05, 0.1]),
     rounds=st.integers(1, 300),
+    fixed=st.booleans(),
 )
-def test_calibrated_sigma_never_overshoots(target: float, q: float, rounds: int) -> None:
-    sampling = PoissonSampling(q)
+def test_calibrated_sigma_never_overshoots(target: float, q: float, rounds: int, fixed: bool) -> None:
+    # Both schemes the runner can sample with: Poisson, and the fixed-size cohort (the default).
+    sampling = FixedSizeSampling(round(q * 1000), 1000) if fixed else PoissonSampling(q)
     sigma = calibrate_noise_multiplier(target, 1e-5, rounds, sampling, rtol=1e-2)
     assert epsilon(sigma, sampling, rounds, 1e-5) <= target
     if sigma > 1e-2:  # not clamped at min_noise: a little less noise would overshoot
         assert epsilon(sigma * (1 - 2.5e-2), sampling, rounds, 1e-5) > target
+
+
+@settings(max_examples=4, deadline=None)
+@given(target=st.floats(1.0, 6.0), q=st.sampled_from([0.05, 0.1]), rounds=st.integers(1, 60))
+def test_calibrated_sigma_never_overshoots_with_pld(target: float, q: float, rounds: int) -> None:
+    sampling = PoissonSampling(q)
+    sigma = calibrate_noise_multiplier(
+        target, 1e-5, rounds, sampling, accountant="pld", pld_discretization=1e-3, rtol=2e-2
+    )
+    assert epsilon(sigma, sampling, rounds, 1e-5, accountant="pld", pld_discretization=1e-3) <= target
 
 
 def test_calibration_with_pld_and_fixed_size() -> None:
