@@ -25,6 +25,7 @@ bare loop's (target <= 1.2x).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -101,6 +102,33 @@ def run_fedloom(
     return middle, startup
 
 
+def forked_floor(
+    train: object, cohorts: list[list[int]], make_model: Callable[[], torch.nn.Module], args: argparse.Namespace,
+    lr: float, batch: int, seed: int,
+) -> float:  # fmt: skip
+    """The hardware floor: the bare loop itself split over ``workers`` forked processes x 1 thread.
+
+    Each process trains every ``workers``-th client of each cohort with no
+    aggregation or transport at all; the round time is the slowest process's
+    median. No executor can beat this on the same cores.
+    """
+    read, write = os.pipe()
+    pids = []
+    for k in range(args.workers):
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - child
+            torch.set_num_threads(1)
+            times = bare_loop(train, [c[k :: args.workers] for c in cohorts], make_model, lr, batch, seed)
+            os.write(write, f"{statistics.median(times[1:-1] or times)}\n".encode())
+            os._exit(0)
+        pids.append(pid)
+    for pid in pids:
+        os.waitpid(pid, 0)
+    os.close(write)
+    with os.fdopen(read) as f:
+        return max(float(x) for x in f.read().split())
+
+
 def child(args: argparse.Namespace) -> None:
     """One variant, alone in this process (for --memory)."""
     cfg, make_model = workload(args)
@@ -134,6 +162,9 @@ def main() -> None:
     ap.add_argument("--train-subset", type=int, default=0, help="w2 only: first N MNIST examples (0 = all)")
     ap.add_argument("--data-dir", default="")
     ap.add_argument("--memory", action="store_true", help="measure peak PSS per variant in subprocesses")
+    ap.add_argument(
+        "--floor", action="store_true", help="also time the bare loop split over forked processes (the floor)"
+    )
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.rounds = args.rounds or (10 if args.workload == "w1" else 3)
@@ -161,6 +192,7 @@ def main() -> None:
     bare_times: list[float] = []
     fed: dict[str, list[float]] = {k: [] for k in kinds}
     starts: dict[str, list[float]] = {k: [] for k in kinds}
+    floors: list[float] = []
     for rep in range(args.repeats):
         with torch_threads(args.bare_threads):
             bare = bare_loop(
@@ -168,6 +200,12 @@ def main() -> None:
             )
         bare_times += bare[1:-1] or bare
         line = [f"repeat {rep + 1}: bare {statistics.median(bare[1:-1] or bare):.4f} s/round"]
+        if args.floor:
+            floor = forked_floor(
+                comps.train, cohorts, make_model, args, cfg.client.lr, cfg.client.batch_size, rep
+            )
+            floors.append(floor)
+            line.append(f"floor {floor:.4f}")
         for k in kinds:
             t, s = run_fedloom(cfg, comps, k, args)
             fed[k] += t
@@ -176,6 +214,12 @@ def main() -> None:
         print(", ".join(line), flush=True)
     b = statistics.median(bare_times)
     target = 0.75 if args.workload == "w1" else 0.90
+    if floors:
+        f = statistics.median(floors)
+        print(
+            f"{args.workload} median s/round: bare loop over {args.workers} forked processes x 1 thread "
+            f"(the floor) {f:.4f}: ratio {f / b:.3f}"
+        )
     for k in kinds:
         f = statistics.median(fed[k])
         print(

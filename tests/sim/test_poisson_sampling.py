@@ -125,3 +125,20 @@ def test_the_deployment_refuses_poisson_sampling(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match="fixed-size cohorts"):
         run_server(_cfg(), tmp_path / "srv", ServerOptions(listen="127.0.0.1:0"), JsonLog("server"))
+
+
+def test_adaptive_clipping_releases_its_count_on_an_empty_round(tmp_path: Path) -> None:
+    sizes = [len(poisson_clients(3, r, 10, 0.1)) for r in range(1, 7)]
+    empty = sizes.index(0) + 1
+    sets = (
+        "privacy.mode=adaptive",
+        "privacy.noise_multiplier=0.8",
+        "privacy.clip_norm=0.5",
+        "privacy.count_noise_std=1.0",
+    )
+    run_simulation(_cfg(*sets), tmp_path / "adaptive")
+    with RunStore(tmp_path / "adaptive" / "state.sqlite", create=False) as store:
+        before, after = store.load_state(empty - 1), store.load_state(empty)
+    clip = [float(s.algo_state["dp_adaptive_clip"]["clip_norm"].item()) for s in (before, after)]
+    assert clip[0] != clip[1]  # the noised count of nobody moved the clip norm
+    assert not all(torch.equal(before.params[k], after.params[k]) for k in before.params)

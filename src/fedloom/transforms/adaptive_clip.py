@@ -146,10 +146,16 @@ class AdaptiveClipDP:
         return replace(self, clip_norm=float(stored["clip_norm"].item()))
 
     def advance(self, updates: Sequence[ClientUpdate], ctx: ServerContext) -> dict[str, Params]:
-        """The next round's state from this round's decoded updates (``C_t`` kept if none)."""
+        """The next round's state from this round's decoded updates.
+
+        With no update, ``C_t`` is kept -- unless the denominator is fixed
+        (``expected_clients``, as under Poisson sampling), in which case the noised
+        count of zero is released like any other, so the clip trajectory does not
+        reveal an empty round.
+        """
         kept = accepted(updates)
         clip = self.current_clip
-        if kept:
+        if kept or self.expected_clients:
             bits = sum(int(u.metrics.get(UNCLIPPED, 0.0) > 0) for u in kept)
             denom = float(self.expected_clients or len(kept))
             gen = noise_rng(ctx.seed, COUNT_PURPOSE, round=ctx.round, secure=self.secure_noise)
