@@ -40,7 +40,7 @@ def main() -> None:
     ap.add_argument("--sizes", default="10,50,100,200,500", help="comma-separated client counts")
     ap.add_argument("--length", type=int, default=10_000, help="vector length (2NN: 199210)")
     ap.add_argument("--dropout", type=float, default=0.05, help="fraction dropping before masking")
-    ap.add_argument("--max-complete", type=int, default=200, help="skip complete-graph SecAgg above this n")
+    ap.add_argument("--max-complete", type=int, default=500, help="skip complete-graph SecAgg above this n")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
