@@ -159,7 +159,7 @@ class ParallelExecutor:
         try:
             for i in range(self.workers):
                 parent, child = ctx.Pipe(duplex=True)
-                arenas = (Arena(nbytes), Arena(nbytes))
+                arenas = (_arena(nbytes), _arena(nbytes))
                 proc = ctx.Process(
                     target=_worker_main,
                     # The child also inherits the parent's end of its own pipe: it must close that
@@ -279,6 +279,17 @@ class ParallelExecutor:
             f"round {ctx.round}: parallel worker {w} (pid {proc.pid}) died ({how}); "
             "the pool was shut down. If it ran out of memory, use fewer workers"
         )
+
+
+def _arena(nbytes: int) -> Arena:
+    """An arena of ``nbytes``, or a smaller one where the OS refuses the mapping (strict overcommit)."""
+    while True:
+        try:
+            return Arena(nbytes)
+        except OSError:
+            if nbytes <= 1 << 20:
+                raise
+            nbytes //= 4  # what no longer fits travels in fresh shared segments
 
 
 def _own_client_state(outcome: Outcome) -> Outcome:
