@@ -143,7 +143,8 @@ class SamplingConfig(_Section):
         "fixed",
         description="'fixed': a cohort of max(min_clients, ceil(fraction * clients)) drawn without "
         "replacement; 'poisson': each client joins independently with probability fraction (cohort "
-        "sizes vary and may be 0; the sampling DP accounting assumes, and the one PLD supports).",
+        "sizes vary and may be 0; DP is then accounted for Poisson sampling, with RDP or PLD). "
+        "Simulation only.",
     )
     fraction: float = Field(
         0.1, gt=0, le=1, description="Fraction C of clients sampled each round (the rate under 'poisson')."
