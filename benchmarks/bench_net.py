@@ -15,6 +15,14 @@ Measures, for the McMahan 2NN (784-200-200-10, 199,210 float32 parameters = 796,
   between the clients and the server (HTTP/2 + gRPC framing, polls, heartbeats and
   joins included, amortised over the rounds), against the raw parameter bytes.
 
+Baseline measured in the same run (``--floor``, on by default): the same number of
+clients in the same load-generator processes exchange the same bytes with a bare
+gRPC server -- generic handlers on raw ``bytes`` (no protobuf, no validation, no
+state, no aggregation): per round, a long-poll for the round, one unary download of
+the broadcast-sized blob, one unary upload of an update-sized blob. Its round wall
+time is what gRPC's Python runtime costs on this machine for the traffic alone; the
+ratio ``overhead / floor`` is what fedloom adds on top.
+
 Targets (issue 6): overhead < 50 ms/round at 20 clients; wire bytes <= 1.05x raw each way.
 
 Run::
@@ -47,6 +55,7 @@ from fedloom.core.params import Params
 from fedloom.models.zoo import build_model
 from fedloom.net.client import ClientOptions, NetClient, Work
 from fedloom.net.logs import JsonLog
+from fedloom.net.wire import encode_broadcast, encode_update
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -131,6 +140,116 @@ def worker(server: str, names: list[str]) -> None:
         threads.append(t)
     for t in threads:
         t.join(timeout=600)
+
+
+def _raw(b: bytes) -> bytes:
+    return b
+
+
+def floor_server(port: int, clients: int, rounds: int, down: int, up: int) -> None:
+    """The bare gRPC exchange (see the module docstring); prints the round wall times as JSON."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
+
+    blob = os.urandom(down)
+    cond = threading.Condition()
+    state = {"round": 0, "got": 0, "t0": 0.0}
+    walls: list[float] = []
+
+    def task(request: bytes, context: object) -> bytes:
+        want = int(request)
+        with cond:
+            cond.wait_for(lambda: state["round"] >= want, timeout=60)
+        return b"train"
+
+    def fetch(request: bytes, context: object) -> bytes:
+        return blob
+
+    def push(request: bytes, context: object) -> bytes:
+        if len(request) != up:
+            raise ValueError(f"upload of {len(request)} bytes, expected {up}")
+        with cond:
+            state["got"] += 1
+            if state["got"] == clients:
+                walls.append(time.perf_counter() - state["t0"])
+                state.update(got=0, round=state["round"] + 1, t0=time.perf_counter())
+                cond.notify_all()
+        return b"ok"
+
+    limit = [
+        ("grpc.max_receive_message_length", 2 * max(down, up)),
+        ("grpc.max_send_message_length", 2 * max(down, up)),
+    ]
+    handler = grpc.method_handlers_generic_handler(
+        "floor",
+        {
+            name: grpc.unary_unary_rpc_method_handler(fn, request_deserializer=_raw, response_serializer=_raw)
+            for name, fn in (("Task", task), ("Fetch", fetch), ("Push", push))
+        },
+    )
+    server = grpc.server(ThreadPoolExecutor(max_workers=2 * clients + 8), options=limit)
+    server.add_generic_rpc_handlers((handler,))
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    with cond:
+        state.update(round=1, t0=time.perf_counter())
+        cond.notify_all()
+    with cond:
+        cond.wait_for(lambda: len(walls) >= rounds, timeout=600)
+    print(json.dumps({"walls": walls}), flush=True)
+    server.stop(grace=0.5).wait()
+
+
+def floor_worker(port: int, n: int, rounds: int, up: int) -> None:
+    """``n`` bare clients as threads (one channel each, as NetClient has)."""
+    import grpc
+
+    torch.set_num_threads(1)
+    payload = os.urandom(up)
+    limit = [
+        ("grpc.max_receive_message_length", 4 * up + (1 << 20)),
+        ("grpc.max_send_message_length", 4 * up + (1 << 20)),
+    ]
+
+    def one() -> None:
+        with grpc.insecure_channel(f"127.0.0.1:{port}", options=limit) as ch:
+            task = ch.unary_unary("/floor/Task", request_serializer=_raw, response_deserializer=_raw)
+            fetch = ch.unary_unary("/floor/Fetch", request_serializer=_raw, response_deserializer=_raw)
+            push = ch.unary_unary("/floor/Push", request_serializer=_raw, response_deserializer=_raw)
+            task(b"1", timeout=60, wait_for_ready=True)
+            for r in range(1, rounds + 1):
+                task(str(r).encode(), timeout=60)
+                fetch(b"", timeout=60)
+                push(payload, timeout=60)
+
+    threads = [threading.Thread(target=one) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+
+
+def run_floor(clients: int, rounds: int, procs: int, down: int, up: int) -> list[float]:
+    """Round wall times (s) of the bare exchange, warm-up round left out."""
+    port = _free_port()
+    srv = subprocess.Popen(
+        [sys.executable, __file__, "--floor-server", str(port), str(clients), str(rounds), str(down), str(up)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    per = -(-clients // procs)
+    sizes = [min(per, clients - i) for i in range(0, clients, per)]
+    gens = [
+        subprocess.Popen(
+            [sys.executable, __file__, "--floor-worker", str(port), str(k), str(rounds), str(up)]
+        )
+        for k in sizes
+    ]
+    out, _ = srv.communicate(timeout=600)
+    for g in gens:
+        g.wait(timeout=60)
+    walls: list[float] = json.loads(out.strip().splitlines()[-1])["walls"]
+    return walls[1:]
 
 
 def _phases(log: Path) -> list[dict[str, float]]:
@@ -224,16 +343,34 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--procs", type=int, default=4, help="load-generator processes for the clients")
+    ap.add_argument("--no-floor", action="store_true", help="skip the bare-gRPC baseline")
     ap.add_argument("--worker", nargs=2, metavar=("SERVER", "NAMES"), help=argparse.SUPPRESS)
+    ap.add_argument("--floor-server", nargs=5, type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--floor-worker", nargs=4, type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         worker(args.worker[0], args.worker[1].split(","))
         return
+    if args.floor_server:
+        floor_server(*args.floor_server)
+        return
+    if args.floor_worker:
+        floor_worker(*args.floor_worker)
+        return
     torch.set_num_threads(1)
+    params = Params.from_module(build_model("2nn", {}, seed=0))
+    down = len(encode_broadcast(Broadcast(round=1, params=params)))
+    up = len(encode_update(ClientUpdate(0, params, 10.0, 10, 1, {"train_loss": 1.0}))[1])
+    floors: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
+        # Floor, fedloom, floor again: the machine's drift shows between the two floors.
+        if not args.no_floor:
+            floors += run_floor(args.clients, args.rounds, args.procs, down, up)
         direct = run(args.clients, args.rounds, relay=False, workdir=Path(tmp), procs=args.procs)
         print(json.dumps(direct), flush=True)
+        if not args.no_floor:
+            floors += run_floor(args.clients, args.rounds, args.procs, down, up)
         relayed = run(args.clients, args.rounds, relay=True, workdir=Path(tmp), procs=args.procs)
         took = time.perf_counter() - t0
     print(f"2NN ({direct['raw_param_bytes']:.0f} raw parameter bytes), {args.clients} clients in {args.procs} "
@@ -242,6 +379,14 @@ def main() -> None:
         f"server overhead per round (direct): median {direct['overhead_ms_median']:.1f} ms, "
         f"max {direct['overhead_ms_max']:.1f} ms   [target < 50 ms]"
     )
+    if floors:
+        half = len(floors) // 2
+        floor = 1000 * statistics.median(floors)
+        print(
+            f"  bare-gRPC floor (same bytes, same clients, no fedloom): median {floor:.1f} ms "
+            f"(first {1000 * statistics.median(floors[:half]):.1f}, second {1000 * statistics.median(floors[half:]):.1f}); "
+            f"overhead / floor = {direct['overhead_ms_median'] / floor:.2f}x"
+        )  # fmt: skip
     print(
         f"  open -> aggregated (metrics 'seconds', no checkpoint): median "
         f"{direct['overhead_to_aggregate_ms_median']:.1f} ms; round period (committed -> committed): "

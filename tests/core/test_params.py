@@ -50,6 +50,24 @@ def test_all_finite_detects_nan_and_inf() -> None:
     assert not _p([1.0, 2.0], [float("inf")]).all_finite()
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_all_finite_agrees_with_torch_for_every_float_dtype_and_layout(
+    dtype: torch.dtype, bad: float
+) -> None:
+    base = torch.arange(24, dtype=torch.float32).reshape(4, 6).to(dtype)
+    views = {"contiguous": base, "transposed": base.t(), "strided": base[:, ::2]}
+    for name, v in views.items():
+        assert Params({"w": v}).all_finite(), name
+        spoiled = v.clone()
+        spoiled[-1, -1] = bad
+        assert not Params({"w": spoiled, "ok": v}).all_finite(), (name, dtype, bad)
+        assert not Params({"w": spoiled.t()}).all_finite(), (name, dtype, bad)
+    # A parameter that still tracks gradients and integer buffers are handled too.
+    assert not Params({"g": torch.tensor([1.0, bad], requires_grad=True)}).all_finite()
+    assert Params({"steps": torch.tensor([3, 4]), "w": base}).all_finite()
+
+
 @given(st.lists(st.floats(-1e6, 1e6, allow_nan=False, width=32), min_size=1, max_size=50))
 def test_serde_round_trip_is_bit_exact(values: list[float]) -> None:
     p = Params({"z": torch.tensor(values), "a": torch.tensor(values[::-1]).reshape(-1, 1)})

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from tests.net.helpers import HEART_DIR, HOSPITALS, client, free_port, server, write_config
+from tests.net.helpers import HEART_DIR, HOSPITALS, deployed_run, write_config
 
 pytest.importorskip("grpc", reason="the deployment tests need the 'net' extra (grpcio)")
 
@@ -21,15 +21,5 @@ def heart_dir() -> Path:
 def reference_run(heart_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An uninterrupted deployed run of the shared test experiment (server + 4 client processes)."""
     cwd = tmp_path_factory.mktemp("reference")
-    cfg = write_config(cwd / "exp.toml")
-    port = free_port()
-    srv = server(cwd, cfg, port)
-    clients = [client(cwd, h, port) for h in HOSPITALS]
-    try:
-        assert srv.wait(180) == 0, srv.err.read_text()[-3000:]
-        for c in clients:
-            assert c.wait(30) == 0, c.err.read_text()[-2000:]
-    finally:
-        for p in [srv, *clients]:
-            p.stop()
+    deployed_run(cwd, write_config(cwd / "exp.toml"))
     return cwd

@@ -161,6 +161,21 @@ def client(cwd: Path, hospital: str, port: int, *extra: str, name: str | None = 
     )
 
 
+def deployed_run(cwd: Path, cfg: Path) -> list[Proc]:
+    """Run a server and one client process per hospital in ``cwd`` to the end; returns the clients."""
+    port = free_port()
+    srv = server(cwd, cfg, port)
+    clients = [client(cwd, h, port) for h in HOSPITALS]
+    try:
+        assert srv.wait(180) == 0, srv.err.read_text()[-3000:]
+        for c in clients:
+            assert c.wait(30) == 0, c.err.read_text()[-2000:]
+    finally:
+        for p in [srv, *clients]:
+            p.stop()
+    return clients
+
+
 def write_config(path: Path, extra: str = "", base: str = BASE_TOML) -> Path:
     """``base`` with ``extra`` TOML lines merged in (later keys of a section win via --set-like edit)."""
     path.write_text(base + extra, encoding="utf-8")

@@ -12,15 +12,18 @@ import numpy as np
 import pytest
 import torch
 from tests.net.helpers import (
+    BASE_TOML,
     HOSPITALS,
     LOADER,
     GatedWork,
     Proc,
     client,
     db_snapshot,
+    deployed_run,
     free_port,
     run_in_thread,
     server,
+    write_config,
 )
 
 from fedloom.algorithms.api import Workspace
@@ -105,6 +108,24 @@ def test_deployed_run_completes_audits_and_matches_simulation(
     assert sim.state.params.allclose(_model(reference_run), rtol=1e-4, atol=1e-5)
 
 
+def test_a_model_that_fits_one_message_travels_in_unary_calls_to_the_same_result(
+    reference_run: Path, tmp_path: Path
+) -> None:
+    # The reference run streamed chunks (max_message_bytes = 4096); with 1 MiB both the broadcast and
+    # every update fit one message, so clients use Fetch and Push. The transport must not change a bit.
+    cfg = write_config(
+        tmp_path / "exp.toml",
+        base=BASE_TOML.replace("max_message_bytes = 4096", "max_message_bytes = 1048576"),
+    )
+    for c in deployed_run(tmp_path, cfg):
+        assert [e["transfer"] for e in c.events("update_accepted")] == ["unary"] * 4, c.name
+    for h in HOSPITALS:
+        lines = (reference_run / f"{h}.err").read_text(encoding="utf-8").splitlines()
+        accepted = [json.loads(x) for x in lines if '"update_accepted"' in x]
+        assert [e["transfer"] for e in accepted] == ["stream"] * 4, h
+    assert _model(tmp_path).equal(_model(reference_run))
+
+
 def test_server_sigkill_mid_round_resumes_to_the_same_model(
     reference_run: Path, heart_dir: Path, tmp_path: Path
 ) -> None:
@@ -177,7 +198,7 @@ def test_server_sigkill_mid_round_resumes_to_the_same_model(
         assert after[: len(before)] == before
         assert after[len(before)] == (2, "va")
         assert all(not net.pending(r) for r in range(1, 5))
-    assert not list((tmp_path / "srv" / "pending").iterdir())  # blob files went with their rows
+    assert not list((tmp_path / "srv" / "pending").iterdir())  # no blob file outlives the run
 
 
 def test_scaffold_client_sigkilled_and_restarted_resumes_from_its_control_variate(

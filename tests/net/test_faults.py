@@ -10,6 +10,7 @@ import socket
 import time
 from pathlib import Path
 
+import grpc
 import pytest
 import torch
 from tests.conftest import run_cli
@@ -89,6 +90,15 @@ class _Mallory:
         reply: pb.UploadReply = self.stub.Upload(iter(chunks), metadata=md, timeout=30)
         return reply
 
+    def push(self, round: int, digest: str, meta: str, blob: bytes, *, announced: int = -1) -> pb.UploadReply:
+        """An update in one unary Push (what clients do when it fits one message)."""
+        size = len(blob) if announced < 0 else announced
+        header = pb.UpdateHeader(round=round, broadcast_digest=digest, total_bytes=size, meta_json=meta)
+        reply: pb.UploadReply = self.stub.Push(
+            pb.Chunk(header=header, data=blob), metadata=self.md, timeout=30
+        )
+        return reply
+
     def send_update(self, round: int, digest: str, u: ClientUpdate) -> pb.UploadReply:
         meta, blob = encode_update(u)
         return self.send(round, digest, meta, blob)
@@ -138,6 +148,18 @@ def test_every_bad_update_is_rejected_and_the_round_goes_on(
         bad["future"] = (m.send(1 + 6, d, meta, blob), "not yet started")
         bad["digest"] = (m.send(1, "0" * 64, meta, blob), "another model")
         bad["no_slot"] = (m.send(1, d, meta, slots_to_bytes({"other": delta})), "'delta' slot")
+        # The same checks guard the unary Push (small messages: this limit is 4096 bytes).
+        headless = m.stub.Push(pb.Chunk(data=b"x" * 100), metadata=m.md, timeout=30)
+        bad["push_no_header"] = (headless, "upload without a header")
+        bad["push_garbage"] = (m.push(1, d, meta, garbage[:2000]), "does not parse")
+        bad["push_size"] = (m.push(1, d, meta, garbage[:2000], announced=1000), "announced 1000 bytes")
+        with pytest.raises(grpc.RpcError) as too_big:  # over gRPC's own limit: refused before our code
+            m.push(1, d, meta, blob)
+        assert too_big.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        with pytest.raises(grpc.RpcError) as fetch:  # the broadcast needs several chunks
+            m.stub.Fetch(pb.DownloadRequest(round=1, broadcast_digest=d), metadata=m.md, timeout=30)
+        assert fetch.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "use Download" in (fetch.value.details() or "")
         # Garbage on the socket: the server must shrug it off.
         with socket.create_connection(("127.0.0.1", port)) as s:
             s.sendall(os.urandom(4096))

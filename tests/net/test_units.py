@@ -130,7 +130,6 @@ def test_pending_updates_round_trip_detect_lost_blobs_and_clear(tmp_path: Path) 
         net.add_pending(1, 0, "a", '{"w": 0}', b"zero", "attempt 1")
         staged = net.stage(1, 1, b"never recorded")  # e.g. the round closed meanwhile
         net.discard(staged)
-        orphan = net.stage(1, 3, b"killed before its row")
         net.add_pending(2, 0, "a", "{}", b"next", "attempt 1")
         assert [(p.client_id, p.meta_json, p.blob) for p in net.pending(1)] == [
             (0, '{"w": 0}', b"zero"),
@@ -141,15 +140,40 @@ def test_pending_updates_round_trip_detect_lost_blobs_and_clear(tmp_path: Path) 
             (1, "a", 4),
             (2, "a", 4),
         ]
+        # The discarded slot was reused (overwritten in place and cut to size) by round 2's update.
+        assert len(list(net.blob_dir.iterdir())) == 3
         # A blob damaged outside the process (only an OS crash can do that) is reported, not used.
-        next(net.blob_dir.glob("r000001-c000002-*")).write_bytes(b"tw0")
+        (row,) = (
+            sqlite3.connect(db).execute("SELECT file FROM pending_updates WHERE client_id = 2").fetchall()
+        )
+        (net.blob_dir / row[0]).write_bytes(b"tw0")
         assert [p.client_id for p in net.pending(1)] == [0]
         assert net.lost_pending(1) == [2]
         net.clear_pending(1)
         assert net.pending(1) == []
-        assert not (net.blob_dir / orphan.file).exists()
         assert [p.blob for p in net.pending(2)] == [b"next"]
-        assert sorted(f.name[:7] for f in net.blob_dir.iterdir()) == ["r000002"]
+        # Round 1's two slots are free again: the next two uploads overwrite them, no new file appears.
+        net.add_pending(3, 0, "a", "{}", b"x" * 10, "attempt 1")
+        net.add_pending(3, 1, "b", "{}", b"y", "attempt 1")
+        assert len(list(net.blob_dir.iterdir())) == 3
+        assert [p.blob for p in net.pending(3)] == [b"x" * 10, b"y"]
+    # A restart finds the free slots again and removes files no row names that are not slots.
+    (net.blob_dir / ".r000003-c000004-abc.tmp").write_bytes(b"killed mid-write by an older version")
+    with NetState(db) as net:
+        assert [p.blob for p in net.pending(2)] == [b"next"]
+        assert [p.blob for p in net.pending(3)] == [b"x" * 10, b"y"]
+        assert len(list(net.blob_dir.iterdir())) == 3
+        net.clear_pending(3)
+        for i in range(4):  # three reused slots, then one new file
+            net.add_pending(4, i, str(i), "{}", bytes([i]) * 5, "attempt 1")
+        assert len(list(net.blob_dir.iterdir())) == 4
+        assert [p.blob for p in net.pending(4)] == [bytes([i]) * 5 for i in range(4)]
+        net.clear_pending(3)
+        net.drop_free_slots()  # the run is over: free slots go, live rows keep their files
+        assert len(list(net.blob_dir.iterdir())) == 4
+        net.clear_pending(4)
+        net.drop_free_slots()
+        assert not list(net.blob_dir.iterdir())
 
 
 def test_pending_blobs_of_an_older_state_dir_are_migrated(tmp_path: Path) -> None:

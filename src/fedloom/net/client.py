@@ -57,7 +57,14 @@ from fedloom.net.auth import Credentials
 from fedloom.net.logs import JsonLog
 from fedloom.net.proto import fedloom_pb2 as pb
 from fedloom.net.proto import fedloom_pb2_grpc as pbg
-from fedloom.net.wire import chunk_size_for, decode_broadcast, encode_update, iter_chunks
+from fedloom.net.wire import (
+    chunk_size_for,
+    decode_broadcast,
+    decode_chunk,
+    encode_chunk,
+    encode_update,
+    iter_chunks,
+)
 from fedloom.sim.build import build_algorithm, build_pipeline
 from fedloom.sim.privacy_plan import plan_privacy
 from fedloom.transforms.pipeline import Pipeline
@@ -222,7 +229,7 @@ class NetClient:
                         self.log("done", rounds=len(self.rounds_done))
                         return 0
                     if task.kind == pb.TRAIN:
-                        self._round(stub, task, reply, chunk_size_for(max_msg))
+                        self._round(stub, _RawCalls(channel), task, reply, chunk_size_for(max_msg))
             except grpc.RpcError as exc:
                 code = exc.code() if hasattr(exc, "code") else None
                 if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
@@ -251,18 +258,18 @@ class NetClient:
             except grpc.RpcError:
                 return  # the main loop notices and reconnects
 
-    def _round(self, stub: pbg.CoordinatorStub, task: pb.TaskReply, join: pb.JoinReply, chunk: int) -> None:
+    def _round(
+        self, stub: pbg.CoordinatorStub, raw: _RawCalls, task: pb.TaskReply, join: pb.JoinReply, chunk: int
+    ) -> None:
         if self._cfg is None or self._work is None:
             raise RunStateError("a task arrived before the client joined")
         r = task.round
-        blob = b"".join(
-            c.data
-            for c in stub.Download(
-                pb.DownloadRequest(round=r, broadcast_digest=task.broadcast_digest),
-                metadata=self._md,
-                timeout=max(30.0, task.deadline_in_s),
-            )
-        )
+        request = pb.DownloadRequest(round=r, broadcast_digest=task.broadcast_digest)
+        timeout = max(30.0, task.deadline_in_s)
+        if task.broadcast_bytes <= chunk:  # fits one message: a unary call
+            _, blob = decode_chunk(raw.fetch(request, metadata=self._md, timeout=timeout))
+        else:
+            blob = b"".join(c.data for c in stub.Download(request, metadata=self._md, timeout=timeout))
         if hashlib.sha256(blob).hexdigest() != task.broadcast_digest:
             raise RunStateError(f"round {r}: the downloaded model does not match its digest")
         broadcast = decode_broadcast(blob, r)
@@ -278,26 +285,41 @@ class NetClient:
             header = pb.UpdateHeader(
                 round=r, broadcast_digest=task.broadcast_digest, failure=f"{kind}: {exc}"
             )
-            stub.Upload(iter([pb.Chunk(header=header)]), metadata=self._md, timeout=30)
+            raw.push(encode_chunk(b"", header), metadata=self._md, timeout=30)
             return
         compute = time.perf_counter() - t0
         if update.client_state is not None and self._states is not None:
             self._states.save(r, update.client_state)
         if task.secagg_json:
-            self._secure(stub, task, join.client_id, update, compute)
+            self._secure(stub, raw, task, join.client_id, update, compute)
             return
         meta, ublob = encode_update(update, compute_s=compute)
-        reply = stub.Upload(
-            upload_chunks(r, task.broadcast_digest, meta, ublob, chunk), metadata=self._md, timeout=60
-        )
+        transfer = "unary" if len(ublob) <= chunk and task.broadcast_bytes <= chunk else "stream"
+        if len(ublob) <= chunk:  # fits one message: a unary call
+            header = pb.UpdateHeader(
+                round=r, broadcast_digest=task.broadcast_digest, total_bytes=len(ublob), meta_json=meta
+            )
+            reply = raw.push(encode_chunk(ublob, header), metadata=self._md, timeout=60)
+        else:
+            reply = stub.Upload(
+                upload_chunks(r, task.broadcast_digest, meta, ublob, chunk), metadata=self._md, timeout=60
+            )
         self.rounds_done.append(r)
         if reply.accepted:
-            self.log("update_accepted", round=r, bytes=len(ublob), compute_s=round(compute, 4))
+            self.log(
+                "update_accepted", round=r, bytes=len(ublob), compute_s=round(compute, 4), transfer=transfer
+            )
         else:
             self.log("update_rejected", level="warning", round=r, reason=reply.error)
 
     def _secure(
-        self, stub: pbg.CoordinatorStub, task: pb.TaskReply, cid: int, update: ClientUpdate, compute: float
+        self,
+        stub: pbg.CoordinatorStub,
+        raw: _RawCalls,
+        task: pb.TaskReply,
+        cid: int,
+        update: ClientUpdate,
+        compute: float,
     ) -> None:
         """Run the four SecAgg stages for ``update`` (the client side of :mod:`fedloom.net.secure`)."""
         from fedloom.net.secure import SecureParams
@@ -340,7 +362,7 @@ class NetClient:
         except FedloomError as exc:  # e.g. a weight over secagg.max_weight: report, as a failed training
             self.log("secagg_failed", level="warning", round=r, reason=str(exc))
             header = pb.UpdateHeader(round=r, broadcast_digest=task.broadcast_digest, failure=f"error: {exc}")
-            stub.Upload(iter([pb.Chunk(header=header)]), metadata=self._md, timeout=30)
+            raw.push(encode_chunk(b"", header), metadata=self._md, timeout=30)
             return
         try:
             keys, advert = sa.advertise_keys(p.round_params(), cid)
@@ -362,6 +384,30 @@ class NetClient:
             return
         self.rounds_done.append(r)
         self.log("secagg_done", round=r, compute_s=round(compute, 4))
+
+
+class _RawCalls:
+    """Fetch and Push with their model payload left as encoded bytes (see ``fedloom.net.server._register``)."""
+
+    _SERVICE = "/fedloom.net.v1.Coordinator/"
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        self.fetch = channel.unary_unary(
+            self._SERVICE + "Fetch",
+            request_serializer=pb.DownloadRequest.SerializeToString,
+            response_deserializer=_raw,
+            _registered_method=True,
+        )
+        self.push = channel.unary_unary(
+            self._SERVICE + "Push",
+            request_serializer=_raw,
+            response_deserializer=pb.UploadReply.FromString,
+            _registered_method=True,
+        )
+
+
+def _raw(b: bytes) -> bytes:
+    return b
 
 
 def fetch_status(server: str, tls: Credentials, token: str, *, timeout: float = 10.0) -> dict[str, Any]:

@@ -116,7 +116,12 @@ class Coordinator:
         self._log = log
         self._max_norm = max_update_norm
         self._offline_after = offline_after_s
-        self._cond = threading.Condition()
+        # One lock, two conditions: the round loop waits on ``_cond`` (answers arriving), long-polling
+        # GetTask handlers on ``_tasks`` (a round opening or closing, the run ending). Waking every
+        # parked poller on every accepted update made a round cost O(clients^2) thread wake-ups.
+        lock = threading.RLock()
+        self._cond = threading.Condition(lock)
+        self._tasks = threading.Condition(lock)
         self._round: _Round | None = None
         self._previous_selected: dict[int, frozenset[int]] = {}
         self._last_seen: dict[int, float] = {}
@@ -182,6 +187,7 @@ class Coordinator:
             self._round = rnd
             self._previous_selected[rnd.number] = rnd.selected
             self._cond.notify_all()
+            self._tasks.notify_all()
         self._log(
             "round_open",
             round=rnd.number,
@@ -215,7 +221,7 @@ class Coordinator:
                 del self._previous_selected[old]
             updates = [rnd.accepted[c] for c in sorted(rnd.accepted)]
             dropouts = sorted(rnd.selected - set(rnd.accepted) - set(rnd.failed))
-            self._cond.notify_all()
+            self._tasks.notify_all()
         for c in dropouts:
             self._state.audit(rnd.number, c, self.names[c], "dropout", 0, f"attempt {rnd.attempt}")
         return Closed(updates, dict(rnd.compute_s), dict(rnd.failed), dropouts, rnd.timing.summary())
@@ -233,7 +239,7 @@ class Coordinator:
             for old in [r for r in self._previous_selected if r < rnd.number - 2]:
                 del self._previous_selected[old]
             dropouts = sorted(rnd.selected - included - set(rnd.failed))
-            self._cond.notify_all()
+            self._tasks.notify_all()
         for c in dropouts:
             self._state.audit(rnd.number, c, self.names[c], "dropout", 0, f"attempt {rnd.attempt}")
         compute = {c: m.compute_s for c, m in outcome.metas.items()} if outcome is not None else {}
@@ -279,6 +285,7 @@ class Coordinator:
             self._done = True
             self._round = None
             self._cond.notify_all()
+            self._tasks.notify_all()
 
     def everyone_told_done(self) -> bool:
         """True once every client online at the end has been answered DONE."""
@@ -313,7 +320,7 @@ class Coordinator:
                 left = end - time.monotonic()
                 if left <= 0:
                     return Task("wait")
-                self._cond.wait(timeout=left)
+                self._tasks.wait(timeout=left)
 
     def broadcast_blob(self, round: int, digest: str) -> bytes | None:
         with self._cond:

@@ -35,14 +35,14 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import grpc
 
 from fedloom.algorithms.api import Broadcast, ServerContext, ServerState, Workspace
 from fedloom.config.loader import config_to_toml
 from fedloom.config.schema import ExperimentConfig
-from fedloom.core.errors import ConfigError, FedloomError, RunStateError, TrainingError
+from fedloom.core.errors import ConfigError, FedloomError, RunStateError, TrainingError, UpdateError
 from fedloom.core.params import Params
 from fedloom.core.serde import params_to_bytes
 from fedloom.data.datasets import ArrayDataset
@@ -53,7 +53,7 @@ from fedloom.net.logs import JsonLog
 from fedloom.net.proto import fedloom_pb2 as pb
 from fedloom.net.proto import fedloom_pb2_grpc as pbg
 from fedloom.net.state import NetState
-from fedloom.net.wire import chunk_size_for, encode_broadcast, iter_chunks
+from fedloom.net.wire import chunk_size_for, decode_chunk, encode_broadcast, encode_chunk, iter_chunks
 from fedloom.results.store import RunStore
 from fedloom.sim.build import build_algorithm, build_pipeline
 from fedloom.sim.evaluate import evaluate
@@ -102,6 +102,7 @@ class _Service(pbg.CoordinatorServicer):
         self.chunk = chunk_size_for(cfg.deploy.max_message_bytes)
         self._pieces_lock = threading.Lock()
         self._cut: tuple[str, list[bytes]] = ("", [])
+        self._whole: tuple[str, bytes] = ("", b"")
 
     # ---- authentication ------------------------------------------------
     def _who(self, context: grpc.ServicerContext, *, operator: bool = False) -> int:
@@ -174,6 +175,26 @@ class _Service(pbg.CoordinatorServicer):
             yield pb.Chunk(data=piece)
         self.coord.note_download(request.round, start, time.perf_counter())
 
+    def Fetch(self, request: pb.DownloadRequest, context: grpc.ServicerContext) -> bytes:
+        """The broadcast as one encoded ``Chunk`` (raw bytes: see :func:`_register`), encoded once per round."""
+        self._who(context)
+        start = time.perf_counter()
+        with self._pieces_lock:
+            blob = self.coord.broadcast_blob(request.round, request.broadcast_digest)
+            if blob is None:
+                _abort(context, grpc.StatusCode.FAILED_PRECONDITION, f"round {request.round} is not open")
+            if len(blob) > self.chunk:
+                _abort(
+                    context,
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"the broadcast ({len(blob)} bytes) exceeds one message of {self.chunk} bytes; use Download",
+                )
+            if self._whole[0] != request.broadcast_digest:
+                self._whole = (request.broadcast_digest, encode_chunk(blob))
+            reply = self._whole[1]
+        self.coord.note_download(request.round, start, time.perf_counter())
+        return reply
+
     def _pieces(self, round: int, digest: str) -> list[bytes] | None:
         """The open round's broadcast cut into chunks, cut once per round rather than per client."""
         with self._pieces_lock:
@@ -192,11 +213,26 @@ class _Service(pbg.CoordinatorServicer):
             first = next(request_iterator)
         except StopIteration:
             return pb.UploadReply(accepted=False, error=self.coord.reject(cid, 0, 0, "empty upload"))
-        if not first.HasField("header"):
+        header = first.header if first.HasField("header") else None
+        return self._receive(cid, header, first.data, request_iterator)
+
+    def Push(self, request: bytes, context: grpc.ServicerContext) -> pb.UploadReply:
+        """One update in one encoded ``Chunk`` (raw bytes: see :func:`_register`)."""
+        cid = self._who(context)
+        try:
+            header, data = decode_chunk(request)
+        except UpdateError as exc:
+            return pb.UploadReply(accepted=False, error=self.coord.reject(cid, 0, len(request), str(exc)))
+        return self._receive(cid, header, data, iter(()))
+
+    def _receive(
+        self, cid: int, h: pb.UpdateHeader | None, data: bytes, rest: Iterator[pb.Chunk]
+    ) -> pb.UploadReply:
+        """One update from ``cid``: header ``h`` and the blob's start ``data``, then the ``rest`` chunks."""
+        if h is None:
             return pb.UploadReply(
-                accepted=False, error=self.coord.reject(cid, 0, len(first.data), "upload without a header")
+                accepted=False, error=self.coord.reject(cid, 0, len(data), "upload without a header")
             )
-        h = first.header
         if h.failure:
             err = self.coord.report_failure(cid, h.round, h.failure)
             return pb.UploadReply(accepted=err is None, error=err or "")
@@ -210,10 +246,11 @@ class _Service(pbg.CoordinatorServicer):
                 accepted=False, error=self.coord.reject(cid, h.round, h.total_bytes, reason)
             )
         start = time.perf_counter()
-        pieces, size = [first.data], len(first.data)
-        for chunk in request_iterator:
-            pieces.append(chunk.data)
-            size += len(chunk.data)
+        pieces, size = [data], len(data)
+        for chunk in rest:
+            piece = chunk.data
+            pieces.append(piece)
+            size += len(piece)
             if size > limit:
                 reason = f"update stream passed the limit of {limit} bytes"
                 return pb.UploadReply(accepted=False, error=self.coord.reject(cid, h.round, size, reason))
@@ -235,6 +272,11 @@ class _Service(pbg.CoordinatorServicer):
         return pb.StatusReply(json=json.dumps(self.coord.status({"run_id": self.run_id, "audit": counts})))
 
 
+def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, details: str) -> NoReturn:
+    context.abort(code, details)
+    raise AssertionError("unreachable: ServicerContext.abort raises")
+
+
 def _grpc_server(
     service: _Service, cfg: ExperimentConfig, options: ServerOptions, population: int
 ) -> tuple[grpc.Server, int]:
@@ -247,7 +289,7 @@ def _grpc_server(
             ("grpc.so_reuseport", 0),
         ],
     )
-    pbg.add_CoordinatorServicer_to_server(service, server)  # type: ignore[no-untyped-call]
+    _register(service, server)
     ca, cert, key = options.tls.read()
     if cert is not None and key is not None:
         creds = grpc.ssl_server_credentials(
@@ -259,6 +301,42 @@ def _grpc_server(
     if port == 0:
         raise RunStateError(f"cannot listen on {options.listen} (address in use or invalid)")
     return server, port
+
+
+class _Capture:
+    """Stands in for a server to catch the generated method handlers (see :func:`_register`)."""
+
+    def __init__(self) -> None:
+        self.name, self.handlers = "", dict[str, Any]()
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass
+
+    def add_registered_method_handlers(self, name: str, handlers: dict[str, Any]) -> None:
+        self.name, self.handlers = name, dict(handlers)
+
+
+def _register(service: _Service, server: grpc.Server) -> None:
+    """The generated handlers, except that Fetch replies and Push requests stay raw bytes.
+
+    Those two carry a whole model in one ``Chunk``; :func:`~fedloom.net.wire.encode_chunk`
+    and :func:`~fedloom.net.wire.decode_chunk` do the (byte-identical) protobuf encoding
+    with one copy of the payload, and the Fetch reply is encoded once per round, not per client.
+    """
+    cap = _Capture()
+    pbg.add_CoordinatorServicer_to_server(service, cap)  # type: ignore[no-untyped-call]
+    cap.handlers["Fetch"] = grpc.unary_unary_rpc_method_handler(
+        service.Fetch, request_deserializer=pb.DownloadRequest.FromString, response_serializer=_raw
+    )
+    cap.handlers["Push"] = grpc.unary_unary_rpc_method_handler(
+        service.Push, request_deserializer=_raw, response_serializer=pb.UploadReply.SerializeToString
+    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(cap.name, cap.handlers),))
+    server.add_registered_method_handlers(cap.name, cap.handlers)
+
+
+def _raw(b: bytes) -> bytes:
+    return b
 
 
 def _thread_pool(n: int) -> Any:
@@ -353,6 +431,7 @@ def run_server(cfg: ExperimentConfig, state_dir: Path, options: ServerOptions, l
             )
             (state_dir / MODEL).write_bytes(params_to_bytes(state.params))
             store.set_meta("status", "completed")
+            net.drop_free_slots()
             coord.set_done()
             log("done", round=state.round, metrics=coord.last_metrics)
             end = time.monotonic() + options.linger_s

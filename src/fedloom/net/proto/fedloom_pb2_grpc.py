@@ -54,6 +54,16 @@ class CoordinatorStub:
                 request_serializer=fedloom_dot_net_dot_proto_dot_fedloom__pb2.Chunk.SerializeToString,
                 response_deserializer=fedloom_dot_net_dot_proto_dot_fedloom__pb2.UploadReply.FromString,
                 _registered_method=True)
+        self.Fetch = channel.unary_unary(
+                '/fedloom.net.v1.Coordinator/Fetch',
+                request_serializer=fedloom_dot_net_dot_proto_dot_fedloom__pb2.DownloadRequest.SerializeToString,
+                response_deserializer=fedloom_dot_net_dot_proto_dot_fedloom__pb2.Chunk.FromString,
+                _registered_method=True)
+        self.Push = channel.unary_unary(
+                '/fedloom.net.v1.Coordinator/Push',
+                request_serializer=fedloom_dot_net_dot_proto_dot_fedloom__pb2.Chunk.SerializeToString,
+                response_deserializer=fedloom_dot_net_dot_proto_dot_fedloom__pb2.UploadReply.FromString,
+                _registered_method=True)
         self.SecAgg = channel.unary_unary(
                 '/fedloom.net.v1.Coordinator/SecAgg',
                 request_serializer=fedloom_dot_net_dot_proto_dot_fedloom__pb2.SecAggRequest.SerializeToString,
@@ -102,6 +112,21 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Fetch(self, request, context):
+        """Fetch and Push are Download and Upload in a single message, used when the blob fits in one
+        chunk (TaskReply.broadcast_bytes, the update's size): the common case, and cheaper, because a
+        unary call needs none of a stream's per-message hand-offs between gRPC's threads.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Push(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def SecAgg(self, request, context):
         """Secure aggregation (secagg.enabled): one stage of the 4-round SecAgg exchange. The call
         blocks until the server closes the stage, then returns this client's reply for it.
@@ -143,6 +168,16 @@ def add_CoordinatorServicer_to_server(servicer, server):
             ),
             'Upload': grpc.stream_unary_rpc_method_handler(
                     servicer.Upload,
+                    request_deserializer=fedloom_dot_net_dot_proto_dot_fedloom__pb2.Chunk.FromString,
+                    response_serializer=fedloom_dot_net_dot_proto_dot_fedloom__pb2.UploadReply.SerializeToString,
+            ),
+            'Fetch': grpc.unary_unary_rpc_method_handler(
+                    servicer.Fetch,
+                    request_deserializer=fedloom_dot_net_dot_proto_dot_fedloom__pb2.DownloadRequest.FromString,
+                    response_serializer=fedloom_dot_net_dot_proto_dot_fedloom__pb2.Chunk.SerializeToString,
+            ),
+            'Push': grpc.unary_unary_rpc_method_handler(
+                    servicer.Push,
                     request_deserializer=fedloom_dot_net_dot_proto_dot_fedloom__pb2.Chunk.FromString,
                     response_serializer=fedloom_dot_net_dot_proto_dot_fedloom__pb2.UploadReply.SerializeToString,
             ),
@@ -268,6 +303,60 @@ class Coordinator:
             request_iterator,
             target,
             '/fedloom.net.v1.Coordinator/Upload',
+            fedloom_dot_net_dot_proto_dot_fedloom__pb2.Chunk.SerializeToString,
+            fedloom_dot_net_dot_proto_dot_fedloom__pb2.UploadReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Fetch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedloom.net.v1.Coordinator/Fetch',
+            fedloom_dot_net_dot_proto_dot_fedloom__pb2.DownloadRequest.SerializeToString,
+            fedloom_dot_net_dot_proto_dot_fedloom__pb2.Chunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Push(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedloom.net.v1.Coordinator/Push',
             fedloom_dot_net_dot_proto_dot_fedloom__pb2.Chunk.SerializeToString,
             fedloom_dot_net_dot_proto_dot_fedloom__pb2.UploadReply.FromString,
             options,
