@@ -10,7 +10,9 @@ machine speed hits both alike; fedloom's seconds per round are measured between 
 callbacks of ``run_simulation`` (sampling, training, aggregation, checkpoint commit
 included). The first round (which also forks the pool) and the last (which evaluates)
 are excluded from the medians; start-up is the time from ``run_simulation`` being
-called to the end of round 1 minus a median round.
+called to the end of round 1 minus a median round. That includes first-use warm-up
+(allocator growth, oneDNN kernel set-up in each fresh worker), so the bare loop's own
+first-round excess over its median round is printed next to it.
 
 Memory (``--memory``): each variant runs alone in a subprocess while this process
 samples the PSS of its process tree (main + workers); peak PSS is compared with the
@@ -193,12 +195,14 @@ def main() -> None:
     fed: dict[str, list[float]] = {k: [] for k in kinds}
     starts: dict[str, list[float]] = {k: [] for k in kinds}
     floors: list[float] = []
+    bare_warmup: list[float] = []  # the bare loop's own first round over its median round
     for rep in range(args.repeats):
         with torch_threads(args.bare_threads):
             bare = bare_loop(
                 comps.train, cohorts, make_model, cfg.client.lr, cfg.client.batch_size, rep, args.device
             )
         bare_times += bare[1:-1] or bare
+        bare_warmup.append(bare[0] - statistics.median(bare[1:-1] or bare))
         line = [f"repeat {rep + 1}: bare {statistics.median(bare[1:-1] or bare):.4f} s/round"]
         if args.floor:
             floor = forked_floor(
@@ -226,6 +230,10 @@ def main() -> None:
             f"{args.workload} median s/round: {k} {f:.4f} vs bare loop {b:.4f}: ratio {f / b:.3f} "
             f"(target <= {target}); start-up {statistics.median(starts[k]):.3f} s (target < 1)"
         )
+    print(
+        f"{args.workload} the bare loop's own first round is {statistics.median(bare_warmup):.3f} s over its "
+        "median round (first-use warm-up that any loop pays; start-up above includes the same kind of cost)"
+    )
 
 
 if __name__ == "__main__":
