@@ -11,10 +11,11 @@ from tests.sim.conftest import mnist_config
 
 from fedloom.config.schema import ExperimentConfig
 from fedloom.core.params import Params
+from fedloom.results.store import RunStore
 from fedloom.sim.build import Components, build_components
 from fedloom.sim.executor import Executor, SequentialExecutor
 from fedloom.sim.parallel import ParallelExecutor
-from fedloom.sim.runner import run_simulation
+from fedloom.sim.runner import STATE_DB, run_simulation
 from fedloom.sim.vectorized import VectorizedExecutor
 
 
@@ -96,10 +97,42 @@ def test_fedprox_with_stragglers_vectorized(mnist_dir: str, tmp_path: Path) -> N
     assert got.allclose(want, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("algorithm", ["fednova", "scaffold"])
+def test_fednova_and_scaffold_vectorize_to_float_tolerance(
+    algorithm: str, mnist_dir: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Half the clients each round with stragglers, so SCAFFOLD clients come back with the control
+    # variates they kept (stacked per block as c - c_i) and some run fewer steps (c_i+ divides by K_i).
+    cfg = mnist_config(
+        mnist_dir,
+        f"algorithm.name={algorithm}",
+        "data.num_clients=8",
+        "sampling.fraction=0.5",
+        "algorithm.straggler_fraction=0.5",
+    )
+    comps = build_components(cfg)
+    seq = SequentialExecutor(comps.workspace, comps.train, comps.pipeline, threads=1)
+    want = run_simulation(cfg, tmp_path / "seq", components=comps, executor=seq)
+    ex = VectorizedExecutor(comps.workspace, comps.train, comps.pipeline, block=3)
+    with caplog.at_level(logging.WARNING, logger="fedloom"):
+        got = run_simulation(cfg, tmp_path / "vec", components=comps, executor=ex)
+    assert not [r for r in caplog.records if "sequentially" in r.getMessage()]  # really batched
+    assert got.state.params.allclose(want.state.params, rtol=1e-5, atol=1e-7)
+    for name, value in want.state.algo_state.items():  # SCAFFOLD's server control variate
+        assert got.state.algo_state[name].allclose(value, rtol=1e-4, atol=1e-6), name
+    with RunStore(want.run_dir / STATE_DB) as a, RunStore(got.run_dir / STATE_DB) as b:
+        want_states, got_states = a.client_states(), b.client_states()
+    assert sorted(got_states) == sorted(want_states)
+    for cid, st in want_states.items():
+        for name, value in st.values.items():
+            assert got_states[cid].values[name].allclose(value, rtol=1e-4, atol=1e-6), (cid, name)
+    assert bool(want_states) == (algorithm == "scaffold")
+
+
 def test_vectorized_falls_back_with_one_log_line(
     mnist_dir: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    cfg = mnist_config(mnist_dir, "algorithm.name=fednova", "rounds=2")
+    cfg = mnist_config(mnist_dir, "algorithm.name=scaffold", "algorithm.scaffold_option=I", "rounds=2")
     comps = build_components(cfg)
     seq = SequentialExecutor(comps.workspace, comps.train, comps.pipeline)
     want = _final(cfg, comps, seq, tmp_path / "seq")
@@ -109,7 +142,7 @@ def test_vectorized_falls_back_with_one_log_line(
     assert got.equal(want)
     lines = [r.getMessage() for r in caplog.records if "sequentially" in r.getMessage()]
     assert len(lines) == 1
-    assert "FedNova" in lines[0]
+    assert "option I" in lines[0]
 
 
 def test_thread_count_is_restored(mnist_2nn: tuple[ExperimentConfig, Components]) -> None:

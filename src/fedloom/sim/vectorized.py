@@ -18,10 +18,14 @@ client axis and takes every SGD step for all of them with one
 
 What a block may hold is set by a memory budget (or ``block``). Algorithms are
 supported through a registry of *vectorisers* keyed by the algorithm's type:
-FedAvg and FedProx are registered here. A vectoriser supplies the local-SGD
-settings and an optional :class:`BatchedCorrection` -- the tensor-op form of a
-:class:`~fedloom.algorithms.local.GradCorrection` (FedProx's ``mu (w - w_t)``;
-SCAFFOLD's ``c - c_i`` would be a stacked per-client tensor). Anything else --
+FedAvg, FedNova (whose client side is FedAvg's), FedProx and SCAFFOLD (option II)
+are registered here. A vectoriser supplies the local-SGD settings, an optional
+:class:`BatchedCorrection` -- the tensor-op form of a
+:class:`~fedloom.algorithms.local.GradCorrection`: FedProx's ``mu (w - w_t)``, or
+SCAFFOLD's ``c - c_i`` stacked per client of the block -- and an optional ``finish``
+that builds the algorithm's update from the trained delta (SCAFFOLD's new control
+variate ``c_i+``, its delta and the client state). Anything else -- SCAFFOLD's
+option I (a full-gradient pass per client),
 another algorithm, a model with buffers or frozen parameters, a loss other than
 plain cross-entropy, an op ``vmap`` refuses -- runs on the sequential path,
 announced by one log line on the ``fedloom`` logger.
@@ -36,7 +40,7 @@ import copy
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
@@ -53,8 +57,10 @@ from fedloom.algorithms.api import (
     Workspace,
 )
 from fedloom.algorithms.fedavg import FedAvg
+from fedloom.algorithms.fednova import FedNova
 from fedloom.algorithms.fedprox import FedProx
 from fedloom.algorithms.local import LocalSGD
+from fedloom.algorithms.scaffold import CONTROL, CONTROL_DELTA, Scaffold
 from fedloom.algorithms.stragglers import StragglerPlan, Stragglers, dropped_update
 from fedloom.core.errors import FedloomError, TrainingError
 from fedloom.core.params import Params
@@ -92,26 +98,43 @@ class BatchedCorrection(Protocol):
 
 @dataclass(frozen=True)
 class VectorPlan:
-    """How to run an algorithm's client update in a block: local SGD, stragglers, correction."""
+    """How to run an algorithm's client update in a block.
+
+    ``local`` and ``stragglers`` drive the batched local SGD, ``correction`` adds the
+    algorithm's gradient term, and ``finish`` turns the plain local-SGD result (a
+    FedAvg-shaped update: delta, ``weight = n``, train loss) into the algorithm's
+    own update (weights, extras, client state), exactly as its ``client_update`` does.
+    """
 
     local: LocalSGD
     stragglers: Stragglers
     correction: BatchedCorrection | None = None
+    finish: Callable[[ClientUpdate], ClientUpdate] | None = None
 
 
-Vectorizer = Callable[[Algorithm, Broadcast, Workspace, torch.device], VectorPlan]
-_VECTORIZERS: dict[type, Vectorizer] = {}
+#: ``(algorithm, broadcast, workspace, the cohort's stored client states, device) -> plan``
+Vectorizer = Callable[[Algorithm, Broadcast, Workspace, Mapping[int, ClientState], torch.device], VectorPlan]
+_VECTORIZERS: dict[type, tuple[Vectorizer, Callable[[Algorithm], str | None] | None]] = {}
 
 
-def register_vectorizer(algorithm_type: type, fn: Vectorizer) -> None:
-    """Make ``algorithm_type`` vectorisable; refuses a second registration for the same type."""
+def register_vectorizer(
+    algorithm_type: type, fn: Vectorizer, *, refuses: Callable[[Algorithm], str | None] | None = None
+) -> None:
+    """Make ``algorithm_type`` vectorisable; refuses a second registration for the same type.
+
+    ``refuses(algorithm)``, if given, names a configuration of the type that cannot be
+    vectorised (it then runs sequentially), or returns ``None``.
+    """
     if algorithm_type in _VECTORIZERS:
         raise ValueError(f"a vectoriser for {algorithm_type.__name__} is already registered")
-    _VECTORIZERS[algorithm_type] = fn
+    _VECTORIZERS[algorithm_type] = (fn, refuses)
 
 
 def vectorizer_for(algorithm: Algorithm) -> Vectorizer | None:
-    return _VECTORIZERS.get(type(algorithm))
+    entry = _VECTORIZERS.get(type(algorithm))
+    if entry is None or (entry[1] is not None and entry[1](algorithm) is not None):
+        return None
+    return entry[0]
 
 
 class _Proximal:
@@ -127,12 +150,34 @@ class _Proximal:
         return [g.add(p - a, alpha=self.mu) for p, g, a in zip(params, grads, self.anchor, strict=True)]
 
 
-def _fedavg_plan(alg: Algorithm, bc: Broadcast, ws: Workspace, device: torch.device) -> VectorPlan:
-    assert isinstance(alg, FedAvg)
+class _Control:
+    """SCAFFOLD's ``g + (c - c_i)`` on stacked tensors: ``c - c_i`` stacked per block's clients."""
+
+    def __init__(self, diffs: Mapping[int, list[torch.Tensor]]) -> None:
+        self.diffs = diffs
+        self._stacked: tuple[tuple[int, ...], list[torch.Tensor]] = ((), [])
+
+    def __call__(
+        self, params: list[torch.Tensor], grads: list[torch.Tensor], clients: Sequence[int]
+    ) -> list[torch.Tensor]:
+        key = tuple(clients)
+        if self._stacked[0] != key:  # once per block, not per step
+            per_client = [self.diffs[c] for c in clients]
+            self._stacked = (key, [torch.stack(ts) for ts in zip(*per_client, strict=True)])
+        return [g + d for g, d in zip(grads, self._stacked[1], strict=True)]
+
+
+def _fedavg_plan(
+    alg: Algorithm, bc: Broadcast, ws: Workspace, states: Mapping[int, ClientState], device: torch.device
+) -> VectorPlan:
+    # FedNova trains exactly as FedAvg does (its step-normalisation is in aggregate).
+    assert isinstance(alg, FedAvg | FedNova)
     return VectorPlan(alg.local, alg.stragglers)
 
 
-def _fedprox_plan(alg: Algorithm, bc: Broadcast, ws: Workspace, device: torch.device) -> VectorPlan:
+def _fedprox_plan(
+    alg: Algorithm, bc: Broadcast, ws: Workspace, states: Mapping[int, ClientState], device: torch.device
+) -> VectorPlan:
     assert isinstance(alg, FedProx)
     corr = None
     if alg.mu > 0:
@@ -140,14 +185,60 @@ def _fedprox_plan(alg: Algorithm, bc: Broadcast, ws: Workspace, device: torch.de
     return VectorPlan(alg.local, alg.stragglers, corr)
 
 
+def _scaffold_plan(
+    alg: Algorithm, bc: Broadcast, ws: Workspace, states: Mapping[int, ClientState], device: torch.device
+) -> VectorPlan:
+    """SCAFFOLD option II: the per-client correction stacked per block, then the paper's ``c_i+``."""
+    assert isinstance(alg, Scaffold)
+    x, c = bc.params, bc.extras[CONTROL]
+
+    def c_i(cid: int) -> Params:
+        st = states.get(cid)
+        return st.values[CONTROL] if st is not None else x.zeros_like()
+
+    class _Diffs(dict[int, list[torch.Tensor]]):
+        def __missing__(self, cid: int) -> list[torch.Tensor]:
+            diff = c - c_i(cid)
+            self[cid] = [diff[n].to(device) for n in ws.trainable]
+            return self[cid]
+
+    def finish(u: ClientUpdate) -> ClientUpdate:
+        # As Scaffold.client_update: c_i+ = -(c - c_i) - delta / (K lr); weight 1 (unweighted mean).
+        old = c_i(u.client_id)
+        diff = c - old
+        scale = 1.0 / (u.num_steps * alg.local.lr)
+        c_new = Params({k: -diff[k] - u.delta[k] * scale for k in old})
+        return replace(
+            u,
+            weight=1.0,
+            extras={CONTROL_DELTA: c_new - old},
+            client_state=ClientState(values={CONTROL: c_new}),
+        )
+
+    return VectorPlan(alg.local, alg.stragglers, _Control(_Diffs()), finish)
+
+
+def _scaffold_refuses(alg: Algorithm) -> str | None:
+    assert isinstance(alg, Scaffold)
+    if alg.option != "II":
+        return "SCAFFOLD option I needs a full-gradient pass per client"
+    return None
+
+
 register_vectorizer(FedAvg, _fedavg_plan)
+register_vectorizer(FedNova, _fedavg_plan)
 register_vectorizer(FedProx, _fedprox_plan)
+register_vectorizer(Scaffold, _scaffold_plan, refuses=_scaffold_refuses)
 
 
 def unsupported_reason(workspace: Workspace, algorithm: Algorithm) -> str | None:
     """Why this model/algorithm cannot be vectorised, or ``None`` if it can."""
-    if vectorizer_for(algorithm) is None:
+    entry = _VECTORIZERS.get(type(algorithm))
+    if entry is None:
         return f"no vectoriser is registered for algorithm {type(algorithm).__name__}"
+    refusal = entry[1](algorithm) if entry[1] is not None else None
+    if refusal is not None:
+        return refusal
     module = workspace.module
     if any(True for _ in module.buffers()):
         return "the model has buffers (e.g. batch norm statistics)"
@@ -230,7 +321,7 @@ class VectorizedExecutor:
             return self._fall_back(reason, algorithm, broadcast, cohort, client_states, ctx)
         vectorizer = vectorizer_for(algorithm)
         assert vectorizer is not None
-        plan = vectorizer(algorithm, broadcast, self.workspace, self.device)
+        plan = vectorizer(algorithm, broadcast, self.workspace, client_states, self.device)
         results: list[Outcome | None] = [None] * len(cohort)
         members: list[_Member] = []
         for pos, raw in enumerate(cohort):
@@ -331,7 +422,7 @@ class VectorizedExecutor:
         cpu_params = [p.cpu() for p in stacked]
         losses = loss_sum.cpu().tolist()
         for j, m in enumerate(block):
-            out.append((m, self._client_result(m, j, names, cpu_params, losses[j], broadcast, ctx)))
+            out.append((m, self._client_result(m, j, names, cpu_params, losses[j], broadcast, plan, ctx)))
         return out
 
     def _client_result(
@@ -342,6 +433,7 @@ class VectorizedExecutor:
         params: list[torch.Tensor],
         loss_sum: float,
         broadcast: Broadcast,
+        plan: VectorPlan,
         ctx: ServerContext,
     ) -> Outcome:
         n, steps = len(m.data), m.plan.steps
@@ -360,6 +452,8 @@ class VectorizedExecutor:
         update = ClientUpdate(
             client_id=m.cid, delta=delta, weight=float(n), num_examples=n, num_steps=steps, metrics=metrics
         )
+        if plan.finish is not None:
+            update = plan.finish(update)
         return self._finish(update, ctx)
 
 
