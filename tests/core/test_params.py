@@ -83,3 +83,30 @@ def test_slots_round_trip_keeps_slot_and_key_order() -> None:
     assert back["m"].equal(slots["m"])
     assert back["v"].equal(slots["v"])
     assert slots_from_bytes(slots_to_bytes({})) == {}
+
+
+@given(
+    st.lists(st.floats(-1e3, 1e3, allow_nan=False, width=32), min_size=6, max_size=6),
+    st.lists(st.floats(0.001, 1.0), min_size=5, max_size=5),
+    st.integers(0, 5),
+    st.integers(0, 5),
+)
+def test_accumulate_cut_anywhere_equals_one_weighted_sum(
+    values: list[float], weights: list[float], cut1: int, cut2: int
+) -> None:
+    g = torch.Generator().manual_seed(int(abs(values[0])) % 1000)
+    items = [Params({"w": torch.randn(3, 4, generator=g) * v, "b": torch.full((2,), v)}) for v in values[:5]]
+    whole = Params.weighted_sum(items, weights)
+    a, b = sorted((cut1, cut2))
+    a = max(a, 1)  # the first piece starts the chain
+    b = max(b, a)
+    first = Params.accumulate(None, items[:a], weights[:a])
+    second = Params.accumulate(first, items[a:b], weights[a:b])
+    assert Params.accumulate(second, items[b:], weights[b:]).equal(whole)
+
+
+def test_accumulate_needs_something_to_start_from() -> None:
+    with pytest.raises(ValueError, match="accumulator or at least one item"):
+        Params.accumulate(None, [], [])
+    with pytest.raises(ValueError, match="2 items but 1 weights"):
+        Params.accumulate(None, [_p([1.0], [1.0])] * 2, [1.0])

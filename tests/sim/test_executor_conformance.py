@@ -72,6 +72,48 @@ def test_ray_is_bit_identical(
     assert got.equal(reference)
 
 
+def test_ray_reduces_the_weighted_mean_on_its_workers_bit_identically(mnist_dir: str) -> None:
+    """The driver gets one aggregate, not the updates, and it is FedAvg.aggregate's to the bit."""
+    pytest.importorskip("ray")
+    import ray
+
+    from fedloom.algorithms.api import ClientUpdate, ServerContext
+    from fedloom.sim.ray_executor import RayExecutor
+
+    # Dropped stragglers take no part; 3 workers cut the chain twice; 12 of 30 clients per round.
+    cfg = mnist_config(
+        mnist_dir,
+        "algorithm.straggler_fraction=0.4",
+        "algorithm.drop_stragglers=true",
+        "sampling.fraction=0.4",
+    )
+    comps = build_components(cfg)
+    alg = comps.algorithm
+    state = alg.server_init(comps.initial_params)
+    seq = SequentialExecutor(comps.workspace, comps.train, comps.pipeline, threads=1)
+    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+    try:
+        ex = RayExecutor(comps.workspace, comps.train, comps.pipeline, workers=3)
+        try:
+            for r in (1, 2):
+                ctx = ServerContext(cfg.seed, r, comps.train.num_clients)
+                cohort = [3, 4, 7, 8, 11, 15, 16, 20, 21, 25, 28, 29]
+                want_out = seq.run_round(alg, alg.broadcast(state), cohort, {}, ctx)
+                want = alg.aggregate([o for o in want_out if isinstance(o, ClientUpdate)], ctx)
+                got_out, got = ex.run_round_reduced(alg, alg.broadcast(state), cohort, {}, ctx)
+                assert got is not None
+                assert [o.client_id for o in got_out] == [o.client_id for o in want_out]
+                assert all(isinstance(o, ClientUpdate) and not o.delta for o in got_out)  # no delta came back
+                assert sum(1 for o in want_out if o.metrics.get("dropped")) > 0, "no straggler was dropped"
+                assert got.delta.equal(want.delta)
+                assert (got.num_clients, got.total_weight) == (want.num_clients, want.total_weight)
+                state = alg.server_update(state, want, ctx)
+        finally:
+            ex.close()
+    finally:
+        ray.shutdown()
+
+
 def test_scaffold_client_states_flow_through_workers(mnist_dir: str, tmp_path: Path) -> None:
     # Half the clients each round, so clients come back with the control variates they kept.
     cfg = mnist_config(mnist_dir, "algorithm.name=scaffold", "data.num_clients=8", "sampling.fraction=0.5")

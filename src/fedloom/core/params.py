@@ -161,15 +161,31 @@ class Params(Mapping[str, torch.Tensor]):
         """``sum_i weights[i] * items[i]``, accumulated in item order (deterministic)."""
         if not items:
             raise ValueError("weighted_sum needs at least one item")
+        return Params.accumulate(None, items, weights)
+
+    @staticmethod
+    def accumulate(acc: Params | None, items: Sequence[Params], weights: Sequence[float]) -> Params:
+        """Continue the :meth:`weighted_sum` of earlier items (``acc``) with ``items``.
+
+        ``accumulate(accumulate(None, a, wa), b, wb)`` is bit-identical to
+        ``weighted_sum(a + b, wa + wb)``: every tensor is one left-to-right chain
+        (``w0 * x0``, then ``add_(x, alpha=w)``), so the chain can be cut between
+        processes -- how the Ray executor reduces a round's updates on its workers.
+        ``acc``'s tensors are updated in place and must belong to the caller.
+        """
         if len(items) != len(weights):
             raise ValueError(f"{len(items)} items but {len(weights)} weights")
-        first = items[0]
+        if not items:
+            if acc is None:
+                raise ValueError("accumulate needs an accumulator or at least one item")
+            return acc
         out: dict[str, torch.Tensor] = {}
+        first = items[0]
         for k, v in first._data.items():
-            acc = v * weights[0]
+            t = v * weights[0] if acc is None else acc._data[k].add_(v, alpha=weights[0])
             for item, w in zip(items[1:], weights[1:], strict=True):
-                acc.add_(item._data[k], alpha=w)
-            out[k] = acc
+                t.add_(item._data[k], alpha=w)
+            out[k] = t
         return Params(out)
 
     @staticmethod

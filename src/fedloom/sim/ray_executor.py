@@ -9,6 +9,14 @@ executor) plus those clients' states; outcomes come back in cohort order.
 Every client runs :func:`~fedloom.sim.executor.run_client` with one torch
 thread, so results equal ``SequentialExecutor(threads=1)``'s bit for bit.
 
+Where the round's aggregation is FedAvg's weighted mean on the raw updates
+(:func:`fedloom.sim.reduce.not_reducible`), the runner calls
+:meth:`RayExecutor.run_round_reduced` instead: actors train contiguous runs of the
+cohort, keep their deltas, report weights and metrics, and then reduce the
+weighted sum among themselves in cohort order -- the partial sum passes from
+actor to actor through the object store -- so the driver receives one
+aggregate instead of every update, still bit-identical to sequential.
+
 If Ray is not running yet, a local instance is started
 (``ray.init(num_cpus=workers)``); to use a cluster, connect first
 (``ray.init(address="auto")`` or set ``RAY_ADDRESS``) -- see the README. An
@@ -23,9 +31,19 @@ from typing import Any
 import ray
 import torch
 
-from fedloom.algorithms.api import Algorithm, Broadcast, ClientState, ServerContext, Workspace
+from fedloom.algorithms.api import (
+    Aggregate,
+    Algorithm,
+    Broadcast,
+    ClientState,
+    ClientUpdate,
+    ServerContext,
+    Workspace,
+)
+from fedloom.core.params import Params
 from fedloom.data.federated import FederatedDataset
 from fedloom.sim.executor import ExecutorError, Outcome, client_costs, lpt_assign, run_client
+from fedloom.sim.reduce import coefficients, contiguous_shares, finished, summary
 from fedloom.transforms.pipeline import Pipeline
 
 __all__ = ["RayExecutor"]
@@ -37,6 +55,7 @@ class _ClientWorker:
     def __init__(self, workspace: Workspace, data: FederatedDataset, pipeline: Pipeline) -> None:
         torch.set_num_threads(1)
         self.workspace, self.data, self.pipeline = workspace, data, pipeline
+        self.held: dict[int, Params] = {}
 
     def ready(self) -> bool:
         return True
@@ -53,6 +72,27 @@ class _ClientWorker:
             run_client(self.workspace, self.data, self.pipeline, algorithm, broadcast, cid, states, ctx)
             for cid in cids
         ]
+
+    def train(
+        self,
+        algorithm: Algorithm,
+        broadcast: Broadcast,
+        cids: list[int],
+        states: Mapping[int, ClientState],
+        ctx: ServerContext,
+    ) -> list[Outcome]:
+        """:meth:`run`, keeping the deltas here and returning only summaries (see :mod:`fedloom.sim.reduce`)."""
+        outcomes = self.run(algorithm, broadcast, cids, states, ctx)
+        self.held = {o.client_id: o.delta for o in outcomes if isinstance(o, ClientUpdate)}
+        return [summary(o) if isinstance(o, ClientUpdate) else o for o in outcomes]
+
+    def reduce(self, coeffs: list[tuple[int, float]], acc: Params | None) -> Params | None:
+        """Continue the round's weighted sum over this worker's kept clients (in cohort order)."""
+        held, self.held = self.held, {}
+        if not coeffs:
+            return acc
+        start = acc.map(torch.clone) if acc is not None else None  # the object store's copy is read-only
+        return Params.accumulate(start, [held[c] for c, _ in coeffs], [w for _, w in coeffs])
 
 
 class RayExecutor:
@@ -98,25 +138,76 @@ class RayExecutor:
         if not cids:
             return []
         shares = lpt_assign(client_costs(algorithm, self.data, cids), self.workers)
+        calls = self._start("run", algorithm, broadcast, cids, shares, client_states, ctx)
+        replies = self._get([ref for _, _, ref in calls], ctx)
+        results: list[Outcome | None] = [None] * len(cids)
+        for (positions, _, _), outcomes in zip(calls, replies, strict=True):
+            for pos, outcome in zip(positions, outcomes, strict=True):
+                results[pos] = outcome
+        return [r for r in results if r is not None]
+
+    def _start(
+        self,
+        method: str,
+        algorithm: Algorithm,
+        broadcast: Broadcast,
+        cids: list[int],
+        shares: list[list[int]],
+        client_states: Mapping[int, ClientState],
+        ctx: ServerContext,
+    ) -> list[tuple[list[int], Any, Any]]:
+        """``(positions, actor, result ref)`` per actor with a non-empty share, calling ``method``."""
         bref, aref = ray.put(broadcast), ray.put(algorithm)
         calls = []
         for actor, positions in zip(self._actors, shares, strict=True):
             if positions:
                 mine = [cids[i] for i in positions]
                 states = {c: client_states[c] for c in mine if c in client_states}
-                calls.append((positions, actor.run.remote(aref, bref, mine, states, ctx)))
-        results: list[Outcome | None] = [None] * len(cids)
+                calls.append((positions, actor, getattr(actor, method).remote(aref, bref, mine, states, ctx)))
+        return calls
+
+    def _get(self, refs: Any, ctx: ServerContext) -> Any:
+        """``ray.get(refs)``, a dead or failing actor turned into :class:`ExecutorError`."""
         try:
-            replies = ray.get([ref for _, ref in calls])
+            return ray.get(refs)
         except ray.exceptions.RayActorError as exc:
             self.close()
             raise ExecutorError(f"round {ctx.round}: a Ray actor died: {exc}") from exc
         except ray.exceptions.RayTaskError as exc:
             raise ExecutorError(f"round {ctx.round}: a Ray actor failed: {exc}") from exc
-        for (positions, _), outcomes in zip(calls, replies, strict=True):
-            for pos, outcome in zip(positions, outcomes, strict=True):
-                results[pos] = outcome
-        return [r for r in results if r is not None]
+
+    def run_round_reduced(
+        self,
+        algorithm: Algorithm,
+        broadcast: Broadcast,
+        cohort: Sequence[int],
+        client_states: Mapping[int, ClientState],
+        ctx: ServerContext,
+    ) -> tuple[list[Outcome], Aggregate | None]:
+        """Train the cohort and reduce its weighted mean on the actors (see :mod:`fedloom.sim.reduce`).
+
+        Returns the outcomes with every delta removed, in cohort order, and the round's
+        aggregate (``None`` when no update came back). Each actor trains a contiguous run of
+        the cohort balanced by cost; the partial sum travels actor to actor through the
+        object store, so the driver receives one model's worth of bytes, not one per client.
+        """
+        cids = [int(c) for c in cohort]
+        if not cids:
+            return [], None
+        shares = contiguous_shares(client_costs(algorithm, self.data, cids), self.workers)
+        calls = self._start("train", algorithm, broadcast, cids, shares, client_states, ctx)
+        replies = self._get([ref for _, _, ref in calls], ctx)
+        results: list[Outcome] = [o for outcomes in replies for o in outcomes]  # runs are in cohort order
+        updates = [o for o in results if isinstance(o, ClientUpdate)]
+        if not updates:
+            return results, None
+        coeff, total = coefficients(updates)
+        acc: Any = None
+        for positions, actor, _ in calls:
+            pairs = [(cids[i], coeff[cids[i]]) for i in positions if cids[i] in coeff]
+            acc = actor.reduce.remote(pairs, acc)
+        delta = self._get(acc, ctx) if coeff else None
+        return results, finished(delta, broadcast.params.zeros_like(), len(coeff), total)
 
     def close(self) -> None:
         """Stop the actors, and the local Ray instance if this executor started it."""

@@ -29,6 +29,7 @@ from fedloom.sim.auto import make_executor
 from fedloom.sim.build import Components, build_components
 from fedloom.sim.evaluate import evaluate
 from fedloom.sim.executor import ClientFailure, Executor, close_executor
+from fedloom.sim.reduce import not_reducible
 from fedloom.sim.sampling import draw_cohort
 from fedloom.sim.server_round import SecureSum, apply_updates, finish_round
 
@@ -152,6 +153,13 @@ def _loop(
     population = comps.train.num_clients
     s = cfg.sampling
     secure = _secure_sum(cfg, comps)
+    # An executor that can reduce the round's weighted mean on its workers (Ray) does so when
+    # the aggregation is exactly that mean on the raw updates; see fedloom.sim.reduce.
+    reduce_on_workers = getattr(executor, "run_round_reduced", None)
+    if reduce_on_workers is not None and (
+        comps.adversary is not None or secure is not None or not_reducible(algorithm, pipeline) is not None
+    ):
+        reduce_on_workers = None
     if _reached(cfg, last):
         return state, last, "target accuracy reached"
     with (run_dir / METRICS).open("a", encoding="utf-8") as metrics_file:
@@ -172,9 +180,15 @@ def _loop(
                 if listener is not None:
                     listener.on_round(last)
                 continue
-            outcomes = executor.run_round(
-                algorithm, algorithm.broadcast(state), cohort.tolist(), client_states, ctx
-            )
+            reduced: Aggregate | None = None
+            if reduce_on_workers:
+                outcomes, reduced = reduce_on_workers(
+                    algorithm, algorithm.broadcast(state), cohort.tolist(), client_states, ctx
+                )
+            else:
+                outcomes = executor.run_round(
+                    algorithm, algorithm.broadcast(state), cohort.tolist(), client_states, ctx
+                )
             if comps.adversary is not None:
                 outcomes = comps.adversary.apply(outcomes, ctx)
             for o in outcomes:
@@ -183,7 +197,7 @@ def _loop(
                         f"{o.reason}; the run stopped at round {r}. The last good checkpoint "
                         f"(round {state.round}) is intact in {store.path}"
                     )
-            done = finish_round(algorithm, pipeline, state, outcomes, ctx, secure=secure)
+            done = finish_round(algorithm, pipeline, state, outcomes, ctx, secure=secure, precomputed=reduced)
             updates, failures = done.updates, done.failures
             for f in failures:
                 if listener is not None:

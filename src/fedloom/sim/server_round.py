@@ -133,13 +133,19 @@ def finish_round(
     ctx: ServerContext,
     *,
     secure: SecureSum | None = None,
+    precomputed: Aggregate | None = None,
 ) -> RoundResult:
     """:func:`decode_outcomes` then, if any update was accepted, :func:`apply_updates`.
 
-    Secure-aggregation aborts (:class:`~fedloom.secagg.errors.SecAggError`) propagate.
+    ``precomputed`` is the round's aggregate reduced by the executor's workers
+    (:mod:`fedloom.sim.reduce`); ``outcomes`` then carry no deltas, only what the
+    round's metrics and client states need. Secure-aggregation aborts
+    (:class:`~fedloom.secagg.errors.SecAggError`) propagate.
     """
     updates, failures = decode_outcomes(pipeline, state, outcomes, ctx)
     if not updates:
         return RoundResult(state=state, updates=updates, failures=failures, metrics={})
-    new_state, metrics = apply_updates(algorithm, pipeline, state, updates, ctx, secure=secure)
+    new_state, metrics = apply_updates(
+        algorithm, pipeline, state, updates, ctx, secure=secure, precomputed=precomputed
+    )
     return RoundResult(state=new_state, updates=updates, failures=failures, metrics=metrics)
