@@ -34,6 +34,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -68,6 +69,19 @@ def workload(args: argparse.Namespace) -> tuple[ExperimentConfig, Callable[[], t
     return load_config(None, common + sets), CNN
 
 
+class _EveryUpdate:
+    """An executor seen through ``run_round`` only, so the runner cannot reduce on its workers."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def run_round(self, *args: Any) -> Any:
+        return self.inner.run_round(*args)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
 def make(kind: str, comps: Components, args: argparse.Namespace) -> Executor:
     if kind == "parallel":
         return ParallelExecutor(comps.workspace, comps.train, comps.pipeline, workers=args.workers)
@@ -75,10 +89,12 @@ def make(kind: str, comps: Components, args: argparse.Namespace) -> Executor:
         return VectorizedExecutor(
             comps.workspace, comps.train, comps.pipeline, device=args.device, block=args.block
         )
-    if kind == "ray":
+    if kind in ("ray", "ray-updates"):
         from fedloom.sim.ray_executor import RayExecutor
 
-        return RayExecutor(comps.workspace, comps.train, comps.pipeline, workers=args.workers)
+        ray_ex = RayExecutor(comps.workspace, comps.train, comps.pipeline, workers=args.workers)
+        # "ray-updates": the same actors returning every update (no reduction on the workers).
+        return ray_ex if kind == "ray" else _EveryUpdate(ray_ex)
     from fedloom.sim.executor import SequentialExecutor
 
     return SequentialExecutor(comps.workspace, comps.train, comps.pipeline)
@@ -151,7 +167,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workload", choices=["w1", "w2"], default="w1")
     ap.add_argument(
-        "--executors", default="parallel", help="comma-separated: parallel,vectorized,sequential,ray"
+        "--executors",
+        default="parallel",
+        help="comma-separated: parallel,vectorized,sequential,ray,ray-updates (Ray without worker-side reduction)",
     )
     ap.add_argument("--rounds", type=int, default=0, help="default: 10 for w1, 3 for w2")
     ap.add_argument("--repeats", type=int, default=3)
