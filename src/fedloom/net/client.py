@@ -220,6 +220,7 @@ class NetClient:
                     target=self._heartbeat, args=(stub, reply.heartbeat_s, stop), daemon=True
                 )
                 hb.start()
+                raw = _RawCalls(channel)
                 while True:
                     task = stub.GetTask(
                         pb.TaskRequest(wait_s=self.o.poll_s), metadata=self._md, timeout=self.o.poll_s + 15
@@ -229,7 +230,7 @@ class NetClient:
                         self.log("done", rounds=len(self.rounds_done))
                         return 0
                     if task.kind == pb.TRAIN:
-                        self._round(stub, _RawCalls(channel), task, reply, chunk_size_for(max_msg))
+                        self._round(stub, raw, task, reply, chunk_size_for(max_msg))
             except grpc.RpcError as exc:
                 code = exc.code() if hasattr(exc, "code") else None
                 if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):

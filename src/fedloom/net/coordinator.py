@@ -26,6 +26,7 @@ the relay and closes the attempt with :meth:`Coordinator.close_secure`.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from collections import Counter
@@ -397,11 +398,13 @@ class Coordinator:
         ``received_s`` is how long the upload stream took to arrive (for the round's timing).
         Updates are taken one at a time (the blob has already arrived: a slow upload holds nothing).
         """
+        # Hashing releases the GIL, so it runs before the queue, in parallel with other uploads.
+        sha = hashlib.sha256(blob).hexdigest()
         with self._ingest:
-            return self._take(cid, round, digest, meta_json, blob, received_s)
+            return self._take(cid, round, digest, meta_json, blob, received_s, sha)
 
     def _take(
-        self, cid: int, round: int, digest: str, meta_json: str, blob: bytes, received_s: float
+        self, cid: int, round: int, digest: str, meta_json: str, blob: bytes, received_s: float, sha: str
     ) -> str | None:
         with self._cond:
             why = self._check_slot(cid, round, digest)
@@ -423,7 +426,7 @@ class Coordinator:
         # meanwhile); only the small row that makes it count is committed under it, before the
         # client hears "accepted".
         t_store = time.perf_counter()
-        staged = self._state.stage(round, cid, blob)
+        staged = self._state.stage(round, cid, blob, sha256=sha)
         with self._cond:
             why = self._check_slot(cid, round, digest)  # the round may have closed meanwhile
             if why is None and self._round is not rnd:

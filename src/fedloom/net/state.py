@@ -151,11 +151,12 @@ class NetState:
         return {int(r[0]): (str(r[1]), int(r[2])) for r in rows}
 
     # ---- pending updates --------------------------------------------------
-    def stage(self, round: int, client_id: int, blob: bytes) -> StagedBlob:
+    def stage(self, round: int, client_id: int, blob: bytes, *, sha256: str = "") -> StagedBlob:
         """Write ``blob`` to a free slot file (no database lock held: callers stage concurrently).
 
-        The file counts only once :meth:`record_pending` committed its row; a staged
-        blob that is not recorded goes back to the pool with :meth:`discard`.
+        ``sha256`` is the blob's hex digest if the caller has it already. The file counts
+        only once :meth:`record_pending` committed its row; a staged blob that is not
+        recorded goes back to the pool with :meth:`discard`.
         """
         name = self._take_slot()
         try:
@@ -163,7 +164,7 @@ class NetState:
         except BaseException:
             self._release_slots([name])
             raise
-        return StagedBlob(round, client_id, name, hashlib.sha256(blob).hexdigest(), len(blob))
+        return StagedBlob(round, client_id, name, sha256 or hashlib.sha256(blob).hexdigest(), len(blob))
 
     def discard(self, staged: StagedBlob) -> None:
         """Return the slot of a staged blob that was never recorded (or whose row is gone)."""
