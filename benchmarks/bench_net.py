@@ -55,6 +55,7 @@ from fedloom.core.params import Params
 from fedloom.models.zoo import build_model
 from fedloom.net.client import ClientOptions, NetClient, Work
 from fedloom.net.logs import JsonLog
+from fedloom.net.memory import keep_freed_buffers
 from fedloom.net.wire import encode_broadcast, encode_update
 
 REPO = Path(__file__).resolve().parents[1]
@@ -125,8 +126,9 @@ def _fixed_work(cfg: ExperimentConfig) -> Work:
 
 
 def worker(server: str, names: list[str]) -> None:
-    """One load-generator process: a client thread per name."""
+    """One load-generator process: a client thread per name (set up as `fedloom client` is)."""
     torch.set_num_threads(1)
+    keep_freed_buffers()
     sink = io.StringIO()
     threads = []
     for n in names:
@@ -152,6 +154,7 @@ def floor_server(port: int, clients: int, rounds: int, down: int, up: int) -> No
 
     import grpc
 
+    keep_freed_buffers()  # as fedloom's processes do: the floor is the best bare exchange
     blob = os.urandom(down)
     cond = threading.Condition()
     state = {"round": 0, "got": 0, "t0": 0.0}
@@ -206,6 +209,7 @@ def floor_worker(port: int, n: int, rounds: int, up: int) -> None:
     import grpc
 
     torch.set_num_threads(1)
+    keep_freed_buffers()
     payload = os.urandom(up)
     limit = [
         ("grpc.max_receive_message_length", 4 * up + (1 << 20)),
@@ -344,6 +348,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--procs", type=int, default=4, help="load-generator processes for the clients")
     ap.add_argument("--no-floor", action="store_true", help="skip the bare-gRPC baseline")
+    ap.add_argument("--no-relay", action="store_true", help="skip the second run that counts wire bytes")
     ap.add_argument("--worker", nargs=2, metavar=("SERVER", "NAMES"), help=argparse.SUPPRESS)
     ap.add_argument("--floor-server", nargs=5, type=int, help=argparse.SUPPRESS)
     ap.add_argument("--floor-worker", nargs=4, type=int, help=argparse.SUPPRESS)
@@ -371,7 +376,11 @@ def main() -> None:
         print(json.dumps(direct), flush=True)
         if not args.no_floor:
             floors += run_floor(args.clients, args.rounds, args.procs, down, up)
-        relayed = run(args.clients, args.rounds, relay=True, workdir=Path(tmp), procs=args.procs)
+        relayed = (
+            None
+            if args.no_relay
+            else run(args.clients, args.rounds, relay=True, workdir=Path(tmp), procs=args.procs)
+        )
         took = time.perf_counter() - t0
     print(f"2NN ({direct['raw_param_bytes']:.0f} raw parameter bytes), {args.clients} clients in {args.procs} "
           f"processes, {args.rounds} rounds, {os.cpu_count()} CPUs, {took:.0f} s")  # fmt: skip
@@ -396,6 +405,8 @@ def main() -> None:
     for key, value in direct.items():
         if key.startswith("phase."):
             print(f"    {key.removeprefix('phase.'):<24} {value:10.2f}")
+    if relayed is None:
+        return
     print(
         f"wire bytes per client per round (relay): down {relayed['down_bytes_per_client_round']:.0f} "
         f"({relayed['down_ratio']:.4f}x raw), up {relayed['up_bytes_per_client_round']:.0f} "

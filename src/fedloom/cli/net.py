@@ -67,6 +67,7 @@ def server(
     from fedloom.net.auth import Credentials, is_loopback
     from fedloom.net.datasources import load_eval_data
     from fedloom.net.logs import JsonLog
+    from fedloom.net.memory import keep_freed_buffers
     from fedloom.net.server import ServerOptions, run_server
 
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -93,6 +94,7 @@ def server(
         # The many long-lived objects of the imports (torch, grpc) leave the collector's view, so
         # the full collections that the RPC handlers' allocations trigger stay cheap.
         gc.freeze()
+        keep_freed_buffers()
         state = run_server(cfg, state_dir, options, log)
         _console().print(f"done after round {state.round}; state and model in {state_dir}")
     except FedloomError as exc:
@@ -135,8 +137,10 @@ def client(
     from fedloom.net.client import ClientOptions, NetClient
     from fedloom.net.datasources import load_client_data
     from fedloom.net.logs import JsonLog
+    from fedloom.net.memory import keep_freed_buffers
 
     torch.set_num_threads(max(1, threads))
+    keep_freed_buffers()  # model-sized buffers every round: see fedloom.net.memory
     name = client_id
     if name is None:
         name = (
