@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
+import zlib
 from pathlib import Path
 
 import pytest
@@ -190,3 +192,31 @@ def test_pending_blobs_of_an_older_state_dir_are_migrated(tmp_path: Path) -> Non
         assert [(p.client_id, p.blob) for p in net.pending(3)] == [(1, b"old")]
     with NetState(db) as net:  # idempotent
         assert [(p.client_id, p.blob) for p in net.pending(3)] == [(1, b"old")]
+
+
+def test_pending_rows_of_an_older_version_keep_their_sha256_check(tmp_path: Path) -> None:
+    # Before 2026-12-02 the column was ``sha256`` and held the blob's SHA-256; a run resumed
+    # by this version renames the column and still verifies those rows.
+    db = tmp_path / "state.sqlite"
+    (tmp_path / "pending").mkdir()
+    con = sqlite3.connect(db)
+    con.execute(
+        "CREATE TABLE pending_updates (round INTEGER NOT NULL, client_id INTEGER NOT NULL, "
+        "meta_json TEXT NOT NULL, file TEXT NOT NULL, sha256 TEXT NOT NULL, bytes INTEGER NOT NULL, "
+        "PRIMARY KEY (round, client_id))"
+    )
+    for cid, blob, recorded in ((0, b"good", b"good"), (1, b"torn", b"tor")):
+        (tmp_path / "pending" / f"slot-00000{cid + 1}.bin").write_bytes(blob)
+        con.execute(
+            "INSERT INTO pending_updates VALUES (5, ?, '{}', ?, ?, ?)",
+            (cid, f"slot-00000{cid + 1}.bin", hashlib.sha256(recorded).hexdigest(), len(blob)),
+        )
+    con.commit()
+    con.close()
+    with NetState(db) as net:
+        assert [(p.client_id, p.blob) for p in net.pending(5)] == [(0, b"good")]
+        assert net.lost_pending(5) == [1]
+        net.add_pending(5, 2, "c", "{}", b"new", "attempt 1")
+        (checksum,) = net._db.execute("SELECT checksum FROM pending_updates WHERE client_id = 2").fetchone()
+        assert checksum == f"crc32:{zlib.crc32(b'new'):08x}"
+        assert [p.client_id for p in net.pending(5)] == [0, 2]

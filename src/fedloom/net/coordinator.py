@@ -26,9 +26,9 @@ the relay and closes the attempt with :meth:`Coordinator.close_secure`.
 
 from __future__ import annotations
 
-import hashlib
 import threading
 import time
+import zlib
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,7 +38,7 @@ from fedloom.algorithms.api import Broadcast, ClientUpdate, ServerContext
 from fedloom.core.errors import FedloomError, UpdateError
 from fedloom.core.params import Params
 from fedloom.net.logs import JsonLog
-from fedloom.net.state import NetState, PendingUpdate
+from fedloom.net.state import NetState, PendingUpdate, blob_checksum
 from fedloom.net.timing import RoundTiming
 from fedloom.net.wire import decode_update
 from fedloom.transforms.adaptive_clip import bind_pipeline
@@ -58,6 +58,7 @@ class Task:
     round: int = 0
     digest: str = ""
     size: int = 0
+    crc32: int = 0
     deadline_in_s: float = 0.0
     secagg_json: str = ""
 
@@ -89,6 +90,7 @@ class _Round:
     digest: str
     ctx: ServerContext
     pipeline: Pipeline
+    crc32: int = 0
     accepted: dict[int, ClientUpdate] = field(default_factory=dict)
     compute_s: dict[int, float] = field(default_factory=dict)
     failed: dict[int, str] = field(default_factory=dict)
@@ -183,6 +185,7 @@ class Coordinator:
             ctx=ctx,
             pipeline=round_pipeline,
             relay=relay,
+            crc32=zlib.crc32(blob),
         )
         for p in pending:
             update, compute = decode_update(p.client_id, p.meta_json, p.blob)
@@ -319,6 +322,7 @@ class Coordinator:
                         round=rnd.number,
                         digest=rnd.digest,
                         size=len(rnd.blob),
+                        crc32=rnd.crc32,
                         deadline_in_s=max(0.0, rnd.deadline - time.monotonic()),
                         secagg_json=rnd.relay.params.to_json() if rnd.relay is not None else "",
                     )
@@ -391,20 +395,34 @@ class Coordinator:
         return None
 
     def submit(
-        self, cid: int, round: int, digest: str, meta_json: str, blob: bytes, *, received_s: float = 0.0
+        self,
+        cid: int,
+        round: int,
+        digest: str,
+        meta_json: str,
+        blob: bytes,
+        *,
+        received_s: float = 0.0,
     ) -> str | None:
         """Validate and record one update; returns the rejection reason, or ``None`` if accepted.
 
         ``received_s`` is how long the upload stream took to arrive (for the round's timing).
         Updates are taken one at a time (the blob has already arrived: a slow upload holds nothing).
         """
-        # Hashing releases the GIL, so it runs before the queue, in parallel with other uploads.
-        sha = hashlib.sha256(blob).hexdigest()
+        # The checksum releases the GIL, so it runs before the queue, in parallel with other uploads.
+        checksum = blob_checksum(blob)
         with self._ingest:
-            return self._take(cid, round, digest, meta_json, blob, received_s, sha)
+            return self._take(cid, round, digest, meta_json, blob, received_s, checksum)
 
     def _take(
-        self, cid: int, round: int, digest: str, meta_json: str, blob: bytes, received_s: float, sha: str
+        self,
+        cid: int,
+        round: int,
+        digest: str,
+        meta_json: str,
+        blob: bytes,
+        received_s: float,
+        checksum: str,
     ) -> str | None:
         with self._cond:
             why = self._check_slot(cid, round, digest)
@@ -426,7 +444,7 @@ class Coordinator:
         # meanwhile); only the small row that makes it count is committed under it, before the
         # client hears "accepted".
         t_store = time.perf_counter()
-        staged = self._state.stage(round, cid, blob, sha256=sha)
+        staged = self._state.stage(round, cid, blob, checksum=checksum)
         with self._cond:
             why = self._check_slot(cid, round, digest)  # the round may have closed meanwhile
             if why is None and self._round is not rnd:

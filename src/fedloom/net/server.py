@@ -153,6 +153,7 @@ class _Service(pbg.CoordinatorServicer):
             round=t.round,
             broadcast_digest=t.digest,
             broadcast_bytes=t.size,
+            broadcast_crc32=t.crc32,
             deadline_in_s=t.deadline_in_s,
             secagg_json=t.secagg_json,
         )

@@ -3,7 +3,7 @@
 RunStore keeps the run's checkpoints, metrics and meta; this module adds::
 
     clients(client_id PRIMARY KEY, name UNIQUE, joins, last_seen)            the registry
-    pending_updates(round, client_id, meta_json, file, sha256, bytes)        accepted, not yet aggregated
+    pending_updates(round, client_id, meta_json, file, checksum, bytes)      accepted, not yet aggregated
     audit(seq PRIMARY KEY, ts, round, client_id, client, event, bytes, detail)
 
 ``pending_updates`` holds every accepted update of the open round, recorded before
@@ -11,7 +11,8 @@ the client is told "accepted", so a server killed mid-round resumes with them an
 no accepted update is lost; rows (and files) of a round are deleted once its
 checkpoint is committed. The tensor blob of a pending update lives in a file
 ``pending/slot-<n>.bin`` beside the database; the row names it and carries its
-SHA-256 and size. Slot files are reused: once a round's rows are deleted their
+checksum (CRC-32, ``"crc32:<8 hex>"``; rows of older versions carry a bare SHA-256)
+and size. Slot files are reused: once a round's rows are deleted their
 files return to a free pool and the next round's uploads overwrite them in place. ``audit`` is append-only:
 which client contributed to which round, bytes received, rejections with their
 reason, dropouts, aborted rounds.
@@ -25,7 +26,7 @@ runs in WAL mode with ``synchronous=NORMAL``, and the file sits in the page cach
 so both survive the process being killed (SIGKILL, OOM, a crash) -- the failure
 this runtime promises to survive bit-exactly. An operating-system crash or power
 loss can lose the last few commits and files; a row whose file is then missing
-or does not match its SHA-256 is dropped at resume (logged by the caller), and
+or does not match its checksum is dropped at resume (logged by the caller), and
 the client, still selected and without an accepted update, is asked again.
 RunStore's checkpoints keep ``synchronous=FULL``. Keeping 16 MB of blobs per
 round out of SQLite matters for speed: in the database every blob was written
@@ -35,6 +36,12 @@ matters too: overwriting a cached file of the same size is a memory copy (about
 0.02 ms for the 2NN's 0.8 MB), where creating, filling and later unlinking a new
 file cost about 1 ms per update on ext4. A slot is in exactly one of three
 places: the free pool, owned by one upload being staged, or named by a row.
+
+Checksum. The check only has to catch a torn or stale file after an OS crash (a
+reused slot still holding an older round's bytes of the same size), not an
+adversary: whoever can write the state directory can rewrite the row too. CRC-32
+does that at 5 GB/s against SHA-256's 1.7 GB/s here (0.15 against 0.47 ms per
+0.8 MB update, on the server's critical resource, its two cores).
 
 Audit events: ``join``, ``refused``, ``accepted``, ``rejected``, ``late``,
 ``failed`` (the client reported a training failure), ``dropout`` (selected, no
@@ -49,11 +56,12 @@ import re
 import sqlite3
 import threading
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-__all__ = ["AuditRow", "NetState", "PendingUpdate", "StagedBlob"]
+__all__ = ["AuditRow", "NetState", "PendingUpdate", "StagedBlob", "blob_checksum"]
 
 PENDING_DIR = "pending"
 
@@ -63,7 +71,7 @@ CREATE TABLE IF NOT EXISTS clients (
 );
 CREATE TABLE IF NOT EXISTS pending_updates (
     round INTEGER NOT NULL, client_id INTEGER NOT NULL, meta_json TEXT NOT NULL, file TEXT NOT NULL,
-    sha256 TEXT NOT NULL, bytes INTEGER NOT NULL, PRIMARY KEY (round, client_id)
+    checksum TEXT NOT NULL, bytes INTEGER NOT NULL, PRIMARY KEY (round, client_id)
 );
 CREATE TABLE IF NOT EXISTS audit (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, round INTEGER NOT NULL,
@@ -97,7 +105,7 @@ class StagedBlob:
     round: int
     client_id: int
     file: str
-    sha256: str
+    checksum: str
     bytes: int
 
 
@@ -115,6 +123,9 @@ class NetState:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        columns = {str(r[1]) for r in self._db.execute("PRAGMA table_info(pending_updates)")}
+        if "sha256" in columns:  # a state dir of an older version: same values, new name
+            self._db.execute("ALTER TABLE pending_updates RENAME COLUMN sha256 TO checksum")
         self._pool_lock = threading.Lock()
         self._free: list[str] = []
         self._next_slot = 0
@@ -151,10 +162,12 @@ class NetState:
         return {int(r[0]): (str(r[1]), int(r[2])) for r in rows}
 
     # ---- pending updates --------------------------------------------------
-    def stage(self, round: int, client_id: int, blob: bytes, *, sha256: str = "") -> StagedBlob:
+    def stage(
+        self, round: int, client_id: int, blob: bytes | memoryview, *, checksum: str = ""
+    ) -> StagedBlob:
         """Write ``blob`` to a free slot file (no database lock held: callers stage concurrently).
 
-        ``sha256`` is the blob's hex digest if the caller has it already. The file counts
+        ``checksum`` is :func:`blob_checksum` of the blob if the caller has it already. The file counts
         only once :meth:`record_pending` committed its row; a staged blob that is not
         recorded goes back to the pool with :meth:`discard`.
         """
@@ -164,7 +177,7 @@ class NetState:
         except BaseException:
             self._release_slots([name])
             raise
-        return StagedBlob(round, client_id, name, sha256 or hashlib.sha256(blob).hexdigest(), len(blob))
+        return StagedBlob(round, client_id, name, checksum or blob_checksum(blob), len(blob))
 
     def discard(self, staged: StagedBlob) -> None:
         """Return the slot of a staged blob that was never recorded (or whose row is gone)."""
@@ -212,7 +225,7 @@ class NetState:
             try:
                 self._db.execute(
                     "INSERT INTO pending_updates VALUES (?, ?, ?, ?, ?, ?)",
-                    (staged.round, staged.client_id, meta_json, staged.file, staged.sha256, staged.bytes),
+                    (staged.round, staged.client_id, meta_json, staged.file, staged.checksum, staged.bytes),
                 )
                 self._audit_locked(staged.round, staged.client_id, client, "accepted", staged.bytes, detail)
             except BaseException:
@@ -242,17 +255,17 @@ class NetState:
     def _read_pending(self, round: int) -> list[PendingUpdate | int]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT client_id, meta_json, file, sha256 FROM pending_updates WHERE round = ? "
+                "SELECT client_id, meta_json, file, checksum FROM pending_updates WHERE round = ? "
                 "ORDER BY client_id",
                 (round,),
             ).fetchall()
         out: list[PendingUpdate | int] = []
-        for cid, meta, name, sha in rows:
+        for cid, meta, name, recorded in rows:
             try:
                 blob = (self.blob_dir / str(name)).read_bytes()
             except FileNotFoundError:
                 blob = b""
-            if blob and hashlib.sha256(blob).hexdigest() == sha:
+            if blob and _matches(blob, str(recorded)):
                 out.append(PendingUpdate(int(cid), str(meta), blob))
             else:
                 out.append(int(cid))
@@ -282,7 +295,7 @@ class NetState:
             with self._lock:
                 self._db.execute(
                     "INSERT OR IGNORE INTO pending_updates VALUES (?, ?, ?, ?, ?, ?)",
-                    (staged.round, staged.client_id, str(meta), staged.file, staged.sha256, staged.bytes),
+                    (staged.round, staged.client_id, str(meta), staged.file, staged.checksum, staged.bytes),
                 )
         with self._lock:
             self._db.execute("DROP TABLE pending")
@@ -321,7 +334,18 @@ class NetState:
 _SLOT = re.compile(r"slot-(\d+)\.bin")
 
 
-def _overwrite(path: Path, blob: bytes) -> None:
+def blob_checksum(blob: bytes | memoryview) -> str:
+    """The checksum recorded with a pending blob: ``"crc32:<8 hex digits>"`` (see the module Notes)."""
+    return f"crc32:{zlib.crc32(blob):08x}"
+
+
+def _matches(blob: bytes, recorded: str) -> bool:
+    if recorded.startswith("crc32:"):
+        return blob_checksum(blob) == recorded
+    return hashlib.sha256(blob).hexdigest() == recorded  # a row written by an older version
+
+
+def _overwrite(path: Path, blob: bytes | memoryview) -> None:
     """Make ``path`` hold exactly ``blob``, writing in place over a reused file's cached pages."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
     try:
