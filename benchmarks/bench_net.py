@@ -157,8 +157,9 @@ def floor_server(port: int, clients: int, rounds: int, down: int, up: int) -> No
     keep_freed_buffers()  # as fedloom's processes do: the floor is the best bare exchange
     blob = os.urandom(down)
     cond = threading.Condition()
-    state = {"round": 0, "got": 0, "t0": 0.0}
+    state = {"round": 0, "got": 0, "t0": 0.0, "cpu0": 0.0}
     walls: list[float] = []
+    cpus: list[float] = []
 
     def task(request: bytes, context: object) -> bytes:
         want = int(request)
@@ -176,7 +177,10 @@ def floor_server(port: int, clients: int, rounds: int, down: int, up: int) -> No
             state["got"] += 1
             if state["got"] == clients:
                 walls.append(time.perf_counter() - state["t0"])
-                state.update(got=0, round=state["round"] + 1, t0=time.perf_counter())
+                cpus.append(time.process_time() - state["cpu0"])
+                state.update(
+                    got=0, round=state["round"] + 1, t0=time.perf_counter(), cpu0=time.process_time()
+                )
                 cond.notify_all()
         return b"ok"
 
@@ -196,11 +200,11 @@ def floor_server(port: int, clients: int, rounds: int, down: int, up: int) -> No
     server.add_insecure_port(f"127.0.0.1:{port}")
     server.start()
     with cond:
-        state.update(round=1, t0=time.perf_counter())
+        state.update(round=1, t0=time.perf_counter(), cpu0=time.process_time())
         cond.notify_all()
     with cond:
         cond.wait_for(lambda: len(walls) >= rounds, timeout=600)
-    print(json.dumps({"walls": walls}), flush=True)
+    print(json.dumps({"walls": walls, "cpus": cpus}), flush=True)
     server.stop(grace=0.5).wait()
 
 
@@ -234,8 +238,8 @@ def floor_worker(port: int, n: int, rounds: int, up: int) -> None:
         t.join(timeout=600)
 
 
-def run_floor(clients: int, rounds: int, procs: int, down: int, up: int) -> list[float]:
-    """Round wall times (s) of the bare exchange, warm-up round left out."""
+def run_floor(clients: int, rounds: int, procs: int, down: int, up: int) -> tuple[list[float], list[float]]:
+    """Round wall times and server CPU times (s) of the bare exchange, warm-up round left out."""
     port = _free_port()
     srv = subprocess.Popen(
         [sys.executable, __file__, "--floor-server", str(port), str(clients), str(rounds), str(down), str(up)],
@@ -252,8 +256,8 @@ def run_floor(clients: int, rounds: int, procs: int, down: int, up: int) -> list
     out, _ = srv.communicate(timeout=600)
     for g in gens:
         g.wait(timeout=60)
-    walls: list[float] = json.loads(out.strip().splitlines()[-1])["walls"]
-    return walls[1:]
+    got = json.loads(out.strip().splitlines()[-1])
+    return got["walls"][1:], got["cpus"][1:]
 
 
 def _phases(log: Path) -> list[dict[str, float]]:
@@ -367,15 +371,18 @@ def main() -> None:
     down = len(encode_broadcast(Broadcast(round=1, params=params)))
     up = len(encode_update(ClientUpdate(0, params, 10.0, 10, 1, {"train_loss": 1.0}))[1])
     floors: list[float] = []
+    floor_cpu: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         # Floor, fedloom, floor again: the machine's drift shows between the two floors.
         if not args.no_floor:
-            floors += run_floor(args.clients, args.rounds, args.procs, down, up)
+            walls, cpus = run_floor(args.clients, args.rounds, args.procs, down, up)
+            floors, floor_cpu = floors + walls, floor_cpu + cpus
         direct = run(args.clients, args.rounds, relay=False, workdir=Path(tmp), procs=args.procs)
         print(json.dumps(direct), flush=True)
         if not args.no_floor:
-            floors += run_floor(args.clients, args.rounds, args.procs, down, up)
+            walls, cpus = run_floor(args.clients, args.rounds, args.procs, down, up)
+            floors, floor_cpu = floors + walls, floor_cpu + cpus
         relayed = (
             None
             if args.no_relay
@@ -396,6 +403,11 @@ def main() -> None:
             f"(first {1000 * statistics.median(floors[:half]):.1f}, second {1000 * statistics.median(floors[half:]):.1f}); "
             f"overhead / floor = {direct['overhead_ms_median'] / floor:.2f}x"
         )  # fmt: skip
+    if "phase.server_cpu_ms" in direct:
+        line = f"  server process CPU per round: fedloom {direct['phase.server_cpu_ms']:.1f} ms"
+        if floor_cpu:
+            line += f", bare-gRPC floor {1000 * statistics.median(floor_cpu):.1f} ms"
+        print(line)
     print(
         f"  open -> aggregated (metrics 'seconds', no checkpoint): median "
         f"{direct['overhead_to_aggregate_ms_median']:.1f} ms; round period (committed -> committed): "

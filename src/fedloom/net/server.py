@@ -489,7 +489,7 @@ def _loop(
             lost = net.lost_pending(r)
             if lost:  # only after an OS crash or power loss (see fedloom.net.state)
                 log("pending_lost", level="warning", round=r, clients=[coord.names[c] for c in lost])
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), time.process_time()
             relay = _secure_relay(cfg, cohort, min(size, len(cohort)), broadcast, r)
             coord.open_round(
                 broadcast,
@@ -602,6 +602,8 @@ def _loop(
             "checkpoint_ms": round(1000 * checkpoint_s, 2),
             # open -> checkpoint committed, pending cleared and metrics appended
             "round_wall_ms": round(1000 * (time.perf_counter() - t0), 2),
+            # CPU seconds of the whole server process over the same span, all threads
+            "server_cpu_ms": round(1000 * (time.process_time() - cpu0), 2),
         }
         log("round_committed", **metrics, phases=phases)
         if _reached(cfg, metrics):
