@@ -18,8 +18,8 @@ Measures, for the McMahan 2NN (784-200-200-10, 199,210 float32 parameters = 796,
 Baseline measured in the same run (``--floor``, on by default): the same number of
 clients in the same load-generator processes exchange the same bytes with a bare
 gRPC server -- generic handlers on raw ``bytes`` (no protobuf, no validation, no
-state, no aggregation): per round, a long-poll for the round, one unary download of
-the broadcast-sized blob, one unary upload of an update-sized blob. Its round wall
+state, no aggregation): per round, a long-poll for the round that returns the
+broadcast-sized blob (as fedloom's GetTask does), one unary upload of an update-sized blob. Its round wall
 time is what gRPC's Python runtime costs on this machine for the traffic alone; the
 ratio ``overhead / floor`` is what fedloom adds on top.
 
@@ -163,11 +163,10 @@ def floor_server(port: int, clients: int, rounds: int, down: int, up: int) -> No
 
     def task(request: bytes, context: object) -> bytes:
         want = int(request)
+        if want == 0:  # the first contact (fedloom's Join)
+            return b"joined"
         with cond:
             cond.wait_for(lambda: state["round"] >= want, timeout=60)
-        return b"train"
-
-    def fetch(request: bytes, context: object) -> bytes:
         return blob
 
     def push(request: bytes, context: object) -> bytes:
@@ -192,7 +191,7 @@ def floor_server(port: int, clients: int, rounds: int, down: int, up: int) -> No
         "floor",
         {
             name: grpc.unary_unary_rpc_method_handler(fn, request_deserializer=_raw, response_serializer=_raw)
-            for name, fn in (("Task", task), ("Fetch", fetch), ("Push", push))
+            for name, fn in (("Task", task), ("Push", push))
         },
     )
     server = grpc.server(ThreadPoolExecutor(max_workers=2 * clients + 8), options=limit)
@@ -223,12 +222,10 @@ def floor_worker(port: int, n: int, rounds: int, up: int) -> None:
     def one() -> None:
         with grpc.insecure_channel(f"127.0.0.1:{port}", options=limit) as ch:
             task = ch.unary_unary("/floor/Task", request_serializer=_raw, response_deserializer=_raw)
-            fetch = ch.unary_unary("/floor/Fetch", request_serializer=_raw, response_deserializer=_raw)
             push = ch.unary_unary("/floor/Push", request_serializer=_raw, response_deserializer=_raw)
-            task(b"1", timeout=60, wait_for_ready=True)
+            task(b"0", timeout=60, wait_for_ready=True)
             for r in range(1, rounds + 1):
                 task(str(r).encode(), timeout=60)
-                fetch(b"", timeout=60)
                 push(payload, timeout=60)
 
     threads = [threading.Thread(target=one) for _ in range(n)]

@@ -112,7 +112,8 @@ def test_a_model_that_fits_one_message_travels_in_unary_calls_to_the_same_result
     reference_run: Path, tmp_path: Path
 ) -> None:
     # The reference run streamed chunks (max_message_bytes = 4096); with 1 MiB both the broadcast and
-    # every update fit one message, so clients use Fetch and Push. The transport must not change a bit.
+    # every update fit one message, so the model comes with the task and updates go by Push. The
+    # transport must not change a bit.
     cfg = write_config(
         tmp_path / "exp.toml",
         base=BASE_TOML.replace("max_message_bytes = 4096", "max_message_bytes = 1048576"),

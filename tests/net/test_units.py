@@ -16,15 +16,20 @@ from fedloom.core.errors import UpdateError
 from fedloom.core.params import Params
 from fedloom.net.auth import AuthError, TokenBook, generate_credentials, is_loopback, revoke
 from fedloom.net.client import ClientStateStore
+from fedloom.net.proto import fedloom_pb2 as pb
 from fedloom.net.state import NetState
 from fedloom.net.wire import (
     UpdateMeta,
     chunk_size_for,
     decode_broadcast,
+    decode_chunk,
     decode_update,
     encode_broadcast,
+    encode_bytes_field,
+    encode_chunk,
     encode_update,
     iter_chunks,
+    split_bytes_field,
 )
 
 
@@ -54,6 +59,41 @@ def test_broadcast_round_trip_and_chunks() -> None:
     assert back.extras["c"].equal(b.extras["c"])
     assert chunk_size_for(4096) == 2048
     assert chunk_size_for(1 << 30) == 1 << 20
+
+
+def test_hand_encoded_messages_are_protobufs_own_encoding() -> None:
+    blob = bytes(range(256)) * 700  # longer than one varint byte can count
+    full = pb.TaskReply(
+        kind=pb.TRAIN,
+        round=3,
+        broadcast_digest="ab" * 32,
+        broadcast_bytes=len(blob),
+        broadcast_crc32=0xFFFFFFFF,
+        deadline_in_s=12.5,
+        secagg_json="{}",
+        broadcast=blob,
+    )
+    small = pb.TaskReply()
+    small.CopyFrom(full)
+    small.ClearField("broadcast")
+    number = pb.TaskReply.DESCRIPTOR.fields_by_name["broadcast"].number
+    raw = small.SerializeToString() + encode_bytes_field(number, blob)
+    assert raw == full.SerializeToString()  # field 9 is the last field protobuf writes
+    assert pb.TaskReply.FromString(raw) == full
+    rest, got = split_bytes_field(raw, number)
+    assert got == blob
+    assert pb.TaskReply.FromString(rest) == small
+    assert split_bytes_field(small.SerializeToString(), number) == (small.SerializeToString(), None)
+    # Fields in another order, and a truncated message.
+    rest, got = split_bytes_field(encode_bytes_field(number, b"x") + small.SerializeToString(), number)
+    assert got == b"x"
+    assert pb.TaskReply.FromString(rest) == small
+    with pytest.raises(UpdateError, match="overruns"):
+        split_bytes_field(raw[:-1], number)
+    header = pb.UpdateHeader(round=2, broadcast_digest="cd" * 32, total_bytes=len(blob), meta_json="{}")
+    chunk = encode_chunk(blob, header)
+    assert chunk == pb.Chunk(header=header, data=blob).SerializeToString()
+    assert decode_chunk(chunk) == (header, blob)
 
 
 @pytest.mark.parametrize(

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from fedloom.algorithms.api import (
     Algorithm,
@@ -48,7 +49,7 @@ from fedloom.algorithms.api import (
 )
 from fedloom.config.loader import parse_config
 from fedloom.config.schema import ExperimentConfig
-from fedloom.core.errors import FedloomError, RunStateError, TrainingError
+from fedloom.core.errors import FedloomError, RunStateError, TrainingError, UpdateError
 from fedloom.core.serde import slots_from_bytes, slots_to_bytes
 from fedloom.data.datasets import ArrayDataset
 from fedloom.models.zoo import build_model
@@ -59,10 +60,10 @@ from fedloom.net.proto import fedloom_pb2_grpc as pbg
 from fedloom.net.wire import (
     chunk_size_for,
     decode_broadcast,
-    decode_chunk,
     encode_chunk,
     encode_update,
     iter_chunks,
+    split_bytes_field,
 )
 from fedloom.sim.build import build_algorithm, build_pipeline
 from fedloom.sim.privacy_plan import plan_privacy
@@ -221,7 +222,7 @@ class NetClient:
                 hb.start()
                 raw = _RawCalls(channel)
                 while True:
-                    task = stub.GetTask(
+                    task, inline = raw.task(
                         pb.TaskRequest(wait_s=self.o.poll_s), metadata=self._md, timeout=self.o.poll_s + 15
                     )
                     last_contact = time.monotonic()
@@ -229,7 +230,7 @@ class NetClient:
                         self.log("done", rounds=len(self.rounds_done))
                         return 0
                     if task.kind == pb.TRAIN:
-                        self._round(stub, raw, task, reply, chunk_size_for(max_msg))
+                        self._round(stub, raw, task, inline, reply, chunk_size_for(max_msg))
             except grpc.RpcError as exc:
                 code = exc.code() if hasattr(exc, "code") else None
                 if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
@@ -259,16 +260,23 @@ class NetClient:
                 return  # the main loop notices and reconnects
 
     def _round(
-        self, stub: pbg.CoordinatorStub, raw: _RawCalls, task: pb.TaskReply, join: pb.JoinReply, chunk: int
+        self,
+        stub: pbg.CoordinatorStub,
+        raw: _RawCalls,
+        task: pb.TaskReply,
+        inline: bytes | None,
+        join: pb.JoinReply,
+        chunk: int,
     ) -> None:
+        """Train round ``task.round``: the broadcast came with the task (``inline``) or is streamed now."""
         if self._cfg is None or self._work is None:
             raise RunStateError("a task arrived before the client joined")
         r = task.round
-        request = pb.DownloadRequest(round=r, broadcast_digest=task.broadcast_digest)
-        timeout = max(30.0, task.deadline_in_s)
-        if task.broadcast_bytes <= chunk:  # fits one message: a unary call
-            _, blob = decode_chunk(raw.fetch(request, metadata=self._md, timeout=timeout))
+        if inline is not None:
+            blob = inline
         else:
+            request = pb.DownloadRequest(round=r, broadcast_digest=task.broadcast_digest)
+            timeout = max(30.0, task.deadline_in_s)
             blob = b"".join(c.data for c in stub.Download(request, metadata=self._md, timeout=timeout))
         # The digest names the model; the CRC-32 catches a damaged download at a third of the cost
         # (integrity against an attacker is TLS's job: whoever could alter the blob could alter both).
@@ -296,7 +304,7 @@ class NetClient:
             self._secure(stub, raw, task, join.client_id, update, compute)
             return
         meta, ublob = encode_update(update, compute_s=compute)
-        transfer = "unary" if len(ublob) <= chunk and task.broadcast_bytes <= chunk else "stream"
+        transfer = "unary" if len(ublob) <= chunk and inline is not None else "stream"
         if len(ublob) <= chunk:  # fits one message: a unary call
             header = pb.UpdateHeader(
                 round=r, broadcast_digest=task.broadcast_digest, total_bytes=len(ublob), meta_json=meta
@@ -389,14 +397,15 @@ class NetClient:
 
 
 class _RawCalls:
-    """Fetch and Push with their model payload left as encoded bytes (see ``fedloom.net.server._register``)."""
+    """GetTask and Push with their model payload left as encoded bytes (see ``fedloom.net.server._register``)."""
 
     _SERVICE = "/fedloom.net.v1.Coordinator/"
+    _BROADCAST = pb.TaskReply.DESCRIPTOR.fields_by_name["broadcast"].number
 
     def __init__(self, channel: grpc.Channel) -> None:
-        self.fetch = channel.unary_unary(
-            self._SERVICE + "Fetch",
-            request_serializer=pb.DownloadRequest.SerializeToString,
+        self._task = channel.unary_unary(
+            self._SERVICE + "GetTask",
+            request_serializer=pb.TaskRequest.SerializeToString,
             response_deserializer=_raw,
             _registered_method=True,
         )
@@ -406,6 +415,15 @@ class _RawCalls:
             response_deserializer=pb.UploadReply.FromString,
             _registered_method=True,
         )
+
+    def task(self, request: pb.TaskRequest, **kw: Any) -> tuple[pb.TaskReply, bytes | None]:
+        """The task, and the broadcast blob when the reply carries it (sliced out once, not parsed)."""
+        raw = self._task(request, **kw)
+        try:
+            rest, blob = split_bytes_field(raw, self._BROADCAST)
+            return pb.TaskReply.FromString(rest), blob
+        except (UpdateError, DecodeError) as exc:
+            raise RunStateError(f"the server's task reply does not parse: {exc}") from None
 
 
 def _raw(b: bytes) -> bytes:

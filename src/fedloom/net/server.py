@@ -53,13 +53,15 @@ from fedloom.net.logs import JsonLog
 from fedloom.net.proto import fedloom_pb2 as pb
 from fedloom.net.proto import fedloom_pb2_grpc as pbg
 from fedloom.net.state import NetState
-from fedloom.net.wire import chunk_size_for, decode_chunk, encode_broadcast, encode_chunk, iter_chunks
+from fedloom.net.wire import chunk_size_for, decode_chunk, encode_broadcast, encode_bytes_field, iter_chunks
 from fedloom.results.store import RunStore
 from fedloom.sim.build import build_algorithm, build_pipeline
 from fedloom.sim.evaluate import evaluate
 from fedloom.sim.privacy_plan import plan_privacy
 from fedloom.sim.sampling import cohort_size, sample_clients
 from fedloom.sim.server_round import apply_updates
+
+_TASK_BROADCAST_FIELD = pb.TaskReply.DESCRIPTOR.fields_by_name["broadcast"].number
 
 if TYPE_CHECKING:  # fedloom.net.secure needs the optional 'secure' extra
     from fedloom.net.secure import SecureRelay
@@ -144,11 +146,12 @@ class _Service(pbg.CoordinatorServicer):
             population=len(self.coord.names),
         )
 
-    def GetTask(self, request: pb.TaskRequest, context: grpc.ServicerContext) -> pb.TaskReply:
+    def GetTask(self, request: pb.TaskRequest, context: grpc.ServicerContext) -> bytes:
+        """An encoded ``TaskReply`` (raw bytes: see :func:`_register`); TRAIN carries the broadcast if it fits."""
         cid = self._who(context)
         t = self.coord.task_for(cid, request.wait_s)
         kind = {"wait": pb.WAIT, "train": pb.TRAIN, "done": pb.DONE}[t.kind]
-        return pb.TaskReply(
+        small: bytes = pb.TaskReply(
             kind=kind,
             round=t.round,
             broadcast_digest=t.digest,
@@ -156,7 +159,25 @@ class _Service(pbg.CoordinatorServicer):
             broadcast_crc32=t.crc32,
             deadline_in_s=t.deadline_in_s,
             secagg_json=t.secagg_json,
-        )
+        ).SerializeToString()
+        if t.kind != "train":
+            return small
+        start = time.perf_counter()
+        field = self._inline_broadcast(t.round, t.digest)
+        if field is None or len(small) + len(field) > self.cfg.deploy.max_message_bytes:
+            return small  # the client streams it with Download
+        self.coord.note_download(t.round, start, time.perf_counter())
+        return small + field  # messages concatenate: this is the reply with ``broadcast`` set
+
+    def _inline_broadcast(self, round: int, digest: str) -> bytes | None:
+        """``TaskReply.broadcast`` holding the open round's blob, encoded once per round (None: closed)."""
+        with self._pieces_lock:
+            blob = self.coord.broadcast_blob(round, digest)
+            if blob is None:
+                return None
+            if self._whole[0] != digest:
+                self._whole = (digest, encode_bytes_field(_TASK_BROADCAST_FIELD, blob))
+            return self._whole[1]
 
     def SecAgg(self, request: pb.SecAggRequest, context: grpc.ServicerContext) -> pb.SecAggReply:
         cid = self._who(context)
@@ -175,26 +196,6 @@ class _Service(pbg.CoordinatorServicer):
         for piece in pieces:
             yield pb.Chunk(data=piece)
         self.coord.note_download(request.round, start, time.perf_counter())
-
-    def Fetch(self, request: pb.DownloadRequest, context: grpc.ServicerContext) -> bytes:
-        """The broadcast as one encoded ``Chunk`` (raw bytes: see :func:`_register`), encoded once per round."""
-        self._who(context)
-        start = time.perf_counter()
-        with self._pieces_lock:
-            blob = self.coord.broadcast_blob(request.round, request.broadcast_digest)
-            if blob is None:
-                _abort(context, grpc.StatusCode.FAILED_PRECONDITION, f"round {request.round} is not open")
-            if len(blob) > self.chunk:
-                _abort(
-                    context,
-                    grpc.StatusCode.FAILED_PRECONDITION,
-                    f"the broadcast ({len(blob)} bytes) exceeds one message of {self.chunk} bytes; use Download",
-                )
-            if self._whole[0] != request.broadcast_digest:
-                self._whole = (request.broadcast_digest, encode_chunk(blob))
-            reply = self._whole[1]
-        self.coord.note_download(request.round, start, time.perf_counter())
-        return reply
 
     def _pieces(self, round: int, digest: str) -> list[bytes] | None:
         """The open round's broadcast cut into chunks, cut once per round rather than per client."""
@@ -318,16 +319,16 @@ class _Capture:
 
 
 def _register(service: _Service, server: grpc.Server) -> None:
-    """The generated handlers, except that Fetch replies and Push requests stay raw bytes.
+    """The generated handlers, except that GetTask replies and Push requests stay raw bytes.
 
-    Those two carry a whole model in one ``Chunk``; :func:`~fedloom.net.wire.encode_chunk`
-    and :func:`~fedloom.net.wire.decode_chunk` do the (byte-identical) protobuf encoding
-    with one copy of the payload, and the Fetch reply is encoded once per round, not per client.
+    Those two carry a whole model in one message; :func:`~fedloom.net.wire.encode_bytes_field`
+    and :func:`~fedloom.net.wire.decode_chunk` do the (byte-identical) protobuf encoding with
+    one copy of the payload, where protobuf's own encoder copies it twice.
     """
     cap = _Capture()
     pbg.add_CoordinatorServicer_to_server(service, cap)  # type: ignore[no-untyped-call]
-    cap.handlers["Fetch"] = grpc.unary_unary_rpc_method_handler(
-        service.Fetch, request_deserializer=pb.DownloadRequest.FromString, response_serializer=_raw
+    cap.handlers["GetTask"] = grpc.unary_unary_rpc_method_handler(
+        service.GetTask, request_deserializer=pb.TaskRequest.FromString, response_serializer=_raw
     )
     cap.handlers["Push"] = grpc.unary_unary_rpc_method_handler(
         service.Push, request_deserializer=_raw, response_serializer=pb.UploadReply.SerializeToString

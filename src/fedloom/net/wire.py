@@ -41,10 +41,12 @@ __all__ = [
     "decode_secagg",
     "decode_update",
     "encode_broadcast",
+    "encode_bytes_field",
     "encode_chunk",
     "encode_secagg",
     "encode_update",
     "iter_chunks",
+    "split_bytes_field",
 ]
 
 _EXTRA = "x."
@@ -80,7 +82,7 @@ def encode_chunk(data: bytes, header: pb.UpdateHeader | None = None) -> bytes:
 
     Byte for byte what ``pb.Chunk(...).SerializeToString()`` gives; protobuf's own encoder
     copies an 0.8 MB ``data`` field twice (into the message, then into the output) and
-    is several times slower. Used for the unary Fetch reply and Push request.
+    is several times slower. Used for the unary Push request.
     """
     parts: list[bytes] = []
     if header is not None:
@@ -89,6 +91,50 @@ def encode_chunk(data: bytes, header: pb.UpdateHeader | None = None) -> bytes:
     if data:
         parts += [b"\x12", _varint(len(data)), data]
     return b"".join(parts)
+
+
+def encode_bytes_field(number: int, data: bytes) -> bytes:
+    """The protobuf encoding of field ``number`` (``bytes``) holding ``data``, with one copy of ``data``.
+
+    Protobuf messages concatenate: ``small.SerializeToString() + encode_bytes_field(9, blob)``
+    is the encoding of ``small`` with field 9 set to ``blob``.
+    """
+    return b"".join((_varint(number << 3 | 2), _varint(len(data)), data))
+
+
+def split_bytes_field(raw: bytes, number: int) -> tuple[bytes, bytes | None]:
+    """``(raw without field number, that field's value or None)``: the inverse of :func:`encode_bytes_field`.
+
+    Walks the top-level fields of an encoded message; the value of the (last) occurrence of
+    ``number`` is sliced out once, the other fields are returned as an encoded message for
+    protobuf's parser. Raises :class:`UpdateError` on a malformed message.
+    """
+    rest: list[bytes] = []
+    value: bytes | None = None
+    pos, end = 0, len(raw)
+    while pos < end:
+        start = pos
+        pos, key = _read_varint(raw, pos)
+        kind = key & 7
+        if kind == 0:
+            pos, _ = _read_varint(raw, pos)
+        elif kind in (1, 5):
+            pos += 8 if kind == 1 else 4
+        elif kind == 2:
+            pos, n = _read_varint(raw, pos)
+            if key >> 3 == number:
+                if pos + n > end:
+                    raise UpdateError(f"field {number} of {n} bytes overruns the {end}-byte message")
+                value = raw[pos : pos + n]
+                pos += n
+                continue
+            pos += n
+        else:
+            raise UpdateError(f"message uses protobuf wire type {kind} (groups), which fedloom never sends")
+        if pos > end:
+            raise UpdateError(f"a field overruns the {end}-byte message")
+        rest.append(raw[start:pos])
+    return b"".join(rest), value
 
 
 def decode_chunk(raw: bytes) -> tuple[pb.UpdateHeader | None, bytes]:

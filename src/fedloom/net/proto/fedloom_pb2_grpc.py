@@ -54,11 +54,6 @@ class CoordinatorStub:
                 request_serializer=fedloom_dot_net_dot_proto_dot_fedloom__pb2.Chunk.SerializeToString,
                 response_deserializer=fedloom_dot_net_dot_proto_dot_fedloom__pb2.UploadReply.FromString,
                 _registered_method=True)
-        self.Fetch = channel.unary_unary(
-                '/fedloom.net.v1.Coordinator/Fetch',
-                request_serializer=fedloom_dot_net_dot_proto_dot_fedloom__pb2.DownloadRequest.SerializeToString,
-                response_deserializer=fedloom_dot_net_dot_proto_dot_fedloom__pb2.Chunk.FromString,
-                _registered_method=True)
         self.Push = channel.unary_unary(
                 '/fedloom.net.v1.Coordinator/Push',
                 request_serializer=fedloom_dot_net_dot_proto_dot_fedloom__pb2.Chunk.SerializeToString,
@@ -92,7 +87,9 @@ class CoordinatorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetTask(self, request, context):
-        """Long-poll for work: WAIT (ask again), TRAIN (round r is yours) or DONE (exit).
+        """Long-poll for work: WAIT (ask again), TRAIN (round r is yours) or DONE (exit). A TRAIN reply
+        carries the broadcast itself when it fits one message with it (the common case): one call,
+        one round trip, from "round open" to the model on the client.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -112,17 +109,11 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Fetch(self, request, context):
-        """Fetch and Push are Download and Upload in a single message, used when the blob fits in one
-        chunk (TaskReply.broadcast_bytes, the update's size): the common case, and cheaper, because a
-        unary call needs none of a stream's per-message hand-offs between gRPC's threads.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
     def Push(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Push is Upload in a single message, used when the update fits in one chunk: the common case,
+        and cheaper, because a unary call needs none of a stream's per-message hand-offs between
+        gRPC's threads.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -170,11 +161,6 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.Upload,
                     request_deserializer=fedloom_dot_net_dot_proto_dot_fedloom__pb2.Chunk.FromString,
                     response_serializer=fedloom_dot_net_dot_proto_dot_fedloom__pb2.UploadReply.SerializeToString,
-            ),
-            'Fetch': grpc.unary_unary_rpc_method_handler(
-                    servicer.Fetch,
-                    request_deserializer=fedloom_dot_net_dot_proto_dot_fedloom__pb2.DownloadRequest.FromString,
-                    response_serializer=fedloom_dot_net_dot_proto_dot_fedloom__pb2.Chunk.SerializeToString,
             ),
             'Push': grpc.unary_unary_rpc_method_handler(
                     servicer.Push,
@@ -305,33 +291,6 @@ class Coordinator:
             '/fedloom.net.v1.Coordinator/Upload',
             fedloom_dot_net_dot_proto_dot_fedloom__pb2.Chunk.SerializeToString,
             fedloom_dot_net_dot_proto_dot_fedloom__pb2.UploadReply.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Fetch(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/fedloom.net.v1.Coordinator/Fetch',
-            fedloom_dot_net_dot_proto_dot_fedloom__pb2.DownloadRequest.SerializeToString,
-            fedloom_dot_net_dot_proto_dot_fedloom__pb2.Chunk.FromString,
             options,
             channel_credentials,
             insecure,
