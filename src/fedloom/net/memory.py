@@ -9,8 +9,10 @@ state each 0.8 MB buffer is faulted in page by page and unmapped again: about a
 fifth of a load generator's CPU on loopback (``perf``: ``exc_page_fault``,
 ``clear_page``, ``unmap_page_range``). Raising both thresholds keeps freed buffers
 in the process for the next round. The cost is that memory freed after a peak is
-kept (up to ``trim_bytes`` per heap) instead of returned; the process's resident
-size stays at its working set.
+kept (up to ``trim_bytes``, 128 MiB by default, per heap) instead of returned; the
+process's resident size stays near its peak working set. Buffers of more than 32 MiB
+(glibc's ceiling for the mmap threshold) are still mapped and unmapped each time, so
+large models keep glibc's default behaviour and only mid-sized buffers are reused.
 
 Measured with ``benchmarks/bench_net.py`` (20 clients, 2 cores; see the README):
 the bare-gRPC floor went from 40-45 ms to 30-33 ms per round, fedloom's overhead
@@ -31,7 +33,7 @@ _M_MMAP_THRESHOLD = -3
 _MMAP_MAX = 32 * 1024 * 1024
 
 
-def keep_freed_buffers(*, mmap_bytes: int = _MMAP_MAX, trim_bytes: int = 512 * 1024 * 1024) -> bool:
+def keep_freed_buffers(*, mmap_bytes: int = _MMAP_MAX, trim_bytes: int = 128 * 1024 * 1024) -> bool:
     """Raise glibc's mmap and trim thresholds (see the module docstring); ``True`` if applied.
 
     Returns ``False`` without changing anything on a C library without ``mallopt``
