@@ -5,10 +5,12 @@ from __future__ import annotations
 import itertools
 import json
 
+import pytest
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from fedloom.core.errors import RunStateError
 from fedloom.core.params import Params
 from fedloom.core.serde import params_from_bytes, params_to_bytes, slots_from_bytes, slots_to_bytes
 
@@ -67,3 +69,75 @@ def test_blobs_written_by_the_library_still_decode() -> None:
 def test_a_dtype_outside_our_table_goes_through_the_library() -> None:
     p = Params({"c": torch.tensor([1 + 2j, 3j], dtype=torch.complex64), "w": torch.ones(2)})
     assert params_from_bytes(params_to_bytes(p)).equal(p)
+
+
+def test_our_reader_matches_the_library_on_its_output_and_reads_views() -> None:
+    p = Params({k: v for k, v in _mixed().items() if k != "view"})
+    tensors = {k: v.contiguous() for k, v in p.items()}
+    lib = st_save(tensors, metadata={"fedloom.order": json.dumps(list(p))})
+    framed = b"\x12\x05junk!" + lib + b"trailer"  # the blob inside a larger message
+    view = memoryview(framed)[7 : 7 + len(lib)]
+    back = params_from_bytes(view)  # type: ignore[arg-type]
+    assert back.equal(p)
+    for k, v in back.items():
+        assert v.dtype == p[k].dtype, k
+        assert v.shape == p[k].shape, k
+    # The tensors own their memory: writable, and independent of the message's bytes.
+    back["w"].add_(1.0)
+    assert st_load(lib)["w"].equal(p["w"])
+
+
+def _blob(header: dict[str, object], data: bytes) -> bytes:
+    text = json.dumps(header).encode()
+    return len(text).to_bytes(8, "little") + text + data
+
+
+@pytest.mark.parametrize(
+    ("header", "data", "match"),
+    [
+        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, b"\0" * 4, "4 bytes for shape"),
+        (
+            {
+                "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+                "b": {"dtype": "F32", "shape": [1], "data_offsets": [2, 6]},
+            },
+            b"\0" * 6,
+            "overlap or leave a hole",
+        ),
+        ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, b"\0" * 8, "hole"),
+        ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 12, "holds 12 bytes"),
+        ({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\0" * 4, "not a list of sizes"),
+        ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 0]}}, b"\0" * 4, "not a byte range"),
+        ({"a": {"dtype": 7, "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4, "not a type name"),
+        ({"__metadata__": {"k": 1}}, b"", "strings to strings"),
+        ({"a": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}}, b"", "fedloom.order"),
+    ],
+)
+def test_malformed_headers_are_refused_naming_the_problem(
+    header: dict[str, object], data: bytes, match: str
+) -> None:
+    with pytest.raises(RunStateError, match=match):
+        params_from_bytes(_blob(header, data))
+
+
+def test_a_header_length_past_the_end_is_refused() -> None:
+    with pytest.raises(RunStateError, match="overruns"):
+        params_from_bytes((1000).to_bytes(8, "little") + b"{}")
+    with pytest.raises(RunStateError, match="shorter than"):
+        params_from_bytes(b"\x01\x02")
+
+
+def test_an_odd_layout_from_another_writer_gets_aligned_tensors() -> None:
+    # An F16 scalar first puts the F32 tensor at byte 2: it gets a buffer of its own.
+    h = torch.tensor([1.5], dtype=torch.float16)
+    f = torch.tensor([2.0, -3.0])
+    header = {
+        "__metadata__": {"fedloom.order": json.dumps(["h", "f"])},
+        "h": {"dtype": "F16", "shape": [1], "data_offsets": [0, 2]},
+        "f": {"dtype": "F32", "shape": [2], "data_offsets": [2, 10]},
+    }
+    back = params_from_bytes(_blob(header, h.numpy().tobytes() + f.numpy().tobytes()))
+    assert list(back) == ["h", "f"]
+    assert back["h"].equal(h)
+    assert back["f"].equal(f)
+    assert back["f"].data_ptr() % 4 == 0

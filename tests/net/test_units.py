@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import xxhash
 
 from fedloom.algorithms.api import Broadcast, ClientState, ClientUpdate
 from fedloom.core.errors import UpdateError
@@ -68,7 +69,7 @@ def test_hand_encoded_messages_are_protobufs_own_encoding() -> None:
         round=3,
         broadcast_digest="ab" * 32,
         broadcast_bytes=len(blob),
-        broadcast_crc32=0xFFFFFFFF,
+        broadcast_xxh3=0xFFFFFFFFFFFFFFFF,
         deadline_in_s=12.5,
         secagg_json="{}",
         broadcast=blob,
@@ -234,7 +235,7 @@ def test_pending_blobs_of_an_older_state_dir_are_migrated(tmp_path: Path) -> Non
         assert [(p.client_id, p.blob) for p in net.pending(3)] == [(1, b"old")]
 
 
-def test_pending_rows_of_an_older_version_keep_their_sha256_check(tmp_path: Path) -> None:
+def test_pending_rows_of_older_versions_keep_their_sha256_and_crc32_checks(tmp_path: Path) -> None:
     # Before 2026-12-02 the column was ``sha256`` and held the blob's SHA-256; a run resumed
     # by this version renames the column and still verifies those rows.
     db = tmp_path / "state.sqlite"
@@ -245,18 +246,26 @@ def test_pending_rows_of_an_older_version_keep_their_sha256_check(tmp_path: Path
         "meta_json TEXT NOT NULL, file TEXT NOT NULL, sha256 TEXT NOT NULL, bytes INTEGER NOT NULL, "
         "PRIMARY KEY (round, client_id))"
     )
-    for cid, blob, recorded in ((0, b"good", b"good"), (1, b"torn", b"tor")):
+    # Rows 0 and 1 as the oldest version wrote them (SHA-256), 3 and 4 as the previous one (CRC-32).
+    rows = (
+        (0, b"good", hashlib.sha256(b"good").hexdigest()),
+        (1, b"torn", hashlib.sha256(b"tor").hexdigest()),
+        (3, b"fine", f"crc32:{zlib.crc32(b'fine'):08x}"),
+        (4, b"stale", f"crc32:{zlib.crc32(b'state'):08x}"),
+    )
+    for cid, blob, recorded in rows:
         (tmp_path / "pending" / f"slot-00000{cid + 1}.bin").write_bytes(blob)
         con.execute(
             "INSERT INTO pending_updates VALUES (5, ?, '{}', ?, ?, ?)",
-            (cid, f"slot-00000{cid + 1}.bin", hashlib.sha256(recorded).hexdigest(), len(blob)),
+            (cid, f"slot-00000{cid + 1}.bin", recorded, len(blob)),
         )
     con.commit()
     con.close()
     with NetState(db) as net:
-        assert [(p.client_id, p.blob) for p in net.pending(5)] == [(0, b"good")]
-        assert net.lost_pending(5) == [1]
+        assert [(p.client_id, p.blob) for p in net.pending(5)] == [(0, b"good"), (3, b"fine")]
+        assert net.lost_pending(5) == [1, 4]
         net.add_pending(5, 2, "c", "{}", b"new", "attempt 1")
         (checksum,) = net._db.execute("SELECT checksum FROM pending_updates WHERE client_id = 2").fetchone()
-        assert checksum == f"crc32:{zlib.crc32(b'new'):08x}"
-        assert [p.client_id for p in net.pending(5)] == [0, 2]
+        # XXH3-64 of b"new", from the xxhash package's reference implementation
+        assert checksum == f"xxh3:{xxhash.xxh3_64_intdigest(b'new'):016x}"
+        assert [p.client_id for p in net.pending(5)] == [0, 2, 3]

@@ -4,20 +4,27 @@
 are symmetric pairs; a round trip returns bit-identical tensors in the same order.
 safetensors stores raw little-endian buffers behind a small JSON header.
 
-Writing is done here rather than by ``safetensors.torch.save``: the format is an
-8-byte header length, the JSON header (tensor name -> dtype, shape, byte range,
-plus ``__metadata__``), space padding to 8 bytes, then the raw buffers. Building
-it from views of the tensors and joining once copies each byte once; the
+Writing and reading are done here rather than by ``safetensors.torch.save``/``load``:
+the format is an 8-byte header length, the JSON header (tensor name -> dtype, shape,
+byte range, plus ``__metadata__``), space padding to 8 bytes, then the raw buffers.
+Building it from views of the tensors and joining once copies each byte once; the
 library's writer copies every tensor twice and spends most of its time in Python
 checks for shared storage (a deployed client encodes a model-sized update every
-round). Reading stays with ``safetensors.torch.load``, which validates the header
-and byte ranges; tests/core/test_serde.py checks that it reads our
-output bit-exactly and that we read the library's.
+round). The reader checks the header as the library does (known dtype, shape and
+byte range agreeing, ranges that tile the data area with no hole or overlap) and
+copies the data area once into one writable buffer that the tensors view; the
+library's reader needs ``bytes`` (a received message's payload would first be
+sliced out, one copy) and copies each tensor again. It reads from a
+``memoryview``, so a payload inside a larger message is never sliced. A dtype
+outside the table (complex, say) or a big-endian machine goes through the
+library. tests/core/test_serde.py checks both directions against the library,
+bit-exactly, and that malformed headers are refused.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections.abc import Mapping
 
@@ -29,6 +36,8 @@ from fedloom.core.errors import RunStateError
 from fedloom.core.params import Params
 
 __all__ = ["params_from_bytes", "params_to_bytes", "slots_from_bytes", "slots_to_bytes"]
+
+Blob = bytes | bytearray | memoryview
 
 _ORDER_KEY = "fedloom.order"
 
@@ -45,6 +54,7 @@ _DTYPE_CODES = {
     torch.uint8: "U8",
     torch.bool: "BOOL",
 }
+_CODE_DTYPES = {code: dtype for dtype, code in _DTYPE_CODES.items()}
 
 
 def _safetensors(tensors: Mapping[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
@@ -78,6 +88,78 @@ def params_to_bytes(params: Params) -> bytes:
     return _safetensors(dict(params.items()), {_ORDER_KEY: json.dumps(list(params))})
 
 
+class _Foreign(Exception):
+    """The blob holds a dtype outside :data:`_DTYPE_CODES`: the library reads it."""
+
+
+def _read_safetensors(blob: Blob) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors blob, each tensor byte copied once (module docstring).
+
+    Raises ``ValueError`` naming what is malformed, :class:`_Foreign` for a dtype outside the table.
+    """
+    view = memoryview(blob).cast("B")
+    if len(view) < 8:
+        raise ValueError(f"{len(view)} bytes is shorter than the 8-byte header length")
+    n = int.from_bytes(view[:8], "little")
+    if n > len(view) - 8:
+        raise ValueError(f"header length {n} overruns the {len(view)}-byte blob")
+    header = json.loads(bytes(view[8 : 8 + n]))
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise ValueError("__metadata__ must map strings to strings")
+    start = 8 + n
+    entries: list[tuple[int, int, str, torch.dtype, list[int]]] = []
+    for name, e in header.items():
+        if not isinstance(e, dict):
+            raise ValueError(f"tensor {name!r}: the entry is not an object")
+        code, shape, offsets = e.get("dtype"), e.get("shape"), e.get("data_offsets")
+        if code not in _CODE_DTYPES:
+            if isinstance(code, str):
+                raise _Foreign(code)
+            raise ValueError(f"tensor {name!r}: dtype {code!r} is not a type name")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise ValueError(f"tensor {name!r}: shape {shape!r} is not a list of sizes")
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(type(o) is int for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]
+        ):
+            raise ValueError(f"tensor {name!r}: data_offsets {offsets!r} is not a byte range")
+        dtype = _CODE_DTYPES[code]
+        need = math.prod(shape) * dtype.itemsize
+        if offsets[1] - offsets[0] != need:
+            raise ValueError(
+                f"tensor {name!r}: {offsets[1] - offsets[0]} bytes for shape {shape} {code} ({need} bytes)"
+            )
+        entries.append((offsets[0], offsets[1], name, dtype, shape))
+    entries.sort(key=lambda t: (t[0], t[1]))
+    end = 0
+    for begin, stop, name, _, _ in entries:
+        if begin != end:
+            raise ValueError(
+                f"tensor {name!r} starts at byte {begin}: ranges overlap or leave a hole at {end}"
+            )
+        end = stop
+    if end != len(view) - start:
+        raise ValueError(f"the data area holds {len(view) - start} bytes, the tensors {end}")
+    data = bytearray(view[start:])  # the one copy; every aligned tensor is a view of it
+    tensors: dict[str, torch.Tensor] = {}
+    for begin, stop, name, dtype, shape in entries:
+        if begin == stop:
+            tensors[name] = torch.empty(shape, dtype=dtype)
+        elif begin % dtype.itemsize:  # a foreign writer's odd layout: an aligned buffer of its own
+            tensors[name] = torch.frombuffer(data[begin:stop], dtype=dtype).reshape(shape)
+        else:
+            count = (stop - begin) // dtype.itemsize
+            tensors[name] = torch.frombuffer(data, dtype=dtype, count=count, offset=begin).reshape(shape)
+    return tensors, metadata
+
+
 def params_from_bytes(blob: bytes) -> Params:
     """Decode :func:`params_to_bytes` output, restoring the original key order."""
     return slots_from_bytes(blob)[""]
@@ -99,15 +181,32 @@ def slots_to_bytes(slots: Mapping[str, Params]) -> bytes:
     return _safetensors(tensors, {_ORDER_KEY: json.dumps(order)})
 
 
-def slots_from_bytes(blob: bytes) -> dict[str, Params]:
-    """Decode :func:`slots_to_bytes` (or :func:`params_to_bytes`, as slot ``""``)."""
+def slots_from_bytes(blob: Blob) -> dict[str, Params]:
+    """Decode :func:`slots_to_bytes` (or :func:`params_to_bytes`, as slot ``""``); ``blob`` may be a view."""
     try:
-        header_len = int.from_bytes(blob[:8], "little")
-        header = json.loads(blob[8 : 8 + header_len])
-        order = json.loads(header.get("__metadata__", {})[_ORDER_KEY])
-        tensors = st_load(blob)
-    except (ValueError, KeyError, TypeError, json.JSONDecodeError) as exc:
+        if sys.byteorder != "little":
+            raise _Foreign("big-endian machine")
+        tensors, metadata = _read_safetensors(blob)
+    except _Foreign:
+        try:
+            tensors, metadata = st_load(bytes(blob)), _metadata(blob)
+        except Exception as exc:  # safetensors raises its own error type on a corrupt buffer
+            raise RunStateError(f"cannot decode a parameter blob ({len(blob)} bytes): {exc}") from exc
+    except (ValueError, TypeError, json.JSONDecodeError) as exc:
         raise RunStateError(f"cannot decode a parameter blob ({len(blob)} bytes): {exc}") from exc
-    if isinstance(order, list):
-        return {"": Params({k: tensors[k] for k in order})}
-    return {slot: Params({k: tensors[f"{slot}/{k}"] for k in keys}) for slot, keys in order.items()}
+    try:
+        order = json.loads(metadata[_ORDER_KEY])
+        if isinstance(order, list):
+            return {"": Params({k: tensors[k] for k in order})}
+        return {slot: Params({k: tensors[f"{slot}/{k}"] for k in keys}) for slot, keys in order.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise RunStateError(
+            f"cannot decode a parameter blob ({len(blob)} bytes): bad {_ORDER_KEY}: {exc}"
+        ) from exc
+
+
+def _metadata(blob: Blob) -> dict[str, str]:
+    view = memoryview(blob).cast("B")
+    n = int.from_bytes(view[:8], "little")
+    meta: dict[str, str] = json.loads(bytes(view[8 : 8 + n])).get("__metadata__", {})
+    return meta

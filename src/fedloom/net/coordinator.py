@@ -26,9 +26,9 @@ the relay and closes the attempt with :meth:`Coordinator.close_secure`.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
-import zlib
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -40,7 +40,7 @@ from fedloom.core.params import Params
 from fedloom.net.logs import JsonLog
 from fedloom.net.state import NetState, PendingUpdate, blob_checksum
 from fedloom.net.timing import RoundTiming
-from fedloom.net.wire import decode_update
+from fedloom.net.wire import decode_update, fingerprint
 from fedloom.transforms.adaptive_clip import bind_pipeline
 from fedloom.transforms.pipeline import Pipeline
 
@@ -58,7 +58,7 @@ class Task:
     round: int = 0
     digest: str = ""
     size: int = 0
-    crc32: int = 0
+    xxh3: int = 0
     deadline_in_s: float = 0.0
     secagg_json: str = ""
 
@@ -90,7 +90,7 @@ class _Round:
     digest: str
     ctx: ServerContext
     pipeline: Pipeline
-    crc32: int = 0
+    xxh3: int = 0
     accepted: dict[int, ClientUpdate] = field(default_factory=dict)
     compute_s: dict[int, float] = field(default_factory=dict)
     failed: dict[int, str] = field(default_factory=dict)
@@ -185,7 +185,7 @@ class Coordinator:
             ctx=ctx,
             pipeline=round_pipeline,
             relay=relay,
-            crc32=zlib.crc32(blob),
+            xxh3=fingerprint(blob),
         )
         for p in pending:
             update, compute = decode_update(p.client_id, p.meta_json, p.blob)
@@ -322,8 +322,10 @@ class Coordinator:
                         round=rnd.number,
                         digest=rnd.digest,
                         size=len(rnd.blob),
-                        crc32=rnd.crc32,
-                        deadline_in_s=max(0.0, rnd.deadline - time.monotonic()),
+                        xxh3=rnd.xxh3,
+                        # in whole tenths, rounded down: the replies of one round's clients are
+                        # then mostly byte-identical and the server encodes the reply once
+                        deadline_in_s=max(0.0, math.floor(10 * (rnd.deadline - time.monotonic())) / 10),
                         secagg_json=rnd.relay.params.to_json() if rnd.relay is not None else "",
                     )
                 left = end - time.monotonic()
@@ -400,7 +402,7 @@ class Coordinator:
         round: int,
         digest: str,
         meta_json: str,
-        blob: bytes,
+        blob: bytes | memoryview,
         *,
         received_s: float = 0.0,
     ) -> str | None:
@@ -420,7 +422,7 @@ class Coordinator:
         round: int,
         digest: str,
         meta_json: str,
-        blob: bytes,
+        blob: bytes | memoryview,
         received_s: float,
         checksum: str,
     ) -> str | None:

@@ -105,6 +105,7 @@ class _Service(pbg.CoordinatorServicer):
         self._pieces_lock = threading.Lock()
         self._cut: tuple[str, list[bytes]] = ("", [])
         self._whole: tuple[str, bytes] = ("", b"")
+        self._reply: tuple[bytes, bytes] = (b"", b"")  # (TaskReply without broadcast, with it)
 
     # ---- authentication ------------------------------------------------
     def _who(self, context: grpc.ServicerContext, *, operator: bool = False) -> int:
@@ -156,28 +157,39 @@ class _Service(pbg.CoordinatorServicer):
             round=t.round,
             broadcast_digest=t.digest,
             broadcast_bytes=t.size,
-            broadcast_crc32=t.crc32,
+            broadcast_xxh3=t.xxh3,
             deadline_in_s=t.deadline_in_s,
             secagg_json=t.secagg_json,
         ).SerializeToString()
         if t.kind != "train":
             return small
         start = time.perf_counter()
-        field = self._inline_broadcast(t.round, t.digest)
-        if field is None or len(small) + len(field) > self.cfg.deploy.max_message_bytes:
+        full = self._with_broadcast(small, t.round, t.digest)
+        if full is None:
             return small  # the client streams it with Download
         self.coord.note_download(t.round, start, time.perf_counter())
-        return small + field  # messages concatenate: this is the reply with ``broadcast`` set
+        return full
 
-    def _inline_broadcast(self, round: int, digest: str) -> bytes | None:
-        """``TaskReply.broadcast`` holding the open round's blob, encoded once per round (None: closed)."""
+    def _with_broadcast(self, small: bytes, round: int, digest: str) -> bytes | None:
+        """``small`` with ``TaskReply.broadcast`` set to the open round's blob (None: closed, or too big).
+
+        Messages concatenate, so this is ``small + encode_bytes_field(...)``. The round's clients
+        mostly get byte-identical replies (see ``Task.deadline_in_s``): the last one is kept, so a
+        round copies the model once for its replies rather than once per client.
+        """
         with self._pieces_lock:
             blob = self.coord.broadcast_blob(round, digest)
             if blob is None:
                 return None
             if self._whole[0] != digest:
                 self._whole = (digest, encode_bytes_field(_TASK_BROADCAST_FIELD, blob))
-            return self._whole[1]
+                self._reply = (b"", b"")
+            if self._reply[0] != small:
+                field = self._whole[1]
+                if len(small) + len(field) > self.cfg.deploy.max_message_bytes:
+                    return None
+                self._reply = (small, small + field)
+            return self._reply[1]
 
     def SecAgg(self, request: pb.SecAggRequest, context: grpc.ServicerContext) -> pb.SecAggReply:
         cid = self._who(context)
@@ -228,7 +240,7 @@ class _Service(pbg.CoordinatorServicer):
         return self._receive(cid, header, data, iter(()))
 
     def _receive(
-        self, cid: int, h: pb.UpdateHeader | None, data: bytes, rest: Iterator[pb.Chunk]
+        self, cid: int, h: pb.UpdateHeader | None, data: bytes | memoryview, rest: Iterator[pb.Chunk]
     ) -> pb.UploadReply:
         """One update from ``cid``: header ``h`` and the blob's start ``data``, then the ``rest`` chunks."""
         if h is None:
@@ -248,7 +260,8 @@ class _Service(pbg.CoordinatorServicer):
                 accepted=False, error=self.coord.reject(cid, h.round, h.total_bytes, reason)
             )
         start = time.perf_counter()
-        pieces, size = [data], len(data)
+        pieces: list[bytes | memoryview] = [data]
+        size = len(data)
         for chunk in rest:
             piece = chunk.data
             pieces.append(piece)

@@ -25,6 +25,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import xxhash
 from google.protobuf.message import DecodeError
 
 from fedloom.algorithms.api import Broadcast, ClientUpdate
@@ -45,6 +46,7 @@ __all__ = [
     "encode_chunk",
     "encode_secagg",
     "encode_update",
+    "fingerprint",
     "iter_chunks",
     "split_bytes_field",
 ]
@@ -52,6 +54,15 @@ __all__ = [
 _EXTRA = "x."
 # Room left in each gRPC message for the protobuf envelope and the upload header.
 _ENVELOPE = 2048
+
+
+def fingerprint(data: bytes | memoryview) -> int:
+    """XXH3-64 of ``data``: the check of a download and of a pending file (damage, not an adversary).
+
+    About 12 times faster than zlib's CRC-32 here (0.022 against 0.26 ms for the 2NN's 0.8 MB),
+    and 64 bits wide; integrity against an attacker is TLS's job.
+    """
+    return int(xxhash.xxh3_64_intdigest(data))
 
 
 def chunk_size_for(max_message_bytes: int) -> int:
@@ -102,15 +113,15 @@ def encode_bytes_field(number: int, data: bytes) -> bytes:
     return b"".join((_varint(number << 3 | 2), _varint(len(data)), data))
 
 
-def split_bytes_field(raw: bytes, number: int) -> tuple[bytes, bytes | None]:
+def split_bytes_field(raw: bytes, number: int) -> tuple[bytes, memoryview | None]:
     """``(raw without field number, that field's value or None)``: the inverse of :func:`encode_bytes_field`.
 
     Walks the top-level fields of an encoded message; the value of the (last) occurrence of
-    ``number`` is sliced out once, the other fields are returned as an encoded message for
-    protobuf's parser. Raises :class:`UpdateError` on a malformed message.
+    ``number`` is returned as a view into ``raw`` (no copy), the other fields as an encoded
+    message for protobuf's parser. Raises :class:`UpdateError` on a malformed message.
     """
     rest: list[bytes] = []
-    value: bytes | None = None
+    value: memoryview | None = None
     pos, end = 0, len(raw)
     while pos < end:
         start = pos
@@ -125,7 +136,7 @@ def split_bytes_field(raw: bytes, number: int) -> tuple[bytes, bytes | None]:
             if key >> 3 == number:
                 if pos + n > end:
                     raise UpdateError(f"field {number} of {n} bytes overruns the {end}-byte message")
-                value = raw[pos : pos + n]
+                value = memoryview(raw)[pos : pos + n]
                 pos += n
                 continue
             pos += n
@@ -137,14 +148,14 @@ def split_bytes_field(raw: bytes, number: int) -> tuple[bytes, bytes | None]:
     return b"".join(rest), value
 
 
-def decode_chunk(raw: bytes) -> tuple[pb.UpdateHeader | None, bytes]:
+def decode_chunk(raw: bytes) -> tuple[pb.UpdateHeader | None, bytes | memoryview]:
     """``(header or None, data)`` of an encoded ``Chunk``; raises :class:`UpdateError` if it does not parse.
 
-    The two fields are located by their tags and ``data`` is sliced out once; anything
-    but the plain layout (unknown fields, odd tags) goes through protobuf's parser.
+    The two fields are located by their tags and ``data`` is a view into ``raw`` (no copy);
+    anything but the plain layout (unknown fields, odd tags) goes through protobuf's parser.
     """
     header: pb.UpdateHeader | None = None
-    data = b""
+    data: bytes | memoryview = b""
     pos, end = 0, len(raw)
     try:
         while pos < end:
@@ -157,7 +168,7 @@ def decode_chunk(raw: bytes) -> tuple[pb.UpdateHeader | None, bytes]:
             if tag == 0x0A:
                 header = pb.UpdateHeader.FromString(raw[pos : pos + n])
             else:
-                data = raw[pos : pos + n]
+                data = memoryview(raw)[pos : pos + n]
             pos += n
     except DecodeError as exc:
         raise UpdateError(f"upload message does not parse: {exc}") from None
@@ -190,7 +201,7 @@ def encode_broadcast(b: Broadcast) -> bytes:
     return slots_to_bytes(slots)
 
 
-def decode_broadcast(blob: bytes, round: int) -> Broadcast:
+def decode_broadcast(blob: bytes | memoryview, round: int) -> Broadcast:
     try:
         slots = slots_from_bytes(blob)
     except RunStateError as exc:
@@ -272,7 +283,7 @@ def encode_update(update: ClientUpdate, *, compute_s: float = 0.0) -> tuple[str,
     return meta.to_json(), slots_to_bytes(slots)
 
 
-def decode_update(client_id: int, meta_json: str, blob: bytes) -> tuple[ClientUpdate, float]:
+def decode_update(client_id: int, meta_json: str, blob: bytes | memoryview) -> tuple[ClientUpdate, float]:
     """Rebuild a :class:`ClientUpdate` and the client's reported compute seconds.
 
     Raises :class:`UpdateError` when the header or the blob does not parse; shape

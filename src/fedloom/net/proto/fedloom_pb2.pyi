@@ -46,7 +46,7 @@ class TaskRequest(_message.Message):
     def __init__(self, wait_s: _Optional[float] = ...) -> None: ...
 
 class TaskReply(_message.Message):
-    __slots__ = ("kind", "round", "broadcast_digest", "broadcast_bytes", "deadline_in_s", "message", "secagg_json", "broadcast_crc32", "broadcast")
+    __slots__ = ("kind", "round", "broadcast_digest", "broadcast_bytes", "deadline_in_s", "message", "secagg_json", "broadcast_xxh3", "broadcast")
     KIND_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     BROADCAST_DIGEST_FIELD_NUMBER: _ClassVar[int]
@@ -54,7 +54,7 @@ class TaskReply(_message.Message):
     DEADLINE_IN_S_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     SECAGG_JSON_FIELD_NUMBER: _ClassVar[int]
-    BROADCAST_CRC32_FIELD_NUMBER: _ClassVar[int]
+    BROADCAST_XXH3_FIELD_NUMBER: _ClassVar[int]
     BROADCAST_FIELD_NUMBER: _ClassVar[int]
     kind: TaskKind
     round: int
@@ -63,9 +63,9 @@ class TaskReply(_message.Message):
     deadline_in_s: float
     message: str
     secagg_json: str
-    broadcast_crc32: int
+    broadcast_xxh3: int
     broadcast: bytes
-    def __init__(self, kind: _Optional[_Union[TaskKind, str]] = ..., round: _Optional[int] = ..., broadcast_digest: _Optional[str] = ..., broadcast_bytes: _Optional[int] = ..., deadline_in_s: _Optional[float] = ..., message: _Optional[str] = ..., secagg_json: _Optional[str] = ..., broadcast_crc32: _Optional[int] = ..., broadcast: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, kind: _Optional[_Union[TaskKind, str]] = ..., round: _Optional[int] = ..., broadcast_digest: _Optional[str] = ..., broadcast_bytes: _Optional[int] = ..., deadline_in_s: _Optional[float] = ..., message: _Optional[str] = ..., secagg_json: _Optional[str] = ..., broadcast_xxh3: _Optional[int] = ..., broadcast: _Optional[bytes] = ...) -> None: ...
 
 class DownloadRequest(_message.Message):
     __slots__ = ("round", "broadcast_digest")
