@@ -30,7 +30,9 @@ from fedloom.net.wire import (
     encode_chunk,
     encode_update,
     iter_chunks,
+    pieces_size,
     split_bytes_field,
+    update_pieces,
 )
 
 
@@ -95,6 +97,12 @@ def test_hand_encoded_messages_are_protobufs_own_encoding() -> None:
     chunk = encode_chunk(blob, header)
     assert chunk == pb.Chunk(header=header, data=blob).SerializeToString()
     assert decode_chunk(chunk) == (header, blob)
+    # An update's blob in pieces (views of its tensors) is joined with the envelope in one go.
+    u = ClientUpdate(0, _p(0), 1.0, 1, 1)
+    _, pieces = update_pieces(u)
+    joined = encode_update(u)[1]
+    assert pieces_size(pieces) == len(joined)
+    assert encode_chunk(pieces, header) == pb.Chunk(header=header, data=joined).SerializeToString()
 
 
 @pytest.mark.parametrize(

@@ -35,7 +35,7 @@ from safetensors.torch import save as st_save
 from fedloom.core.errors import RunStateError
 from fedloom.core.params import Params
 
-__all__ = ["params_from_bytes", "params_to_bytes", "slots_from_bytes", "slots_to_bytes"]
+__all__ = ["params_from_bytes", "params_to_bytes", "slots_from_bytes", "slots_to_bytes", "slots_to_pieces"]
 
 Blob = bytes | bytearray | memoryview
 
@@ -57,12 +57,16 @@ _DTYPE_CODES = {
 _CODE_DTYPES = {code: dtype for dtype, code in _DTYPE_CODES.items()}
 
 
-def _safetensors(tensors: Mapping[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
-    """The safetensors encoding of ``tensors`` (see the module docstring), each byte copied once."""
+def _safetensors(tensors: Mapping[str, torch.Tensor], metadata: dict[str, str]) -> list[bytes | memoryview]:
+    """The safetensors encoding of ``tensors`` (see the module docstring) as pieces to join once.
+
+    The pieces after the header are views of the tensors' memory (of contiguous copies, for
+    non-contiguous tensors): valid as long as the tensors are not modified.
+    """
     if sys.byteorder != "little" or any(
         v.dtype not in _DTYPE_CODES or v.device.type != "cpu" for v in tensors.values()
     ):
-        return bytes(st_save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata))
+        return [bytes(st_save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata))]
     # Widest elements first, as the library lays them out: every buffer starts aligned to its type.
     names = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
     header: dict[str, object] = {"__metadata__": metadata}
@@ -80,12 +84,12 @@ def _safetensors(tensors: Mapping[str, torch.Tensor], metadata: dict[str, str]) 
         offset += len(raw)
     text = json.dumps(header, separators=(",", ":")).encode("utf-8")
     text += b" " * (-len(text) % 8)
-    return b"".join([len(text).to_bytes(8, "little"), text, *views])
+    return [len(text).to_bytes(8, "little"), text, *views]
 
 
 def params_to_bytes(params: Params) -> bytes:
     """Encode parameters; key order is kept in the header metadata."""
-    return _safetensors(dict(params.items()), {_ORDER_KEY: json.dumps(list(params))})
+    return b"".join(_safetensors(dict(params.items()), {_ORDER_KEY: json.dumps(list(params))}))
 
 
 class _Foreign(Exception):
@@ -169,6 +173,14 @@ def slots_to_bytes(slots: Mapping[str, Params]) -> bytes:
     """Encode several named ``Params`` (e.g. optimiser slots) into one blob.
 
     Tensor keys become ``"<slot>/<name>"``; the slot and key order are kept.
+    """
+    return b"".join(slots_to_pieces(slots))
+
+
+def slots_to_pieces(slots: Mapping[str, Params]) -> list[bytes | memoryview]:
+    """:func:`slots_to_bytes` before its one join: to join with other bytes (a message header) at once.
+
+    The pieces view the tensors: join them before the tensors change.
     """
     tensors: dict[str, torch.Tensor] = {}
     order: dict[str, list[str]] = {}

@@ -61,10 +61,11 @@ from fedloom.net.wire import (
     chunk_size_for,
     decode_broadcast,
     encode_chunk,
-    encode_update,
     fingerprint,
     iter_chunks,
+    pieces_size,
     split_bytes_field,
+    update_pieces,
 )
 from fedloom.sim.build import build_algorithm, build_pipeline
 from fedloom.sim.privacy_plan import plan_privacy
@@ -305,22 +306,22 @@ class NetClient:
         if task.secagg_json:
             self._secure(stub, raw, task, join.client_id, update, compute)
             return
-        meta, ublob = encode_update(update, compute_s=compute)
-        transfer = "unary" if len(ublob) <= chunk and inline is not None else "stream"
-        if len(ublob) <= chunk:  # fits one message: a unary call
+        meta, pieces = update_pieces(update, compute_s=compute)
+        size = pieces_size(pieces)
+        transfer = "unary" if size <= chunk and inline is not None else "stream"
+        if size <= chunk:  # fits one message: a unary call, the update copied once into it
             header = pb.UpdateHeader(
-                round=r, broadcast_digest=task.broadcast_digest, total_bytes=len(ublob), meta_json=meta
+                round=r, broadcast_digest=task.broadcast_digest, total_bytes=size, meta_json=meta
             )
-            reply = raw.push(encode_chunk(ublob, header), metadata=self._md, timeout=60)
+            reply = raw.push(encode_chunk(pieces, header), metadata=self._md, timeout=60)
         else:
+            ublob = b"".join(pieces)
             reply = stub.Upload(
                 upload_chunks(r, task.broadcast_digest, meta, ublob, chunk), metadata=self._md, timeout=60
             )
         self.rounds_done.append(r)
         if reply.accepted:
-            self.log(
-                "update_accepted", round=r, bytes=len(ublob), compute_s=round(compute, 4), transfer=transfer
-            )
+            self.log("update_accepted", round=r, bytes=size, compute_s=round(compute, 4), transfer=transfer)
         else:
             self.log("update_rejected", level="warning", round=r, reason=reply.error)
 
