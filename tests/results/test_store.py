@@ -1,0 +1,108 @@
+"""RunStore's checkpoints: tensors in reused files beside the database, rows that name them."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedloom.algorithms.api import ServerState
+from fedloom.core.errors import RunStateError
+from fedloom.core.params import Params
+from fedloom.core.serde import params_to_bytes, slots_to_bytes
+from fedloom.results.store import CHECKPOINT_DIR, RunStore
+
+
+def _state(r: int) -> ServerState:
+    g = torch.Generator().manual_seed(r)
+    params = Params({"w": torch.randn(4, 3, generator=g), "b": torch.randn(3, generator=g)})
+    return ServerState(
+        round=r,
+        params=params,
+        opt_state={"m": params.map(lambda v: v * 0.5), "v": params.map(lambda v: v * v)},
+        algo_state={"c": Params({"w": torch.full((4, 3), float(r))})},
+    )
+
+
+def _same(a: ServerState, b: ServerState) -> None:
+    assert a.round == b.round
+    assert list(a.params) == list(b.params)
+    assert a.params.equal(b.params)
+    assert sorted(a.opt_state) == sorted(b.opt_state)
+    assert all(a.opt_state[k].equal(b.opt_state[k]) for k in a.opt_state)
+    assert sorted(a.algo_state) == sorted(b.algo_state)
+    assert all(a.algo_state[k].equal(b.algo_state[k]) for k in a.algo_state)
+
+
+def test_kept_checkpoints_load_bit_exactly_and_files_are_reused(tmp_path: Path) -> None:
+    db = tmp_path / "state.sqlite"
+    with RunStore(db, create=True) as store:
+        for r in range(7):
+            store.commit_round(_state(r), {"round": r}, {}, keep=2)
+            assert store.latest_round() == r
+            # every kept round still loads after each commit: a reused file was never a live one
+            for k in range(max(0, r - 1), r + 1):
+                _same(store.load_state(k), _state(k))
+            if r >= 2:
+                with pytest.raises(RunStateError, match=f"no checkpoint for round {r - 2}"):
+                    store.load_state(r - 2)
+        assert sorted(p.name for p in (tmp_path / CHECKPOINT_DIR).iterdir()) == [
+            "ckpt-000000.bin",
+            "ckpt-000001.bin",
+            "ckpt-000002.bin",
+        ]
+        assert [m["round"] for m in store.metrics()] == list(range(7))
+    with RunStore(db) as store:  # reopened
+        _same(store.load_state(), _state(6))
+
+
+def test_keep_zero_keeps_every_round(tmp_path: Path) -> None:
+    with RunStore(tmp_path / "state.sqlite", create=True) as store:
+        for r in range(4):
+            store.commit_round(_state(r), {"round": r}, {}, keep=0)
+        for r in range(4):
+            _same(store.load_state(r), _state(r))
+    assert len(list((tmp_path / CHECKPOINT_DIR).iterdir())) == 4
+
+
+def test_a_damaged_checkpoint_file_is_refused_naming_it(tmp_path: Path) -> None:
+    with RunStore(tmp_path / "state.sqlite", create=True) as store:
+        store.commit_round(_state(0), {"round": 0}, {}, keep=2)
+        f = tmp_path / CHECKPOINT_DIR / "ckpt-000000.bin"
+        data = bytearray(f.read_bytes())
+        data[-1] ^= 0x01
+        f.write_bytes(bytes(data))
+        with pytest.raises(RunStateError, match=r"round 0 .*ckpt-000000\.bin.* damaged"):
+            store.load_state(0)
+        f.unlink()
+        with pytest.raises(RunStateError, match="cannot be read"):
+            store.load_state(0)
+
+
+def test_checkpoints_written_into_the_database_by_older_versions_still_load(tmp_path: Path) -> None:
+    db = tmp_path / "state.sqlite"
+    con = sqlite3.connect(db)
+    con.execute(
+        "CREATE TABLE checkpoints (round INTEGER PRIMARY KEY, params BLOB NOT NULL, "
+        "opt_state BLOB NOT NULL, algo_state BLOB NOT NULL)"
+    )
+    for r in (3, 4):
+        s = _state(r)
+        con.execute(
+            "INSERT INTO checkpoints VALUES (?, ?, ?, ?)",
+            (r, params_to_bytes(s.params), slots_to_bytes(s.opt_state), slots_to_bytes(s.algo_state)),
+        )
+    con.commit()
+    con.close()
+    with RunStore(db) as store:
+        assert store.latest_round() == 4
+        _same(store.load_state(), _state(4))
+        _same(store.load_state(3), _state(3))
+        store.commit_round(_state(5), {"round": 5}, {}, keep=2)  # prunes round 3, an old row
+        assert store.latest_round() == 5
+        _same(store.load_state(4), _state(4))
+        _same(store.load_state(5), _state(5))
+        with pytest.raises(RunStateError, match="no checkpoint for round 3"):
+            store.load_state(3)
