@@ -130,7 +130,7 @@ def worker(server: str, names: list[str]) -> None:
     torch.set_num_threads(1)
     keep_freed_buffers()
     sink = io.StringIO()
-    threads = []
+    threads, clients = [], []
     for n in names:
         c = NetClient(
             ClientOptions(server=server, name=n, give_up_after_s=60),
@@ -140,8 +140,28 @@ def worker(server: str, names: list[str]) -> None:
         t = threading.Thread(target=c.serve, daemon=True)
         t.start()
         threads.append(t)
+        clients.append(c)
+    # This process's CPU from the end of the warm-up round to the end of the run, per round after it.
+    while any(t.is_alive() for t in threads) and min(len(c.rounds_done) for c in clients) < 1:
+        time.sleep(0.002)
+    cpu0, done0 = time.process_time(), min(len(c.rounds_done) for c in clients)
     for t in threads:
         t.join(timeout=600)
+    _report_cpu(time.process_time() - cpu0, min(len(c.rounds_done) for c in clients) - done0)
+
+
+def _report_cpu(seconds: float, rounds: int) -> None:
+    print(json.dumps({"cpu_s": seconds, "rounds": rounds}), flush=True)
+
+
+def _clients_cpu_ms(gens: list[subprocess.Popen[str]]) -> float:
+    """Load-generator CPU per round (ms), summed over the processes (see :func:`_report_cpu`)."""
+    total = 0.0
+    for g in gens:
+        out, _ = g.communicate(timeout=60)
+        got = json.loads(out.strip().splitlines()[-1])
+        total += got["cpu_s"] / max(1, got["rounds"])
+    return 1000 * total
 
 
 def _raw(b: bytes) -> bytes:
@@ -219,6 +239,8 @@ def floor_worker(port: int, n: int, rounds: int, up: int) -> None:
         ("grpc.max_send_message_length", 4 * up + (1 << 20)),
     ]
 
+    warm = threading.Barrier(n + 1)
+
     def one() -> None:
         with grpc.insecure_channel(f"127.0.0.1:{port}", options=limit) as ch:
             task = ch.unary_unary("/floor/Task", request_serializer=_raw, response_deserializer=_raw)
@@ -227,16 +249,24 @@ def floor_worker(port: int, n: int, rounds: int, up: int) -> None:
             for r in range(1, rounds + 1):
                 task(str(r).encode(), timeout=60)
                 push(payload, timeout=60)
+                if r == 1:
+                    warm.wait(timeout=60)
 
     threads = [threading.Thread(target=one) for _ in range(n)]
     for t in threads:
         t.start()
+    warm.wait(timeout=60)  # as the fedloom worker: measured from the end of the warm-up round
+    cpu0 = time.process_time()
     for t in threads:
         t.join(timeout=600)
+    _report_cpu(time.process_time() - cpu0, rounds - 1)
 
 
-def run_floor(clients: int, rounds: int, procs: int, down: int, up: int) -> tuple[list[float], list[float]]:
-    """Round wall times and server CPU times (s) of the bare exchange, warm-up round left out."""
+def run_floor(
+    clients: int, rounds: int, procs: int, down: int, up: int
+) -> tuple[list[float], list[float], float]:
+    """Round wall times and server CPU times (s) of the bare exchange, warm-up round left out,
+    and the load generators' CPU per round (ms)."""
     port = _free_port()
     srv = subprocess.Popen(
         [sys.executable, __file__, "--floor-server", str(port), str(clients), str(rounds), str(down), str(up)],
@@ -246,15 +276,16 @@ def run_floor(clients: int, rounds: int, procs: int, down: int, up: int) -> tupl
     sizes = [min(per, clients - i) for i in range(0, clients, per)]
     gens = [
         subprocess.Popen(
-            [sys.executable, __file__, "--floor-worker", str(port), str(k), str(rounds), str(up)]
+            [sys.executable, __file__, "--floor-worker", str(port), str(k), str(rounds), str(up)],
+            stdout=subprocess.PIPE,
+            text=True,
         )
         for k in sizes
     ]
     out, _ = srv.communicate(timeout=600)
-    for g in gens:
-        g.wait(timeout=60)
+    clients_ms = _clients_cpu_ms(gens)
     got = json.loads(out.strip().splitlines()[-1])
-    return got["walls"][1:], got["cpus"][1:]
+    return got["walls"][1:], got["cpus"][1:], clients_ms
 
 
 def _phases(log: Path) -> list[dict[str, float]]:
@@ -306,12 +337,13 @@ heartbeat_s = 5.0
         subprocess.Popen(
             [sys.executable, __file__, "--worker", f"127.0.0.1:{target}", ",".join(names[i : i + per])],
             env=env,
+            stdout=subprocess.PIPE,
+            text=True,
         )
         for i in range(0, clients, per)
     ]
     srv.wait(timeout=600)
-    for g in gens:
-        g.wait(timeout=60)
+    clients_ms = _clients_cpu_ms(gens)
     err.close()
     metrics = [json.loads(x) for x in (state / "metrics.jsonl").read_text().splitlines()]
     committed = _phases(workdir / ("server-relay.log" if relay else "server.log"))
@@ -331,6 +363,7 @@ heartbeat_s = 5.0
         "overhead_to_aggregate_ms_median": statistics.median(before_ckpt),
         "period_ms_median": statistics.median(period) if period else float("nan"),
         "raw_param_bytes": float(raw),
+        "clients_cpu_ms": clients_ms,
     }
     for key in committed[1].get("phases", {}):
         out["phase." + key] = statistics.median(float(c["phases"][key]) for c in committed[1:])
@@ -370,7 +403,7 @@ def main() -> None:
     params = Params.from_module(build_model("2nn", {}, seed=0))
     down = len(encode_broadcast(Broadcast(round=1, params=params)))
     up = len(encode_update(ClientUpdate(0, params, 10.0, 10, 1, {"train_loss": 1.0}))[1])
-    floor_runs: list[tuple[list[float], list[float]]] = []
+    floor_runs: list[tuple[list[float], list[float], float]] = []
     directs: list[dict[str, float]] = []
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
@@ -390,8 +423,9 @@ def main() -> None:
             else run(args.clients, args.rounds, relay=True, workdir=Path(tmp), procs=args.procs)
         )
         took = time.perf_counter() - t0
-    floors = [w for walls, _ in floor_runs for w in walls]
-    floor_cpu = [c for _, cpus in floor_runs for c in cpus]
+    floors = [w for walls, _, _ in floor_runs for w in walls]
+    floor_cpu = [c for _, cpus, _ in floor_runs for c in cpus]
+    floor_clients = [ms for _, _, ms in floor_runs]
     # The phase breakdown is the median run's.
     direct = sorted(directs, key=lambda d: d["overhead_ms_median"])[len(directs) // 2]
     if len(directs) > 1:
@@ -414,12 +448,16 @@ def main() -> None:
             f"  bare-gRPC floor (same bytes, same clients, no fedloom): median {floor:.1f} ms "
             f"(first {1000 * statistics.median(floors[:half]):.1f}, second {1000 * statistics.median(floors[half:]):.1f}); "
             f"overhead / floor = {direct['overhead_ms_median'] / floor:.2f}x"
-        )  # fmt: skip
+        )
     if "phase.server_cpu_ms" in direct:
         line = f"  server process CPU per round: fedloom {direct['phase.server_cpu_ms']:.1f} ms"
         if floor_cpu:
             line += f", bare-gRPC floor {1000 * statistics.median(floor_cpu):.1f} ms"
         print(line)
+    line = f"  load-generator CPU per round (all client processes): fedloom {direct['clients_cpu_ms']:.1f} ms"
+    if floor_clients:
+        line += f", bare-gRPC floor {statistics.median(floor_clients):.1f} ms"
+    print(line)
     print(
         f"  open -> aggregated (metrics 'seconds', no checkpoint): median "
         f"{direct['overhead_to_aggregate_ms_median']:.1f} ms; round period (committed -> committed): "
