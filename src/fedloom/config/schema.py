@@ -171,7 +171,11 @@ class TransformsConfig(_Section):
 
 
 class CheckpointConfig(_Section):
-    keep: int = Field(3, ge=0, description="Per-round checkpoints kept in the state database (0 = all).")
+    keep: int = Field(
+        3,
+        ge=0,
+        description="Per-round checkpoints kept (0 = all); their tensors are in checkpoints/ beside state.sqlite.",
+    )
 
 
 class DeployConfig(_Section):
