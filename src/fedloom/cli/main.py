@@ -94,7 +94,9 @@ def simulate(
         m = result.final_metrics
         acc = f", test accuracy {m['test_accuracy']:.4f}" if "test_accuracy" in m else ""
         console.print(f"done: {result.stop_reason} after round {result.final_round}{acc}")
-        console.print(f"results: {run_dir}  (config.toml, metrics.jsonl, model.safetensors, state.sqlite)")
+        console.print(
+            f"results: {run_dir}  (config.toml, metrics.jsonl, model.safetensors, state.sqlite, checkpoints/)"
+        )
         if report:
             from fedloom.results.report import write_report
 
