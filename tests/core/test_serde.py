@@ -141,3 +141,11 @@ def test_an_odd_layout_from_another_writer_gets_aligned_tensors() -> None:
     assert back["h"].equal(h)
     assert back["f"].equal(f)
     assert back["f"].data_ptr() % 4 == 0
+
+
+def test_decoded_tensors_own_their_storage() -> None:
+    # One storage per tensor, as the library's reader gives: pickling one (Ray) carries its bytes only.
+    back = params_from_bytes(params_to_bytes(_mixed()))
+    ptrs = [v.untyped_storage().data_ptr() for v in back.values() if v.numel()]
+    assert len(set(ptrs)) == len(ptrs)
+    assert all(v.untyped_storage().nbytes() == v.numel() * v.element_size() for v in back.values())

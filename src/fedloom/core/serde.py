@@ -12,7 +12,7 @@ library's writer copies every tensor twice and spends most of its time in Python
 checks for shared storage (a deployed client encodes a model-sized update every
 round). The reader checks the header as the library does (known dtype, shape and
 byte range agreeing, ranges that tile the data area with no hole or overlap) and
-copies the data area once into one writable buffer that the tensors view; the
+copies each tensor's bytes once, into a writable buffer of its own; the
 library's reader needs ``bytes`` (a received message's payload would first be
 sliced out, one copy) and copies each tensor again. It reads from a
 ``memoryview``, so a payload inside a larger message is never sliced. A dtype
@@ -151,16 +151,13 @@ def _read_safetensors(blob: Blob) -> tuple[dict[str, torch.Tensor], dict[str, st
         end = stop
     if end != len(view) - start:
         raise ValueError(f"the data area holds {len(view) - start} bytes, the tensors {end}")
-    data = bytearray(view[start:])  # the one copy; every aligned tensor is a view of it
     tensors: dict[str, torch.Tensor] = {}
     for begin, stop, name, dtype, shape in entries:
         if begin == stop:
             tensors[name] = torch.empty(shape, dtype=dtype)
-        elif begin % dtype.itemsize:  # a foreign writer's odd layout: an aligned buffer of its own
-            tensors[name] = torch.frombuffer(data[begin:stop], dtype=dtype).reshape(shape)
-        else:
-            count = (stop - begin) // dtype.itemsize
-            tensors[name] = torch.frombuffer(data, dtype=dtype, count=count, offset=begin).reshape(shape)
+        else:  # the one copy, into an (aligned) buffer of the tensor's own: storages are never shared
+            own = bytearray(view[start + begin : start + stop])
+            tensors[name] = torch.frombuffer(own, dtype=dtype).reshape(shape)
     return tensors, metadata
 
 
