@@ -197,11 +197,15 @@ def _write_synced(path: Path, parts: Sequence[Sequence[bytes | memoryview]]) -> 
         crc = zlib.crc32(piece, crc)
     created = not path.exists()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    total = sum(sizes)
+    if not hasattr(os, "pwritev"):  # macOS, Windows: one joined copy
+        flat = [memoryview(b"".join(flat))]
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o600)
     try:
-        done, total = 0, sum(sizes)
-        while flat:  # written in place (a reused file's cached pages are overwritten), no joined copy
-            n = os.pwritev(fd, flat, done)
+        done = 0
+        while flat:  # written in place (a reused file's cached pages are overwritten)
+            batch = flat[:_IOV_MAX]
+            n = os.pwritev(fd, batch, done) if hasattr(os, "pwritev") else _pwrite(fd, batch[0], done)
             done += n
             while flat and n >= flat[0].nbytes:
                 n -= flat[0].nbytes
@@ -210,16 +214,28 @@ def _write_synced(path: Path, parts: Sequence[Sequence[bytes | memoryview]]) -> 
                 flat[0] = flat[0][n:]
         if os.fstat(fd).st_size != total:
             os.ftruncate(fd, total)
-        os.fdatasync(fd)
+        getattr(os, "fdatasync", os.fsync)(fd)  # macOS has no fdatasync
     finally:
         os.close(fd)
-    if created:  # the new name itself must survive a power loss too
+    if created and os.name == "posix":  # the new name itself must survive a power loss too
         dfd = os.open(path.parent, os.O_RDONLY)
         try:
             os.fsync(dfd)
         finally:
             os.close(dfd)
     return sizes, f"crc32:{crc:08x}"
+
+
+# At most this many buffers per pwritev call (the system's IOV_MAX; a checkpoint of a model with
+# hundreds of tensors and Adam's two moments has more pieces than that).
+_IOV_MAX = max(16, os.sysconf("SC_IOV_MAX")) if "SC_IOV_MAX" in getattr(os, "sysconf_names", {}) else 1024
+
+
+def _pwrite(fd: int, data: memoryview, offset: int) -> int:
+    if hasattr(os, "pwrite"):
+        return os.pwrite(fd, data, offset)
+    os.lseek(fd, offset, os.SEEK_SET)
+    return os.write(fd, data)
 
 
 def _read_checked(path: Path, sizes_text: str, checksum: str, round: int) -> list[memoryview]:
