@@ -19,6 +19,7 @@ from fedloom.net.auth import AuthError, TokenBook, generate_credentials, is_loop
 from fedloom.net.client import ClientStateStore
 from fedloom.net.proto import fedloom_pb2 as pb
 from fedloom.net.state import NetState
+from fedloom.net.timing import RoundTiming
 from fedloom.net.wire import (
     UpdateMeta,
     chunk_size_for,
@@ -277,3 +278,19 @@ def test_pending_rows_of_older_versions_keep_their_sha256_and_crc32_checks(tmp_p
         # XXH3-64 of b"new", from the xxhash package's reference implementation
         assert checksum == f"xxh3:{xxhash.xxh3_64_intdigest(b'new'):016x}"
         assert [p.client_id for p in net.pending(5)] == [0, 2, 3]
+
+
+def test_round_timing_reports_arrivals_and_acceptances_since_opening() -> None:
+    """The ingest queue's lag is last acceptance minus last arrival; values by hand, in ms."""
+    t = RoundTiming(opened=100.0)
+    t.add_download(100.001, 100.004)
+    t.add_upload(0.002, 100.020, 0.003, 0.001, 100.030)  # arrived 20 ms in, accepted at 30 ms
+    t.add_upload(0.001, 100.010, 0.002, 0.002, 100.045)  # arrived first but accepted last
+    s = t.summary()
+    assert (s["downloads"], s["last_download_at_ms"]) == (1, 4.0)
+    assert s["uploads"] == 2
+    assert (s["first_arrival_at_ms"], s["last_arrival_at_ms"]) == (10.0, 20.0)
+    assert (s["first_accept_at_ms"], s["last_accept_at_ms"]) == (30.0, 45.0)
+    assert s["upload_receive_sum_ms"] == 3.0
+    assert s["upload_validate_sum_ms"] == 5.0
+    assert s["upload_store_sum_ms"] == 3.0

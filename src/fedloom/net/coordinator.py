@@ -410,11 +410,15 @@ class Coordinator:
 
         ``received_s`` is how long the upload stream took to arrive (for the round's timing).
         Updates are taken one at a time (the blob has already arrived: a slow upload holds nothing).
+        Writing the blob outside that queue, beside the next update's validation, cost more than
+        it saved: 10-20% more server CPU per round at 20 clients (2026-12-02), from threads
+        contending for the GIL.
         """
+        arrived = time.perf_counter()
         # The checksum releases the GIL, so it runs before the queue, in parallel with other uploads.
         checksum = blob_checksum(blob)
         with self._ingest:
-            return self._take(cid, round, digest, meta_json, blob, received_s, checksum)
+            return self._take(cid, round, digest, meta_json, blob, received_s, arrived, checksum)
 
     def _take(
         self,
@@ -424,6 +428,7 @@ class Coordinator:
         meta_json: str,
         blob: bytes | memoryview,
         received_s: float,
+        arrived: float,
         checksum: str,
     ) -> str | None:
         with self._cond:
@@ -456,7 +461,7 @@ class Coordinator:
                 rnd.accepted[cid] = decoded
                 rnd.compute_s[cid] = compute
                 end = time.perf_counter()
-                rnd.timing.add_upload(received_s, t_store - t_validate, end - t_store, end)
+                rnd.timing.add_upload(received_s, arrived, t_store - t_validate, end - t_store, end)
                 self._cond.notify_all()
         if why is not None:
             self._state.discard(staged)

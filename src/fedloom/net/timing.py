@@ -3,7 +3,9 @@
 The RPC handlers of a round run concurrently, so their per-client phases are
 reported twice: summed over clients (the server's work, which two cores share)
 and as the moment, relative to the round's opening, when the last one finished
-(the critical path). The round loop adds its own serial phases (aggregate,
+(the critical path). An update's arrival (the whole message received) and its
+acceptance (decoded, validated, stored) are both timed: the gap between the last
+arrival and the last acceptance is the ingest queue's lag. The round loop adds its own serial phases (aggregate,
 evaluation, checkpoint, clean-up). All values are milliseconds of
 ``time.perf_counter``.
 """
@@ -28,6 +30,8 @@ class RoundTiming:
     receive_sum: float = 0.0
     validate_sum: float = 0.0
     store_sum: float = 0.0
+    first_arrival: float = 0.0
+    last_arrival: float = 0.0
     first_accept: float = 0.0
     last_accept: float = 0.0
     closed: float = 0.0
@@ -37,8 +41,13 @@ class RoundTiming:
         self.download_sum += end - start
         self.last_download = max(self.last_download, end)
 
-    def add_upload(self, receive_s: float, validate_s: float, store_s: float, end: float) -> None:
+    def add_upload(
+        self, receive_s: float, arrived: float, validate_s: float, store_s: float, end: float
+    ) -> None:
+        """An accepted update: fully ``arrived`` (the server's clock) and accepted at ``end``."""
         self.uploads += 1
+        self.first_arrival = arrived if self.first_arrival == 0.0 else min(self.first_arrival, arrived)
+        self.last_arrival = max(self.last_arrival, arrived)
         self.receive_sum += receive_s
         self.validate_sum += validate_s
         self.store_sum += store_s
@@ -59,6 +68,8 @@ class RoundTiming:
             "upload_receive_sum_ms": round(1000 * self.receive_sum, 2),
             "upload_validate_sum_ms": round(1000 * self.validate_sum, 2),
             "upload_store_sum_ms": round(1000 * self.store_sum, 2),
+            "first_arrival_at_ms": at(self.first_arrival),
+            "last_arrival_at_ms": at(self.last_arrival),
             "first_accept_at_ms": at(self.first_accept),
             "last_accept_at_ms": at(self.last_accept),
             "closed_at_ms": at(self.closed),
