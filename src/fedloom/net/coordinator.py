@@ -98,6 +98,12 @@ class _Round:
     timing: RoundTiming = field(default_factory=RoundTiming)
     relay: SecureRelay | None = None
 
+    def answered(self) -> bool:
+        """Enough answers to close: the target of accepted updates, or every selected client heard."""
+        return len(self.accepted) >= self.target or len(self.accepted) + len(self.failed) >= len(
+            self.selected
+        )
+
 
 class Coordinator:
     """Shared state between the round loop and the RPC handlers (one lock, one condition)."""
@@ -212,10 +218,7 @@ class Coordinator:
             rnd = self._round
             if rnd is None:
                 raise RuntimeError("wait_close() without an open round")
-            while True:
-                answered = len(rnd.accepted) + len(rnd.failed)
-                if len(rnd.accepted) >= rnd.target or answered >= len(rnd.selected):
-                    break
+            while not rnd.answered():
                 left = rnd.deadline - time.monotonic()
                 if left <= 0:
                     break
@@ -369,7 +372,8 @@ class Coordinator:
                 return self.reject(cid, round, 0, f"failure report for round {round} is not current")
             rnd.failed[cid] = reason
             relay = rnd.relay
-            self._cond.notify_all()
+            if rnd.answered():  # the round loop waits for this (or the deadline) alone
+                self._cond.notify_all()
         if relay is not None:
             relay.note_failure(cid)
         self._state.audit(round, cid, self.names[cid], "failed", 0, reason)
@@ -462,7 +466,8 @@ class Coordinator:
                 rnd.compute_s[cid] = compute
                 end = time.perf_counter()
                 rnd.timing.add_upload(received_s, arrived, t_store - t_validate, end - t_store, end)
-                self._cond.notify_all()
+                if rnd.answered():  # not on every update: each wake-up took the GIL from the ingest
+                    self._cond.notify_all()
         if why is not None:
             self._state.discard(staged)
             event = "late" if why == "late" else "rejected"
