@@ -3,20 +3,27 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import sqlite3
+import threading
+import time
 import zlib
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 import xxhash
 
-from fedloom.algorithms.api import Broadcast, ClientState, ClientUpdate
+from fedloom.algorithms.api import Broadcast, ClientState, ClientUpdate, ServerContext
+from fedloom.config.schema import ExperimentConfig
 from fedloom.core.errors import UpdateError
 from fedloom.core.params import Params
 from fedloom.net.auth import AuthError, TokenBook, generate_credentials, is_loopback, revoke
 from fedloom.net.client import ClientStateStore
+from fedloom.net.coordinator import Coordinator
+from fedloom.net.logs import JsonLog
 from fedloom.net.proto import fedloom_pb2 as pb
 from fedloom.net.state import NetState
 from fedloom.net.timing import RoundTiming
@@ -35,6 +42,7 @@ from fedloom.net.wire import (
     split_bytes_field,
     update_pieces,
 )
+from fedloom.sim.build import build_pipeline
 
 
 def _p(seed: int) -> Params:
@@ -294,3 +302,63 @@ def test_round_timing_reports_arrivals_and_acceptances_since_opening() -> None:
     assert s["upload_receive_sum_ms"] == 3.0
     assert s["upload_validate_sum_ms"] == 5.0
     assert s["upload_store_sum_ms"] == 3.0
+
+
+def _coordinator(tmp_path: Path, clients: int) -> tuple[Coordinator, NetState]:
+    net = NetState(tmp_path / "state.sqlite")
+    names = [f"c{i}" for i in range(clients)]
+    return Coordinator(
+        names, net, build_pipeline(ExperimentConfig()), JsonLog("t", stream=io.StringIO())
+    ), net
+
+
+def _open(
+    coord: Coordinator, r: int, params: Params, *, selected: list[int], target: int, deadline_s: float
+) -> str:
+    b = Broadcast(round=r, params=params)
+    blob = encode_broadcast(b)
+    digest = hashlib.sha256(blob).hexdigest()
+    coord.open_round(
+        b,
+        blob,
+        digest,
+        attempt=1,
+        selected=selected,
+        target=target,
+        deadline_s=deadline_s,
+        ctx=ServerContext(seed=0, round=r, population=len(coord.names)),
+    )
+    return digest
+
+
+def test_round_closes_when_every_selected_client_answered_not_at_its_deadline(tmp_path: Path) -> None:
+    """Two accepted updates and one failure report close a 3-client round at once (deadline 60 s).
+
+    The round loop is woken only when the round can close: this fails (times out) if an answer that
+    completes the round does not wake it, and checks that the earlier answers did not close it.
+    """
+    coord, net = _coordinator(tmp_path, 3)
+    params = _p(0)
+    digest = _open(coord, 1, params, selected=[0, 1, 2], target=3, deadline_s=60.0)
+    closed: list[Any] = []
+    waiter = threading.Thread(target=lambda: closed.append(coord.wait_close()))
+    waiter.start()
+    for cid in (0, 2):
+        update = ClientUpdate(
+            cid, params.map(lambda v, c=cid: torch.full_like(v, float(c))), 1.0 + cid, 5, 1, {}
+        )
+        meta, blob = encode_update(update)
+        assert coord.submit(cid, 1, digest, meta, blob) is None
+        waiter.join(timeout=0.2)
+        assert waiter.is_alive(), "the round closed before every selected client answered"
+    start = time.monotonic()
+    assert coord.report_failure(1, 1, "diverged: loss is NaN") is None
+    waiter.join(timeout=10)
+    assert not waiter.is_alive()
+    assert time.monotonic() - start < 5
+    (c,) = closed
+    assert [u.client_id for u in c.updates] == [0, 2]
+    assert c.failed == {1: "diverged: loss is NaN"}
+    assert c.dropouts == []
+    assert float(c.updates[1].delta["w"][0, 0]) == 2.0
+    net.clear_pending(1)
