@@ -422,7 +422,10 @@ class Coordinator:
         # The checksum releases the GIL, so it runs before the queue, in parallel with other uploads.
         checksum = blob_checksum(blob)
         with self._ingest:
-            return self._take(cid, round, digest, meta_json, blob, received_s, arrived, checksum)
+            err = self._take(cid, round, digest, meta_json, blob, received_s, arrived, checksum)
+        if err is None:  # logged after the queue: the next update need not wait for the write
+            self._log("update_accepted", client=self.names[cid], round=round, bytes=len(blob))
+        return err
 
     def _take(
         self,
@@ -472,7 +475,6 @@ class Coordinator:
             self._state.discard(staged)
             event = "late" if why == "late" else "rejected"
             return self.reject(cid, round, len(blob), why if why != "late" else "late update", event=event)
-        self._log("update_accepted", client=self.names[cid], round=round, bytes=len(blob))
         return None
 
     def _validate(self, update: ClientUpdate, rnd: _Round) -> None:
