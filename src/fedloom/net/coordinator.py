@@ -1,8 +1,10 @@
 """Round bookkeeping and update validation for the deployed server (no grpc here).
 
-The server's round loop opens a round (:meth:`Coordinator.open_round`), RPC
-handler threads hand in updates (:meth:`Coordinator.submit`), and the loop
-blocks in :meth:`Coordinator.wait_close` until the round closes:
+The server's round loop opens a round (:meth:`Coordinator.open_round`), the RPC
+handlers hand in updates (:meth:`Coordinator.submit`; in the server they all run
+on one event-loop thread, see :mod:`fedloom.net.server`, but the class is
+thread-safe), and the round loop blocks in :meth:`Coordinator.wait_close` until
+the round closes:
 
 * as soon as ``target`` updates are accepted (the cohort size; with over-selection
   more clients were asked than needed), or
@@ -30,7 +32,7 @@ import math
 import threading
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -125,15 +127,17 @@ class Coordinator:
         self._log = log
         self._max_norm = max_update_norm
         self._offline_after = offline_after_s
-        # One lock, two conditions: the round loop waits on ``_cond`` (answers arriving), long-polling
-        # GetTask handlers on ``_tasks`` (a round opening or closing, the run ending). Waking every
-        # parked poller on every accepted update made a round cost O(clients^2) thread wake-ups.
-        lock = threading.RLock()
-        self._cond = threading.Condition(lock)
-        self._tasks = threading.Condition(lock)
-        # Received updates are decoded, validated and staged one at a time. Letting up to one
-        # handler thread per client run that CPU-bound Python at once made them fight over the
-        # GIL: with this lock the server used 10-20% less CPU per round at 20 clients.
+        # One lock; the round loop waits on ``_cond`` (answers arriving). Long-polling GetTask
+        # handlers are told of a round opening or closing, or the run ending, by the watchers
+        # (see :meth:`watch_tasks`); waking every parked poller on every accepted update made a
+        # round cost O(clients^2) wake-ups.
+        self._cond = threading.Condition(threading.RLock())
+        self._task_watchers: list[Callable[[], None]] = []
+        # Received updates are decoded, validated and staged one at a time. The server calls
+        # ``submit`` from its one event-loop thread, where this lock is never contended; callers
+        # on several threads (tests, embedders) are queued by it. When the server still ran one
+        # handler thread per call, letting them all run this CPU-bound Python at once made them
+        # fight over the GIL: with the lock the server used 10-20% less CPU per round.
         self._ingest = threading.Lock()
         self._round: _Round | None = None
         self._previous_selected: dict[int, frozenset[int]] = {}
@@ -201,7 +205,7 @@ class Coordinator:
             self._round = rnd
             self._previous_selected[rnd.number] = rnd.selected
             self._cond.notify_all()
-            self._tasks.notify_all()
+            self._tasks_changed()
         self._log(
             "round_open",
             round=rnd.number,
@@ -232,7 +236,7 @@ class Coordinator:
                 del self._previous_selected[old]
             updates = [rnd.accepted[c] for c in sorted(rnd.accepted)]
             dropouts = sorted(rnd.selected - set(rnd.accepted) - set(rnd.failed))
-            self._tasks.notify_all()
+            self._tasks_changed()
         for c in dropouts:
             self._state.audit(rnd.number, c, self.names[c], "dropout", 0, f"attempt {rnd.attempt}")
         return Closed(updates, dict(rnd.compute_s), dict(rnd.failed), dropouts, rnd.timing.summary())
@@ -250,7 +254,7 @@ class Coordinator:
             for old in [r for r in self._previous_selected if r < rnd.number - 2]:
                 del self._previous_selected[old]
             dropouts = sorted(rnd.selected - included - set(rnd.failed))
-            self._tasks.notify_all()
+            self._tasks_changed()
         for c in dropouts:
             self._state.audit(rnd.number, c, self.names[c], "dropout", 0, f"attempt {rnd.attempt}")
         compute = {c: m.compute_s for c, m in outcome.metas.items()} if outcome is not None else {}
@@ -296,45 +300,54 @@ class Coordinator:
             self._done = True
             self._round = None
             self._cond.notify_all()
-            self._tasks.notify_all()
+            self._tasks_changed()
 
     def everyone_told_done(self) -> bool:
         """True once every client online at the end has been answered DONE."""
         return set(self.online()) <= self._told_done
 
     # ---- RPC side ----------------------------------------------------------
-    def task_for(self, cid: int, wait_s: float) -> Task:
-        end = time.monotonic() + max(0.0, min(wait_s, 30.0))
+    def task_now(self, cid: int) -> Task | None:
+        """``cid``'s task if there is one now ("train" or "done"), else ``None`` (it should wait).
+
+        Never blocks: the server's long-poll waits for :meth:`watch_tasks` to fire between tries.
+        """
         with self._cond:
-            while True:
-                self._last_seen[cid] = time.monotonic()
-                if self._done:
-                    self._told_done.add(cid)
-                    return Task("done")
-                rnd = self._round
-                if (
-                    rnd is not None
-                    and rnd.open
-                    and cid in rnd.selected
-                    and cid not in rnd.accepted
-                    and cid not in rnd.failed
-                    and (rnd.relay is None or not rnd.relay.joined(cid))
-                ):
-                    return Task(
-                        "train",
-                        round=rnd.number,
-                        digest=rnd.digest,
-                        size=len(rnd.blob),
-                        xxh3=rnd.xxh3,
-                        # in whole tenths, rounded down: the replies of one round's clients are
-                        # then mostly byte-identical and the server encodes the reply once
-                        deadline_in_s=max(0.0, math.floor(10 * (rnd.deadline - time.monotonic())) / 10),
-                        secagg_json=rnd.relay.params.to_json() if rnd.relay is not None else "",
-                    )
-                left = end - time.monotonic()
-                if left <= 0:
-                    return Task("wait")
-                self._tasks.wait(timeout=left)
+            self._last_seen[cid] = time.monotonic()
+            if self._done:
+                self._told_done.add(cid)
+                return Task("done")
+            rnd = self._round
+            if (
+                rnd is None
+                or not rnd.open
+                or cid not in rnd.selected
+                or cid in rnd.accepted
+                or cid in rnd.failed
+                or (rnd.relay is not None and rnd.relay.joined(cid))
+            ):
+                return None
+            return Task(
+                "train",
+                round=rnd.number,
+                digest=rnd.digest,
+                size=len(rnd.blob),
+                xxh3=rnd.xxh3,
+                # in whole tenths, rounded down: the replies of one round's clients are
+                # then mostly byte-identical and the server encodes the reply once
+                deadline_in_s=max(0.0, math.floor(10 * (rnd.deadline - time.monotonic())) / 10),
+                secagg_json=rnd.relay.params.to_json() if rnd.relay is not None else "",
+            )
+
+    def watch_tasks(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (with the lock held: it must not block) whenever a task may have changed:
+        a round opening or closing, the run ending."""
+        with self._cond:
+            self._task_watchers.append(callback)
+
+    def _tasks_changed(self) -> None:
+        for callback in self._task_watchers:
+            callback()
 
     def broadcast_blob(self, round: int, digest: str) -> bytes | None:
         with self._cond:
@@ -414,12 +427,8 @@ class Coordinator:
 
         ``received_s`` is how long the upload stream took to arrive (for the round's timing).
         Updates are taken one at a time (the blob has already arrived: a slow upload holds nothing).
-        Writing the blob outside that queue, beside the next update's validation, cost more than
-        it saved: 10-20% more server CPU per round at 20 clients (2026-12-02), from threads
-        contending for the GIL.
         """
         arrived = time.perf_counter()
-        # The checksum releases the GIL, so it runs before the queue, in parallel with other uploads.
         checksum = blob_checksum(blob)
         with self._ingest:
             err = self._take(cid, round, digest, meta_json, blob, received_s, arrived, checksum)
