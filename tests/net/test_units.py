@@ -5,7 +5,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import signal
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 import zlib
@@ -15,6 +18,7 @@ from typing import Any
 import pytest
 import torch
 import xxhash
+from tests.conftest import cli_env
 
 from fedloom.algorithms.api import Broadcast, ClientState, ClientUpdate, ServerContext
 from fedloom.config.schema import ExperimentConfig
@@ -234,6 +238,42 @@ def test_pending_updates_round_trip_detect_lost_blobs_and_clear(tmp_path: Path) 
         net.clear_pending(4)
         net.drop_free_slots()
         assert not list(net.blob_dir.iterdir())
+
+
+_KILLED_MID_ROUND = """
+import os, signal, sys
+from pathlib import Path
+from fedloom.net.state import NetState
+db, blob = Path(sys.argv[1]), Path(sys.argv[2]).read_bytes()
+net = NetState(db)
+net.add_pending(1, 0, "a", "{}", blob, "attempt 1")
+net.add_pending(1, 1, "b", "{}", blob[::-1], "attempt 1")
+net.clear_pending(1)  # round 1 committed: its two slots (and their kept mappings) are reused
+net.add_pending(2, 1, "b", "{}", blob[1:] + blob[:1], "attempt 1")
+net.add_pending(2, 0, "a", "{}", blob[::-1], "attempt 1")
+os.kill(os.getpid(), signal.SIGKILL)  # no close, no flush, no msync
+"""
+
+
+def test_pending_blobs_survive_the_server_process_being_killed(tmp_path: Path) -> None:
+    """Slot files are written through kept shared mappings; once a row commits, SIGKILL loses nothing."""
+    blob = bytes(range(256)) * 1200 + b"tail"  # 307,204 bytes: several pages, not page aligned
+    (tmp_path / "blob").write_bytes(blob)
+    db = tmp_path / "state.sqlite"
+    done = subprocess.run(
+        [sys.executable, "-c", _KILLED_MID_ROUND, str(db), str(tmp_path / "blob")],
+        env=cli_env(),
+        capture_output=True,
+        timeout=120,
+    )
+    assert done.returncode == -signal.SIGKILL, done.stderr.decode()
+    with NetState(db) as net:
+        assert net.lost_pending(2) == []
+        assert [(p.client_id, p.blob) for p in net.pending(2)] == [
+            (0, blob[::-1]),
+            (1, blob[1:] + blob[:1]),
+        ]
+        assert sorted(f.name for f in net.blob_dir.iterdir()) == ["slot-000001.bin", "slot-000002.bin"]
 
 
 def test_pending_blobs_of_an_older_state_dir_are_migrated(tmp_path: Path) -> None:
