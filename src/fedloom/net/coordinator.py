@@ -128,7 +128,7 @@ class Coordinator:
         self._max_norm = max_update_norm
         self._offline_after = offline_after_s
         # One lock; the round loop waits on ``_cond`` (answers arriving). Long-polling GetTask
-        # handlers are told of a round opening or closing, or the run ending, by the watchers
+        # handlers are told of a round opening, or the run ending, by the watchers
         # (see :meth:`watch_tasks`); waking every parked poller on every accepted update made a
         # round cost O(clients^2) wake-ups.
         self._cond = threading.Condition(threading.RLock())
@@ -236,7 +236,6 @@ class Coordinator:
                 del self._previous_selected[old]
             updates = [rnd.accepted[c] for c in sorted(rnd.accepted)]
             dropouts = sorted(rnd.selected - set(rnd.accepted) - set(rnd.failed))
-            self._tasks_changed()
         for c in dropouts:
             self._state.audit(rnd.number, c, self.names[c], "dropout", 0, f"attempt {rnd.attempt}")
         return Closed(updates, dict(rnd.compute_s), dict(rnd.failed), dropouts, rnd.timing.summary())
@@ -254,7 +253,6 @@ class Coordinator:
             for old in [r for r in self._previous_selected if r < rnd.number - 2]:
                 del self._previous_selected[old]
             dropouts = sorted(rnd.selected - included - set(rnd.failed))
-            self._tasks_changed()
         for c in dropouts:
             self._state.audit(rnd.number, c, self.names[c], "dropout", 0, f"attempt {rnd.attempt}")
         compute = {c: m.compute_s for c, m in outcome.metas.items()} if outcome is not None else {}
@@ -340,8 +338,8 @@ class Coordinator:
             )
 
     def watch_tasks(self, callback: Callable[[], None]) -> None:
-        """Call ``callback`` (with the lock held: it must not block) whenever a task may have changed:
-        a round opening or closing, the run ending."""
+        """Call ``callback`` (with the lock held: it must not block) whenever a client may have got a
+        task: a round opening, the run ending. (A round closing only takes tasks away.)"""
         with self._cond:
             self._task_watchers.append(callback)
 

@@ -196,7 +196,8 @@ class _Service:
             changed = self._changed
             assert changed is not None
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), left)
+                async with asyncio.timeout(left):  # unlike wait_for, no task per wait
+                    await changed.wait()
         kind = {"wait": pb.WAIT, "train": pb.TRAIN, "done": pb.DONE}[t.kind]
         small: bytes = pb.TaskReply(
             kind=kind,
