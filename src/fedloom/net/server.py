@@ -93,8 +93,9 @@ class ServerOptions:
 
 class _Service:
     """The RPC handlers. They run as coroutines on the server's one event-loop thread (see
-    :class:`_AsyncServer`); everything they call is short and non-blocking except SecAgg and
-    Status, which go to a thread pool."""
+    :class:`_AsyncServer`); everything they call is short and non-blocking, except a SecAgg stage
+    (it waits for the stage to close), Status (it scans the audit log) and the validation of a
+    streamed upload (a model larger than one message), which go to a thread pool."""
 
     def __init__(
         self,
@@ -305,7 +306,12 @@ class _Service:
                 )
         if not pieces or header is None:
             return pb.UploadReply(accepted=False, error=self.coord.reject(cid, 0, 0, "empty upload"))
-        return self._receive(cid, header, pieces, size, start)
+        # Larger than one message: validating it on the loop would stall every other call for as
+        # long as that takes (about a millisecond per MB), so a worker thread does it.
+        assert self.loop is not None
+        return await self.loop.run_in_executor(
+            self._blocking, self._receive, cid, header, pieces, size, start
+        )
 
     async def Push(self, request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> pb.UploadReply:
         """One update in one encoded ``Chunk`` (raw bytes: see :func:`_handlers`).
