@@ -402,3 +402,59 @@ def test_round_closes_when_every_selected_client_answered_not_at_its_deadline(tm
     assert c.dropouts == []
     assert float(c.updates[1].delta["w"][0, 0]) == 2.0
     net.clear_pending(1)
+
+
+def test_parked_get_task_calls_wake_when_a_round_opens_and_when_the_run_ends(tmp_path: Path) -> None:
+    """The event-loop server's long-poll: parked calls (wait_s = 20) answer within seconds of the
+    round opening (TRAIN for the selected client, with the model; the other stays parked and gets
+    WAIT at its own timeout) and of the run ending (DONE), over a real gRPC channel."""
+    import grpc
+
+    from fedloom.net.server import ServerOptions, _AsyncServer, _Service
+
+    cfg = ExperimentConfig.model_validate({"deploy": {"clients": ["c0", "c1"]}})
+    coord, net = _coordinator(tmp_path, 2)
+    service = _Service(coord, cfg, None, False, net, JsonLog("t", stream=io.StringIO()), "run")
+    server = _AsyncServer(service, cfg, ServerOptions(listen="127.0.0.1:0"))
+    port = server.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    task = channel.unary_unary(
+        "/fedloom.net.v1.Coordinator/GetTask",
+        request_serializer=pb.TaskRequest.SerializeToString,
+        response_deserializer=pb.TaskReply.FromString,
+    )
+    got: dict[str, tuple[Any, float]] = {}
+
+    def poll(name: str, wait_s: float) -> None:
+        reply = task(pb.TaskRequest(wait_s=wait_s), metadata=(("fedloom-client", name),), timeout=60)
+        got[name] = (reply, time.monotonic())
+
+    try:
+        pollers = [threading.Thread(target=poll, args=(n, w)) for n, w in (("c0", 20.0), ("c1", 3.0))]
+        for t in pollers:
+            t.start()
+        time.sleep(0.5)
+        assert got == {}, "a long-poll answered before there was anything to say"
+        params = _p(0)
+        opened = time.monotonic()
+        digest = _open(coord, 1, params, selected=[0], target=1, deadline_s=60.0)
+        pollers[0].join(timeout=10)
+        reply, at = got["c0"]
+        assert reply.kind == pb.TRAIN
+        assert (reply.round, reply.broadcast_digest) == (1, digest)
+        assert at - opened < 5
+        assert decode_broadcast(reply.broadcast, 1).params.equal(params)
+        pollers[1].join(timeout=10)
+        assert got["c1"][0].kind == pb.WAIT  # not selected: parked until its own 3 s ran out
+        done = threading.Thread(target=poll, args=("c1", 20.0))
+        done.start()
+        time.sleep(0.5)
+        ended = time.monotonic()
+        coord.set_done()
+        done.join(timeout=10)
+        assert got["c1"][0].kind == pb.DONE
+        assert got["c1"][1] - ended < 5
+    finally:
+        channel.close()
+        server.stop(grace=0.5)
+        net.close()
