@@ -88,8 +88,8 @@ def server(
             log("auth_disabled", level="warning", reason="no --tokens/--tls-dir: any client name is accepted")
         test = load_eval_data(eval_data, cfg, data_dir=data_dir) if eval_data else None
         options = ServerOptions(listen=listen, tls=tls, tokens=tokens, eval_data=test)
-        # One intra-op thread by default: the server's parallelism is its RPC threads (one per
-        # upload), and OpenMP teams in each of them oversubscribe the cores and spin.
+        # One intra-op thread by default: the server's event loop, its round loop and its worker
+        # threads already share the cores, and OpenMP teams in each of them oversubscribe and spin.
         torch.set_num_threads(threads)
         # The many long-lived objects of the imports (torch, grpc) leave the collector's view, so
         # the full collections that the RPC handlers' allocations trigger stay cheap.

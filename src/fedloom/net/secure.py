@@ -133,7 +133,7 @@ class SecureOutcome:
 
 
 class SecureRelay:
-    """One secure round attempt over a cohort ``graph``: handler threads call :meth:`exchange`,
+    """One secure round attempt over a cohort ``graph``: the server's worker threads call :meth:`exchange`,
     the round loop calls :meth:`run` once. Never calls out while holding its lock."""
 
     def __init__(
@@ -242,7 +242,7 @@ class SecureRelay:
         """Drive the four stages; raises :class:`SecAggError` (after telling every waiting client) on abort."""
         try:
             return self._run()
-        except BaseException as exc:  # never leave a handler thread waiting on a stage
+        except BaseException as exc:  # never leave a worker thread waiting on a stage
             self.abort(f"secure aggregation aborted: {exc}")
             raise
 

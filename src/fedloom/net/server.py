@@ -21,6 +21,11 @@ Secure aggregation (``secagg.enabled``): a round is run through a
 relays the four SecAgg stages (the ``SecAgg`` RPC) and turns the unmasked sum
 into the aggregate (``aggregate_from_sum``); see :mod:`fedloom.net.secure`.
 
+Threads: the gRPC service runs on one ``grpc.aio`` event loop in a thread of its own
+(:class:`_AsyncServer`), the round loop on the caller's thread; they share the
+:class:`~fedloom.net.coordinator.Coordinator`. Blocking work (a SecAgg stage, Status,
+a streamed upload) goes to a small thread pool.
+
 Each ``round_committed`` log line carries ``phases``: where the round's wall time went
 (see :mod:`fedloom.net.timing`), so the overhead benchmark can be explained.
 """

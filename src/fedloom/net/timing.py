@@ -1,7 +1,7 @@
 """Where a deployed round's wall time goes: per-phase timings, logged with ``round_committed``.
 
-The RPC handlers of a round run concurrently, so their per-client phases are
-reported twice: summed over clients (the server's work, which two cores share)
+The RPC handlers of a round interleave (on the server's event loop), so their
+per-client phases are reported twice: summed over clients (the server's work, which two cores share)
 and as the moment, relative to the round's opening, when the last one finished
 (the critical path). An update's arrival (the whole message received) and its
 acceptance (decoded, validated, stored) are both timed: the gap between the last
