@@ -74,7 +74,7 @@ def _safetensors(tensors: Mapping[str, torch.Tensor], metadata: dict[str, str]) 
     offset = 0
     for k in names:
         v = tensors[k].detach().contiguous()
-        raw = memoryview(v.reshape(-1).view(torch.uint8).numpy().data)
+        raw = _bytes_view(v)
         header[k] = {
             "dtype": _DTYPE_CODES[v.dtype],
             "shape": list(v.shape),
@@ -85,6 +85,28 @@ def _safetensors(tensors: Mapping[str, torch.Tensor], metadata: dict[str, str]) 
     text = json.dumps(header, separators=(",", ":")).encode("utf-8")
     text += b" " * (-len(text) % 8)
     return [len(text).to_bytes(8, "little"), text, *views]
+
+
+# dtypes whose tensors NumPy can view directly (a third of the Python calls of the byte-view route)
+_NUMPY_DTYPES = frozenset(
+    {
+        torch.float64,
+        torch.float32,
+        torch.float16,
+        torch.int64,
+        torch.int32,
+        torch.int16,
+        torch.int8,
+        torch.uint8,
+    }
+)
+
+
+def _bytes_view(v: torch.Tensor) -> memoryview:
+    """The raw bytes of the contiguous CPU tensor ``v``, as a flat view (no copy)."""
+    if v.dtype in _NUMPY_DTYPES and v.dim() > 0 and v.numel() > 0:
+        return memoryview(v.numpy().data).cast("B")
+    return memoryview(v.reshape(-1).view(torch.uint8).numpy().data)
 
 
 def params_to_bytes(params: Params) -> bytes:
