@@ -133,7 +133,8 @@ class _Service:
     def _tasks_changed(self) -> None:
         """From any thread: wake every parked GetTask (they each re-check their own task)."""
         if self.loop is not None:
-            self.loop.call_soon_threadsafe(self._wake)
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is parked any more
+                self.loop.call_soon_threadsafe(self._wake)
 
     def _wake(self) -> None:
         if self._changed is not None:
