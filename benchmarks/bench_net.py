@@ -13,7 +13,9 @@ Measures, for the McMahan 2NN (784-200-200-10, 199,210 float32 parameters = 796,
   event-loop server: 4 processes 58.0, 55.7, 51.7 ms, alternating with 2 processes 45.8,
   45.9, 46.5 ms; 1 process 55.1 and 54.1 ms). Also reported: the round period (committed
   to committed, so the gap between rounds counts too) and the server's per-phase timings
-  from its ``round_committed`` log line (see :mod:`fedloom.net.timing`);
+  from its ``round_committed`` log line (see :mod:`fedloom.net.timing`), and the CPU time the
+  host stole from this VM during each run (``/proc/stat``): on a shared host that, not the
+  code, is most of why the same command gives 45 ms one hour and 200 ms the next;
 * bytes on the wire per client per round, each direction, counted by a TCP relay
   between the clients and the server (HTTP/2 + gRPC framing, polls, heartbeats and
   joins included, amortised over the rounds), against the raw parameter bytes.
@@ -62,6 +64,28 @@ from fedloom.net.memory import keep_freed_buffers
 from fedloom.net.wire import encode_broadcast, encode_update
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _cpu_ticks() -> tuple[int, int] | None:
+    """(all CPU ticks, stolen ticks) since boot from ``/proc/stat`` (None off Linux).
+
+    Steal is the time the hypervisor ran something else while this VM wanted the CPU: on a
+    shared host it is why the same command's rounds can take twice as long an hour later.
+    """
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return None
+    ticks = [int(x) for x in fields[:8]]  # user nice system idle iowait irq softirq steal
+    return sum(ticks), ticks[7] if len(ticks) > 7 else 0
+
+
+def _steal_pct(before: tuple[int, int] | None) -> float:
+    """Percent of the machine's CPU time stolen by the host since ``before`` (NaN if unknown)."""
+    after = _cpu_ticks()
+    if before is None or after is None or after[0] <= before[0]:
+        return float("nan")
+    return 100.0 * (after[1] - before[1]) / (after[0] - before[0])
 
 
 def _free_port() -> int:
@@ -267,10 +291,11 @@ def floor_worker(port: int, n: int, rounds: int, up: int) -> None:
 
 def run_floor(
     clients: int, rounds: int, procs: int, down: int, up: int
-) -> tuple[list[float], list[float], float]:
+) -> tuple[list[float], list[float], float, float]:
     """Round wall times and server CPU times (s) of the bare exchange, warm-up round left out,
-    and the load generators' CPU per round (ms)."""
+    the load generators' CPU per round (ms) and the host's steal (% of the machine's CPU time)."""
     port = _free_port()
+    ticks = _cpu_ticks()
     srv = subprocess.Popen(
         [sys.executable, __file__, "--floor-server", str(port), str(clients), str(rounds), str(down), str(up)],
         stdout=subprocess.PIPE, text=True,
@@ -288,7 +313,7 @@ def run_floor(
     out, _ = srv.communicate(timeout=600)
     clients_ms = _clients_cpu_ms(gens)
     got = json.loads(out.strip().splitlines()[-1])
-    return got["walls"][1:], got["cpus"][1:], clients_ms
+    return got["walls"][1:], got["cpus"][1:], clients_ms, _steal_pct(ticks)
 
 
 def _phases(log: Path) -> list[dict[str, float]]:
@@ -323,6 +348,7 @@ heartbeat_s = 5.0
         encoding="utf-8",
     )
     port = _free_port()
+    ticks = _cpu_ticks()
     state = workdir / ("srv-relay" if relay else "srv")
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
     err = (workdir / ("server-relay.log" if relay else "server.log")).open("w")
@@ -367,6 +393,7 @@ heartbeat_s = 5.0
         "period_ms_median": statistics.median(period) if period else float("nan"),
         "raw_param_bytes": float(raw),
         "clients_cpu_ms": clients_ms,
+        "steal_pct": _steal_pct(ticks),
     }
     for key in committed[1].get("phases", {}):
         out["phase." + key] = statistics.median(float(c["phases"][key]) for c in committed[1:])
@@ -413,7 +440,7 @@ def main() -> None:
     params = Params.from_module(build_model("2nn", {}, seed=0))
     down = len(encode_broadcast(Broadcast(round=1, params=params)))
     up = len(encode_update(ClientUpdate(0, params, 10.0, 10, 1, {"train_loss": 1.0}))[1])
-    floor_runs: list[tuple[list[float], list[float], float]] = []
+    floor_runs: list[tuple[list[float], list[float], float, float]] = []
     directs: list[dict[str, float]] = []
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
@@ -433,9 +460,9 @@ def main() -> None:
             else run(args.clients, args.rounds, relay=True, workdir=Path(tmp), procs=args.procs)
         )
         took = time.perf_counter() - t0
-    floors = [w for walls, _, _ in floor_runs for w in walls]
-    floor_cpu = [c for _, cpus, _ in floor_runs for c in cpus]
-    floor_clients = [ms for _, _, ms in floor_runs]
+    floors = [w for walls, _, _, _ in floor_runs for w in walls]
+    floor_cpu = [c for _, cpus, _, _ in floor_runs for c in cpus]
+    floor_clients = [ms for _, _, ms, _ in floor_runs]
     # The phase breakdown is the median run's.
     direct = sorted(directs, key=lambda d: d["overhead_ms_median"])[len(directs) // 2]
     if len(directs) > 1:
@@ -444,13 +471,19 @@ def main() -> None:
             if floor_runs:
                 before, after = (1000 * statistics.median(floor_runs[j][0]) for j in (i, i + 1))
                 line += f", floor before/after {before:.1f}/{after:.1f} ms"
-            print(line)
+            print(line + f", host steal {d['steal_pct']:.1f}%")
     print(f"2NN ({direct['raw_param_bytes']:.0f} raw parameter bytes), {args.clients} clients in {args.procs} "
           f"processes, {args.rounds} rounds, {os.cpu_count()} CPUs, {took:.0f} s")  # fmt: skip
     print(
         f"server overhead per round (direct, median run of {len(directs)}): median "
         f"{direct['overhead_ms_median']:.1f} ms, max {direct['overhead_ms_max']:.1f} ms   [target < 50 ms]"
     )
+    steal = "  CPU time stolen by the host (VM steal, % of this machine's): fedloom runs " + ", ".join(
+        f"{d['steal_pct']:.1f}" for d in directs
+    )
+    if floor_runs:
+        steal += "; floor runs " + ", ".join(f"{f[3]:.1f}" for f in floor_runs)
+    print(steal)
     if floors:
         half = len(floors) // 2
         floor = 1000 * statistics.median(floors)
