@@ -12,7 +12,13 @@ from safetensors.torch import save as st_save
 
 from fedloom.core.errors import RunStateError
 from fedloom.core.params import Params
-from fedloom.core.serde import params_from_bytes, params_to_bytes, slots_from_bytes, slots_to_bytes
+from fedloom.core.serde import (
+    data_all_finite,
+    params_from_bytes,
+    params_to_bytes,
+    slots_from_bytes,
+    slots_to_bytes,
+)
 
 
 def _mixed() -> Params:
@@ -149,3 +155,41 @@ def test_decoded_tensors_own_their_storage() -> None:
     ptrs = [v.untyped_storage().data_ptr() for v in back.values() if v.numel()]
     assert len(set(ptrs)) == len(ptrs)
     assert all(v.untyped_storage().nbytes() == v.numel() * v.element_size() for v in back.values())
+
+
+def test_views_decode_equals_the_copy_and_shares_the_buffer() -> None:
+    p = _mixed()
+    buf = bytearray(params_to_bytes(p))
+    copied = params_from_bytes(bytes(buf))
+    viewed = slots_from_bytes(memoryview(buf), copy=False)[""]
+    assert viewed.equal(copied)
+    assert viewed.equal(p.map(lambda v: v.contiguous()))
+    # a view, not a copy: the blob's bytes are the tensor's (the last 4 bytes of "w" set to 1.0)
+    header = int.from_bytes(buf[:8], "little")
+    entry = json.loads(buf[8 : 8 + header])["w"]
+    end = 8 + header + entry["data_offsets"][1]
+    buf[end - 4 : end] = torch.tensor([1.0]).numpy().tobytes()
+    assert float(viewed["w"].reshape(-1)[-1]) == 1.0
+    assert float(copied["w"].reshape(-1)[-1]) == float(p["w"].reshape(-1)[-1])
+
+
+def test_a_cached_header_still_refuses_a_blob_whose_data_does_not_fit_it() -> None:
+    blob = params_to_bytes(Params({"a": torch.ones(4), "b": torch.zeros(2)}))
+    assert params_from_bytes(blob).equal(params_from_bytes(blob))  # the second decode hits the cache
+    with pytest.raises(RunStateError, match="data area holds 20 bytes, the tensors 24"):
+        params_from_bytes(blob[:-4])  # same header, short data: a different cache key
+    with pytest.raises(RunStateError, match="data area holds 28 bytes, the tensors 24"):
+        params_from_bytes(blob + b"\0" * 4)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_data_all_finite_finds_a_bad_value_in_any_tensor(bad: float) -> None:
+    clean = Params({"a": torch.ones(3, 2), "b": torch.arange(5.0), "c": torch.tensor(0.5)})
+    assert data_all_finite(params_to_bytes(clean)) is True
+    for name in clean:
+        dirty = clean.map(lambda v: v.clone())
+        dirty[name].reshape(-1)[-1] = bad
+        assert data_all_finite(params_to_bytes(dirty)) is False, name
+    # one pass needs one dtype: mixed tensors are left to the per-tensor check
+    assert data_all_finite(params_to_bytes(_mixed())) is None
+    assert data_all_finite(params_to_bytes(Params({"n": torch.arange(3)}))) is True

@@ -458,3 +458,41 @@ def test_parked_get_task_calls_wake_when_a_round_opens_and_when_the_run_ends(tmp
         channel.close()
         server.stop(grace=0.5)
         net.close()
+
+
+def test_accepted_updates_are_read_from_their_slot_and_a_rejected_one_frees_its_slot(tmp_path: Path) -> None:
+    """An update is written to its slot file, then decoded as views of the slot's mapping (no copy of
+    its own); one rejected after staging (NaN) gives its slot back, so the next upload reuses it."""
+    coord, net = _coordinator(tmp_path, 2)
+    params = _p(0)
+    digest = _open(coord, 1, params, selected=[0, 1], target=2, deadline_s=60.0)
+    nan = params.map(lambda v: torch.full_like(v, float("nan")))
+    meta, blob = encode_update(ClientUpdate(0, nan, 1.0, 5, 1, {}))
+    assert coord.submit(0, 1, digest, meta, blob) == "update delta contains NaN or infinite values"
+    sent = {c: params.map(lambda v, c=c: v + c) for c in (0, 1)}
+    for c in (0, 1):
+        meta, blob = encode_update(ClientUpdate(c, sent[c], 1.0 + c, 5, 1, {}))
+        assert coord.submit(c, 1, digest, meta, blob) is None
+    files = sorted(p.name for p in net.blob_dir.iterdir())
+    assert len(files) == 2, files  # the NaN update's slot was reused, not leaked
+    closed = coord.wait_close()
+    assert [u.client_id for u in closed.updates] == [0, 1]
+    for u in closed.updates:
+        assert u.delta.equal(sent[u.client_id])
+    # the tensors are the slot file's page cache: a write to the file shows through
+    (row,) = [r for r in net.audit_rows("accepted") if r.client_id == 1]
+    path = next(
+        net.blob_dir / str(f)
+        for (f,) in sqlite3.connect(net.path).execute("SELECT file FROM pending_updates WHERE client_id = 1")
+    )
+    data = path.read_bytes()
+    header = int.from_bytes(data[:8], "little")
+    entry = json.loads(data[8 : 8 + header])["delta/b"]
+    at = 8 + header + entry["data_offsets"][0]
+    with path.open("r+b") as f:
+        f.seek(at)
+        f.write(torch.tensor([123.0]).numpy().tobytes())
+    assert float(closed.updates[1].delta["b"][0]) == 123.0
+    assert row.bytes == len(blob)
+    net.clear_pending(1)
+    net.close()

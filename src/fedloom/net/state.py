@@ -53,6 +53,7 @@ update by the close), ``round_committed``, ``round_aborted``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import mmap
 import os
@@ -202,7 +203,7 @@ class NetState:
         with self._pool_lock:
             mapped = self._maps.pop(name, None)
         if mapped is not None and len(mapped) != n:
-            mapped.close()
+            _close_map(mapped)
             mapped = None
         if mapped is None and n > 0 and len(self._maps) < _MAPPED_SLOTS:
             fd = os.open(self.blob_dir / name, os.O_RDWR | os.O_CREAT, 0o600)
@@ -217,10 +218,22 @@ class NetState:
         try:
             mapped[:] = blob
         except BaseException:
-            mapped.close()
+            _close_map(mapped)
             raise
         with self._pool_lock:
             self._maps[name] = mapped
+
+    def view(self, staged: StagedBlob) -> memoryview | None:
+        """The staged blob as a view of its slot's kept shared mapping (``None``: it has none).
+
+        Writable, and it stays valid as long as it is referenced, even past :meth:`close`; its bytes
+        stay the blob's until the slot is freed (:meth:`clear_pending`, :meth:`discard`) and reused.
+        """
+        with self._pool_lock:
+            mapped = self._maps.get(staged.file)
+        if mapped is None or len(mapped) != staged.bytes:
+            return None
+        return memoryview(mapped)
 
     def _unmap(self, names: list[str] | None = None) -> None:
         """Close the kept mappings of ``names`` (all of them: ``None``); the files stay."""
@@ -228,7 +241,7 @@ class NetState:
             gone = list(self._maps) if names is None else [n for n in names if n in self._maps]
             maps = [self._maps.pop(n) for n in gone]
         for m in maps:
-            m.close()
+            _close_map(m)
 
     def discard(self, staged: StagedBlob) -> None:
         """Return the slot of a staged blob that was never recorded (or whose row is gone)."""
@@ -397,6 +410,13 @@ def _matches(blob: bytes, recorded: str) -> bool:
     if recorded.startswith("crc32:"):  # rows written by the previous version
         return f"crc32:{zlib.crc32(blob):08x}" == recorded
     return hashlib.sha256(blob).hexdigest() == recorded  # rows written by older versions
+
+
+def _close_map(m: mmap.mmap) -> None:
+    """Close ``m`` now, or, while views of it live on (decoded tensors, see :meth:`NetState.view`),
+    when the last of them goes."""
+    with contextlib.suppress(BufferError):
+        m.close()
 
 
 def _overwrite(path: Path, blob: bytes | memoryview) -> None:

@@ -308,15 +308,19 @@ def update_pieces(update: ClientUpdate, *, compute_s: float = 0.0) -> tuple[str,
     return meta.to_json(), slots_to_pieces(slots)
 
 
-def decode_update(client_id: int, meta_json: str, blob: bytes | memoryview) -> tuple[ClientUpdate, float]:
+def decode_update(
+    client_id: int, meta_json: str, blob: bytes | memoryview, *, copy: bool = True
+) -> tuple[ClientUpdate, float]:
     """Rebuild a :class:`ClientUpdate` and the client's reported compute seconds.
+
+    ``copy=False``: the tensors are views of ``blob`` (writable; see :func:`slots_from_bytes`).
 
     Raises :class:`UpdateError` when the header or the blob does not parse; shape
     and value checks are the coordinator's job.
     """
     meta = UpdateMeta.from_json(meta_json)
     try:
-        slots = slots_from_bytes(blob)
+        slots = slots_from_bytes(blob, copy=copy)
     except (RunStateError, ValueError, KeyError, TypeError) as exc:
         raise UpdateError(f"update blob does not parse: {exc}") from None
     except Exception as exc:  # safetensors raises its own error type on corrupt buffers
