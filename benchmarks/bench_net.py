@@ -2,8 +2,9 @@
 
 Measures, for the McMahan 2NN (784-200-200-10, 199,210 float32 parameters = 796,840 bytes):
 
-* server overhead per round = round wall time (server: round open -> checkpoint committed,
-  pending updates cleared) minus the slowest client's reported compute. The clients return
+* server overhead per round = round wall time (server: from one round's opening to the next's,
+  so the aggregation, the checkpoint's commit, the clean-up and the gap before the next
+  round all count) minus the slowest client's reported compute. The clients return
   a fixed precomputed delta (compute ~0), so the overhead includes everything else:
   download, upload, validation, decode, aggregation, the durable writes (pending updates +
   checkpoint) and the clients' own (de)serialisation. The clients run as threads in
@@ -11,8 +12,10 @@ Measures, for the McMahan 2NN (784-200-200-10, 199,210 float32 parameters = 796,
   dominate; on a small machine they still share the CPUs with the server, and more
   processes than cores cost more than they spread (2026-12-02, 2 cores, against the
   event-loop server: 4 processes 58.0, 55.7, 51.7 ms, alternating with 2 processes 45.8,
-  45.9, 46.5 ms; 1 process 55.1 and 54.1 ms). Also reported: the round period (committed
-  to committed, so the gap between rounds counts too) and the server's per-phase timings
+  45.9, 46.5 ms; 1 process 55.1 and 54.1 ms). (Until 2026-12-05 the round wall time ended
+  at the checkpoint's commit, which did not count the gap before the next round; the server now
+  commits a round in the background while the next one runs, so open to open is the measure.)
+  Also reported: the server's per-phase timings
   from its ``round_committed`` log line (see :mod:`fedloom.net.timing`), and the CPU time the
   host stole from this VM during each run (``/proc/stat``): on a shared host that, not the
   code, is most of why the same command gives 45 ms one hour and 200 ms the next;
@@ -378,12 +381,17 @@ heartbeat_s = 5.0
     committed = _phases(workdir / ("server-relay.log" if relay else "server.log"))
     # Round 1 warms up (joins, first imports); it is left out of every statistic.
     before_ckpt = [1000 * (m["seconds"] - m["max_client_compute_s"]) for m in metrics[1:]]
-    # A server without per-phase timings (older builds) is measured up to aggregation only.
-    overhead = [
-        c["phases"]["round_wall_ms"] - 1000 * c["max_client_compute_s"] if "phases" in c else b
-        for c, b in zip(committed[1:], before_ckpt, strict=True)
-    ]
-    period = [1000 * (b["ts"] - a["ts"]) for a, b in itertools.pairwise(committed[1:])]
+    opened = [c["phases"].get("opened_at_s") for c in committed]
+    if all(o is not None for o in opened):
+        # open to open: everything a round costs, its commit and the gap before the next included
+        period = [1000 * (b - a) for a, b in itertools.pairwise(opened[1:])]
+        overhead = [p - 1000 * c["max_client_compute_s"] for p, c in zip(period, committed[1:], strict=False)]
+    else:  # older builds: open -> checkpoint committed, and the period from the log's timestamps
+        period = [1000 * (b["ts"] - a["ts"]) for a, b in itertools.pairwise(committed[1:])]
+        overhead = [
+            c["phases"]["round_wall_ms"] - 1000 * c["max_client_compute_s"] if "phases" in c else b
+            for c, b in zip(committed[1:], before_ckpt, strict=True)
+        ]
     raw = Params.from_module(build_model("2nn", {}, seed=0)).num_bytes()
     out = {
         "rounds": float(len(metrics)),
@@ -503,7 +511,7 @@ def main() -> None:
     print(line)
     print(
         f"  open -> aggregated (metrics 'seconds', no checkpoint): median "
-        f"{direct['overhead_to_aggregate_ms_median']:.1f} ms; round period (committed -> committed): "
+        f"{direct['overhead_to_aggregate_ms_median']:.1f} ms; round period (open -> open): "
         f"median {direct['period_ms_median']:.1f} ms"
     )
     print("  per-phase medians (server log; *_sum = summed over clients, *_at = since round open):")

@@ -39,8 +39,8 @@ import json
 import math
 import threading
 import time
-from collections.abc import AsyncIterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -626,6 +626,44 @@ def _loop(
     size: int,
     history: list[dict[str, Any]],
 ) -> ServerState:
+    committer = _Committer()
+    try:
+        return _rounds(
+            cfg,
+            state,
+            store,
+            net,
+            coord,
+            algorithm,
+            pipeline,
+            workspace,
+            options,
+            log,
+            selected_n,
+            size,
+            history,
+            committer,
+        )
+    finally:
+        committer.close()
+
+
+def _rounds(
+    cfg: ExperimentConfig,
+    state: ServerState,
+    store: RunStore,
+    net: NetState,
+    coord: Coordinator,
+    algorithm: Any,
+    pipeline: Any,
+    workspace: Workspace,
+    options: ServerOptions,
+    log: JsonLog,
+    selected_n: int,
+    size: int,
+    history: list[dict[str, Any]],
+    committer: _Committer,
+) -> ServerState:
     d = cfg.deploy
     population = len(coord.names)
     metrics_path = store.path.parent / METRICS
@@ -633,6 +671,7 @@ def _loop(
     if _reached(cfg, history[-1] if history else {}):
         return state
     privacy = plan_privacy(cfg, population=population)
+    cpu_mark: float | None = None
     while state.round < cfg.rounds:
         r = state.round + 1
         if privacy is not None and privacy.would_exceed(r):
@@ -745,32 +784,103 @@ def _loop(
         metrics["max_client_compute_s"] = max(closed.compute_s.values(), default=0.0)
         if closed.secure is not None:
             metrics["secagg_error_bound"] = closed.secure.error_bound
-        t_ckpt = time.perf_counter()
-        store.commit_round(state, metrics, {}, keep=cfg.checkpoint.keep)
-        checkpoint_s = time.perf_counter() - t_ckpt
-        net.clear_pending(r)
-        net.audit(
-            r, -1, "", "round_committed", 0, json.dumps({"clients": sorted(c for c, _, _ in contributed)})
-        )
-        with metrics_path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(metrics) + "\n")
-        coord.finish(metrics)
+        # The round is final in memory: its checkpoint is written on the committer thread while the
+        # next round opens (at most one commit in flight, see _Committer).
+        waited = committer.wait()
+        cpu_now = time.process_time()
         phases = {
             "encode_broadcast_ms": round(1000 * encode_s, 2),
             **closed.timing,
             "aggregate_ms": round(1000 * aggregate_s, 2),
             "evaluate_ms": round(1000 * eval_s, 2),
-            "checkpoint_ms": round(1000 * checkpoint_s, 2),
-            # open -> checkpoint committed, pending cleared and metrics appended
+            "commit_wait_ms": round(1000 * waited, 2),
+            # when the round opened (perf_counter seconds): open to open is the time a round takes
+            "opened_at_s": round(t0, 6),
+            # open -> aggregated, evaluated and handed to the committer (the next round may open)
             "round_wall_ms": round(1000 * (time.perf_counter() - t0), 2),
-            # CPU seconds of the whole server process over the same span, all threads
-            "server_cpu_ms": round(1000 * (time.process_time() - cpu0), 2),
+            # CPU seconds of the whole server process, all threads, since the previous round's handoff
+            "server_cpu_ms": round(1000 * (cpu_now - (cpu0 if cpu_mark is None else cpu_mark)), 2),
         }
-        log("round_committed", **metrics, phases=phases)
+        cpu_mark = cpu_now
+        clients = sorted(c for c, _, _ in contributed)
+        committer.submit(
+            _commit,
+            store,
+            net,
+            coord,
+            log,
+            metrics_path,
+            state,
+            metrics,
+            clients,
+            phases,
+            cfg.checkpoint.keep,
+        )
         if _reached(cfg, metrics):
+            committer.wait()
             log("target_reached", round=r)
             break
+    committer.wait()
     return state
+
+
+class _Committer:
+    """Commits a finished round on a thread of its own while the next round runs.
+
+    A round's checkpoint costs the round loop two fsyncs (the checkpoint file, the database's
+    commit) and its pending updates' clean-up: done in line they were a serial tail during which
+    every client sat idle. Nothing of the next round depends on them: its broadcast is the state in
+    memory, and a server killed before round ``r``'s commit resumes from round ``r - 1``'s
+    checkpoint with round ``r``'s pending updates, still on disk (they are cleared only after the
+    commit), so it recomputes the same state. One commit is in flight at a time, in round order.
+    """
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedloom-commit")
+        self._last: Future[None] | None = None
+
+    def wait(self) -> float:
+        """Block until the last submitted commit is done (raising its error); returns the seconds waited."""
+        start = time.perf_counter()
+        last, self._last = self._last, None
+        if last is not None:
+            last.result()
+        return time.perf_counter() - start
+
+    def submit(self, fn: Callable[..., None], *args: Any) -> None:
+        self.wait()
+        self._last = self._pool.submit(fn, *args)
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._pool.shutdown(wait=True)
+
+
+def _commit(
+    store: RunStore,
+    net: NetState,
+    coord: Coordinator,
+    log: JsonLog,
+    metrics_path: Path,
+    state: ServerState,
+    metrics: dict[str, Any],
+    clients: list[int],
+    phases: dict[str, float],
+    keep: int,
+) -> None:
+    """Make round ``state.round`` durable, then release its pending updates and report it."""
+    r = state.round
+    start = time.perf_counter()
+    store.commit_round(state, metrics, {}, keep=keep)
+    phases["checkpoint_ms"] = round(1000 * (time.perf_counter() - start), 2)
+    net.clear_pending(r)
+    net.audit(r, -1, "", "round_committed", 0, json.dumps({"clients": clients}))
+    with metrics_path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(metrics) + "\n")
+    coord.finish(metrics)
+    log("round_committed", **metrics, phases=phases)
 
 
 def _check_secagg(cfg: ExperimentConfig, length: int) -> None:
