@@ -576,21 +576,23 @@ def run_server(cfg: ExperimentConfig, state_dir: Path, options: ServerOptions, l
             round=state.round,
         )
         try:
-            state = _loop(
-                cfg,
-                state,
-                store,
-                net,
-                coord,
-                algorithm,
-                pipeline,
-                workspace,
-                options,
-                log,
-                selected_n,
-                size,
-                history,
-            )
+            with _Committer() as committer:
+                state = _loop(
+                    cfg,
+                    state,
+                    store,
+                    net,
+                    coord,
+                    algorithm,
+                    pipeline,
+                    workspace,
+                    options,
+                    log,
+                    selected_n,
+                    size,
+                    history,
+                    committer,
+                )
             (state_dir / MODEL).write_bytes(params_to_bytes(state.params))
             store.set_meta("status", "completed")
             net.drop_free_slots()
@@ -612,43 +614,6 @@ def run_server(cfg: ExperimentConfig, state_dir: Path, options: ServerOptions, l
 
 
 def _loop(
-    cfg: ExperimentConfig,
-    state: ServerState,
-    store: RunStore,
-    net: NetState,
-    coord: Coordinator,
-    algorithm: Any,
-    pipeline: Any,
-    workspace: Workspace,
-    options: ServerOptions,
-    log: JsonLog,
-    selected_n: int,
-    size: int,
-    history: list[dict[str, Any]],
-) -> ServerState:
-    committer = _Committer()
-    try:
-        return _rounds(
-            cfg,
-            state,
-            store,
-            net,
-            coord,
-            algorithm,
-            pipeline,
-            workspace,
-            options,
-            log,
-            selected_n,
-            size,
-            history,
-            committer,
-        )
-    finally:
-        committer.close()
-
-
-def _rounds(
     cfg: ExperimentConfig,
     state: ServerState,
     store: RunStore,
@@ -851,7 +816,11 @@ class _Committer:
         self.wait()
         self._last = self._pool.submit(fn, *args)
 
-    def close(self) -> None:
+    def __enter__(self) -> _Committer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Wait for the commit in flight (whatever ended the loop: a round's data is never half-written)."""
         try:
             self.wait()
         finally:
