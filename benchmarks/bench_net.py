@@ -516,7 +516,7 @@ def main() -> None:
     )
     print("  per-phase medians (server log; *_sum = summed over clients, *_at = since round open):")
     for key, value in direct.items():
-        if key.startswith("phase."):
+        if key.startswith("phase.") and key != "phase.opened_at_s":
             print(f"    {key.removeprefix('phase.'):<24} {value:10.2f}")
     if relayed is None:
         return
