@@ -24,7 +24,10 @@ into the aggregate (``aggregate_from_sum``); see :mod:`fedloom.net.secure`.
 Threads: the gRPC service runs on one ``grpc.aio`` event loop in a thread of its own
 (:class:`_AsyncServer`), the round loop on the caller's thread; they share the
 :class:`~fedloom.net.coordinator.Coordinator`. Blocking work (a SecAgg stage, Status,
-a streamed upload) goes to a small thread pool.
+a streamed upload) goes to a small thread pool. A finished round is committed (checkpoint,
+pending updates released, metrics line) on a thread of its own while the next round runs
+(:class:`_Committer`); a server killed before that commit redoes the round from its pending
+updates.
 
 Each ``round_committed`` log line carries ``phases``: where the round's wall time went
 (see :mod:`fedloom.net.timing`), so the overhead benchmark can be explained.

@@ -35,7 +35,9 @@ checkpoint) and deleting it walked its overflow-page chain. Reusing slot files
 matters too: overwriting a cached file of the same size is a memory copy (about
 0.02 ms for the 2NN's 0.8 MB), where creating, filling and later unlinking a new
 file cost about 1 ms per update on ext4. A reused slot keeps a shared memory mapping,
-so overwriting it is a store into the page cache with no system call. A slot is in exactly one of three
+so overwriting it is a store into the page cache with no system call, and the coordinator decodes
+the update from that mapping (:meth:`NetState.view`): its tensors are views of the page cache, valid
+until the slot is freed and reused (after the round's checkpoint). A slot is in exactly one of three
 places: the free pool, owned by one upload being staged, or named by a row.
 
 Checksum. The check only has to catch a torn or stale file after an OS crash (a
