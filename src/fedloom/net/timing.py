@@ -5,9 +5,11 @@ per-client phases are reported twice: summed over clients (the server's work, wh
 and as the moment, relative to the round's opening, when the last one finished
 (the critical path). An update's arrival (the whole message received) and its
 acceptance (decoded, validated, stored) are both timed: the gap between the last
-arrival and the last acceptance is the ingest queue's lag. The round loop adds its own serial phases (aggregate,
-evaluation, checkpoint, clean-up). All values are milliseconds of
-``time.perf_counter``.
+arrival and the last acceptance is the ingest queue's lag. The round loop adds its own serial phases
+(aggregate, evaluation, the wait for the previous round's commit) and the commit that runs in the
+background while the next round does (``checkpoint_ms``); ``opened_at_s`` (seconds) is when the round
+opened, so consecutive rounds give the time a round takes, open to open. The other values are
+milliseconds of ``time.perf_counter``.
 """
 
 from __future__ import annotations
