@@ -281,7 +281,7 @@ class NetClient:
             request = pb.DownloadRequest(round=r, broadcast_digest=task.broadcast_digest)
             timeout = max(30.0, task.deadline_in_s)
             blob = b"".join(c.data for c in stub.Download(request, metadata=self._md, timeout=timeout))
-        # The digest names the model; XXH3 catches a damaged download at a twentieth of SHA-256's cost
+        # The digest names the model; XXH3-64 catches a damaged download at a twentieth of SHA-256's cost
         # (integrity against an attacker is TLS's job: whoever could alter the blob could alter both).
         if fingerprint(blob) != task.broadcast_xxh3:
             raise RunStateError(f"round {r}: the downloaded model does not match its XXH3 checksum")

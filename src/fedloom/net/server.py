@@ -64,7 +64,14 @@ from fedloom.net.logs import JsonLog
 from fedloom.net.proto import fedloom_pb2 as pb
 from fedloom.net.proto import fedloom_pb2_grpc as pbg
 from fedloom.net.state import NetState
-from fedloom.net.wire import chunk_size_for, decode_chunk, encode_broadcast, encode_bytes_field, iter_chunks
+from fedloom.net.wire import (
+    chunk_size_for,
+    decode_chunk,
+    encode_broadcast,
+    encode_bytes_field,
+    iter_chunks,
+    model_digest,
+)
 from fedloom.results.store import RunStore
 from fedloom.sim.build import build_algorithm, build_pipeline
 from fedloom.sim.evaluate import evaluate
@@ -650,7 +657,7 @@ def _loop(
         t_encode = time.perf_counter()
         broadcast = algorithm.broadcast(state)
         blob = encode_broadcast(broadcast)
-        digest = hashlib.sha256(blob).hexdigest()
+        digest = model_digest(blob)
         encode_s = time.perf_counter() - t_encode
         for attempt in range(1, d.max_round_attempts + 1):
             _wait_for_clients(coord, d.min_quorum, d.wait_for_clients_s, r, log)

@@ -48,6 +48,7 @@ __all__ = [
     "encode_update",
     "fingerprint",
     "iter_chunks",
+    "model_digest",
     "pieces_size",
     "split_bytes_field",
     "update_pieces",
@@ -65,6 +66,18 @@ def fingerprint(data: bytes | memoryview) -> int:
     and 64 bits wide; integrity against an attacker is TLS's job.
     """
     return int(xxhash.xxh3_64_intdigest(data))
+
+
+def model_digest(blob: bytes | memoryview) -> str:
+    """The name of a broadcast model: XXH3-128 of its blob, 32 hex digits.
+
+    A client's update repeats the name of the model it trained on, so an update trained on
+    another round's model is refused. The server chose the content it names, and no client can
+    choose it, so a cryptographic hash buys nothing here: SHA-256 took 0.45 ms per 2NN broadcast,
+    on the serial path between one round's aggregation and the next round's opening; this takes
+    0.013 ms.
+    """
+    return str(xxhash.xxh3_128_hexdigest(blob))
 
 
 def chunk_size_for(max_message_bytes: int) -> int:
