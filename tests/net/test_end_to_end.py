@@ -206,14 +206,14 @@ def test_server_sigkill_mid_round_resumes_to_the_same_model(
 def test_server_sigkilled_while_a_commit_is_in_flight_resumes_to_the_same_model(
     reference_run: Path, heart_dir: Path, tmp_path: Path
 ) -> None:
-    """SIGKILL the server after round 2 closed and round 3 ran, with round 2's commit still in flight.
+    """SIGKILL the server with round 2's commit stalled and rounds 3 and 4 run meanwhile.
 
-    The server commits a round on a thread of its own while the next one runs. Round 2's
-    checkpoint file is made a named pipe, so writing it blocks (as a stalled disk would): the
-    server goes on into round 3, takes all four of its updates and then waits for the commit.
-    Killed there, the database holds checkpoint 1 and every update of rounds 2 and 3 as pending.
-    The restarted server redoes round 2 from its pending updates, then round 3 from its own, asks
-    no client for either again, and ends with the uninterrupted run's model, bit for bit.
+    The server commits a round on a thread of its own, started once the next round is open. Round
+    2's checkpoint file is made a named pipe, so writing it blocks (as a stalled disk would): the
+    server goes on through round 3 and opens round 4, whose updates it still takes, then waits
+    for the commit. Killed there, the database holds checkpoint 1 and every update of rounds 2, 3
+    and 4 as pending. The restarted server redoes the three rounds from their pending updates, asks
+    no client for any of them again, and ends with the uninterrupted run's model, bit for bit.
     """
     shutil.copy(reference_run / "exp.toml", tmp_path / "exp.toml")
     cfg = tmp_path / "exp.toml"
@@ -229,21 +229,20 @@ def test_server_sigkilled_while_a_commit_is_in_flight_resumes_to_the_same_model(
         end = time.monotonic() + 180
         while True:
             pending, latest = db_snapshot(db)
-            if pending.get(2) == [0, 1, 2, 3] and pending.get(3) == [0, 1, 2, 3]:
+            if all(pending.get(r) == [0, 1, 2, 3] for r in (2, 3, 4)):
                 break
             assert time.monotonic() < end, f"pending {pending}, latest checkpoint {latest}"
             time.sleep(0.05)
-        assert srv.wait_event("round_open", round=3)["restored"] == 0
         time.sleep(0.3)
         pending, latest = db_snapshot(db)
-        assert (latest, sorted(pending)) == (1, [2, 3])  # round 2's commit never finished
+        assert (latest, sorted(pending)) == (1, [2, 3, 4])  # round 2's commit never finished
         srv.kill()
         fifo.unlink()
         srv2 = server(tmp_path, cfg, port, name="server2")
         assert srv2.wait(180) == 0, srv2.err.read_text()[-3000:]
         assert srv2.wait_event("resume")["round"] == 1
-        assert srv2.wait_event("round_open", round=2)["restored"] == 4
-        assert srv2.wait_event("round_open", round=3)["restored"] == 4
+        for r in (2, 3, 4):
+            assert srv2.wait_event("round_open", round=r)["restored"] == 4
         for c in procs:
             assert c.wait(60) == 0, c.err.read_text()[-2000:]
     finally:
@@ -254,7 +253,7 @@ def test_server_sigkilled_while_a_commit_is_in_flight_resumes_to_the_same_model(
         committed = [json.loads(a.detail)["clients"] for a in net.audit_rows("round_committed")]
         assert committed == [[0, 1, 2, 3]] * 4
         after = [(a.round, a.client) for a in net.audit_rows("accepted")]
-        assert len(after) == len(set(after)) == 16  # rounds 2 and 3 were never uploaded twice
+        assert len(after) == len(set(after)) == 16  # no update of rounds 2 to 4 was uploaded twice
         assert all(not net.pending(r) for r in range(1, 5))
 
 

@@ -25,7 +25,7 @@ Threads: the gRPC service runs on one ``grpc.aio`` event loop in a thread of its
 (:class:`_AsyncServer`), the round loop on the caller's thread; they share the
 :class:`~fedloom.net.coordinator.Coordinator`. Blocking work (a SecAgg stage, Status,
 a streamed upload) goes to a small thread pool. A finished round is committed (checkpoint,
-pending updates released, metrics line) on a thread of its own while the next round runs
+pending updates released, metrics line) on a thread of its own once the next round is open
 (:class:`_Committer`); a server killed before that commit redoes the round from its pending
 updates.
 
@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -660,7 +661,7 @@ def _loop(
         digest = model_digest(blob)
         encode_s = time.perf_counter() - t_encode
         for attempt in range(1, d.max_round_attempts + 1):
-            _wait_for_clients(coord, d.min_quorum, d.wait_for_clients_s, r, log)
+            _wait_for_clients(coord, d.min_quorum, d.wait_for_clients_s, r, log, committer)
             lost = net.lost_pending(r)
             if lost:  # only after an OS crash or power loss (see fedloom.net.state)
                 log("pending_lost", level="warning", round=r, clients=[coord.names[c] for c in lost])
@@ -679,6 +680,7 @@ def _loop(
                 algo_state=state.algo_state,
                 relay=relay,
             )
+            committer.flush()  # the previous round's commit, now that this round is open
             secure_error = ""
             if relay is None:
                 closed = coord.wait_close()
@@ -760,42 +762,42 @@ def _loop(
         if closed.secure is not None:
             metrics["secagg_error_bound"] = closed.secure.error_bound
         # The round is final in memory: its checkpoint is written on the committer thread while the
-        # next round opens (at most one commit in flight, see _Committer).
-        waited = committer.wait()
-        cpu_now = time.process_time()
+        # next round runs (see _Committer).
         phases = {
             "encode_broadcast_ms": round(1000 * encode_s, 2),
             **closed.timing,
             "aggregate_ms": round(1000 * aggregate_s, 2),
             "evaluate_ms": round(1000 * eval_s, 2),
-            "commit_wait_ms": round(1000 * waited, 2),
             # when the round opened (perf_counter seconds): open to open is the time a round takes
             "opened_at_s": round(t0, 6),
             # open -> aggregated, evaluated and handed to the committer (the next round may open)
             "round_wall_ms": round(1000 * (time.perf_counter() - t0), 2),
-            # CPU seconds of the whole server process, all threads, since the previous round's handoff
-            "server_cpu_ms": round(1000 * (cpu_now - (cpu0 if cpu_mark is None else cpu_mark)), 2),
         }
+        cpu_now = time.process_time()
+        # CPU seconds of the whole server process, all threads, since the previous round's handoff
+        phases["server_cpu_ms"] = round(1000 * (cpu_now - (cpu0 if cpu_mark is None else cpu_mark)), 2)
         cpu_mark = cpu_now
         clients = sorted(c for c, _, _ in contributed)
-        committer.submit(
-            _commit,
-            store,
-            net,
-            coord,
-            log,
-            metrics_path,
-            state,
-            metrics,
-            clients,
-            phases,
-            cfg.checkpoint.keep,
+        committer.defer(
+            functools.partial(
+                _commit,
+                store,
+                net,
+                coord,
+                log,
+                metrics_path,
+                state,
+                metrics,
+                clients,
+                phases,
+                cfg.checkpoint.keep,
+            )
         )
         if _reached(cfg, metrics):
+            committer.flush()
             committer.wait()
             log("target_reached", round=r)
             break
-    committer.wait()
     return state
 
 
@@ -808,30 +810,45 @@ class _Committer:
     memory, and a server killed before round ``r``'s commit resumes from round ``r - 1``'s
     checkpoint with round ``r``'s pending updates, still on disk (they are cleared only after the
     commit), so it recomputes the same state. One commit is in flight at a time, in round order.
+
+    A commit handed over (:meth:`defer`) starts at the next :meth:`flush`, which the round loop calls
+    once the next round is open: started at once, its Python (the checkpoint's encoding, SQLite)
+    competed for the GIL with the serial step between the rounds (sampling, encoding and opening).
     """
 
     def __init__(self) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedloom-commit")
         self._last: Future[None] | None = None
+        self._deferred: Callable[[float], None] | None = None
 
     def wait(self) -> float:
-        """Block until the last submitted commit is done (raising its error); returns the seconds waited."""
+        """Block until the last started commit is done (raising its error); returns the seconds waited."""
         start = time.perf_counter()
         last, self._last = self._last, None
         if last is not None:
             last.result()
         return time.perf_counter() - start
 
-    def submit(self, fn: Callable[..., None], *args: Any) -> None:
-        self.wait()
-        self._last = self._pool.submit(fn, *args)
+    def defer(self, job: Callable[[float], None]) -> None:
+        """Hand over a commit, started by the next :meth:`flush`; ``job`` gets the seconds the commit
+        before it made it wait."""
+        self.flush()
+        self._deferred = job
+
+    def flush(self) -> None:
+        """Start the commit handed over, once the one before it is done."""
+        job, self._deferred = self._deferred, None
+        if job is not None:
+            waited = self.wait()
+            self._last = self._pool.submit(job, waited)
 
     def __enter__(self) -> _Committer:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        """Wait for the commit in flight (whatever ended the loop: a round's data is never half-written)."""
+        """Commit what was handed over, whatever ended the loop (a round's data is never half-written)."""
         try:
+            self.flush()
             self.wait()
         finally:
             self._pool.shutdown(wait=True)
@@ -848,9 +865,14 @@ def _commit(
     clients: list[int],
     phases: dict[str, float],
     keep: int,
+    waited_s: float,
 ) -> None:
-    """Make round ``state.round`` durable, then release its pending updates and report it."""
+    """Make round ``state.round`` durable, then release its pending updates and report it.
+
+    ``waited_s``: how long this commit waited for the one before it.
+    """
     r = state.round
+    phases["commit_wait_ms"] = round(1000 * waited_s, 2)
     start = time.perf_counter()
     store.commit_round(state, metrics, {}, keep=keep)
     phases["checkpoint_ms"] = round(1000 * (time.perf_counter() - start), 2)
@@ -916,13 +938,16 @@ def _reached(cfg: ExperimentConfig, metrics: Mapping[str, Any]) -> bool:
     return target > 0 and acc is not None and float(acc) >= target
 
 
-def _wait_for_clients(coord: Coordinator, quorum: int, limit_s: float, r: int, log: JsonLog) -> None:
+def _wait_for_clients(
+    coord: Coordinator, quorum: int, limit_s: float, r: int, log: JsonLog, committer: _Committer
+) -> None:
     end = time.monotonic() + limit_s
     said = -1
     while True:
         online = len(coord.online())
         if online >= quorum:
             return
+        committer.flush()  # no need to hold the previous round's commit back while waiting
         if online != said:
             log("waiting_for_clients", round=r, online=online, needed=quorum)
             said = online
