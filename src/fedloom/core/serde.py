@@ -23,6 +23,7 @@ bit-exactly, and that malformed headers are refused.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import sys
@@ -137,16 +138,8 @@ class _Layout:
     order: object  # json.loads of the ``fedloom.order`` metadata (None: absent or not JSON)
 
 
-# Checked headers by (header bytes, blob length). A deployed server decodes one update per client
-# per round and a client one broadcast per round, all with the same header: parsing and checking
-# it again cost about a third of a 2NN decode. The check is a pure function of the key, so a hit
-# is exactly what a fresh parse would give. Bounded: cleared when full.
-_LAYOUTS: dict[tuple[bytes, int], _Layout] = {}
-_MAX_LAYOUTS = 64
-
-
 def _layout(view: memoryview) -> _Layout:
-    """The checked header of the safetensors blob ``view`` (cast to bytes), cached.
+    """The checked header of the safetensors blob ``view`` (cast to bytes).
 
     Raises ``ValueError`` naming what is malformed, :class:`_Foreign` for a dtype outside the table.
     """
@@ -155,17 +148,14 @@ def _layout(view: memoryview) -> _Layout:
     n = int.from_bytes(view[:8], "little")
     if n > len(view) - 8:
         raise ValueError(f"header length {n} overruns the {len(view)}-byte blob")
-    text = bytes(view[8 : 8 + n])
-    key = (text, len(view))
-    hit = _LAYOUTS.get(key)
-    if hit is None:
-        hit = _parse_layout(text, len(view))
-        if len(_LAYOUTS) >= _MAX_LAYOUTS:
-            _LAYOUTS.clear()
-        _LAYOUTS[key] = hit
-    return hit
+    return _parse_layout(bytes(view[8 : 8 + n]), len(view))
 
 
+# Cached by (header bytes, blob length). A deployed server decodes one update per client per round
+# and a client one broadcast per round, all with the same header: parsing and checking it again
+# cost about a third of a 2NN decode. The check is a pure function of its arguments, so a hit is
+# exactly what a fresh parse gives (a header that fails is not cached: it raises each time).
+@functools.lru_cache(maxsize=64)
 def _parse_layout(text: bytes, size: int) -> _Layout:
     header = json.loads(text)
     if not isinstance(header, dict):
