@@ -33,7 +33,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from fedloom.config import load_config
-from fedloom.sim.build import build_components, build_data
+from fedloom.sim.build import build_components, materialise_config
 from fedloom.sim.runner import run_simulation
 from fedloom.sim.sampling import cohort_size
 
@@ -68,7 +68,7 @@ def run_one(sets: list[str], data: Any, agg: str, attack: str, fraction: float, 
         extra += [f"attack.kind={attack}", f"attack.fraction={fraction}", f"attack.boost={float(n)}"]
     cfg = load_config(None, [*sets, *extra])
     with tempfile.TemporaryDirectory() as tmp:
-        result = run_simulation(cfg, Path(tmp) / "run", components=build_components(cfg, data=data))
+        result = run_simulation(cfg, Path(tmp) / "run", components=build_components(cfg, materialised=data))
     return float(result.final_metrics.get("test_accuracy", math.nan))
 
 
@@ -102,7 +102,7 @@ def main() -> None:
         f"eval.every={a.rounds}", "eval.target_accuracy=0", f"data.dir={a.data_dir}",
     ]  # fmt: skip
     cfg = load_config(None, sets)
-    data = build_data(cfg)
+    data = materialise_config(cfg)
     n = cohort_size(cfg.data.num_clients, cfg.sampling.fraction, cfg.sampling.min_clients)
     a.out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []

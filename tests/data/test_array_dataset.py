@@ -33,10 +33,54 @@ def test_mismatched_lengths_raise() -> None:
 
 def test_all_type_problems_are_listed() -> None:
     with pytest.raises(DataError) as info:
-        ArrayDataset(torch.zeros(3, 2, dtype=torch.float64), torch.zeros(3, dtype=torch.int32))
+        ArrayDataset([[0.0]], "labels", -1)  # type: ignore[arg-type]
     text = str(info.value)
-    assert "x must be float32" in text
-    assert "y must be int64" in text
+    assert "x must be a torch.Tensor or numpy array, got list" in text
+    assert "y must be a torch.Tensor or numpy array, got str" in text
+    assert "num_classes must be an int >= 0" in text
+
+
+@pytest.mark.parametrize(
+    ("x", "y"),
+    [
+        (torch.zeros(3, 2, dtype=torch.float64), torch.zeros(3, dtype=torch.int32)),  # any dtypes
+        (torch.zeros(3, 5, dtype=torch.int64), torch.zeros(3, 5, dtype=torch.int64)),  # token ids
+        (np.zeros((3, 4), dtype=np.float32), np.zeros(3, dtype=np.float32)),  # regression targets
+        (torch.zeros(3, 4), torch.zeros(3, 6)),  # multi-label indicators
+    ],
+)
+def test_non_label_targets_are_accepted_without_classes(x: object, y: object) -> None:
+    ds = ArrayDataset(x, y)  # type: ignore[arg-type]
+    assert len(ds) == 3
+    assert isinstance(ds.x, torch.Tensor)
+    assert not ds.is_classification
+    assert ds.num_classes == 0
+
+
+def test_num_classes_needs_class_labels() -> None:
+    with pytest.raises(DataError, match="needs int64 class labels of shape"):
+        ArrayDataset(torch.zeros(3, 2), torch.zeros(3), 2)
+
+
+def test_numpy_arrays_are_viewed_not_copied() -> None:
+    x = np.zeros((2, 3), dtype=np.float32)
+    ds = ArrayDataset(x, np.array([0, 1]))
+    x[0, 0] = 7.0
+    assert ds.x[0, 0].item() == 7.0
+    assert ds.num_classes == 2
+
+
+def test_from_examples_stacks_a_map_style_dataset() -> None:
+    pairs = [(torch.tensor([float(i), 1.0]), i % 2) for i in range(5)]
+    ds = ArrayDataset.from_examples(pairs)
+    assert ds.x.shape == (5, 2)
+    assert ds.y.tolist() == [0, 1, 0, 1, 0]
+    assert ds.num_classes == 2
+    custom = ArrayDataset.from_examples(
+        ["ab", "cd"],
+        collate=lambda items: (torch.tensor([[ord(c) for c in s] for s in items]), torch.zeros(2)),
+    )
+    assert custom.x.tolist() == [[97, 98], [99, 100]]
 
 
 def test_labels_outside_num_classes_raise() -> None:

@@ -21,15 +21,19 @@ proven in simulation deploys unchanged. Nothing here knows which runtime calls i
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import torch
 
 from fedloom.core.params import Params
 from fedloom.core.rng import torch_rng
 from fedloom.data.datasets import ArrayDataset
+
+if TYPE_CHECKING:
+    from fedloom.algorithms.local import LocalOptimizer, TrainFn
+    from fedloom.metrics import Metric
 
 __all__ = [
     "Aggregate",
@@ -126,15 +130,37 @@ class ServerContext:
 
 
 class Workspace:
-    """A reusable model instance and loss used for local training and evaluation.
+    """A reusable model instance and the task's client-side training recipe.
 
-    Runtimes build one per worker and reuse it across clients and rounds, loading
-    the broadcast parameters into it; algorithms never keep state in it between calls.
+    Runtimes build one per worker from the task and reuse it across clients and
+    rounds, loading the broadcast parameters into it; algorithms never keep state
+    in it between calls. Besides the module it holds what the task chose:
+    ``loss_fn(outputs, targets) -> scalar`` (cross-entropy by default), the local
+    ``optimizer`` (``None``: fedloom's plain SGD), a user-written ``train_fn``
+    (``None``: fedloom's own loop), the evaluation ``metrics`` (``None``: accuracy)
+    and the ``device``.
     """
 
-    def __init__(self, module: torch.nn.Module, loss_fn: torch.nn.Module | None = None) -> None:
-        self.module = module
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        *,
+        optimizer: LocalOptimizer | None = None,
+        train_fn: TrainFn | None = None,
+        metrics: Mapping[str, Metric] | None = None,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        self.device = torch.device(device)
+        self.module = module.to(self.device)
         self.loss_fn = loss_fn if loss_fn is not None else torch.nn.CrossEntropyLoss()
+        self.optimizer = optimizer
+        self.train_fn = train_fn
+        if metrics is None:
+            from fedloom.metrics import accuracy
+
+            metrics = {"accuracy": accuracy}
+        self.metrics: Mapping[str, Metric] = dict(metrics)
         self.trainable = [name for name, p in module.named_parameters() if p.requires_grad]
 
 

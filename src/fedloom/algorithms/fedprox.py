@@ -43,6 +43,8 @@ __all__ = ["FedProx", "ProximalCorrection"]
 class ProximalCorrection:
     """``g <- g + mu * (w - w_anchor)`` for every trainable tensor (the proximal term's gradient)."""
 
+    name = "FedProx's proximal term"
+
     def __init__(self, mu: float, anchor: list[torch.Tensor]) -> None:
         self.mu = mu
         self.anchor = anchor  # w_t's trainable tensors, in workspace.trainable order
@@ -89,7 +91,8 @@ class FedProx:
     ) -> ClientUpdate:
         correction = None
         if self.mu > 0:
-            correction = ProximalCorrection(self.mu, [broadcast.params[n] for n in workspace.trainable])
+            anchor = [broadcast.params[n].to(workspace.device) for n in workspace.trainable]
+            correction = ProximalCorrection(self.mu, anchor)
         plan, result = train_with_stragglers(
             workspace, broadcast.params, data, self.local, self.stragglers, ctx, correction=correction
         )

@@ -1,33 +1,120 @@
-"""Client-side local training: minibatch SGD from the broadcast parameters.
+"""Client-side local training: the task's optimiser or training function, from the broadcast.
+
+Two levels share one entry point, :func:`local_sgd`:
+
+* **Declarative.** fedloom's own loop draws minibatches from
+  ``ctx.rng("local-shuffle")``, computes the task's loss and steps the task's
+  optimiser (:class:`LocalOptimizer`; plain SGD by default, run by a hand-written
+  foreach update that the vectorised executor reproduces exactly).
+* **A user-written training function** (``Workspace.train_fn``): it receives the
+  module holding the broadcast, the client's data and a :class:`TrainContext`,
+  trains however it likes, and returns its metrics; fedloom computes the update
+  ``trained - start``.
 
 Algorithms that change local training (FedProx's proximal term, SCAFFOLD's
 control-variate correction) pass a :class:`GradCorrection` that adjusts the
-gradients in place before each step; the loop itself is shared.
+gradients in place before each optimiser step. The declarative loop calls it
+directly; for a training function it runs as a step pre-hook of every optimiser
+created with :meth:`TrainContext.optimizer` (or registered with
+:meth:`TrainContext.attach`), which also counts the local steps that FedNova and
+SCAFFOLD need. A training function whose algorithm needs that hook but whose
+optimiser was never attached is refused with a message saying so.
+
+Optimiser state (momentum buffers, Adam's moments) starts fresh at every round:
+the broadcast model is a new starting point, and a client's previous moments
+describe a model that no longer exists. The learning-rate schedule, if any, runs
+over one round's local steps.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Protocol
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 
 from fedloom.algorithms.api import ClientContext, Workspace
-from fedloom.core.errors import TrainingError
+from fedloom.core.errors import FedloomError, TaskError, TrainingError
 from fedloom.core.params import Params
 from fedloom.data.datasets import ArrayDataset
 
-__all__ = ["GradCorrection", "LocalResult", "LocalSGD", "load_params", "local_sgd"]
+__all__ = [
+    "GradCorrection",
+    "LocalOptimizer",
+    "LocalResult",
+    "LocalSGD",
+    "TrainContext",
+    "TrainFn",
+    "load_params",
+    "local_sgd",
+]
+
+# torch.optim.SGD's keyword arguments that leave it plain ``w <- w - lr * g``.
+_PLAIN_SGD_DEFAULTS: Mapping[str, object] = {
+    "momentum": 0,
+    "dampening": 0,
+    "weight_decay": 0,
+    "nesterov": False,
+    "maximize": False,
+}
+Schedule = Callable[[torch.optim.Optimizer, int], Any]
+
+
+@dataclass(frozen=True)
+class LocalOptimizer:
+    """The client's local optimiser: any ``torch.optim`` class with its keyword arguments.
+
+    ``factory(params, lr=client.lr, **kwargs)`` builds it for each client and
+    round; the learning rate always comes from the local schedule's ``lr``
+    (``client.lr`` in an experiment file), so it has one source. ``schedule``,
+    if given, is called as ``schedule(optimizer, total_steps)`` and must return an
+    object with ``step()`` (any ``torch.optim.lr_scheduler``), stepped after
+    every local step of the round.
+    """
+
+    factory: Callable[..., torch.optim.Optimizer] = torch.optim.SGD
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    schedule: Schedule | None = None
+
+    def __post_init__(self) -> None:
+        if not callable(self.factory):
+            raise TypeError(f"LocalOptimizer.factory must be callable, got {self.factory!r}")
+        if "lr" in self.kwargs:
+            raise ValueError(
+                "LocalOptimizer.kwargs must not set 'lr': the learning rate is the local schedule's "
+                "(client.lr in the experiment file)"
+            )
+
+    @property
+    def name(self) -> str:
+        return getattr(self.factory, "__name__", repr(self.factory))
+
+    def is_plain_sgd(self) -> bool:
+        """True when this is ``w <- w - lr * g`` (SGD without momentum, decay or schedule)."""
+        if self.factory is not torch.optim.SGD or self.schedule is not None:
+            return False
+        extra = set(self.kwargs) - set(_PLAIN_SGD_DEFAULTS) - {"foreach", "differentiable", "fused"}
+        return not extra and all(self.kwargs.get(k, d) == d for k, d in _PLAIN_SGD_DEFAULTS.items())
+
+    def build(self, params: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
+        try:
+            return self.factory(params, lr=lr, **dict(self.kwargs))
+        except (TypeError, ValueError) as exc:
+            raise TrainingError(
+                f"local optimiser {self.name}(lr={lr}, {dict(self.kwargs)}) was rejected: {exc}"
+            ) from exc
 
 
 @dataclass(frozen=True)
 class LocalSGD:
-    """Local training hyper-parameters.
+    """Local training schedule.
 
     ``epochs`` passes over the local data in minibatches of ``batch_size`` (the
     last batch may be smaller), unless ``steps > 0``, in which case exactly
-    ``steps`` minibatch steps are taken, reshuffling at each pass.
+    ``steps`` minibatch steps are taken, reshuffling at each pass. ``lr`` is the
+    local optimiser's learning rate.
     """
 
     lr: float = 0.05
@@ -36,29 +123,46 @@ class LocalSGD:
     steps: int = 0
 
     def num_steps(self, num_examples: int) -> int:
-        """Number of SGD steps for a client with ``num_examples`` examples."""
+        """Number of local steps for a client with ``num_examples`` examples."""
         if self.steps > 0:
             return self.steps
         return self.epochs * math.ceil(num_examples / self.batch_size)
 
 
 class GradCorrection(Protocol):
-    """Adds an algorithm's term to the gradients, in place, before each SGD step.
+    """Adds an algorithm's term to the gradients, in place, before each optimiser step.
 
     ``params`` and ``grads`` are the workspace's trainable tensors in
-    ``named_parameters`` order.
+    ``named_parameters`` order. ``name`` says which algorithm needs it (for errors).
     """
+
+    name: str
 
     def __call__(self, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None: ...
 
 
 @dataclass(frozen=True)
 class LocalResult:
-    """``delta`` is ``trained - start``."""
+    """``delta`` is ``trained - start``; ``metrics`` are what training reported (``train_loss``...)."""
 
     delta: Params
     num_steps: int
     mean_loss: float
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+
+class TrainFn(Protocol):
+    """A user-written training function: ``train(model, data, ctx) -> metrics or None``.
+
+    ``model`` holds the broadcast parameters on ``ctx.device`` in train mode;
+    the function trains it in place. Returned metrics (floats) are reported with
+    the update; a ``train_loss`` entry is averaged across clients like the
+    declarative loop's.
+    """
+
+    def __call__(
+        self, model: torch.nn.Module, data: ArrayDataset, ctx: TrainContext
+    ) -> Mapping[str, float] | None: ...
 
 
 def load_params(workspace: Workspace, params: Params) -> None:
@@ -66,6 +170,104 @@ def load_params(workspace: Workspace, params: Params) -> None:
     with torch.no_grad():
         for name, tensor in workspace.module.state_dict(keep_vars=True).items():
             tensor.copy_(params[name])
+
+
+def _order(n: int, batch_size: int, total_steps: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
+    """The minibatch row numbers of ``total_steps`` steps: reshuffled passes over ``n`` rows."""
+    step = 0
+    while step < total_steps:
+        order = torch.randperm(n, generator=gen)
+        for begin in range(0, n, batch_size):
+            if step >= total_steps:
+                return
+            yield order[begin : begin + batch_size]
+            step += 1
+
+
+class TrainContext:
+    """What a user-written training function receives besides the model and its data.
+
+    Attributes: ``round``, ``client_id``, ``seed``; the local schedule ``lr``,
+    ``epochs``, ``batch_size`` and ``max_steps`` (the steps this client should
+    take this round, already cut short for a simulated straggler); ``device``;
+    ``loss_fn`` (the task's loss); ``global_params`` (the broadcast, read-only);
+    ``num_steps`` (optimiser steps counted so far by attached optimisers).
+    """
+
+    def __init__(
+        self,
+        workspace: Workspace,
+        start: Params,
+        data: ArrayDataset,
+        cfg: LocalSGD,
+        ctx: ClientContext,
+        correction: GradCorrection | None,
+        max_steps: int,
+    ) -> None:
+        self.round, self.client_id, self.seed = ctx.round, ctx.client_id, ctx.seed
+        self.lr, self.epochs, self.batch_size = cfg.lr, cfg.epochs, cfg.batch_size
+        self.max_steps = max_steps
+        self.device = workspace.device
+        self.loss_fn = workspace.loss_fn
+        self.global_params = start
+        self.num_steps = 0
+        self._ctx, self._data, self._workspace = ctx, data, workspace
+        self._correction = correction
+        self._handles: list[Any] = []
+        named = dict(workspace.module.named_parameters())
+        self._params = [named[name] for name in workspace.trainable]
+
+    def rng(self, purpose: str) -> torch.Generator:
+        """A generator derived from (seed, round, client, purpose): use it for any random draw."""
+        return self._ctx.rng(purpose)
+
+    def batches(self, batch_size: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``max_steps`` minibatches ``(x, y)`` on ``device``, in the declarative loop's order."""
+        bs = batch_size if batch_size is not None else self.batch_size
+        data = self._data
+        for idx in _order(len(data), bs, self.max_steps, self._ctx.rng("local-shuffle")):
+            yield data.x[idx].to(self.device), data.y[idx].to(self.device)
+
+    def optimizer(self, params: Any = None) -> torch.optim.Optimizer:
+        """The task's local optimiser (plain SGD by default) over ``params``, attached.
+
+        ``params`` defaults to the model's trainable parameters.
+        """
+        spec = self._workspace.optimizer or LocalOptimizer()
+        opt = spec.build(list(params) if params is not None else list(self._params), self.lr)
+        return self.attach(opt)
+
+    def schedule(self, optimizer: torch.optim.Optimizer) -> Any:
+        """The task's learning-rate schedule over this round's ``max_steps``, or ``None``."""
+        spec = self._workspace.optimizer
+        if spec is None or spec.schedule is None:
+            return None
+        return spec.schedule(optimizer, self.max_steps)
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        """Apply the algorithm's gradient correction before each ``optimizer.step()``, and count steps.
+
+        Call it on an optimiser you built yourself (for example one a trainer
+        library made); :meth:`optimizer` calls it for you.
+        """
+        self._handles.append(optimizer.register_step_pre_hook(self._before_step))
+        return optimizer
+
+    def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self.num_steps += 1
+        if self._correction is None:
+            return
+        with torch.no_grad():
+            for p in self._params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            grads = [p.grad for p in self._params if p.grad is not None]
+            self._correction([p.detach() for p in self._params], grads)
+
+    def _close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
 
 
 def local_sgd(
@@ -78,50 +280,167 @@ def local_sgd(
     correction: GradCorrection | None = None,
     max_steps: int | None = None,
 ) -> LocalResult:
-    """Run local SGD from ``start`` on ``data``; return the change ``trained - start``.
+    """Train from ``start`` on ``data`` with the task's loop; return the change ``trained - start``.
 
     Minibatch order is drawn from ``ctx.rng("local-shuffle")``, so the result
     depends only on (seed, round, client). ``max_steps`` truncates the work
     (a straggler that finishes early). Raises :class:`TrainingError` if the loss
-    becomes NaN or infinite.
+    becomes NaN or infinite, or if a training function cannot serve the algorithm.
     """
     n = len(data)
     if n == 0:
         raise TrainingError(f"client {ctx.client_id} has no training examples")
-    module = workspace.module
     load_params(workspace, start)
-    module.train()
-    named = dict(module.named_parameters())
-    params: list[torch.Tensor] = [named[name] for name in workspace.trainable]
+    workspace.module.train()
     total_steps = cfg.num_steps(n)
     if max_steps is not None:
         total_steps = min(total_steps, max_steps)
-    gen = ctx.rng("local-shuffle")
-    loss_sum = torch.zeros((), dtype=torch.float64)
-    step = 0
-    while step < total_steps:
-        order = torch.randperm(n, generator=gen)
-        for begin in range(0, n, cfg.batch_size):
-            if step >= total_steps:
-                break
-            idx = order[begin : begin + cfg.batch_size]
-            xb, yb = data.x[idx], data.y[idx]
-            for p in params:
-                p.grad = None
-            loss = workspace.loss_fn(module(xb), yb)
-            loss.backward()
-            with torch.no_grad():
-                grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-                if correction is not None:
-                    correction([p.detach() for p in params], grads)
-                torch._foreach_add_(params, grads, alpha=-cfg.lr)
-            loss_sum += loss.detach()
-            step += 1
+    if workspace.train_fn is not None:
+        return _custom(workspace, start, data, cfg, ctx, correction, total_steps)
+    spec = workspace.optimizer
+    if spec is None or spec.is_plain_sgd():
+        step, loss_sum = _plain_sgd(workspace, data, cfg, ctx, correction, total_steps)
+    else:
+        step, loss_sum = _with_optimizer(workspace, spec, data, cfg, ctx, correction, total_steps)
     mean_loss = float(loss_sum) / max(step, 1)
     if not math.isfinite(mean_loss):
         raise TrainingError(
             f"round {ctx.round}, client {ctx.client_id}: training loss became {mean_loss} "
             f"(learning rate {cfg.lr} may be too high)"
         )
-    delta = Params({k: v.detach() - start[k] for k, v in module.state_dict().items()})
-    return LocalResult(delta=delta, num_steps=step, mean_loss=mean_loss)
+    return LocalResult(delta=_delta(workspace, start), num_steps=step, mean_loss=mean_loss)
+
+
+def _delta(workspace: Workspace, start: Params) -> Params:
+    return Params(
+        {k: v.detach().to(start[k].device) - start[k] for k, v in workspace.module.state_dict().items()}
+    )
+
+
+def _batch_loss(
+    workspace: Workspace, data: ArrayDataset, idx: torch.Tensor, ctx: ClientContext
+) -> torch.Tensor:
+    dev = workspace.device
+    xb, yb = data.x[idx].to(dev), data.y[idx].to(dev)
+    loss = workspace.loss_fn(workspace.module(xb), yb)
+    if loss.ndim != 0:
+        raise TrainingError(
+            f"round {ctx.round}, client {ctx.client_id}: the task's loss returned a tensor of shape "
+            f"{tuple(loss.shape)}; it must return a scalar (reduce it, e.g. with .mean())"
+        )
+    return loss
+
+
+def _plain_sgd(
+    workspace: Workspace,
+    data: ArrayDataset,
+    cfg: LocalSGD,
+    ctx: ClientContext,
+    correction: GradCorrection | None,
+    total_steps: int,
+) -> tuple[int, torch.Tensor]:
+    """``w <- w - lr * (g + correction)`` by foreach ops (the form the vectorised executor batches)."""
+    named = dict(workspace.module.named_parameters())
+    params: list[torch.Tensor] = [named[name] for name in workspace.trainable]
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    step = 0
+    for idx in _order(len(data), cfg.batch_size, total_steps, ctx.rng("local-shuffle")):
+        for p in params:
+            p.grad = None
+        loss = _batch_loss(workspace, data, idx, ctx)
+        loss.backward()  # type: ignore[no-untyped-call]
+        with torch.no_grad():
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            if correction is not None:
+                correction([p.detach() for p in params], grads)
+            torch._foreach_add_(params, grads, alpha=-cfg.lr)
+        loss_sum += loss.detach().to("cpu", torch.float64)
+        step += 1
+    return step, loss_sum
+
+
+def _with_optimizer(
+    workspace: Workspace,
+    spec: LocalOptimizer,
+    data: ArrayDataset,
+    cfg: LocalSGD,
+    ctx: ClientContext,
+    correction: GradCorrection | None,
+    total_steps: int,
+) -> tuple[int, torch.Tensor]:
+    """The task's ``torch.optim`` optimiser (and schedule), fresh for this round."""
+    named = dict(workspace.module.named_parameters())
+    params: list[torch.Tensor] = [named[name] for name in workspace.trainable]
+    opt = spec.build(params, cfg.lr)
+    sched = spec.schedule(opt, total_steps) if spec.schedule is not None else None
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    step = 0
+    for idx in _order(len(data), cfg.batch_size, total_steps, ctx.rng("local-shuffle")):
+        for p in params:
+            p.grad = None
+        loss = _batch_loss(workspace, data, idx, ctx)
+        loss.backward()  # type: ignore[no-untyped-call]
+        with torch.no_grad():
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            if correction is not None:
+                correction([p.detach() for p in params], [p.grad for p in params if p.grad is not None])
+        opt.step()
+        if sched is not None:
+            sched.step()
+        loss_sum += loss.detach().to("cpu", torch.float64)
+        step += 1
+    return step, loss_sum
+
+
+def _custom(
+    workspace: Workspace,
+    start: Params,
+    data: ArrayDataset,
+    cfg: LocalSGD,
+    ctx: ClientContext,
+    correction: GradCorrection | None,
+    total_steps: int,
+) -> LocalResult:
+    """Run the task's training function and check that it served the algorithm."""
+    fn = workspace.train_fn
+    if fn is None:  # local_sgd dispatches here only with a training function
+        raise TrainingError("no training function to run")
+    tctx = TrainContext(workspace, start, data, cfg, ctx, correction, total_steps)
+    where = f"round {ctx.round}, client {ctx.client_id}"
+    try:
+        reported = fn(workspace.module, data, tctx)
+    except FedloomError:
+        raise
+    except Exception as exc:
+        # The user's code failed on this client: that client's failure, not the run's.
+        raise TaskError(f"{where}: the training function raised {type(exc).__name__}: {exc}") from exc
+    finally:
+        tctx._close()
+    if correction is not None and tctx.num_steps == 0:
+        raise TrainingError(
+            f"{where}: {correction.name} corrects every local gradient step, but the training function "
+            "took no step through an attached optimiser; build it with ctx.optimizer(...) or register "
+            "yours with ctx.attach(optimizer)"
+        )
+    if tctx.num_steps > total_steps:
+        raise TrainingError(
+            f"{where}: the training function took {tctx.num_steps} optimiser steps but this client was "
+            f"allotted {total_steps} (ctx.max_steps); loop over ctx.batches() or stop at ctx.max_steps"
+        )
+    metrics: dict[str, float] = {}
+    for key, value in dict(reported or {}).items():
+        try:
+            metrics[str(key)] = float(value)
+        except (TypeError, ValueError) as exc:
+            raise TrainingError(
+                f"{where}: the training function reported metric {key!r} = {value!r}, not a number"
+            ) from exc
+    mean_loss = metrics.get("train_loss", math.nan)
+    if "train_loss" in metrics and not math.isfinite(mean_loss):
+        raise TrainingError(f"{where}: training loss became {mean_loss}")
+    delta = _delta(workspace, start)
+    if not delta.all_finite():
+        raise TrainingError(f"{where}: the trained model is not finite (NaN/inf)")
+    return LocalResult(delta=delta, num_steps=tctx.num_steps, mean_loss=mean_loss, metrics=metrics)

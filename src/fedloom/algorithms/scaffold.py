@@ -61,6 +61,8 @@ CONTROL_DELTA = "control_delta"
 class _ControlCorrection:
     """``g <- g + (c - c_i)``; ``diff`` holds ``c - c_i`` in ``workspace.trainable`` order."""
 
+    name = "SCAFFOLD's control-variate correction"
+
     def __init__(self, diff: list[torch.Tensor]) -> None:
         self.diff = diff
 
@@ -85,11 +87,14 @@ def full_gradient(workspace: Workspace, at: Params, data: ArrayDataset, batch_si
     for p in params:
         p.grad = None
     for begin in range(0, n, batch_size):
-        xb, yb = data.x[begin : begin + batch_size], data.y[begin : begin + batch_size]
+        xb = data.x[begin : begin + batch_size].to(workspace.device)
+        yb = data.y[begin : begin + batch_size].to(workspace.device)
         loss = workspace.loss_fn(module(xb), yb) * (len(yb) / n)
         loss.backward()
     grads = {
-        name: p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
+        name: p.grad.detach().to("cpu", copy=True)
+        if p.grad is not None
+        else torch.zeros_like(p, device="cpu")
         for name, p in zip(workspace.trainable, params, strict=True)
     }
     for p in params:
@@ -138,7 +143,7 @@ class Scaffold:
         x, c = broadcast.params, broadcast.extras[CONTROL]
         c_i = client_state.values[CONTROL] if client_state is not None else x.zeros_like()
         diff = c - c_i
-        correction = _ControlCorrection([diff[n] for n in workspace.trainable])
+        correction = _ControlCorrection([diff[n].to(workspace.device) for n in workspace.trainable])
         plan, result = train_with_stragglers(
             workspace, x, data, self.local, self.stragglers, ctx, correction=correction
         )

@@ -26,6 +26,7 @@ stays where it is) rather than an error that stops the run.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -119,8 +120,10 @@ def train_with_stragglers(
 
 
 def straggler_metrics(plan: StragglerPlan, result: LocalResult) -> dict[str, float]:
-    """``train_loss``, plus ``straggler = 1`` for a straggler whose partial work is kept."""
-    metrics = {"train_loss": result.mean_loss}
+    """What training reported (``train_loss``...), plus ``straggler = 1`` for kept partial work."""
+    metrics = dict(result.metrics)
+    if math.isfinite(result.mean_loss):
+        metrics["train_loss"] = result.mean_loss
     if plan.straggler:
         metrics[STRAGGLER] = 1.0
     return metrics

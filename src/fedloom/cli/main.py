@@ -15,7 +15,7 @@ from rich.console import Console
 
 from fedloom.config.loader import config_reference_markdown, default_config_toml, load_config, parse_config
 from fedloom.config.schema import ExperimentConfig
-from fedloom.core.errors import FedloomError, RunStateError
+from fedloom.core.errors import DataError, FedloomError, RunStateError
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="fedloom: federated learning, simulated and deployed."
@@ -49,6 +49,11 @@ def _fail(exc: FedloomError) -> typer.Exit:
     return typer.Exit(code=2)
 
 
+def _search_dirs(config: Path | None) -> list[Path]:
+    """Where a task's module is looked for besides the Python path: the experiment file's folder."""
+    return [config.resolve().parent] if config is not None else []
+
+
 def _new_run_dir(cfg: ExperimentConfig) -> Path:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     base = Path(cfg.out_dir) / f"{stamp}-{cfg.algorithm.name}-{cfg.model.name.replace(':', '.')}"
@@ -67,6 +72,9 @@ def simulate(
         Path | None, typer.Option("--resume", help="Continue the run in this directory.")
     ] = None,
     report: Annotated[bool, typer.Option(help="Write plots and summary.md when the run ends.")] = True,
+    device: Annotated[
+        str | None, typer.Option("--device", help="Train and evaluate on this device (cpu, cuda, cuda:1).")
+    ] = None,
 ) -> None:
     """Run a federated simulation (the embedded MNIST default when no config is given)."""
     from fedloom.cli.progress import ConsoleListener
@@ -83,12 +91,14 @@ def simulate(
             cfg = parse_config(tomllib.loads(cfg_path.read_text(encoding="utf-8")))
             run_dir = resume
         else:
-            cfg = load_config(config, set_ or [])
+            overrides = [*(set_ or []), *([f"device={device!r}"] if device else [])]
+            cfg = load_config(config, overrides)
             run_dir = out if out is not None else _new_run_dir(cfg)
         _show_logs(console)
         listener = ConsoleListener(console)
+        search = [*_search_dirs(config), Path.cwd()]
         try:
-            result = run_simulation(cfg, run_dir, resume=resume is not None, listener=listener)
+            result = run_simulation(cfg, run_dir, resume=resume is not None, listener=listener, search=search)
         finally:
             listener.close()
         m = result.final_metrics
@@ -127,14 +137,20 @@ def report_cmd(
 def partition(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Print per-client statistics of the configured partition."""
     from fedloom.data.stats import partition_stats, render_partition_stats
-    from fedloom.sim.build import build_data
+    from fedloom.sim.build import materialise_config
 
     try:
         cfg = load_config(config, set_ or [])
-        train, _, source = build_data(cfg)
+        m = materialise_config(cfg, search=_search_dirs(config))
+        train = m.train
         console = _console()
-        console.print(f"data: {source}; partition: {cfg.data.partition}; clients: {train.num_clients}")
-        num_classes = 10
+        console.print(f"data: {m.source}; partition: {cfg.data.partition}; clients: {train.num_clients}")
+        num_classes = max(
+            (train.client_data(c).num_classes for c in range(train.num_clients) if train.client_size(c) > 0),
+            default=0,
+        )
+        if num_classes == 0:
+            raise DataError(f"the task's targets are not class labels; {m.source} has no label statistics")
         render_partition_stats(partition_stats(train, num_classes), console)
     except FedloomError as exc:
         raise _fail(exc) from None

@@ -19,11 +19,15 @@ def _loss(metrics: Mapping[str, Any]) -> str:
     return "-" if loss is None else f"{loss:.4f}"  # None: nobody trained (an empty Poisson cohort)
 
 
+_DISTRIBUTION = ("_min", "_p10", "_median", "_max")
+
+
 def _fmt(metrics: Mapping[str, Any]) -> str:
     parts = [f"round {metrics['round']}", f"train_loss {_loss(metrics)}"]
-    if "test_accuracy" in metrics:
-        parts.append(f"test_acc {metrics['test_accuracy']:.4f}")
-        parts.append(f"test_loss {metrics['test_loss']:.4f}")
+    for key, value in metrics.items():
+        shown = key.startswith("test_") or (key.startswith("site_") and not key.endswith(_DISTRIBUTION))
+        if shown and isinstance(value, float):
+            parts.append(f"{key.replace('accuracy', 'acc')} {value:.4f}")
     parts.append(f"clients {metrics['num_clients']}")
     parts.append(f"{metrics['seconds']:.2f}s")
     return "  ".join(parts)

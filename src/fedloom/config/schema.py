@@ -323,6 +323,20 @@ class ExperimentConfig(_Section):
         "at most 16 on CPU).",
     )
     out_dir: str = Field("runs", description="Parent directory of new run directories.")
+    device: str = Field(
+        "",
+        description="Device for local training and evaluation ('cpu', 'cuda', 'cuda:1'); empty = the "
+        "task's own device (CPU for the built-in tasks).",
+    )
+    task: str = Field(
+        "",
+        description="The task: an import path 'package.module:factory' returning a fedloom Task (a module "
+        "next to the experiment file is found without PYTHONPATH); empty = the built-in task described "
+        "by [data] and [model] (MNIST or Synthetic).",
+    )
+    task_args: dict[str, Any] = Field(
+        default_factory=dict, description="Keyword arguments for the task factory named by `task`."
+    )
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     client: ClientConfig = Field(default_factory=ClientConfig)
@@ -341,6 +355,10 @@ class ExperimentConfig(_Section):
     @model_validator(mode="after")
     def _cross_checks(self) -> ExperimentConfig:
         problems: list[str] = []
+        if self.task and (":" not in self.task or self.task.startswith(":") or self.task.endswith(":")):
+            problems.append(f"task = {self.task!r}: expected an import path 'package.module:factory'")
+        if self.task_args and not self.task:
+            problems.append("task_args are set but no task names a factory to receive them")
         if self.robust.aggregator != "mean" and self.algorithm.name not in ("fedavg", "fedprox"):
             problems.append(
                 f"robust.aggregator = {self.robust.aggregator!r} works with algorithm.name 'fedavg' or "

@@ -7,6 +7,7 @@ Every error fedloom raises on purpose derives from :class:`FedloomError`::
     ├── DataError            data is missing, corrupt, or cannot be partitioned as asked
     │   └── ChecksumError    a data file's digest differs from the known one
     ├── UpdateError          a client update is malformed (names, shapes, NaN/inf, norm)
+    ├── TaskError            a user's task cannot be loaded or fails (factory, model, data, loss, metric)
     ├── TrainingError        training diverged (NaN/inf loss) or cannot go on
     ├── RunStateError        a run directory or its state database is unusable
     ├── ExecutorError        a simulation worker process or Ray actor died or failed
@@ -28,6 +29,7 @@ __all__ = [
     "ExecutorError",
     "FedloomError",
     "RunStateError",
+    "TaskError",
     "TrainingError",
     "UpdateError",
 ]
@@ -59,6 +61,10 @@ class ChecksumError(DataError):
 
 class UpdateError(FedloomError):
     """A client update is malformed: wrong names/shapes/dtypes, NaN/inf or too large."""
+
+
+class TaskError(FedloomError):
+    """A task cannot be loaded or does not work: its import path, factory, model, data, loss or metrics."""
 
 
 class TrainingError(FedloomError):

@@ -1,15 +1,20 @@
-"""In-memory labelled datasets.
+"""In-memory datasets.
 
 :class:`ArrayDataset` is the one concrete dataset type of fedloom's data layer:
-a pair of tensors ``x`` (features, float32, shape ``(N, ...)``) and ``y``
-(class labels, int64, shape ``(N,)``), plus the number of classes of the task
-it belongs to. A subset keeps that number, so a client holding only labels
-``{3, 7}`` still reports ``num_classes == 10`` for MNIST.
+a pair of tensors ``x`` (inputs) and ``y`` (targets) with a shared first axis.
+Any dtypes and trailing shapes are allowed -- float features, integer token
+ids, float regression targets, multi-label 0/1 matrices. When ``y`` holds
+class labels (an int64 vector) the dataset also knows the number of classes of
+the task it belongs to; a subset keeps that number, so a client holding only
+labels ``{3, 7}`` still reports ``num_classes == 10`` for MNIST. Partitioners
+that split by label need such labels; everything else works on any targets.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,20 +24,32 @@ from fedloom.core.errors import DataError
 __all__ = ["ArrayDataset"]
 
 
+def _as_tensor(value: Any, name: str, problems: list[str]) -> torch.Tensor | None:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value)
+    problems.append(f"{name} must be a torch.Tensor or numpy array, got {type(value).__name__}")
+    return None
+
+
 @dataclass(frozen=True)
 class ArrayDataset:
-    """Features and labels held as two tensors with a shared first axis.
+    """Inputs and targets held as two tensors with a shared first axis.
 
     Attributes:
-        x: float32 tensor of shape ``(N, ...)``, one row per example.
-        y: int64 tensor of shape ``(N,)`` with labels in ``[0, num_classes)``.
-        num_classes: number of classes of the task. ``0`` (the default) means
-            "infer it as ``max(y) + 1``" (``0`` for an empty dataset); after
-            construction the field always holds the resolved value.
+        x: tensor of shape ``(N, ...)``, one row per example, any dtype (numpy
+            arrays are viewed as tensors without a copy).
+        y: tensor of shape ``(N, ...)``, any dtype: int64 ``(N,)`` class labels,
+            float ``(N,)`` or ``(N, k)`` regression targets, ``(N, k)`` multi-label
+            indicators, ``(N, T)`` next-token ids.
+        num_classes: for class labels (int64 ``(N,)``), the number of classes of
+            the task; ``0`` (the default) infers ``max(y) + 1``. For other targets
+            it must be ``0`` and stays ``0``.
 
     Raises:
         DataError: at construction, listing every problem found (wrong types,
-            dtypes, mismatched lengths, labels out of range).
+            mismatched lengths, labels out of range).
 
     The tensors are not copied: the dataset is a view of the caller's data and
     must not be mutated through ``x`` or ``y``.
@@ -44,26 +61,31 @@ class ArrayDataset:
 
     def __post_init__(self) -> None:
         problems: list[str] = []
-        if not isinstance(self.x, torch.Tensor):
-            problems.append(f"x must be a torch.Tensor, got {type(self.x).__name__}")
-        elif self.x.dtype != torch.float32 or self.x.ndim < 1:
-            problems.append(
-                f"x must be float32 with shape (N, ...), got {self.x.dtype} {tuple(self.x.shape)}"
-            )
-        if not isinstance(self.y, torch.Tensor):
-            problems.append(f"y must be a torch.Tensor, got {type(self.y).__name__}")
-        elif self.y.dtype != torch.int64 or self.y.ndim != 1:
-            problems.append(f"y must be int64 with shape (N,), got {self.y.dtype} {tuple(self.y.shape)}")
+        x = _as_tensor(self.x, "x", problems)
+        y = _as_tensor(self.y, "y", problems)
+        if x is not None and x.ndim < 1:
+            problems.append(f"x must have shape (N, ...), got a scalar of dtype {x.dtype}")
+        if y is not None and y.ndim < 1:
+            problems.append(f"y must have shape (N, ...), got a scalar of dtype {y.dtype}")
         if not isinstance(self.num_classes, int) or self.num_classes < 0:
             problems.append(f"num_classes must be an int >= 0 (0 = infer), got {self.num_classes!r}")
-        if problems:
+        if problems or x is None or y is None:
             raise DataError("invalid ArrayDataset:\n" + "\n".join(f"  - {p}" for p in problems))
-        n_x, n_y = self.x.shape[0], self.y.shape[0]
+        object.__setattr__(self, "x", x)
+        object.__setattr__(self, "y", y)
+        n_x, n_y = x.shape[0], y.shape[0]
         if n_x != n_y:
             raise DataError(f"invalid ArrayDataset: x has {n_x} rows but y has {n_y}; they must be equal")
+        if not self.is_classification:
+            if self.num_classes != 0:
+                raise DataError(
+                    f"invalid ArrayDataset: num_classes = {self.num_classes} needs int64 class labels of "
+                    f"shape (N,), but y is {y.dtype} {tuple(y.shape)}"
+                )
+            return
         if n_y == 0:
             return
-        lo, hi = int(self.y.min()), int(self.y.max())
+        lo, hi = int(y.min()), int(y.max())
         if self.num_classes == 0:
             object.__setattr__(self, "num_classes", hi + 1)
         if lo < 0 or hi >= self.num_classes:
@@ -71,6 +93,40 @@ class ArrayDataset:
                 f"invalid ArrayDataset: labels span [{lo}, {hi}] but must lie in [0, {self.num_classes}); "
                 "pass the task's num_classes or fix the labels"
             )
+
+    @property
+    def is_classification(self) -> bool:
+        """True when ``y`` holds class labels: an int64 vector."""
+        return self.y.dtype == torch.int64 and self.y.ndim == 1
+
+    @classmethod
+    def from_examples(
+        cls,
+        examples: Sequence[Any],
+        *,
+        collate: Callable[[list[Any]], tuple[Any, Any]] | None = None,
+        num_classes: int = 0,
+    ) -> ArrayDataset:
+        """Materialise a map-style dataset (a torch ``Dataset``, a list of ``(x, y)`` pairs).
+
+        ``collate`` turns the list of all examples into ``(x, y)`` batch tensors;
+        the default stacks the examples' inputs and targets with
+        ``torch.utils.data.default_collate``.
+        """
+        items = [examples[i] for i in range(len(examples))]
+        if collate is None:
+            from torch.utils.data import default_collate
+
+            try:
+                batch = default_collate(items)
+            except (TypeError, RuntimeError) as exc:
+                raise DataError(f"cannot stack the examples into tensors ({exc}); pass collate=") from exc
+        else:
+            batch = collate(items)
+        if not isinstance(batch, tuple | list) or len(batch) != 2:
+            raise DataError(f"collate must return (x, y), got {type(batch).__name__}")
+        x, y = batch
+        return cls(torch.as_tensor(x), torch.as_tensor(y), num_classes)
 
     def __len__(self) -> int:
         return int(self.y.shape[0])

@@ -22,7 +22,7 @@ import numpy as np
 from fedloom.core.errors import DataError
 from fedloom.data.datasets import ArrayDataset
 
-__all__ = ["FederatedDataset", "PartitionedDataset", "check_client_id"]
+__all__ = ["FederatedDataset", "NaturalDataset", "PartitionedDataset", "check_client_id"]
 
 
 @runtime_checkable
@@ -154,3 +154,43 @@ class PartitionedDataset:
         for cid, idx in enumerate(self._indices):
             out[cid] = np.bincount(labels[idx], minlength=k)
         return out
+
+
+class NaturalDataset:
+    """Clients that come with their own data (a hospital, a writer, a device).
+
+    Args:
+        clients: one :class:`~fedloom.data.datasets.ArrayDataset` per client, in
+            client-id order. They are held, not copied.
+        names: optional client names (e.g. the hospitals'), one per client.
+
+    Raises:
+        DataError: if there are no clients, a client is not an ArrayDataset, or
+            the names do not match the clients one to one.
+    """
+
+    def __init__(self, clients: Sequence[ArrayDataset], names: Sequence[str] | None = None) -> None:
+        if len(clients) == 0:
+            raise DataError("a NaturalDataset needs at least one client")
+        bad = [i for i, c in enumerate(clients) if not isinstance(c, ArrayDataset)]
+        if bad:
+            raise DataError(f"clients {bad} are not ArrayDataset (got {type(clients[bad[0]]).__name__})")
+        if names is not None and len(names) != len(clients):
+            raise DataError(f"{len(names)} names for {len(clients)} clients; give one name per client")
+        self._clients = tuple(clients)
+        self.names = tuple(names) if names is not None else tuple(str(i) for i in range(len(clients)))
+        self._sizes = np.array([len(c) for c in clients], dtype=np.int64)
+        self._sizes.flags.writeable = False
+
+    @property
+    def num_clients(self) -> int:
+        return len(self._clients)
+
+    def client_size(self, cid: int) -> int:
+        return int(self._sizes[check_client_id(cid, self.num_clients)])
+
+    def client_sizes(self) -> np.ndarray:
+        return self._sizes.copy()
+
+    def client_data(self, cid: int) -> ArrayDataset:
+        return self._clients[check_client_id(cid, self.num_clients)]

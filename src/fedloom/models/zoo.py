@@ -21,7 +21,7 @@ from torch import nn
 from fedloom.core.errors import ConfigError
 from fedloom.core.rng import derive_seed
 
-__all__ = ["CNN", "MLP2NN", "LogisticRegression", "build_model", "register_model"]
+__all__ = ["CNN", "MLP2NN", "LogisticRegression", "build_model", "instantiate_model", "register_model"]
 
 
 class MLP2NN(nn.Module):
@@ -107,21 +107,26 @@ def _resolve(name: str) -> ModelFactory:
     return factory  # type: ignore[no-any-return]
 
 
+def instantiate_model(name: str, kwargs: Mapping[str, Any]) -> nn.Module:
+    """Build model ``name`` (a registered name or ``package.module:Class``) with ``kwargs``, unseeded."""
+    factory = _resolve(name)
+    try:
+        module = factory(**dict(kwargs))
+    except TypeError as exc:
+        raise ConfigError([f"model.kwargs = {dict(kwargs)!r}: rejected by {name!r} ({exc})"]) from exc
+    if not isinstance(module, nn.Module):
+        raise ConfigError(
+            [f"model.name = {name!r}: factory returned {type(module).__name__}, not torch.nn.Module"]
+        )
+    return module
+
+
 def build_model(name: str, kwargs: Mapping[str, Any], *, seed: int) -> nn.Module:
     """Build a model with initial weights determined only by ``seed``.
 
     The global torch RNG is forked and restored, so building a model neither
     depends on nor disturbs any other random state.
     """
-    factory = _resolve(name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(seed, "model-init"))
-        try:
-            module = factory(**dict(kwargs))
-        except TypeError as exc:
-            raise ConfigError([f"model.kwargs = {dict(kwargs)!r}: rejected by {name!r} ({exc})"]) from exc
-    if not isinstance(module, nn.Module):
-        raise ConfigError(
-            [f"model.name = {name!r}: factory returned {type(module).__name__}, not torch.nn.Module"]
-        )
-    return module
+        return instantiate_model(name, kwargs)

@@ -52,11 +52,11 @@ def load_client_data(
 ) -> ArrayDataset:
     """The training data of the client process started with ``--data spec``."""
     if spec == "config":
-        from fedloom.sim.build import build_data
+        from fedloom.sim.build import materialise_config
 
         if partition_client is None:
             raise DataError("--data config needs --partition-client K (which partition is this client's)")
-        train, _, _ = build_data(cfg)
+        train = materialise_config(cfg).train
         if not 0 <= partition_client < train.num_clients:
             raise DataError(f"--partition-client {partition_client} is outside [0, {train.num_clients})")
         return train.client_data(partition_client)
@@ -73,9 +73,12 @@ def load_client_data(
 def load_eval_data(spec: str, cfg: ExperimentConfig, *, data_dir: Path | None) -> ArrayDataset:
     """The server's central test set for ``--eval-data spec``."""
     if spec == "config":
-        from fedloom.sim.build import build_data
+        from fedloom.sim.build import materialise_config
 
-        return build_data(cfg)[1]
+        test = materialise_config(cfg).test
+        if test is None:
+            raise DataError("--eval-data config: the experiment's task has no central test set")
+        return test
     module, arg = _loader(spec)
     fn = getattr(module, "load_eval", None)
     if fn is None:

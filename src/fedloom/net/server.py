@@ -55,10 +55,8 @@ from fedloom.algorithms.api import Broadcast, ServerContext, ServerState, Worksp
 from fedloom.config.loader import config_to_toml
 from fedloom.config.schema import ExperimentConfig
 from fedloom.core.errors import ConfigError, FedloomError, RunStateError, TrainingError, UpdateError
-from fedloom.core.params import Params
 from fedloom.core.serde import params_to_bytes
 from fedloom.data.datasets import ArrayDataset
-from fedloom.models.zoo import build_model
 from fedloom.net.auth import OPERATOR, AuthError, Credentials, TokenBook
 from fedloom.net.coordinator import Coordinator, Task
 from fedloom.net.logs import JsonLog
@@ -74,11 +72,12 @@ from fedloom.net.wire import (
     model_digest,
 )
 from fedloom.results.store import RunStore
-from fedloom.sim.build import build_algorithm, build_pipeline
+from fedloom.sim.build import build_algorithm, build_pipeline, task_for
 from fedloom.sim.evaluate import evaluate
 from fedloom.sim.privacy_plan import plan_privacy
 from fedloom.sim.sampling import cohort_size, sample_clients
 from fedloom.sim.server_round import apply_updates
+from fedloom.tasks.task import task_workspace
 
 _TASK_BROADCAST_FIELD = pb.TaskReply.DESCRIPTOR.fields_by_name["broadcast"].number
 
@@ -541,9 +540,8 @@ def run_server(cfg: ExperimentConfig, state_dir: Path, options: ServerOptions, l
         build_algorithm(cfg),
         build_pipeline(cfg, plan_privacy(cfg, population=population, secure_noise=True)),
     )
-    module = build_model(cfg.model.name, cfg.model.kwargs, seed=cfg.seed)
-    _check_secagg(cfg, Params.from_module(module).num_elements() + 1)
-    workspace, initial = Workspace(module), Params.from_module(module)
+    workspace, initial = task_workspace(task_for(cfg), seed=cfg.seed, device=cfg.device or None)
+    _check_secagg(cfg, initial.num_elements() + 1)
     state_dir.mkdir(parents=True, exist_ok=True)
     db = state_dir / STATE_DB
     toml = config_to_toml(cfg)
@@ -754,8 +752,8 @@ def _loop(
         t_eval = time.perf_counter()
         if options.eval_data is not None and (r % cfg.eval.every == 0 or r == cfg.rounds):
             ev = evaluate(workspace, state.params, options.eval_data, batch_size=cfg.eval.batch_size)
-            metrics["test_accuracy"] = ev.accuracy
             metrics["test_loss"] = ev.loss
+            metrics.update({f"test_{k}": v for k, v in ev.metrics.items()})
         eval_s = time.perf_counter() - t_eval
         metrics["seconds"] = time.perf_counter() - t0
         metrics["max_client_compute_s"] = max(closed.compute_s.values(), default=0.0)

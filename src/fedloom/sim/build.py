@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
-import torch
 
 from fedloom.aggregators.registry import make_aggregator
 from fedloom.algorithms.api import Algorithm, Workspace
@@ -21,15 +19,22 @@ from fedloom.attacks import ALIE, GaussianAttack, LabelFlippedDataset, Scaling, 
 from fedloom.config.schema import DataConfig, ExperimentConfig
 from fedloom.core.params import Params
 from fedloom.data.datasets import ArrayDataset
-from fedloom.data.federated import FederatedDataset, PartitionedDataset
-from fedloom.data.mnist import load_mnist
-from fedloom.data.partition import partition
-from fedloom.data.synthetic import synthetic_fedprox
-from fedloom.models.zoo import build_model
+from fedloom.data.federated import FederatedDataset
 from fedloom.sim.privacy_plan import PrivacyPlan, plan_privacy
+from fedloom.tasks.builtin import config_task
+from fedloom.tasks.loading import load_task
+from fedloom.tasks.task import Materialised, PartitionSpec, Task, materialise
 from fedloom.transforms.pipeline import NormClip, Pipeline, UpdateTransform
 
-__all__ = ["Components", "build_algorithm", "build_components", "build_data", "build_pipeline"]
+__all__ = [
+    "Components",
+    "build_algorithm",
+    "build_components",
+    "build_pipeline",
+    "materialise_config",
+    "split_for",
+    "task_for",
+]
 
 
 @dataclass(frozen=True)
@@ -37,12 +42,14 @@ class Components:
     algorithm: Algorithm
     pipeline: Pipeline
     train: FederatedDataset
-    test: ArrayDataset
+    test: ArrayDataset | None
     workspace: Workspace
     initial_params: Params
     data_source: str
     privacy: PrivacyPlan | None = None
     adversary: ALIE | None = None
+    client_test: FederatedDataset | None = None
+    client_names: tuple[str, ...] | None = None
 
 
 def build_algorithm(cfg: ExperimentConfig) -> Algorithm:
@@ -101,52 +108,60 @@ def build_pipeline(cfg: ExperimentConfig, privacy: PrivacyPlan | None = None) ->
     return Pipeline(tuple(stages))
 
 
-def _head(ds: ArrayDataset, n: int) -> ArrayDataset:
-    return ds if n <= 0 or n >= len(ds) else ds.subset(np.arange(n))
+_SCHEMES = {"quantity": "quantity_skew"}
 
 
-def build_data(cfg: ExperimentConfig) -> tuple[FederatedDataset, ArrayDataset, str]:
-    """The federated training data, the central test set, and a description of the source."""
+def split_for(cfg: ExperimentConfig) -> PartitionSpec:
+    """How a central training set is partitioned, from the experiment's ``[data]`` keys."""
     d: DataConfig = cfg.data
-    if d.dataset == "synthetic":
-        train = synthetic_fedprox(
-            d.synthetic_alpha, d.synthetic_beta, num_clients=d.num_clients, seed=cfg.seed, split="train"
-        )
-        test_fed = synthetic_fedprox(
-            d.synthetic_alpha, d.synthetic_beta, num_clients=d.num_clients, seed=cfg.seed, split="test"
-        )
-        parts = [test_fed.client_data(c) for c in range(test_fed.num_clients)]
-        test = ArrayDataset(
-            torch.cat([p.x for p in parts]), torch.cat([p.y for p in parts]), parts[0].num_classes
-        )
-        return train, test, f"synthetic({d.synthetic_alpha}, {d.synthetic_beta})"
-    mnist = load_mnist(Path(d.dir) if d.dir else None)
-    base = _head(mnist.train, d.train_subset)
-    test = _head(mnist.test, d.test_subset)
-    kwargs: dict[str, float | int] = {}
+    options: dict[str, float | int] = {}
     if d.partition == "dirichlet":
-        kwargs = {"alpha": d.alpha, "min_size": d.min_client_size}
+        options = {"alpha": d.alpha, "min_size": d.min_client_size}
     elif d.partition == "shards":
-        kwargs = {"shards_per_client": d.shards_per_client}
+        options = {"shards_per_client": d.shards_per_client}
     elif d.partition == "quantity":
-        kwargs = {"sigma": d.quantity_sigma, "min_size": d.min_client_size}
-    indices = partition(base.y.numpy(), d.partition, d.num_clients, cfg.seed, **kwargs)
-    return PartitionedDataset(base, indices), test, mnist.source
+        options = {"sigma": d.quantity_sigma, "min_size": d.min_client_size}
+    return PartitionSpec(
+        scheme=_SCHEMES.get(d.partition, d.partition),
+        num_clients=d.num_clients,
+        seed=cfg.seed,
+        options=options,
+    )
+
+
+def task_for(cfg: ExperimentConfig, *, search: Sequence[Path] = ()) -> Task:
+    """The experiment's task: ``cfg.task`` by import path, else the built-in one of ``[data]``/``[model]``."""
+    if cfg.task:
+        return load_task(cfg.task, cfg.task_args, search=search)
+    return config_task(cfg)
+
+
+def materialise_config(
+    cfg: ExperimentConfig, *, task: Task | None = None, search: Sequence[Path] = ()
+) -> Materialised:
+    """The experiment's task made concrete: workspace, initial parameters and data."""
+    t = task if task is not None else task_for(cfg, search=search)
+    return materialise(t, seed=cfg.seed, split=split_for(cfg), device=cfg.device or None)
 
 
 def build_components(
-    cfg: ExperimentConfig, *, data: tuple[FederatedDataset, ArrayDataset, str] | None = None
+    cfg: ExperimentConfig,
+    *,
+    task: Task | None = None,
+    materialised: Materialised | None = None,
+    search: Sequence[Path] = (),
 ) -> Components:
-    """Everything a run needs. ``data`` (as returned by :func:`build_data`) skips reloading it,
-    e.g. when a benchmark sweeps settings that do not change the data."""
-    train, test, source = data if data is not None else build_data(cfg)
+    """Everything a run needs. ``task`` replaces the experiment's own; ``materialised`` (from
+    :func:`materialise_config`) skips rebuilding the data, e.g. when a benchmark sweeps settings
+    that do not change it. ``search`` lists directories to import the task's module from."""
+    m = materialised if materialised is not None else materialise_config(cfg, task=task, search=search)
+    train: FederatedDataset = m.train
     at = cfg.attack
     adversary: ALIE | None = None
     if at.kind == "label_flip":
         train = LabelFlippedDataset(train, malicious_clients(cfg.seed, train.num_clients, at.fraction))
     elif at.kind == "alie":
         adversary = ALIE(malicious_clients(cfg.seed, train.num_clients, at.fraction), z=at.z or None)
-    module = build_model(cfg.model.name, cfg.model.kwargs, seed=cfg.seed)
     privacy = plan_privacy(cfg)
     return Components(
         privacy=privacy,
@@ -154,8 +169,10 @@ def build_components(
         algorithm=build_algorithm(cfg),
         pipeline=build_pipeline(cfg, privacy),
         train=train,
-        test=test,
-        workspace=Workspace(module),
-        initial_params=Params.from_module(module),
-        data_source=source,
+        test=m.test,
+        workspace=m.workspace,
+        initial_params=m.initial_params,
+        data_source=m.source,
+        client_test=m.client_test,
+        client_names=m.client_names,
     )

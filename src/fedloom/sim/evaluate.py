@@ -1,13 +1,15 @@
-"""Evaluation of a parameter set on a dataset: mean loss and accuracy."""
+"""Evaluation of a parameter set on a dataset: the task's loss and metrics."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import torch
 
 from fedloom.algorithms.api import Workspace
 from fedloom.algorithms.local import load_params
+from fedloom.core.errors import TaskError
 from fedloom.core.params import Params
 from fedloom.data.datasets import ArrayDataset
 
@@ -16,24 +18,45 @@ __all__ = ["EvalResult", "evaluate"]
 
 @dataclass(frozen=True)
 class EvalResult:
+    """Example-averaged ``loss`` and every task metric (by name) on ``num_examples`` examples."""
+
     loss: float
-    accuracy: float
     num_examples: int
+    metrics: Mapping[str, float] = field(default_factory=dict)
 
 
 def evaluate(workspace: Workspace, params: Params, data: ArrayDataset, *, batch_size: int) -> EvalResult:
-    """Example-averaged loss and accuracy of ``params`` on ``data`` (eval mode, no grad)."""
+    """The task's loss and metrics of ``params`` on ``data`` (eval mode, no grad).
+
+    The loss is the batch losses' mean weighted by batch size; each metric is
+    computed once on the outputs of the whole dataset, so metrics that do not
+    decompose over batches (AUC, F1) are exact. A metric that raises is a
+    :class:`TaskError` naming it.
+    """
     load_params(workspace, params)
     module = workspace.module
     module.eval()
-    loss_fn = workspace.loss_fn
+    dev = workspace.device
     total_loss = torch.zeros((), dtype=torch.float64)
-    correct = 0
+    outputs: list[torch.Tensor] = []
     n = len(data)
     with torch.no_grad():
         for begin in range(0, n, batch_size):
-            xb, yb = data.x[begin : begin + batch_size], data.y[begin : begin + batch_size]
-            logits = module(xb)
-            total_loss += loss_fn(logits, yb).double() * len(yb)
-            correct += int((logits.argmax(dim=1) == yb).sum())
-    return EvalResult(loss=float(total_loss) / max(n, 1), accuracy=correct / max(n, 1), num_examples=n)
+            xb = data.x[begin : begin + batch_size].to(dev)
+            yb = data.y[begin : begin + batch_size].to(dev)
+            out = module(xb)
+            total_loss += workspace.loss_fn(out, yb).to("cpu", torch.float64) * len(yb)
+            if workspace.metrics:
+                outputs.append(out.detach().to("cpu"))
+    values: dict[str, float] = {}
+    if workspace.metrics and n > 0:
+        all_out = torch.cat(outputs)
+        for name, metric in workspace.metrics.items():
+            try:
+                values[name] = float(metric(all_out, data.y))
+            except Exception as exc:
+                raise TaskError(
+                    f"metric {name!r} failed on outputs of shape {tuple(all_out.shape)} and targets of "
+                    f"shape {tuple(data.y.shape)}: {type(exc).__name__}: {exc}"
+                ) from exc
+    return EvalResult(loss=float(total_loss) / max(n, 1), num_examples=n, metrics=values)

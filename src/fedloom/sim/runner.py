@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -22,18 +22,20 @@ from fedloom.algorithms.api import Aggregate, ClientState, ClientUpdate, ServerC
 from fedloom.config.loader import config_to_toml
 from fedloom.config.schema import ExperimentConfig
 from fedloom.core.errors import FedloomError, RunStateError, TrainingError
+from fedloom.core.params import Params
 from fedloom.core.rng import numpy_rng
 from fedloom.core.serde import params_to_bytes
+from fedloom.metrics import distribution, weighted_mean
 from fedloom.results.store import RunStore
 from fedloom.sim.auto import make_executor
 from fedloom.sim.build import Components, build_components
-from fedloom.sim.evaluate import evaluate
+from fedloom.sim.evaluate import EvalResult, evaluate
 from fedloom.sim.executor import ClientFailure, Executor, close_executor
 from fedloom.sim.reduce import not_reducible
 from fedloom.sim.sampling import draw_cohort
 from fedloom.sim.server_round import SecureSum, apply_updates, finish_round
 
-__all__ = ["RoundListener", "RunResult", "run_simulation"]
+__all__ = ["RoundListener", "RunResult", "evaluation_metrics", "run_simulation"]
 
 STATE_DB = "state.sqlite"
 METRICS = "metrics.jsonl"
@@ -68,9 +70,15 @@ def run_simulation(
     listener: RoundListener | None = None,
     components: Components | None = None,
     executor: Executor | None = None,
+    search: Sequence[Path] = (),
 ) -> RunResult:
-    """Run (or resume) the experiment ``cfg`` in ``run_dir``; see the module docstring."""
-    comps = components if components is not None else build_components(cfg)
+    """Run (or resume) the experiment ``cfg`` in ``run_dir``; see the module docstring.
+
+    ``components`` replaces what ``cfg`` describes (e.g. a :class:`~fedloom.tasks.Task` given in
+    Python, through :func:`~fedloom.sim.build.build_components`); ``search`` lists directories
+    to import ``cfg.task``'s module from.
+    """
+    comps = components if components is not None else build_components(cfg, search=search)
     owned = executor is None  # an executor we build here we also shut down
     execu = executor if executor is not None else make_executor(cfg, comps)
     try:
@@ -134,7 +142,7 @@ def _run(
 
 def _reached(cfg: ExperimentConfig, metrics: Mapping[str, Any]) -> bool:
     target = cfg.eval.target_accuracy
-    acc = metrics.get("test_accuracy")
+    acc = metrics.get("test_accuracy", metrics.get("site_accuracy"))
     return target > 0 and acc is not None and float(acc) >= target
 
 
@@ -217,11 +225,7 @@ def _loop(
             if comps.privacy is not None:
                 metrics["epsilon"] = comps.privacy.epsilon_after(r)
             if r % cfg.eval.every == 0 or r == cfg.rounds:
-                ev = evaluate(comps.workspace, state.params, comps.test, batch_size=cfg.eval.batch_size)
-                metrics["test_accuracy"] = ev.accuracy
-                metrics["test_loss"] = ev.loss
-                if cfg.eval.federated:
-                    metrics.update(_federated_eval(cfg, comps, state, r))
+                metrics.update(evaluation_metrics(cfg, comps, state.params, r))
             metrics["seconds"] = time.perf_counter() - t0
             store.commit_round(state, metrics, changed, keep=cfg.checkpoint.keep)
             metrics_file.write(json.dumps(metrics) + "\n")
@@ -253,9 +257,7 @@ def _empty_round(
     if comps.privacy is not None:
         metrics["epsilon"] = comps.privacy.epsilon_after(ctx.round)
     if ctx.round % cfg.eval.every == 0 or ctx.round == cfg.rounds:
-        ev = evaluate(comps.workspace, new_state.params, comps.test, batch_size=cfg.eval.batch_size)
-        metrics["test_accuracy"] = ev.accuracy
-        metrics["test_loss"] = ev.loss
+        metrics.update(evaluation_metrics(cfg, comps, new_state.params, ctx.round))
     metrics["seconds"] = time.perf_counter() - t0
     return new_state, metrics
 
@@ -278,7 +280,13 @@ def _secure_sum(cfg: ExperimentConfig, comps: Components) -> SecureSum | None:
 
 def _round_metrics(r: int, updates: list[ClientUpdate], failures: list[ClientFailure]) -> dict[str, Any]:
     examples = sum(u.num_examples for u in updates)
-    loss = sum(u.metrics.get("train_loss", 0.0) * u.num_examples for u in updates) / max(examples, 1)
+    reported = [u for u in updates if "train_loss" in u.metrics]
+    loss_examples = sum(u.num_examples for u in reported)
+    loss = (
+        sum(u.metrics["train_loss"] * u.num_examples for u in reported) / max(loss_examples, 1)
+        if reported
+        else None
+    )
     return {
         "round": r,
         "train_loss": loss,
@@ -288,18 +296,51 @@ def _round_metrics(r: int, updates: list[ClientUpdate], failures: list[ClientFai
     }
 
 
-def _federated_eval(cfg: ExperimentConfig, comps: Components, state: ServerState, r: int) -> dict[str, float]:
-    population = comps.train.num_clients
-    k = min(cfg.eval.federated_clients, population)
-    chosen = sorted(numpy_rng(cfg.seed, "federated-eval", round=r).choice(population, size=k, replace=False))
-    total, loss, correct = 0, 0.0, 0.0
-    for cid in chosen:
-        data = comps.train.client_data(int(cid))
-        ev = evaluate(comps.workspace, state.params, data, batch_size=cfg.eval.batch_size)
-        total += ev.num_examples
-        loss += ev.loss * ev.num_examples
-        correct += ev.accuracy * ev.num_examples
-    return {"fed_accuracy": correct / max(total, 1), "fed_loss": loss / max(total, 1)}
+def evaluation_metrics(cfg: ExperimentConfig, comps: Components, params: Params, r: int) -> dict[str, Any]:
+    """Round ``r``'s evaluation of ``params``: central (``test_*``), per-site (``site_*``), federated (``fed_*``).
+
+    ``test_<metric>`` on the central test set; where clients have their own test
+    splits, ``site_<metric>`` is the example-weighted mean over every client's
+    split, ``site_<metric>_{min,p10,median,max}`` its distribution across
+    clients, and ``sites`` each client's values by name; ``fed_<metric>`` (with
+    ``eval.federated``) is the weighted mean over sampled clients' training data.
+    """
+    ws, bs = comps.workspace, cfg.eval.batch_size
+    out: dict[str, Any] = {}
+    if comps.test is not None and len(comps.test) > 0:
+        ev = evaluate(ws, params, comps.test, batch_size=bs)
+        out["test_loss"] = ev.loss
+        out.update({f"test_{k}": v for k, v in ev.metrics.items()})
+    if comps.client_test is not None:
+        ids = [c for c in range(comps.client_test.num_clients) if comps.client_test.client_size(c) > 0]
+        results = [evaluate(ws, params, comps.client_test.client_data(c), batch_size=bs) for c in ids]
+        names = comps.client_names or tuple(str(c) for c in range(comps.client_test.num_clients))
+        out.update(_across_clients("site", results, with_distribution=True))
+        out["sites"] = {
+            names[c]: {"loss": ev.loss, "num_examples": ev.num_examples, **ev.metrics}
+            for c, ev in zip(ids, results, strict=True)
+        }
+    if cfg.eval.federated:
+        population = comps.train.num_clients
+        k = min(cfg.eval.federated_clients, population)
+        chosen = sorted(
+            numpy_rng(cfg.seed, "federated-eval", round=r).choice(population, size=k, replace=False)
+        )
+        results = [evaluate(ws, params, comps.train.client_data(int(c)), batch_size=bs) for c in chosen]
+        out.update(_across_clients("fed", results, with_distribution=False))
+    return out
+
+
+def _across_clients(prefix: str, results: list[EvalResult], *, with_distribution: bool) -> dict[str, float]:
+    weights = [float(ev.num_examples) for ev in results]
+    out = {f"{prefix}_loss": weighted_mean([ev.loss for ev in results], weights)}
+    names = sorted({k for ev in results for k in ev.metrics})
+    for name in names:
+        values = [ev.metrics.get(name, float("nan")) for ev in results]
+        out[f"{prefix}_{name}"] = weighted_mean(values, weights)
+        if with_distribution:
+            out.update({f"{prefix}_{name}_{k}": v for k, v in distribution(values).items()})
+    return out
 
 
 def _rewrite_metrics(path: Path, history: list[dict[str, Any]]) -> None:

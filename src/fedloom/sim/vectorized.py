@@ -239,13 +239,17 @@ def unsupported_reason(workspace: Workspace, algorithm: Algorithm) -> str | None
     refusal = entry[1](algorithm) if entry[1] is not None else None
     if refusal is not None:
         return refusal
+    if workspace.train_fn is not None:
+        return "the task trains with its own training function"
+    if workspace.optimizer is not None and not workspace.optimizer.is_plain_sgd():
+        return f"the task's local optimiser ({workspace.optimizer.name} with {dict(workspace.optimizer.kwargs)}) is not plain SGD"
     module = workspace.module
     if any(True for _ in module.buffers()):
         return "the model has buffers (e.g. batch norm statistics)"
     if set(module.state_dict()) != set(workspace.trainable):
         return "the model has frozen parameters"
     loss = workspace.loss_fn
-    if not (
+    if loss is not F.cross_entropy and not (
         type(loss) is torch.nn.CrossEntropyLoss
         and loss.weight is None
         and loss.reduction == "mean"

