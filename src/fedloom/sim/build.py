@@ -17,6 +17,7 @@ from fedloom.algorithms.server_opt import ServerAdagrad, ServerAdam, ServerOptim
 from fedloom.algorithms.stragglers import Stragglers
 from fedloom.attacks import ALIE, GaussianAttack, LabelFlippedDataset, Scaling, SignFlip, malicious_clients
 from fedloom.config.schema import DataConfig, ExperimentConfig
+from fedloom.core.errors import ConfigError
 from fedloom.core.params import Params
 from fedloom.data.datasets import ArrayDataset
 from fedloom.data.federated import FederatedDataset
@@ -31,6 +32,7 @@ __all__ = [
     "build_algorithm",
     "build_components",
     "build_pipeline",
+    "check_fits",
     "materialise_config",
     "split_for",
     "task_for",
@@ -144,6 +146,33 @@ def materialise_config(
     return materialise(t, seed=cfg.seed, split=split_for(cfg), device=cfg.device or None)
 
 
+def check_fits(cfg: ExperimentConfig, workspace: Workspace) -> None:
+    """Refuse algorithm settings whose update rule assumes plain local SGD when the task's optimiser is not.
+
+    SCAFFOLD's option II estimates the client control variate from the model change
+    as ``(x - y_i) / (K lr)``, and FedNova normalises by the step count ``a_i = tau_i``:
+    both are the paper's formulas for plain SGD steps.
+    """
+    opt = workspace.optimizer
+    if opt is None or opt.is_plain_sgd():
+        return
+    a = cfg.algorithm
+    problems = []
+    if a.name == "scaffold" and a.scaffold_option == "II":
+        problems.append(
+            f"algorithm.scaffold_option = 'II' derives the control variate from plain-SGD steps, but the "
+            f"task's local optimiser is {opt.name} with {dict(opt.kwargs)}; use algorithm.scaffold_option = 'I' "
+            "(the gradient at the global model)"
+        )
+    if a.name == "fednova":
+        problems.append(
+            f"algorithm.name = 'fednova' normalises by plain-SGD step counts, but the task's local optimiser "
+            f"is {opt.name} with {dict(opt.kwargs)}; use plain SGD or another algorithm"
+        )
+    if problems:
+        raise ConfigError(problems)
+
+
 def build_components(
     cfg: ExperimentConfig,
     *,
@@ -155,6 +184,7 @@ def build_components(
     :func:`materialise_config`) skips rebuilding the data, e.g. when a benchmark sweeps settings
     that do not change it. ``search`` lists directories to import the task's module from."""
     m = materialised if materialised is not None else materialise_config(cfg, task=task, search=search)
+    check_fits(cfg, m.workspace)
     train: FederatedDataset = m.train
     at = cfg.attack
     adversary: ALIE | None = None
