@@ -12,7 +12,7 @@ from fedloom.metrics import accuracy, auc
 # Two Gaussian blobs per client, the clients' blobs shifted differently (non-IID).
 gen = torch.Generator().manual_seed(0)
 clients = []
-for c in range(8):
+for _ in range(8):
     shift = torch.randn(2, generator=gen)
     x = torch.randn(60, 2, generator=gen) + shift
     y = ((x - shift).sum(dim=1) + 0.3 * torch.randn(60, generator=gen) > 0).float()

@@ -58,7 +58,8 @@ def test_regression_example_reports_per_site_metrics_that_match_an_independent_e
     spec = importlib.util.spec_from_file_location(
         "regression_task_example", EXAMPLES / "regression" / "regression_task.py"
     )
-    assert spec is not None and spec.loader is not None
+    assert spec is not None
+    assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     task = module.make(num_clients=20, heterogeneity=0.3)
