@@ -1,6 +1,6 @@
 """A complete experiment on your own task with nothing but ``import fedloom``.
 
-    python examples/notebook.py
+python examples/notebook.py
 """
 
 import torch

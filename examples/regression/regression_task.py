@@ -28,7 +28,9 @@ def make(num_clients: int = 20, features: int = 8, heterogeneity: float = 0.3, s
         test.append(fedloom.ArrayDataset(x[n:], y[n:]))
     return fedloom.Task(
         model=lambda: nn.Linear(features, 1),
-        data=fedloom.ClientData(train=train, client_test=test, source=f"linear regression, {num_clients} clients"),
+        data=fedloom.ClientData(
+            train=train, client_test=test, source=f"linear regression, {num_clients} clients"
+        ),
         loss=lambda out, y: nn.functional.mse_loss(out.reshape(-1), y),
         optimizer=fedloom.LocalOptimizer(torch.optim.SGD, {"momentum": 0.9}),
         metrics={"mse": mse, "mae": mae},
