@@ -8,6 +8,9 @@ import inspect
 import pytest
 
 PUBLIC = [
+    "fedloom",
+    "fedloom.tasks",
+    "fedloom.metrics",
     "fedloom.core",
     "fedloom.algorithms",
     "fedloom.transforms",
@@ -30,3 +33,12 @@ def test_all_names_resolve_and_are_documented(name: str) -> None:
         obj = getattr(module, member)
         if inspect.isfunction(obj) or inspect.isclass(obj):
             assert obj.__doc__, f"{name}.{member} has no docstring"
+
+
+def test_top_level_all_is_exactly_the_public_names() -> None:
+    import fedloom
+
+    public = {
+        n for n in dir(fedloom) if not n.startswith("_") and not inspect.ismodule(getattr(fedloom, n))
+    }
+    assert public == set(fedloom.__all__) - {"__version__"}
