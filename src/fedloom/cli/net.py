@@ -204,7 +204,12 @@ def certs(
     out: Annotated[
         Path | None, typer.Option("--out", "-o", help="Directory to write the credentials to.")
     ] = None,
-    clients: Annotated[str | None, typer.Option("--clients", help="Comma-separated client names.")] = None,
+    clients: Annotated[
+        str | None,
+        typer.Option(
+            "--clients", help="Comma-separated client names (none: sites enrol with `certs request`)."
+        ),
+    ] = None,
     hosts: Annotated[
         str, typer.Option("--hosts", help="Comma-separated server host names/IPs for its certificate.")
     ] = "localhost,127.0.0.1",
@@ -235,11 +240,11 @@ def certs(
             revoke_client(out, revoke)
             _console().print(f"revoked {revoke!r} in {out / 'tokens.json'}")
             return
-        if not clients:
-            raise FedloomError("--clients a,b,c is required (or --revoke NAME)")
         if add and force:
             raise FedloomError("--add keeps the existing CA and --force replaces it: give one of them")
-        names = [c.strip() for c in clients.split(",")]
+        names = [c.strip() for c in clients.split(",")] if clients else []
+        if add and not names:
+            raise FedloomError("--add needs --clients with the new names")
         written = generate_credentials(
             out, names, hosts=[h.strip() for h in hosts.split(",") if h.strip()], force=force, add=add
         )
@@ -254,7 +259,8 @@ def certs(
         return
     _console().print(
         f"wrote CA, server certificate, tokens.json and {len(names)} client bundles to {out}; "
-        f"give each client {out}/clients/NAME/ (keep ca.key and tokens.json on the server)"
+        f"give each client {out}/clients/NAME/ (keep ca.key and tokens.json on the server); sites that "
+        f"make their own keys run `fedloom certs request`, then you run `fedloom certs sign --ca {out}`"
     )
 
 
