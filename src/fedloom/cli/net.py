@@ -326,8 +326,11 @@ def status(
 ) -> None:
     """Show a running server's round, clients, last metrics and rejections."""
     _need_net()
+    from rich.console import Console
+
     from fedloom.net.auth import Credentials
     from fedloom.net.client import fetch_status
+    from fedloom.net.transport import check_plaintext
 
     tls = Credentials()
     secret = token or ""
@@ -336,6 +339,10 @@ def status(
         if not secret and (tls_dir / "operator.token").is_file():
             secret = (tls_dir / "operator.token").read_text(encoding="utf-8").strip()
     try:
+        if tls.ca is None and check_plaintext(server, insecure=insecure, role="--server"):
+            Console(stderr=True).print(
+                f"warning: --insecure: the operator token goes to {server} in clear text"
+            )
         info = fetch_status(server, tls, secret, insecure=insecure)
     except FedloomError as exc:
         raise _fail(exc) from None
