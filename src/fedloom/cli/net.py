@@ -64,30 +64,27 @@ def server(
 
     import torch
 
-    from fedloom.net.auth import Credentials, is_loopback
+    from fedloom.net.auth import Credentials
     from fedloom.net.datasources import load_eval_data
     from fedloom.net.logs import JsonLog
     from fedloom.net.memory import keep_freed_buffers
     from fedloom.net.server import ServerOptions, run_server
+    from fedloom.net.transport import check_plaintext
 
     state_dir.mkdir(parents=True, exist_ok=True)
     log = JsonLog("server", file=state_dir / "server.log.jsonl")
     try:
         cfg = load_config(config, set_ or [])
-        host = listen.rsplit(":", 1)[0]
         tls = Credentials()
         if tls_dir is not None:
             tls = Credentials(ca=tls_dir / "ca.pem", cert=tls_dir / "server.pem", key=tls_dir / "server.key")
             tokens = tokens if tokens is not None else tls_dir / "tokens.json"
-        elif not is_loopback(host) and not insecure:
-            raise FedloomError(
-                f"--listen {listen} is not a loopback address: TLS is required; create credentials with "
-                "`fedloom certs --out DIR --clients ...` and pass --tls-dir DIR (or --insecure to override)"
-            )
+        else:
+            check_plaintext(listen, insecure=insecure, role="--listen")  # before loading any data
         if tokens is None:
             log("auth_disabled", level="warning", reason="no --tokens/--tls-dir: any client name is accepted")
         test = load_eval_data(eval_data, cfg, data_dir=data_dir) if eval_data else None
-        options = ServerOptions(listen=listen, tls=tls, tokens=tokens, eval_data=test)
+        options = ServerOptions(listen=listen, tls=tls, tokens=tokens, eval_data=test, insecure=insecure)
         # One intra-op thread by default: the server's event loop, its round loop and its worker
         # threads already share the cores, and OpenMP teams in each of them oversubscribe and spin.
         torch.set_num_threads(threads)
@@ -128,6 +125,19 @@ def client(
         float, typer.Option("--give-up-after", help="Exit after this many seconds without the server.")
     ] = 300.0,
     threads: Annotated[int, typer.Option("--threads", help="torch CPU threads for local training.")] = 1,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            "-c",
+            help="This site's own experiment file: the code (model import path) that the server's "
+            "config may name; without it only built-in models are accepted.",
+        ),
+    ] = None,
+    insecure: Annotated[
+        bool,
+        typer.Option("--insecure", help="Allow a non-loopback server without TLS (never in production)."),
+    ] = False,
 ) -> None:
     """Join a fedloom server and train on this machine's data until the run ends."""
     _need_net()
@@ -158,6 +168,7 @@ def client(
             tls = Credentials(ca=tls_dir / "ca.pem", cert=tls_dir / "cert.pem", key=tls_dir / "key.pem")
             if not secret and (tls_dir / "token").is_file():
                 secret = (tls_dir / "token").read_text(encoding="utf-8").strip()
+        local = load_config(config, []) if config is not None else None
         opts = ClientOptions(
             server=server,
             name=name,
@@ -165,6 +176,8 @@ def client(
             tls=tls,
             state_dir=state_dir if state_dir is not None else Path(".fedloom-client") / name,
             give_up_after_s=give_up_after,
+            insecure=insecure,
+            local_config=local,
         )
         code = NetClient(
             opts,
@@ -178,35 +191,125 @@ def client(
     raise typer.Exit(code=code)
 
 
-@app.command()
+certs_app = typer.Typer(
+    help="Create a CA, a server certificate and per-client credentials (or revoke a client); "
+    "`certs request` / `certs sign` for keys made at each site."
+)
+app.add_typer(certs_app, name="certs")
+
+
+@certs_app.callback(invoke_without_command=True)
 def certs(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write the credentials to.")],
-    clients: Annotated[str | None, typer.Option("--clients", help="Comma-separated client names.")] = None,
+    ctx: typer.Context,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Directory to write the credentials to.")
+    ] = None,
+    clients: Annotated[
+        str | None,
+        typer.Option(
+            "--clients", help="Comma-separated client names (none: sites enrol with `certs request`)."
+        ),
+    ] = None,
     hosts: Annotated[
         str, typer.Option("--hosts", help="Comma-separated server host names/IPs for its certificate.")
     ] = "localhost,127.0.0.1",
     revoke: Annotated[
         str | None, typer.Option("--revoke", help="Revoke this client in OUT/tokens.json.")
     ] = None,
+    add: Annotated[
+        bool,
+        typer.Option(
+            "--add", help="OUT holds credentials: issue only new clients', with its CA, keeping the rest."
+        ),
+    ] = False,
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="Replace existing credentials in OUT (a new CA: every site re-enrols)."),
+    ] = False,
 ) -> None:
     """Create a CA, a server certificate and per-client credentials (or revoke a client)."""
+    if ctx.invoked_subcommand is not None:
+        return
     from fedloom.net.auth import generate_credentials
     from fedloom.net.auth import revoke as revoke_client
 
     try:
+        if out is None:
+            raise FedloomError("--out DIR is required")
         if revoke is not None:
             revoke_client(out, revoke)
             _console().print(f"revoked {revoke!r} in {out / 'tokens.json'}")
             return
-        if not clients:
-            raise FedloomError("--clients a,b,c is required (or --revoke NAME)")
-        names = [c.strip() for c in clients.split(",")]
-        generate_credentials(out, names, hosts=[h.strip() for h in hosts.split(",") if h.strip()])
+        if add and force:
+            raise FedloomError("--add keeps the existing CA and --force replaces it: give one of them")
+        names = [c.strip() for c in clients.split(",")] if clients else []
+        if add and not names:
+            raise FedloomError("--add needs --clients with the new names")
+        written = generate_credentials(
+            out, names, hosts=[h.strip() for h in hosts.split(",") if h.strip()], force=force, add=add
+        )
+    except FedloomError as exc:
+        raise _fail(exc) from None
+    if add:
+        kept = [n for n in names if n not in written]
+        _console().print(
+            f"added {', '.join(written) or 'no client'} to {out} with its existing CA"
+            + (f"; kept {', '.join(kept)} unchanged" if kept else "")
+        )
+        return
+    _console().print(
+        f"wrote CA, server certificate, tokens.json and {len(names)} client bundles to {out}; "
+        f"give each client {out}/clients/NAME/ (keep ca.key and tokens.json on the server); sites that "
+        f"make their own keys run `fedloom certs request`, then you run `fedloom certs sign --ca {out}`"
+    )
+
+
+@certs_app.command("request")
+def certs_request(
+    name: Annotated[str, typer.Option("--name", help="This site's client name (in deploy.clients).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="This site's credentials directory.")],
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing key.pem in OUT.")] = False,
+) -> None:
+    """At a site: make this site's private key (it stays in OUT) and a signing request for the operator."""
+    from fedloom.net.pki import request_certificate
+
+    try:
+        csr = request_certificate(out, name, force=force)
     except FedloomError as exc:
         raise _fail(exc) from None
     _console().print(
-        f"wrote CA, server certificate, tokens.json and {len(names)} client bundles to {out}; "
-        f"give each client {out}/clients/NAME/ (keep ca.key and tokens.json on the server)"
+        f"wrote the private key {out / 'key.pem'} (keep it here) and the request {csr}: send the request to "
+        f"the operator, who runs `fedloom certs sign --ca DIR --csr {csr.name} --name {name}`; put the "
+        f"cert.pem, ca.pem and token they send back into {out} and start the client with --tls-dir {out}"
+    )
+
+
+@certs_app.command("sign")
+def certs_sign(
+    ca: Annotated[
+        Path, typer.Option("--ca", help="The directory written by `fedloom certs` (CA and tokens).")
+    ],
+    csr: Annotated[Path, typer.Option("--csr", help="The site's certificate signing request.")],
+    name: Annotated[str, typer.Option("--name", help="The client name the request must be for.")],
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", "-o", help="Where to write cert.pem, ca.pem and token (default CA/clients/NAME)."
+        ),
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace the certificate and token of an already registered name.")
+    ] = False,
+) -> None:
+    """At the operator: check a site's signing request and issue its certificate and token."""
+    from fedloom.net.pki import sign_request
+
+    try:
+        target = sign_request(ca, csr, name=name, out=out, force=force)
+    except FedloomError as exc:
+        raise _fail(exc) from None
+    _console().print(
+        f"signed {name!r}: send {target}/cert.pem, ca.pem and token to the site ({name} is in {ca / 'tokens.json'})"
     )
 
 
@@ -216,11 +319,18 @@ def status(
     tls_dir: TlsDirOpt = None,
     token: Annotated[str | None, typer.Option("--token", help="The operator token.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the raw JSON.")] = False,
+    insecure: Annotated[
+        bool,
+        typer.Option("--insecure", help="Allow a non-loopback server without TLS (never in production)."),
+    ] = False,
 ) -> None:
     """Show a running server's round, clients, last metrics and rejections."""
     _need_net()
+    from rich.console import Console
+
     from fedloom.net.auth import Credentials
     from fedloom.net.client import fetch_status
+    from fedloom.net.transport import check_plaintext
 
     tls = Credentials()
     secret = token or ""
@@ -229,7 +339,11 @@ def status(
         if not secret and (tls_dir / "operator.token").is_file():
             secret = (tls_dir / "operator.token").read_text(encoding="utf-8").strip()
     try:
-        info = fetch_status(server, tls, secret)
+        if tls.ca is None and check_plaintext(server, insecure=insecure, role="--server"):
+            Console(stderr=True).print(
+                f"warning: --insecure: the operator token goes to {server} in clear text"
+            )
+        info = fetch_status(server, tls, secret, insecure=insecure)
     except FedloomError as exc:
         raise _fail(exc) from None
     if as_json:

@@ -9,6 +9,11 @@ which writes::
     DIR/operator.{token,pem,key}        the operator's token and certificate (``fedloom status``)
     DIR/clients/<name>/{cert.pem,key.pem,token,ca.pem}   one bundle per client, to hand over
 
+A directory that already holds credentials is never overwritten silently: ``--add``
+issues bundles for new names with the existing CA, ``--force`` replaces everything.
+Sites that make their own keys send a certificate signing request instead
+(``fedloom certs request`` / ``fedloom certs sign``, :mod:`fedloom.net.pki`).
+
 Notes
 -----
 Threat model: a client proves its identity with its token (a 256-bit secret sent
@@ -23,13 +28,11 @@ next call without a restart. Keys are written with mode 0600.
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import hmac
 import ipaddress
 import json
 import os
-import secrets
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -129,85 +132,19 @@ def revoke(directory: Path, name: str) -> None:
 
 
 def generate_credentials(
-    out: Path, clients: Sequence[str], *, hosts: Sequence[str] = ("localhost", "127.0.0.1"), days: int = 365
-) -> None:
-    """Write a CA, a server certificate, per-client certificates and tokens (see the module docstring)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+    out: Path,
+    clients: Sequence[str],
+    *,
+    hosts: Sequence[str] = ("localhost", "127.0.0.1"),
+    days: int = 365,
+    force: bool = False,
+    add: bool = False,
+) -> list[str]:
+    """Write a CA, a server certificate, per-client certificates and tokens (see the module docstring).
 
-    bad = [c for c in clients if not c or c == OPERATOR or "/" in c or c.strip() != c]
-    if bad or len(set(clients)) != len(clients):
-        raise AuthError(f"client names must be unique, non-empty, without '/', not {OPERATOR!r}: {bad}")
-    now = datetime.datetime.now(datetime.UTC)
+    The work is :func:`fedloom.net.pki.generate_credentials` (which needs ``cryptography``):
+    an ``out`` that already holds credentials is refused unless ``add`` or ``force``.
+    """
+    from fedloom.net.pki import generate_credentials as generate
 
-    def pem_key(k: ec.EllipticCurvePrivateKey) -> bytes:
-        return k.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-
-    def pem_cert(c: x509.Certificate) -> bytes:
-        return c.public_bytes(serialization.Encoding.PEM)
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedloom CA")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-
-    def leaf(cn: str, usage: x509.ObjectIdentifier, sans: list[x509.GeneralName]) -> tuple[bytes, bytes]:
-        key = ec.generate_private_key(ec.SECP256R1())
-        b = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
-            .issuer_name(ca_name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=days))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-        )
-        if sans:
-            b = b.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        return pem_cert(b.sign(ca_key, hashes.SHA256())), pem_key(key)
-
-    sans: list[x509.GeneralName] = []
-    for h in hosts:
-        try:
-            sans.append(x509.IPAddress(ipaddress.ip_address(h)))
-        except ValueError:
-            sans.append(x509.DNSName(h))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "ca.pem").write_bytes(pem_cert(ca))
-    _write_private(out / "ca.key", pem_key(ca_key))
-    cert, key = leaf(hosts[0] if hosts else "localhost", ExtendedKeyUsageOID.SERVER_AUTH, sans)
-    (out / "server.pem").write_bytes(cert)
-    _write_private(out / "server.key", key)
-    book: dict[str, dict[str, Any]] = {}
-    for name in clients:
-        d = out / "clients" / name
-        cert, key = leaf(name, ExtendedKeyUsageOID.CLIENT_AUTH, [])
-        d.mkdir(parents=True, exist_ok=True)
-        (d / "cert.pem").write_bytes(cert)
-        (d / "ca.pem").write_bytes(pem_cert(ca))
-        _write_private(d / "key.pem", key)
-        token = secrets.token_urlsafe(32)
-        _write_private(d / "token", token.encode("ascii"))
-        book[name] = {"sha256": _digest(token), "revoked": False}
-    cert, key = leaf(OPERATOR, ExtendedKeyUsageOID.CLIENT_AUTH, [])
-    (out / "operator.pem").write_bytes(cert)
-    _write_private(out / "operator.key", key)
-    op = secrets.token_urlsafe(32)
-    _write_private(out / "operator.token", op.encode("ascii"))
-    book[OPERATOR] = {"sha256": _digest(op), "revoked": False}
-    (out / TOKENS).write_text(json.dumps({"clients": book}, indent=2), encoding="utf-8")
+    return generate(out, clients, hosts=hosts, days=days, force=force, add=add)

@@ -14,8 +14,16 @@ same update.
 
 When the server is unreachable the client retries with exponential backoff (0.5 s
 doubling to 15 s, with a fixed per-client offset so clients do not stampede), then
-re-joins; it gives up after ``give_up_after_s`` without contact. Credentials that
-the server refuses end the process at once with exit code 3.
+re-joins; it gives up after ``give_up_after_s`` without contact (exit code 4), logging
+the likely cause of the failed connections (:func:`fedloom.net.transport.explain_connect_failure`).
+Credentials that the server refuses, and a TLS handshake that fails on this side (the
+server's certificate does not verify against this client's CA, or the server does not
+speak TLS), end the process at once with exit code 3.
+
+The client runs only code its own operator configured: a server config that names code
+(``model.name = "package.module:Class"``) must match the client's local experiment file
+(``ClientOptions.local_config``), else the client refuses to join with exit code 5 before
+importing anything (see :mod:`fedloom.net.trust`).
 
 When the task carries SecAgg parameters (``secagg.enabled``) the update is never
 uploaded: the client takes part in the four SecAgg stages instead (see
@@ -57,6 +65,8 @@ from fedloom.net.auth import Credentials
 from fedloom.net.logs import JsonLog
 from fedloom.net.proto import fedloom_pb2 as pb
 from fedloom.net.proto import fedloom_pb2_grpc as pbg
+from fedloom.net.transport import check_plaintext, explain_connect_failure
+from fedloom.net.trust import UntrustedConfigError, check_server_config
 from fedloom.net.wire import (
     chunk_size_for,
     decode_broadcast,
@@ -74,6 +84,7 @@ from fedloom.transforms.pipeline import Pipeline
 __all__ = [
     "EXIT_AUTH",
     "EXIT_GAVE_UP",
+    "EXIT_UNTRUSTED_CONFIG",
     "ClientOptions",
     "ClientStateStore",
     "NetClient",
@@ -84,6 +95,7 @@ __all__ = [
 
 EXIT_AUTH = 3
 EXIT_GAVE_UP = 4
+EXIT_UNTRUSTED_CONFIG = 5
 
 # The client's local work for one round: (broadcast, stored state, ids) -> the pipeline-encoded update.
 Work = Callable[[Broadcast, ClientState | None, ClientContext, ServerContext], ClientUpdate]
@@ -98,15 +110,22 @@ class ClientOptions:
     state_dir: Path | None = None
     give_up_after_s: float = 300.0
     poll_s: float = 10.0
+    insecure: bool = False
+    local_config: ExperimentConfig | None = None
 
 
-def make_channel(server: str, tls: Credentials, max_message_bytes: int) -> grpc.Channel:
+def make_channel(
+    server: str, tls: Credentials, max_message_bytes: int, *, insecure: bool = False
+) -> grpc.Channel:
+    """A channel to ``server``: TLS when ``tls.ca`` is set, else plaintext, which a non-loopback
+    ``server`` allows only with ``insecure=True`` (see :mod:`fedloom.net.transport`)."""
     opts = [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
     ]
     ca, cert, key = tls.read()
     if ca is None:
+        check_plaintext(server, insecure=insecure, role="client --server")
         return grpc.insecure_channel(server, options=opts)
     creds = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
     return grpc.secure_channel(server, creds, options=opts)
@@ -185,6 +204,9 @@ class NetClient:
         if self._work is not None and reply.run_id == self._run_id:
             return
         cfg = parse_config(tomllib.loads(reply.config_toml))
+        problems = check_server_config(cfg, self.o.local_config)
+        if problems:  # before anything named in the config is imported
+            raise UntrustedConfigError(problems)
         self._cfg, self._run_id = cfg, reply.run_id
         if self._make_work is not None:
             self._work = self._make_work(cfg)
@@ -200,11 +222,15 @@ class NetClient:
             self._states = ClientStateStore(self.o.state_dir, reply.run_id)
 
     def serve(self) -> int:
+        tls = self.o.tls.ca is not None
+        if not tls and check_plaintext(self.o.server, insecure=self.o.insecure, role="client --server"):
+            self.log("plaintext", level="warning", server=self.o.server, reason="insecure=True: no TLS")
         failures = 0
         last_contact = time.monotonic()
         max_msg = 4 * 1024 * 1024
+        cause = ""
         while True:
-            channel = make_channel(self.o.server, self.o.tls, max_msg)
+            channel = make_channel(self.o.server, self.o.tls, max_msg, insecure=self.o.insecure)
             stop = threading.Event()
             hb: threading.Thread | None = None
             try:
@@ -213,9 +239,13 @@ class NetClient:
                 if reply.max_message_bytes != max_msg:
                     max_msg = int(reply.max_message_bytes)
                     channel.close()
-                    channel = make_channel(self.o.server, self.o.tls, max_msg)
+                    channel = make_channel(self.o.server, self.o.tls, max_msg, insecure=self.o.insecure)
                     stub = pbg.CoordinatorStub(channel)  # type: ignore[no-untyped-call]
-                self._setup(reply)
+                try:
+                    self._setup(reply)
+                except UntrustedConfigError as exc:
+                    self.log("config_refused", level="error", problems=exc.problems, reason=str(exc))
+                    return EXIT_UNTRUSTED_CONFIG
                 self.log("joined", id=reply.client_id, population=reply.population, run_id=reply.run_id)
                 failures, last_contact = 0, time.monotonic()
                 hb = threading.Thread(
@@ -240,13 +270,24 @@ class NetClient:
                         "refused", level="error", reason=exc.details() if hasattr(exc, "details") else ""
                     )
                     return EXIT_AUTH
+                if code == grpc.StatusCode.UNAVAILABLE:
+                    cause, permanent = explain_connect_failure(_details(exc), tls=tls)
+                    if permanent:  # this side's TLS setup cannot work with this server: retrying cannot help
+                        self.log("tls_failed", level="error", server=self.o.server, reason=cause)
+                        return EXIT_AUTH
                 failures += 1
                 delay = min(15.0, 0.5 * 2 ** min(failures - 1, 5)) * self._offset
                 away = time.monotonic() - last_contact
                 if away > self.o.give_up_after_s:
-                    self.log("gave_up", level="error", away_s=round(away, 1))
+                    self.log("gave_up", level="error", away_s=round(away, 1), reason=cause)
                     return EXIT_GAVE_UP
-                self.log("server_unreachable", level="warning", code=str(code), retry_in_s=round(delay, 2))
+                self.log(
+                    "server_unreachable",
+                    level="warning",
+                    code=str(code),
+                    reason=cause,
+                    retry_in_s=round(delay, 2),
+                )
                 time.sleep(delay)
             finally:
                 stop.set()
@@ -433,15 +474,24 @@ def _raw(b: bytes) -> bytes:
     return b
 
 
-def fetch_status(server: str, tls: Credentials, token: str, *, timeout: float = 10.0) -> dict[str, Any]:
+def _details(exc: grpc.RpcError) -> str:
+    details = exc.details() if hasattr(exc, "details") else None
+    return str(details) if details else str(exc)
+
+
+def fetch_status(
+    server: str, tls: Credentials, token: str, *, timeout: float = 10.0, insecure: bool = False
+) -> dict[str, Any]:
     """The server's operator view (the Status RPC) as a dict; raises :class:`FedloomError` if unreachable."""
-    channel = make_channel(server, tls, 4 * 1024 * 1024)
+    channel = make_channel(server, tls, 4 * 1024 * 1024, insecure=insecure)
     try:
         reply = pbg.CoordinatorStub(channel).Status(  # type: ignore[no-untyped-call]
             pb.StatusRequest(), metadata=(("fedloom-token", token),), timeout=timeout
         )
     except grpc.RpcError as exc:
-        details = exc.details() if hasattr(exc, "details") else str(exc)
+        details = _details(exc)
+        if exc.code() == grpc.StatusCode.UNAVAILABLE:
+            details = explain_connect_failure(details, tls=tls.ca is not None)[0]
         raise FedloomError(f"status from {server} failed: {details}") from None
     finally:
         channel.close()

@@ -63,6 +63,7 @@ from fedloom.net.logs import JsonLog
 from fedloom.net.proto import fedloom_pb2 as pb
 from fedloom.net.proto import fedloom_pb2_grpc as pbg
 from fedloom.net.state import NetState
+from fedloom.net.transport import check_plaintext
 from fedloom.net.wire import (
     chunk_size_for,
     decode_chunk,
@@ -104,6 +105,8 @@ class ServerOptions:
     tokens: Path | None = None
     eval_data: ArrayDataset | None = None
     linger_s: float = 10.0
+    # Plaintext on a non-loopback ``listen`` (see fedloom.net.transport); logged as a warning.
+    insecure: bool = False
 
 
 class _Service:
@@ -469,6 +472,7 @@ class _AsyncServer:
             )
             port = server.add_secure_port(self.options.listen, creds)
         else:
+            check_plaintext(self.options.listen, insecure=self.options.insecure, role="server --listen")
             port = server.add_insecure_port(self.options.listen)
         if port == 0:
             raise RunStateError(f"cannot listen on {self.options.listen} (address in use or invalid)")
@@ -518,7 +522,15 @@ def _raw(b: bytes) -> bytes:
 
 
 def run_server(cfg: ExperimentConfig, state_dir: Path, options: ServerOptions, log: JsonLog) -> ServerState:
-    """Serve the experiment until its round budget (or target accuracy) is reached; resumable."""
+    """Serve the experiment until its round budget (or target accuracy) is reached; resumable.
+
+    Without TLS (``options.tls.cert``) ``options.listen`` must be a loopback address unless
+    ``options.insecure`` (:class:`~fedloom.net.transport.InsecureTransportError` otherwise).
+    """
+    if (options.tls.cert is None or options.tls.key is None) and check_plaintext(
+        options.listen, insecure=options.insecure, role="server --listen"
+    ):
+        log("plaintext", level="warning", listen=options.listen, reason="insecure=True: no TLS")
     names = client_names(cfg)
     d = cfg.deploy
     if cfg.sampling.scheme != "fixed":
