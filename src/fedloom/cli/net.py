@@ -5,13 +5,18 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from fedloom.cli.main import ConfigOpt, SetOpt, _console, _fail, app
 from fedloom.config.loader import load_config
 from fedloom.core.errors import FedloomError
+
+if TYPE_CHECKING:
+    from fedloom.config.schema import ExperimentConfig
+    from fedloom.data.datasets import ArrayDataset
+    from fedloom.tasks.task import Task
 
 __all__: list[str] = []
 
@@ -104,9 +109,12 @@ def client(
     data: Annotated[
         str,
         typer.Option(
-            "--data", help="'config' (with --partition-client) or a loader 'FILE.py:ARG' / 'module:ARG'."
+            "--data",
+            help="'task' (the task's own data for this client: by --client-id among per-client data, or "
+            "--partition-client of a central set), 'config' (with --partition-client) or a loader "
+            "'FILE.py:ARG' / 'module:ARG'.",
         ),
-    ],
+    ] = "task",
     client_id: Annotated[
         str | None, typer.Option("--client-id", help="This client's name in deploy.clients.")
     ] = None,
@@ -138,6 +146,9 @@ def client(
         bool,
         typer.Option("--insecure", help="Allow a non-loopback server without TLS (never in production)."),
     ] = False,
+    device: Annotated[
+        str, typer.Option("--device", help="Train on this device (cpu, cuda, cuda:1); default: the task's.")
+    ] = "",
 ) -> None:
     """Join a fedloom server and train on this machine's data until the run ends."""
     _need_net()
@@ -145,7 +156,7 @@ def client(
 
     from fedloom.net.auth import Credentials
     from fedloom.net.client import ClientOptions, NetClient
-    from fedloom.net.datasources import load_client_data
+    from fedloom.net.datasources import load_client_data, task_client_data
     from fedloom.net.logs import JsonLog
     from fedloom.net.memory import keep_freed_buffers
 
@@ -153,11 +164,12 @@ def client(
     keep_freed_buffers()  # model-sized buffers every round: see fedloom.net.memory
     name = client_id
     if name is None:
-        name = (
-            str(partition_client)
-            if data == "config" and partition_client is not None
-            else data.rpartition(":")[2]
-        )
+        if data in ("config", "task"):
+            if partition_client is None:
+                raise _fail(FedloomError(f"--data {data} needs --client-id NAME or --partition-client K"))
+            name = str(partition_client)
+        else:
+            name = data.rpartition(":")[2]
     log = JsonLog(f"client:{name}")
     try:
         secret = token or ""
@@ -178,14 +190,16 @@ def client(
             give_up_after_s=give_up_after,
             insecure=insecure,
             local_config=local,
+            search=(config.resolve().parent, Path.cwd()) if config is not None else (Path.cwd(),),
+            device=device or (local.device if local is not None else ""),
         )
-        code = NetClient(
-            opts,
-            log,
-            load_data=lambda cfg: load_client_data(
-                data, cfg, data_dir=data_dir, partition_client=partition_client
-            ),
-        ).serve()
+
+        def load(cfg: ExperimentConfig, task: Task) -> ArrayDataset:
+            if data == "task":
+                return task_client_data(task, cfg, name=name, partition_client=partition_client)
+            return load_client_data(data, cfg, data_dir=data_dir, partition_client=partition_client)
+
+        code = NetClient(opts, log, load_data=load).serve()
     except FedloomError as exc:
         raise _fail(exc) from None
     raise typer.Exit(code=code)

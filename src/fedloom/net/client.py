@@ -57,10 +57,9 @@ from fedloom.algorithms.api import (
 )
 from fedloom.config.loader import parse_config
 from fedloom.config.schema import ExperimentConfig
-from fedloom.core.errors import FedloomError, RunStateError, TrainingError, UpdateError
+from fedloom.core.errors import ConfigError, FedloomError, RunStateError, TrainingError, UpdateError
 from fedloom.core.serde import slots_from_bytes, slots_to_bytes
 from fedloom.data.datasets import ArrayDataset
-from fedloom.models.zoo import build_model
 from fedloom.net.auth import Credentials
 from fedloom.net.logs import JsonLog
 from fedloom.net.proto import fedloom_pb2 as pb
@@ -77,8 +76,9 @@ from fedloom.net.wire import (
     split_bytes_field,
     update_pieces,
 )
-from fedloom.sim.build import build_algorithm, build_pipeline
+from fedloom.sim.build import build_algorithm, build_pipeline, check_fits, task_for
 from fedloom.sim.privacy_plan import plan_privacy
+from fedloom.tasks.task import Task, check_task, task_workspace
 from fedloom.transforms.pipeline import Pipeline
 
 __all__ = [
@@ -112,6 +112,8 @@ class ClientOptions:
     poll_s: float = 10.0
     insecure: bool = False
     local_config: ExperimentConfig | None = None
+    search: tuple[Path, ...] = ()
+    device: str = ""
 
 
 def make_channel(
@@ -183,7 +185,7 @@ class NetClient:
         options: ClientOptions,
         log: JsonLog,
         *,
-        load_data: Callable[[ExperimentConfig], ArrayDataset] | None = None,
+        load_data: Callable[[ExperimentConfig, Task], ArrayDataset] | None = None,
         work: Callable[[ExperimentConfig], Work] | None = None,
     ) -> None:
         if load_data is None and work is None:
@@ -210,16 +212,37 @@ class NetClient:
         self._cfg, self._run_id = cfg, reply.run_id
         if self._make_work is not None:
             self._work = self._make_work(cfg)
-        else:
-            assert self._load_data is not None
-            data = self._load_data(cfg)
-            module = build_model(cfg.model.name, cfg.model.kwargs, seed=cfg.seed)
+        elif self._load_data is not None:
+            task = self._task(cfg)
+            workspace, _ = task_workspace(task, seed=cfg.seed, device=self.o.device or None)
+            data = self._load_data(cfg, task)
+            check_task(task, workspace, data, "this client's training data")
+            check_fits(cfg, workspace)
             privacy = plan_privacy(cfg, population=len(cfg.deploy.clients) or None, secure_noise=True)
             pipeline = build_pipeline(cfg, privacy)
-            self._work = algorithm_work(build_algorithm(cfg), pipeline, Workspace(module), data)
-            self.log("data_loaded", examples=len(data))
+            self._work = algorithm_work(build_algorithm(cfg), pipeline, workspace, data)
+            self.log("data_loaded", examples=len(data), task=task.name)
         if self.o.state_dir is not None:
             self._states = ClientStateStore(self.o.state_dir, reply.run_id)
+
+    def _task(self, cfg: ExperimentConfig) -> Task:
+        """This site's task: its operator's (local config, with its own task_args), else the built-in one.
+
+        The server's ``task`` has already been checked against the local one
+        (:func:`~fedloom.net.trust.check_server_config`); a local task the server does not run
+        is refused, since the two would train different models.
+        """
+        local = self.o.local_config
+        if local is not None and local.task:
+            if cfg.task != local.task:
+                raise ConfigError(
+                    [
+                        f"task: this client's configuration names {local.task!r} but the server runs "
+                        f"{cfg.task or 'the built-in task'!r}"
+                    ]
+                )
+            return task_for(local, search=self.o.search)
+        return task_for(cfg)
 
     def serve(self) -> int:
         tls = self.o.tls.ca is not None

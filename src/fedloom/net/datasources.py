@@ -2,6 +2,8 @@
 
 A data spec is one of::
 
+    task              the task's own data: the client named like this one (natural
+                      per-client data), or partition ``partition_client`` of a central set
     config            the experiment's own dataset ([data] section) -- client: partition
                       ``partition_client`` of it; server: its central test set
     FILE.py:ARG       a loader file (e.g. examples/heart_disease/heart_data.py:cleveland)
@@ -22,8 +24,11 @@ from types import ModuleType
 from fedloom.config.schema import ExperimentConfig
 from fedloom.core.errors import DataError
 from fedloom.data.datasets import ArrayDataset
+from fedloom.data.federated import FederatedDataset
+from fedloom.sim.build import split_for
+from fedloom.tasks.task import ClientData, Task, load_data, materialise
 
-__all__ = ["load_client_data", "load_eval_data"]
+__all__ = ["load_client_data", "load_eval_data", "task_client_data"]
 
 
 def _loader(spec: str) -> tuple[ModuleType, str]:
@@ -47,10 +52,42 @@ def _loader(spec: str) -> tuple[ModuleType, str]:
     return module, arg
 
 
+def task_client_data(
+    task: Task, cfg: ExperimentConfig, *, name: str, partition_client: int | None
+) -> ArrayDataset:
+    """This client's training data from its task: by ``name`` among natural per-client data
+    (or by ``partition_client``), or partition ``partition_client`` of a central dataset."""
+    data = load_data(task)
+    if isinstance(data, ClientData):
+        names = list(data.names) if data.names is not None else None
+        if partition_client is not None:
+            idx = partition_client
+        elif names is not None and name in names:
+            idx = names.index(name)
+        else:
+            known = ", ".join(names) if names is not None else "none (the task names no clients)"
+            raise DataError(
+                f"task {task.name!r}: no client named {name!r} (known: {known}); pass --partition-client K"
+            )
+        clients = data.train
+        count = clients.num_clients if isinstance(clients, FederatedDataset) else len(clients)
+        if not 0 <= idx < count:
+            raise DataError(f"task {task.name!r}: client index {idx} is outside [0, {count})")
+        return clients.client_data(idx) if isinstance(clients, FederatedDataset) else clients[idx]
+    if partition_client is None:
+        raise DataError(
+            f"task {task.name!r} has one central dataset: pass --partition-client K (which partition is this client's)"
+        )
+    train = materialise(task, seed=cfg.seed, split=split_for(cfg)).train
+    if not 0 <= partition_client < train.num_clients:
+        raise DataError(f"--partition-client {partition_client} is outside [0, {train.num_clients})")
+    return train.client_data(partition_client)
+
+
 def load_client_data(
     spec: str, cfg: ExperimentConfig, *, data_dir: Path | None, partition_client: int | None
 ) -> ArrayDataset:
-    """The training data of the client process started with ``--data spec``."""
+    """The training data of the client process started with ``--data spec`` (not ``task``)."""
     if spec == "config":
         from fedloom.sim.build import materialise_config
 
