@@ -16,6 +16,11 @@ ends with the same model, bit for bit, as an uninterrupted one -- provided every
 selected client answers within the deadline (the quorum/deadline outcome of a
 round that closes on time is inherently timing dependent).
 
+A round's server step runs through :func:`fedloom.net.guard.guarded_apply`: an update
+that makes the new model unusable (non-finite, or overflowing float32), or makes the step
+raise, is left out and rejected; when no model comes out, the attempt is aborted and its
+updates dropped, so only usable models are ever committed and resumed from.
+
 Secure aggregation (``secagg.enabled``): a round is run through a
 :class:`~fedloom.net.secure.SecureRelay` -- clients upload no update, the server
 relays the four SecAgg stages (the ``SecAgg`` RPC) and turns the unmasked sum

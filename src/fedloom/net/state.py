@@ -50,7 +50,8 @@ server's and 8% of the clients' CPU).
 
 Audit events: ``join``, ``refused``, ``accepted``, ``rejected``, ``late``,
 ``failed`` (the client reported a training failure), ``dropout`` (selected, no
-update by the close), ``round_committed``, ``round_aborted``.
+update by the close), ``round_committed``, ``round_aborted``, ``rollback`` (see
+:mod:`fedloom.net.rollback`). ``refused`` rows are rate-limited (see :mod:`fedloom.net.refusals`).
 """
 
 from __future__ import annotations
