@@ -192,7 +192,7 @@ def test_an_update_whose_squared_norm_overflows_float32_is_rejected_without_a_no
     huge = _p(0.0)
     huge["w"][0, 0] = 3e38
     why = _submit(coord, d, ClientUpdate(0, huge, 5.0, 5, 3)) or ""
-    assert "squared L2 norm overflows float32" in why
+    assert "client 'c0' for round 1: its squared L2 norm overflows float32" in why
     spread = _p(1e18)  # 16 elements of 1e18: each fine, the squares' sum (1.6e37) too
     assert _submit(coord, d, ClientUpdate(1, spread, 5.0, 5, 3)) is None
     net.clear_pending(1)

@@ -554,9 +554,9 @@ class Coordinator:
         ``square``: the blob's one-pass sum of squares (:func:`~fedloom.core.serde.data_square_sum`;
         ``None``: summed here, tensor by tensor).
         """
-        name = self.names[update.client_id]
+        client = self.names[update.client_id]
         rnd.broadcast.params.check_compatible(update.delta, what="update delta")
-        check_update(self._requirements, update, rnd.broadcast.params, client=name, round=rnd.number)
+        check_update(self._requirements, update, rnd.broadcast.params, client=client, round=rnd.number)
         if finite is not True and not update.delta.all_finite():
             raise UpdateError("update delta contains NaN or infinite values")
         for name, extra in update.extras.items():
@@ -574,7 +574,7 @@ class Coordinator:
             square = square_norm([update.delta, *update.extras.values()])
         if not square < OVERFLOW_SQUARE:
             raise UpdateError(
-                f"update from client {name!r} for round {rnd.number}: its squared L2 norm overflows "
+                f"update from client {client!r} for round {rnd.number}: its squared L2 norm overflows "
                 f"float32 (norm >= {math.sqrt(OVERFLOW_SQUARE):.3g}); refused whatever the configured bound"
             )
         if self._max_norm > 0:
@@ -585,7 +585,7 @@ class Coordinator:
                 )
         if self._max_weight > 0 and update.weight > self._max_weight:
             raise UpdateError(
-                f"update from client {name!r} for round {rnd.number}: weight {update.weight:.6g} exceeds "
+                f"update from client {client!r} for round {rnd.number}: weight {update.weight:.6g} exceeds "
                 f"deploy.max_weight = {self._max_weight:g}"
             )
         if self._uniform and update.weight != 1.0:
