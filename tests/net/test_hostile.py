@@ -235,3 +235,52 @@ def test_a_restored_bad_update_is_rejected_and_rollback_resumes_from_a_kept_chec
     with RunStore(tmp_path / "srv" / "state.sqlite") as store:
         assert store.latest_round() == 2
     assert torch.isfinite(torch.tensor(again[1]["test_loss"]))
+
+
+def test_an_update_that_makes_the_aggregate_overflow_is_left_out_and_the_round_goes_on(
+    heart_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FedNova weighs an update by p_i * tau_eff / tau_i: reporting one local step (tau_eff is tens of
+    steps) multiplies 'va''s delta about tenfold. One element of 1e19 passes the per-update check
+    (its square, 1e38, is a float32) but the new model's does not: the server leaves 'va' out, round 1
+    is the three honest updates, and round 2 goes on normally."""
+    cfg = write_config(tmp_path / "exp.toml")
+    text = (
+        cfg.read_text().replace('name = "scaffold"', 'name = "fednova"').replace("rounds = 4", "rounds = 2")
+    )
+    cfg.write_text(text.replace("min_quorum = 4", "min_quorum = 3"))
+    monkeypatch.setenv("FEDLOOM_TEST_CFG", str(cfg))
+    port = free_port()
+    srv = server(tmp_path, cfg, port)
+    honest = [client(tmp_path, h, port) for h in HOSPITALS[:3]]
+    try:
+        srv.wait_event("listening")
+        m = _Mallory(port, heart_dir)
+        t, b = m.task(1)
+        good = m.train(b)
+        big = good.delta.map(lambda v: v.clone())
+        next(iter(big.values())).view(-1)[0] = 1e19
+        poisoned = ClientUpdate(good.client_id, big, 300.0, good.num_examples, 1, good.metrics)
+        assert m.send_update(1, t.broadcast_digest, poisoned).accepted  # alone it is a valid update
+        t2, b2 = m.task(2)  # asked for round 2 as usual
+        assert m.send_update(2, t2.broadcast_digest, m.train(b2)).accepted
+        m.channel.close()
+        assert srv.wait(120) == 0, srv.err.read_text()[-3000:]
+        for c in honest:
+            assert c.wait(30) == 0, c.err.read_text()[-2000:]
+    finally:
+        for p in [srv, *honest]:
+            p.stop()
+    r1, r2 = _metrics(tmp_path / "srv")
+    assert (r1["num_clients"], r2["num_clients"]) == (3, 4)
+    assert math.isfinite(r1["test_loss"])
+    assert math.isfinite(r2["test_loss"])
+    with NetState(tmp_path / "srv" / "state.sqlite") as net:
+        (rejected,) = net.audit_rows("rejected")
+        assert (rejected.round, rejected.client) == (1, "va")
+        assert "left out" in rejected.detail
+        assert "overflows float32" in rejected.detail
+        committed = [json.loads(a.detail)["clients"] for a in net.audit_rows("round_committed")]
+        assert committed == [[0, 1, 2], [0, 1, 2, 3]]
+    with RunStore(tmp_path / "srv" / "state.sqlite") as store:
+        assert store.load_state(1).params.l2_norm() < 1e3

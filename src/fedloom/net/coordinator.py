@@ -228,7 +228,7 @@ class Coordinator:
         for p in pending:
             try:
                 update, compute = decode_update(p.client_id, p.meta_json, p.blob)
-                update = self._validate(update, rnd, data_all_finite(p.blob), data_square_sum(p.blob))
+                update = self._validate(update, rnd, *_one_pass(p.blob))
                 rnd.accepted[p.client_id] = round_pipeline.decode(update, ctx)
                 rnd.compute_s[p.client_id] = compute
                 restored += 1
@@ -518,7 +518,7 @@ class Coordinator:
         try:
             held = blob if mapped is None else mapped
             update, compute = decode_update(cid, meta_json, held, copy=mapped is None)
-            update = self._validate(update, rnd, data_all_finite(held), data_square_sum(held))
+            update = self._validate(update, rnd, *_one_pass(held))
             decoded = rnd.pipeline.decode(update, rnd.ctx)
         except Exception as exc:  # whatever breaks on one update rejects it and frees its slot
             self._state.discard(staged)
@@ -625,6 +625,16 @@ class Coordinator:
                 "last_metrics": dict(self.last_metrics),
                 "rejections": dict(self.rejections),
             }
+
+
+def _one_pass(blob: bytes | memoryview) -> tuple[bool | None, float | None]:
+    """The blob's finiteness and sum of squares for :meth:`Coordinator._validate`, in one pass over
+    its data when it can: a sum of squares below :data:`OVERFLOW_SQUARE` has no NaN or infinity in it.
+    """
+    square = data_square_sum(blob)
+    if square is not None and square < OVERFLOW_SQUARE:
+        return True, square
+    return data_all_finite(blob), square
 
 
 def _cut(text: str) -> str:

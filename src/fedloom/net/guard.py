@@ -61,12 +61,12 @@ class Guarded:
 def model_problem(params: Params) -> str | None:
     """Why ``params`` cannot become the global model (non-finite values, or a squared L2 norm that
     overflows float32), or ``None``."""
+    square = square_norm([params])  # one pass: NaN or infinity make it NaN or infinite too
+    if square < OVERFLOW_SQUARE:
+        return None
     if not params.all_finite():
         return "the new global model has NaN or infinite values"
-    square = square_norm([params])
-    if not square < OVERFLOW_SQUARE:
-        return f"the new global model's squared L2 norm overflows float32 (norm {math.sqrt(square):.3g})"
-    return None
+    return f"the new global model's squared L2 norm overflows float32 (norm {math.sqrt(square):.3g})"
 
 
 def _attempt(
