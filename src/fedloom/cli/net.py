@@ -252,6 +252,9 @@ def status(
     con.print("last metrics: " + json.dumps(info["last_metrics"]))
     con.print("rejections: " + (json.dumps(info["rejections"]) if info["rejections"] else "none"))
     con.print("audit: " + json.dumps(info["audit"]))
+    refused = info.get("refused") or {}
+    if refused.get("total"):
+        con.print(f"refused calls: {refused['total']} ({refused.get('unrecorded', 0)} not yet recorded)")
 
 
 @app.command()
