@@ -284,3 +284,59 @@ def test_an_update_that_makes_the_aggregate_overflow_is_left_out_and_the_round_g
         assert committed == [[0, 1, 2], [0, 1, 2, 3]]
     with RunStore(tmp_path / "srv" / "state.sqlite") as store:
         assert store.load_state(1).params.l2_norm() < 1e3
+
+
+def test_an_attempt_without_a_usable_model_is_aborted_and_every_client_asked_again(
+    heart_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two such FedNova updates ('va' and 'switzerland'): leaving either out still overflows, so no
+    update is to blame alone. The attempt is aborted, its four updates are dropped (with their pending
+    rows), and attempt 2 asks all four again: the honest processes train again, the attacker sends
+    honest updates this time, and round 1 is made of attempt 2's four updates."""
+    cfg = write_config(tmp_path / "exp.toml")
+    text = (
+        cfg.read_text().replace('name = "scaffold"', 'name = "fednova"').replace("rounds = 4", "rounds = 1")
+    )
+    cfg.write_text(text.replace("min_quorum = 4", "min_quorum = 2"))
+    monkeypatch.setenv("FEDLOOM_TEST_CFG", str(cfg))
+    port = free_port()
+    srv = server(tmp_path, cfg, port)
+    honest = [client(tmp_path, h, port) for h in HOSPITALS[:2]]
+    try:
+        srv.wait_event("listening")
+        m = _Mallory(port, heart_dir)
+        m.stub.Join(
+            pb.JoinRequest(client_name="switzerland"),
+            metadata=(("fedloom-client", "switzerland"), ("fedloom-token", "")),
+            timeout=30,
+        )
+        t, b = m.task(1)
+        good = m.train(b)
+        big = good.delta.map(lambda v: v.clone())
+        next(iter(big.values())).view(-1)[0] = 1e19
+        meta, blob = encode_update(
+            ClientUpdate(good.client_id, big, 300.0, good.num_examples, 1, good.metrics)
+        )
+        for name in ("va", "switzerland"):
+            assert m.send(1, t.broadcast_digest, meta, blob, as_client=name).accepted
+        again, _ = m.task(1)  # attempt 2 of round 1 asks 'va' again
+        meta, blob = encode_update(good)
+        for name in ("va", "switzerland"):
+            assert m.send(1, again.broadcast_digest, meta, blob, as_client=name).accepted
+        m.channel.close()
+        assert srv.wait(120) == 0, srv.err.read_text()[-3000:]
+        for c in honest:
+            assert c.wait(30) == 0, c.err.read_text()[-2000:]
+    finally:
+        for p in [srv, *honest]:
+            p.stop()
+    (r1,) = _metrics(tmp_path / "srv")
+    assert (r1["attempt"], r1["num_clients"]) == (2, 4)
+    assert math.isfinite(r1["test_loss"])
+    with NetState(tmp_path / "srv" / "state.sqlite") as net:
+        rejected = net.audit_rows("rejected")
+        assert sorted(r.client for r in rejected) == sorted(HOSPITALS)
+        assert all("dropped with its attempt" in r.detail for r in rejected)
+        (aborted,) = net.audit_rows("round_aborted")
+        assert "attempt 1: no usable model" in aborted.detail
+        assert sorted(a.client for a in net.audit_rows("accepted")) == sorted([*HOSPITALS, *HOSPITALS])
