@@ -224,7 +224,8 @@ class DeployConfig(_Section):
         0.0,
         ge=0,
         description="Reject updates reporting a larger weight (0 = no cap); bounds one client's share of "
-        "a weighted mean to max_weight / (max_weight + the others' weights).",
+        "a weighted mean to max_weight / (max_weight + the others' weights). Under secure aggregation "
+        "secagg.max_weight bounds the weights instead.",
     )
     heartbeat_s: float = Field(5.0, gt=0, description="Seconds between client heartbeats.")
     offline_after_s: float = Field(
