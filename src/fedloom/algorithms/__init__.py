@@ -16,6 +16,7 @@ from fedloom.algorithms.fedavg import FedAvg
 from fedloom.algorithms.fednova import FedNova
 from fedloom.algorithms.fedprox import FedProx
 from fedloom.algorithms.local import GradCorrection, LocalResult, LocalSGD, load_params, local_sgd
+from fedloom.algorithms.requirements import UpdateRequirements
 from fedloom.algorithms.scaffold import Scaffold
 from fedloom.algorithms.server_opt import ServerAdagrad, ServerAdam, ServerOptimizer, ServerSGD, ServerYogi
 from fedloom.algorithms.stragglers import StragglerPlan, Stragglers
@@ -43,6 +44,7 @@ __all__ = [
     "ServerYogi",
     "StragglerPlan",
     "Stragglers",
+    "UpdateRequirements",
     "Workspace",
     "load_params",
     "local_sgd",

@@ -34,6 +34,7 @@ from fedloom.algorithms.api import (
     Workspace,
 )
 from fedloom.algorithms.local import LocalSGD
+from fedloom.algorithms.requirements import UpdateRequirements
 from fedloom.algorithms.server_opt import ServerOptimizer, ServerSGD
 from fedloom.algorithms.stragglers import (
     Stragglers,
@@ -60,6 +61,10 @@ class FedAvg:
     @property
     def name(self) -> str:
         return "fedavg"
+
+    def update_requirements(self) -> UpdateRequirements:
+        """No extras, any step count."""
+        return UpdateRequirements()
 
     def server_init(self, params: Params) -> ServerState:
         return ServerState(round=0, params=params, opt_state=self.server_optimizer.init(params))

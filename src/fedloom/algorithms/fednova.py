@@ -34,6 +34,7 @@ from fedloom.algorithms.api import (
 )
 from fedloom.algorithms.fedavg import FedAvg, apply_round, empty_aggregate
 from fedloom.algorithms.local import LocalSGD
+from fedloom.algorithms.requirements import UpdateRequirements
 from fedloom.algorithms.server_opt import ServerOptimizer, ServerSGD
 from fedloom.algorithms.stragglers import Stragglers, accepted
 from fedloom.core.errors import UpdateError
@@ -67,6 +68,10 @@ class FedNova:
     @property
     def name(self) -> str:
         return "fednova"
+
+    def update_requirements(self) -> UpdateRequirements:
+        """No extras; at least one local step (the update is divided by its step count)."""
+        return UpdateRequirements(min_steps=1)
 
     def _local(self) -> FedAvg:
         return FedAvg(local=self.local, server_optimizer=self.server_optimizer, stragglers=self.stragglers)

@@ -32,6 +32,7 @@ from fedloom.algorithms.api import (
 )
 from fedloom.algorithms.fedavg import apply_round, weighted_round
 from fedloom.algorithms.local import LocalSGD
+from fedloom.algorithms.requirements import UpdateRequirements
 from fedloom.algorithms.server_opt import ServerOptimizer, ServerSGD
 from fedloom.algorithms.stragglers import Stragglers, dropped_update, straggler_metrics, train_with_stragglers
 from fedloom.core.params import Params
@@ -74,6 +75,10 @@ class FedProx:
     @property
     def name(self) -> str:
         return "fedprox"
+
+    def update_requirements(self) -> UpdateRequirements:
+        """No extras, any step count."""
+        return UpdateRequirements()
 
     def server_init(self, params: Params) -> ServerState:
         return ServerState(round=0, params=params, opt_state=self.server_optimizer.init(params))

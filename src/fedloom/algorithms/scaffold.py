@@ -40,6 +40,7 @@ from fedloom.algorithms.api import (
 )
 from fedloom.algorithms.fedavg import apply_round, empty_aggregate
 from fedloom.algorithms.local import LocalSGD, load_params
+from fedloom.algorithms.requirements import UpdateRequirements
 from fedloom.algorithms.server_opt import ServerOptimizer, ServerSGD
 from fedloom.algorithms.stragglers import (
     Stragglers,
@@ -118,6 +119,10 @@ class Scaffold:
     @property
     def name(self) -> str:
         return "scaffold"
+
+    def update_requirements(self) -> UpdateRequirements:
+        """Every update carries its control-variate delta, shaped like the parameters."""
+        return UpdateRequirements(extras=(CONTROL_DELTA,))
 
     def server_init(self, params: Params) -> ServerState:
         return ServerState(

@@ -380,3 +380,26 @@ def status(
     con.print("last metrics: " + json.dumps(info["last_metrics"]))
     con.print("rejections: " + (json.dumps(info["rejections"]) if info["rejections"] else "none"))
     con.print("audit: " + json.dumps(info["audit"]))
+    refused = info.get("refused") or {}
+    if refused.get("total"):
+        con.print(f"refused calls: {refused['total']} ({refused.get('unrecorded', 0)} not yet recorded)")
+
+
+@app.command()
+def rollback(
+    state_dir: Annotated[Path, typer.Argument(help="The server's --state-dir (stop the server first).")],
+    round_: Annotated[
+        int, typer.Option("--round", min=0, help="The kept checkpoint's round to resume from.")
+    ],
+) -> None:
+    """Make a kept checkpoint of a deployed run the latest; the next `fedloom server` resumes from it."""
+    from fedloom.net.rollback import roll_back
+
+    try:
+        dropped = roll_back(state_dir, round_)
+    except FedloomError as exc:
+        raise _fail(exc) from None
+    _console().print(
+        f"{state_dir}: resumes from round {round_}"
+        + (f"; checkpoints of rounds {dropped} removed" if dropped else "")
+    )

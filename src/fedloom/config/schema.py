@@ -215,6 +215,18 @@ class DeployConfig(_Section):
     max_update_norm: float = Field(
         0.0, ge=0, description="Reject updates whose delta has a larger L2 norm (0 = no bound)."
     )
+    weighting: Literal["reported", "uniform"] = Field(
+        "reported",
+        description="Aggregation weights: 'reported' (the weight each client reports, e.g. its example "
+        "count; trusted) or 'uniform' (every accepted update weighs 1, whatever it reports).",
+    )
+    max_weight: float = Field(
+        0.0,
+        ge=0,
+        description="Reject updates reporting a larger weight (0 = no cap); bounds one client's share of "
+        "a weighted mean to max_weight / (max_weight + the others' weights). Under secure aggregation "
+        "secagg.max_weight bounds the weights instead.",
+    )
     heartbeat_s: float = Field(5.0, gt=0, description="Seconds between client heartbeats.")
     offline_after_s: float = Field(
         20.0, gt=0, description="A client unseen for this many seconds counts as offline."

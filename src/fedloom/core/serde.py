@@ -40,6 +40,7 @@ from fedloom.core.params import Params
 
 __all__ = [
     "data_all_finite",
+    "data_square_sum",
     "params_from_bytes",
     "params_to_bytes",
     "slots_from_bytes",
@@ -240,7 +241,7 @@ def data_all_finite(blob: Blob) -> bool | None:
     view = memoryview(blob).cast("B")
     try:
         layout = _layout(view)
-    except (ValueError, _Foreign):
+    except (ValueError, RecursionError, _Foreign):
         return None
     dtypes = {e[3] for e in layout.entries}
     if len(dtypes) != 1:
@@ -253,6 +254,24 @@ def data_all_finite(blob: Blob) -> bool | None:
 
 
 _NUMPY_FINITE = {torch.float64: np.float64, torch.float32: np.float32, torch.float16: np.float16}
+
+
+def data_square_sum(blob: Blob) -> float | None:
+    """The sum of the squares of every element of the safetensors blob ``blob``, in one BLAS dot over
+    its data area when all its tensors are float32 (accumulated in float32: it is ``inf`` once it
+    passes float32's largest value) or all float64; ``None`` otherwise (sum the tensors one by one).
+    """
+    view = memoryview(blob).cast("B")
+    try:
+        layout = _layout(view)
+    except (ValueError, RecursionError, _Foreign):
+        return None
+    dtypes = {e[3] for e in layout.entries}
+    if len(dtypes) != 1 or (dtype := dtypes.pop()) not in (torch.float32, torch.float64):
+        return None
+    data = np.frombuffer(view, dtype=_NUMPY_FINITE[dtype], offset=layout.start)
+    with np.errstate(over="ignore", invalid="ignore"):
+        return float(np.dot(data, data))
 
 
 def params_from_bytes(blob: bytes) -> Params:
@@ -301,7 +320,7 @@ def slots_from_bytes(blob: Blob, *, copy: bool = True) -> dict[str, Params]:
             tensors, metadata = st_load(bytes(blob)), _metadata(blob)
         except Exception as exc:  # safetensors raises its own error type on a corrupt buffer
             raise RunStateError(f"cannot decode a parameter blob ({len(blob)} bytes): {exc}") from exc
-    except (ValueError, TypeError, json.JSONDecodeError) as exc:
+    except (ValueError, TypeError, RecursionError) as exc:  # RecursionError: a header nested too deep
         raise RunStateError(f"cannot decode a parameter blob ({len(blob)} bytes): {exc}") from exc
     try:
         if order is None:

@@ -48,7 +48,15 @@ OPERATOR = "operator"
 
 
 class AuthError(FedloomError):
-    """A caller is unknown, revoked or presented a wrong credential."""
+    """A caller is unknown, revoked or presented a wrong credential.
+
+    The message is for the server's log; the caller is told it only when ``public`` (it proved
+    who it is: a revoked client with its own token), else one message for every refusal.
+    """
+
+    def __init__(self, message: str, *, public: bool = False) -> None:
+        super().__init__(message)
+        self.public = public
 
 
 def is_loopback(host: str) -> bool:
@@ -113,10 +121,11 @@ class TokenBook:
             entry = self._entries.get(name)
         if entry is None:
             raise AuthError(f"unknown client {name!r}: not in {self.path.name}")
-        if entry.get("revoked", False):
-            raise AuthError(f"client {name!r} has been revoked")
+        # The token first: only a caller holding it may learn that the name is revoked.
         if not hmac.compare_digest(str(entry.get("sha256", "")), _digest(token)):
             raise AuthError(f"wrong token for client {name!r}")
+        if entry.get("revoked", False):
+            raise AuthError(f"client {name!r} has been revoked", public=True)
 
 
 def revoke(directory: Path, name: str) -> None:

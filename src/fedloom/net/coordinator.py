@@ -14,11 +14,21 @@ the round closes:
 Every incoming update is validated before it counts: the round it names (an
 older round is *late* if its sender was selected then, else a *replay*; a future
 round is refused), the sender's selection, duplicates, the broadcast it was
-trained on, that it parses, names/shapes/dtypes against the global model,
-finiteness, the configured norm bound, and the pipeline's own ``decode`` checks.
-A rejected update gets its reason back, a log line and an audit row; nothing
-already accepted is touched. Accepted updates are written to the ``pending``
-table before the client hears "accepted", so a killed server loses none.
+trained on, that it parses, names/shapes/dtypes against the global model, what
+the algorithm requires of an update (its extras, a least step count: see
+:mod:`fedloom.algorithms.requirements`), finiteness, a squared L2 norm that
+float32 can hold (below :data:`~fedloom.net.guard.OVERFLOW_SQUARE`, whatever the configured bound),
+the configured norm bound, the weight cap (``deploy.max_weight``), and the
+pipeline's own ``decode`` checks. Under ``deploy.weighting = "uniform"`` every
+accepted update then gets weight 1. A rejected update gets its reason back, a log
+line and an audit row; nothing already accepted is touched. Any exception raised
+while checking one update rejects that update, never more. Accepted updates are
+written to the ``pending`` table before the client hears "accepted", so a killed
+server loses none; the pending updates restored after a restart pass the same
+checks, and one that fails is rejected and its row dropped.
+
+Each selected client has one outcome per round attempt: an accepted update or a
+failure report, whichever came first; a second is refused.
 
 Under secure aggregation (``open_round(..., relay=...)``, see :mod:`fedloom.net.secure`)
 plaintext uploads are refused outright -- nothing is staged or stored -- and selected
@@ -28,6 +38,7 @@ the relay and closes the attempt with :meth:`Coordinator.close_secure`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 import time
@@ -37,9 +48,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from fedloom.algorithms.api import Broadcast, ClientUpdate, ServerContext
+from fedloom.algorithms.requirements import UNDECLARED, UpdateRequirements, check_update
 from fedloom.core.errors import FedloomError, UpdateError
 from fedloom.core.params import Params
-from fedloom.core.serde import data_all_finite
+from fedloom.core.serde import data_all_finite, data_square_sum
+from fedloom.net.guard import OVERFLOW_SQUARE, square_norm
 from fedloom.net.logs import JsonLog
 from fedloom.net.state import NetState, PendingUpdate, blob_checksum
 from fedloom.net.timing import RoundTiming
@@ -51,6 +64,9 @@ if TYPE_CHECKING:  # fedloom.net.secure needs the optional 'secure' extra
     from fedloom.net.secure import SecureOutcome, SecureRelay
 
 __all__ = ["Closed", "Coordinator", "Task"]
+
+#: Reasons, failure reports and names written to the audit table and the log are cut to this length.
+MAX_REASON = 500
 
 
 @dataclass(frozen=True)
@@ -120,8 +136,18 @@ class Coordinator:
         *,
         max_update_norm: float = 0.0,
         offline_after_s: float = 20.0,
+        requirements: UpdateRequirements = UNDECLARED,
+        max_weight: float = 0.0,
+        weighting: str = "reported",
     ) -> None:
+        """``requirements``: what the algorithm's updates carry; ``max_weight``: the largest weight an
+        update may report (0 = any); ``weighting``: ``"reported"`` or ``"uniform"`` (weight 1 each)."""
+        if weighting not in ("reported", "uniform"):
+            raise ValueError(f"weighting must be 'reported' or 'uniform', got {weighting!r}")
         self.names = list(names)
+        self._requirements = requirements
+        self._max_weight = max_weight
+        self._uniform = weighting == "uniform"
         self._ids = {n: i for i, n in enumerate(self.names)}
         self._state = state
         self._pipeline = pipeline
@@ -198,10 +224,17 @@ class Coordinator:
             relay=relay,
             xxh3=fingerprint(blob),
         )
+        restored = 0
         for p in pending:
-            update, compute = decode_update(p.client_id, p.meta_json, p.blob)
-            rnd.accepted[p.client_id] = round_pipeline.decode(update, ctx)
-            rnd.compute_s[p.client_id] = compute
+            try:
+                update, compute = decode_update(p.client_id, p.meta_json, p.blob)
+                update = self._validate(update, rnd, *_one_pass(p.blob))
+                rnd.accepted[p.client_id] = round_pipeline.decode(update, ctx)
+                rnd.compute_s[p.client_id] = compute
+                restored += 1
+            except Exception as exc:  # one bad row is that update's rejection, never the round's end
+                self._state.drop_pending(rnd.number, p.client_id)
+                self.reject(p.client_id, rnd.number, len(p.blob), "restored update: " + _reason(exc))
         with self._cond:
             self._round = rnd
             self._previous_selected[rnd.number] = rnd.selected
@@ -214,7 +247,7 @@ class Coordinator:
             selected=[self.names[c] for c in sorted(rnd.selected)],
             target=target,
             deadline_s=deadline_s,
-            restored=len(pending),
+            restored=restored,
         )
 
     def wait_close(self) -> Closed:
@@ -370,6 +403,7 @@ class Coordinator:
         return 2 * size + 65536
 
     def reject(self, cid: int, round: int, nbytes: int, reason: str, *, event: str = "rejected") -> str:
+        reason = _cut(reason)
         self.rejections[event] += 1
         name = self.names[cid] if 0 <= cid < len(self.names) else "?"
         self._state.audit(round, cid, name, event, nbytes, reason)
@@ -378,10 +412,20 @@ class Coordinator:
 
     def report_failure(self, cid: int, round: int, reason: str) -> str | None:
         """A client could not train (e.g. diverged); counts as its answer for the round."""
+        reason = _cut(reason)
         with self._cond:
             rnd = self._round
             if rnd is None or not rnd.open or rnd.number != round or cid not in rnd.selected:
                 return self.reject(cid, round, 0, f"failure report for round {round} is not current")
+            if cid in rnd.accepted or cid in rnd.failed:
+                answered = "an accepted update" if cid in rnd.accepted else "a failure report"
+                return self.reject(
+                    cid,
+                    round,
+                    0,
+                    f"failure report from client {self.names[cid]!r} for round {round}: it already sent "
+                    f"{answered} (one outcome per client and round)",
+                )
             rnd.failed[cid] = reason
             relay = rnd.relay
             if rnd.answered():  # the round loop waits for this (or the deadline) alone
@@ -410,6 +454,11 @@ class Coordinator:
             return f"update was trained on another model (digest {digest[:12]}), not round {round}'s"
         if rnd.relay is not None:
             return f"secure aggregation is on: plaintext updates are refused (round {round})"
+        if cid in rnd.failed:
+            return (
+                f"client {self.names[cid]!r} already reported a failure for round {round} "
+                "(one outcome per client and round)"
+            )
         return None
 
     def submit(
@@ -467,14 +516,13 @@ class Coordinator:
         t_validate = time.perf_counter()
         mapped = self._state.view(staged)
         try:
-            update, compute = decode_update(
-                cid, meta_json, blob if mapped is None else mapped, copy=mapped is None
-            )
-            self._validate(update, rnd, data_all_finite(blob if mapped is None else mapped))
+            held = blob if mapped is None else mapped
+            update, compute = decode_update(cid, meta_json, held, copy=mapped is None)
+            update = self._validate(update, rnd, *_one_pass(held))
             decoded = rnd.pipeline.decode(update, rnd.ctx)
-        except FedloomError as exc:
+        except Exception as exc:  # whatever breaks on one update rejects it and frees its slot
             self._state.discard(staged)
-            return self.reject(cid, round, len(blob), str(exc))
+            return self.reject(cid, round, len(blob), _reason(exc))
         t_record = time.perf_counter()
         with self._cond:
             why = self._check_slot(cid, round, digest)  # the round may have closed meanwhile
@@ -495,11 +543,20 @@ class Coordinator:
             return self.reject(cid, round, len(blob), why if why != "late" else "late update", event=event)
         return None
 
-    def _validate(self, update: ClientUpdate, rnd: _Round, finite: bool | None = None) -> None:
-        """Raise :class:`UpdateError` naming what is wrong with ``update``; ``finite``: the blob's
-        one-pass finiteness (see :func:`~fedloom.core.serde.data_all_finite`), ``True`` skips the
-        per-tensor checks, which otherwise name the tensor that is not finite."""
+    def _validate(
+        self, update: ClientUpdate, rnd: _Round, finite: bool | None = None, square: float | None = None
+    ) -> ClientUpdate:
+        """``update`` as it takes part (reweighted under uniform weighting), or raise
+        :class:`UpdateError` naming what is wrong with it.
+
+        ``finite``: the blob's one-pass finiteness (see :func:`~fedloom.core.serde.data_all_finite`),
+        ``True`` skips the per-tensor checks, which otherwise name the tensor that is not finite;
+        ``square``: the blob's one-pass sum of squares (:func:`~fedloom.core.serde.data_square_sum`;
+        ``None``: summed here, tensor by tensor).
+        """
+        client = self.names[update.client_id]
         rnd.broadcast.params.check_compatible(update.delta, what="update delta")
+        check_update(self._requirements, update, rnd.broadcast.params, client=client, round=rnd.number)
         if finite is not True and not update.delta.all_finite():
             raise UpdateError("update delta contains NaN or infinite values")
         for name, extra in update.extras.items():
@@ -513,12 +570,27 @@ class Coordinator:
                             f"update extra {name!r} parameter {k!r} has shape {tuple(v.shape)} "
                             f"{v.dtype}, expected {tuple(ref.shape)} {ref.dtype}"
                         )
+        if square is None:
+            square = square_norm([update.delta, *update.extras.values()])
+        if not square < OVERFLOW_SQUARE:
+            raise UpdateError(
+                f"update from client {client!r} for round {rnd.number}: its squared L2 norm overflows "
+                f"float32 (norm >= {math.sqrt(OVERFLOW_SQUARE):.3g}); refused whatever the configured bound"
+            )
         if self._max_norm > 0:
             norm = update.delta.l2_norm()
             if norm > self._max_norm:
                 raise UpdateError(
                     f"update norm {norm:.6g} exceeds the bound deploy.max_update_norm = {self._max_norm}"
                 )
+        if self._max_weight > 0 and update.weight > self._max_weight:
+            raise UpdateError(
+                f"update from client {client!r} for round {rnd.number}: weight {update.weight:.6g} exceeds "
+                f"deploy.max_weight = {self._max_weight:g}"
+            )
+        if self._uniform and update.weight != 1.0:
+            update = dataclasses.replace(update, weight=1.0)
+        return update
 
     # ---- operator view -----------------------------------------------------
     def status(self, extra: Mapping[str, Any]) -> dict[str, Any]:
@@ -553,3 +625,25 @@ class Coordinator:
                 "last_metrics": dict(self.last_metrics),
                 "rejections": dict(self.rejections),
             }
+
+
+def _one_pass(blob: bytes | memoryview) -> tuple[bool | None, float | None]:
+    """The blob's finiteness and sum of squares for :meth:`Coordinator._validate`, in one pass over
+    its data when it can: a sum of squares below :data:`OVERFLOW_SQUARE` has no NaN or infinity in it.
+    """
+    square = data_square_sum(blob)
+    if square is not None and square < OVERFLOW_SQUARE:
+        return True, square
+    return data_all_finite(blob), square
+
+
+def _cut(text: str) -> str:
+    """``text`` cut to :data:`MAX_REASON` characters (what a caller sends is never stored unbounded)."""
+    return text if len(text) <= MAX_REASON else f"{text[:MAX_REASON]}... ({len(text)} characters)"
+
+
+def _reason(exc: BaseException) -> str:
+    """The rejection reason for an exception raised while checking one update."""
+    if isinstance(exc, FedloomError):
+        return str(exc)
+    return f"update could not be checked: {type(exc).__name__}: {exc}"

@@ -16,6 +16,11 @@ ends with the same model, bit for bit, as an uninterrupted one -- provided every
 selected client answers within the deadline (the quorum/deadline outcome of a
 round that closes on time is inherently timing dependent).
 
+A round's server step runs through :func:`fedloom.net.guard.guarded_apply`: an update
+that makes the new model unusable (non-finite, or overflowing float32), or makes the step
+raise, is left out and rejected; when no model comes out, the attempt is aborted and its
+updates dropped, so only usable models are ever committed and resumed from.
+
 Secure aggregation (``secagg.enabled``): a round is run through a
 :class:`~fedloom.net.secure.SecureRelay` -- clients upload no update, the server
 relays the four SecAgg stages (the ``SecAgg`` RPC) and turns the unmasked sum
@@ -37,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import json
@@ -52,16 +58,19 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from fedloom.algorithms.api import Broadcast, ServerContext, ServerState, Workspace
+from fedloom.algorithms.requirements import requirements_of
 from fedloom.config.loader import config_to_toml
 from fedloom.config.schema import ExperimentConfig
 from fedloom.core.errors import ConfigError, FedloomError, RunStateError, TrainingError, UpdateError
 from fedloom.core.serde import params_to_bytes
 from fedloom.data.datasets import ArrayDataset
 from fedloom.net.auth import OPERATOR, AuthError, Credentials, TokenBook
-from fedloom.net.coordinator import Coordinator, Task
+from fedloom.net.coordinator import Closed, Coordinator, Task
+from fedloom.net.guard import Guarded, guarded_apply
 from fedloom.net.logs import JsonLog
 from fedloom.net.proto import fedloom_pb2 as pb
 from fedloom.net.proto import fedloom_pb2_grpc as pbg
+from fedloom.net.refusals import REFUSED, RefusalGate, clip_name
 from fedloom.net.state import NetState
 from fedloom.net.transport import check_plaintext
 from fedloom.net.wire import (
@@ -77,7 +86,6 @@ from fedloom.sim.build import build_algorithm, build_pipeline, task_for
 from fedloom.sim.evaluate import evaluate
 from fedloom.sim.privacy_plan import plan_privacy
 from fedloom.sim.sampling import cohort_size, sample_clients
-from fedloom.sim.server_round import apply_updates
 from fedloom.tasks.task import task_workspace
 
 _TASK_BROADCAST_FIELD = pb.TaskReply.DESCRIPTOR.fields_by_name["broadcast"].number
@@ -128,6 +136,7 @@ class _Service:
         self.coord, self.cfg, self.tokens, self.mtls = coord, cfg, tokens, mtls
         self.state, self.log, self.run_id = state, log, run_id
         self.chunk = chunk_size_for(cfg.deploy.max_message_bytes)
+        self.refusals = RefusalGate()
         self._pieces_lock = threading.Lock()
         self._cut: tuple[str, list[bytes]] = ("", [])
         self._whole: tuple[str, bytes] = ("", b"")
@@ -175,12 +184,25 @@ class _Service:
             if cid is None:
                 raise AuthError(f"unknown client {name!r}: not in deploy.clients")
         except AuthError as exc:
-            self.log("refused", level="warning", client=name, peer=context.peer(), reason=str(exc))
-            self.state.audit(self.coord.completed_round + 1, -1, name, "refused", 0, str(exc))
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+            self._refused(name, context.peer(), str(exc))
+            # One answer for every refusal (see fedloom.net.refusals), except to a revoked client
+            # that proved its identity with its own token.
+            public = str(exc) if exc.public else REFUSED
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, public)
             raise  # unreachable: abort raises
         self.coord.touch(cid)
         return cid
+
+    def _refused(self, name: str, peer: str, reason: str) -> None:
+        """Record a refusal, within the gate's rate, with what the caller claimed cut short."""
+        suppressed = self.refusals.admit()
+        if suppressed is None:
+            return
+        name, reason = clip_name(name), clip_name(reason, 300)
+        if suppressed:
+            reason += f" (+{suppressed} refused calls not recorded before this one)"
+        self.log("refused", level="warning", client=name, peer=clip_name(peer), reason=reason)
+        self.state.audit(self.coord.completed_round + 1, -1, name, "refused", 0, reason)
 
     # ---- RPCs ----------------------------------------------------------
     async def Join(
@@ -402,7 +424,9 @@ class _Service:
         counts = await self.loop.run_in_executor(
             self._blocking, self.state.event_counts
         )  # scans the audit log
-        return pb.StatusReply(json=json.dumps(self.coord.status({"run_id": self.run_id, "audit": counts})))
+        refused = {"total": self.refusals.total, "unrecorded": self.refusals.suppressed}
+        info = self.coord.status({"run_id": self.run_id, "audit": counts, "refused": refused})
+        return pb.StatusReply(json=json.dumps(info))
 
 
 class _AsyncServer:
@@ -575,7 +599,15 @@ def run_server(cfg: ExperimentConfig, state_dir: Path, options: ServerOptions, l
         history = [m for m in store.metrics(up_to=state.round) if m.get("round", 0) > 0]
         store.set_meta("status", "running")
         coord = Coordinator(
-            names, net, pipeline, log, max_update_norm=d.max_update_norm, offline_after_s=d.offline_after_s
+            names,
+            net,
+            pipeline,
+            log,
+            max_update_norm=d.max_update_norm,
+            offline_after_s=d.offline_after_s,
+            requirements=requirements_of(algorithm),
+            max_weight=d.max_weight,
+            weighting=d.weighting,
         )
         if history:
             coord.finish(history[-1])
@@ -704,12 +736,24 @@ def _loop(
                     outcome, secure_error = None, f"; {exc}"
                 closed = coord.close_secure(outcome)
                 contributors = len(outcome.included) if outcome is not None else 0
+            t_agg = time.perf_counter()
+            unusable = ""
             if contributors >= d.min_quorum:
-                break
+                guarded, closed = _aggregate(cfg, algorithm, pipeline, state, closed, broadcast, ctx)
+                for c, why in sorted(guarded.blamed.items()):  # left out: not restored by the next attempt
+                    net.drop_pending(r, c)
+                    coord.reject(c, r, 0, why)
+                contributors -= len(guarded.blamed)
+                if guarded.state is not None and contributors >= d.min_quorum:
+                    new_state = guarded.state
+                    break
+                unusable = guarded.reason
             reason = (
                 f"round {r} attempt {attempt}: {contributors} accepted updates, below "
                 f"deploy.min_quorum = {d.min_quorum}{secure_error}"
             )
+            if unusable:
+                reason = f"round {r} attempt {attempt}: no usable model: {unusable}"
             net.audit(r, -1, "", "round_aborted", 0, reason)
             log(
                 "round_aborted",
@@ -721,27 +765,10 @@ def _loop(
             )
         else:
             raise TrainingError(
-                f"round {r} aborted {d.max_round_attempts} times below quorum; the last good checkpoint "
+                f"round {r} aborted {d.max_round_attempts} times (below quorum or no usable model); the last good checkpoint "
                 f"(round {state.round}) is intact in {store.path}; restart the server to retry"
             )
-        t_agg = time.perf_counter()
-        if closed.secure is not None:
-            from fedloom.secagg.updates import aggregate_from_sum
-
-            agg = aggregate_from_sum(
-                closed.secure.total,
-                broadcast.params,
-                max_weight=cfg.secagg.max_weight,
-                num_clients=len(closed.secure.included),
-            )
-            new_state, _ = apply_updates(algorithm, pipeline, state, [], ctx, precomputed=agg)
-        else:
-            new_state, _ = apply_updates(algorithm, pipeline, state, closed.updates, ctx)
         aggregate_s = time.perf_counter() - t_agg
-        if not new_state.params.all_finite():
-            raise TrainingError(
-                f"round {r}: the global model became non-finite; checkpoint {state.round} kept"
-            )
         state = new_state
         # (client, examples, train loss): under SecAgg from the metadata sent in the clear at stage 0
         contributed = (
@@ -809,6 +836,32 @@ def _loop(
             log("target_reached", round=r)
             break
     return state
+
+
+def _aggregate(
+    cfg: ExperimentConfig,
+    algorithm: Any,
+    pipeline: Any,
+    state: ServerState,
+    closed: Closed,
+    broadcast: Broadcast,
+    ctx: ServerContext,
+) -> tuple[Guarded, Closed]:
+    """The guarded server step of the round (:func:`fedloom.net.guard.guarded_apply`) and ``closed``
+    without the updates it left out."""
+    precomputed = None
+    if closed.secure is not None:
+        from fedloom.secagg.updates import aggregate_from_sum
+
+        precomputed = aggregate_from_sum(
+            closed.secure.total,
+            broadcast.params,
+            max_weight=cfg.secagg.max_weight,
+            num_clients=len(closed.secure.included),
+        )
+    guarded = guarded_apply(algorithm, pipeline, state, closed.updates, ctx, precomputed=precomputed)
+    kept = [u for u in closed.updates if u.client_id not in guarded.blamed]
+    return guarded, dataclasses.replace(closed, updates=kept)
 
 
 class _Committer:

@@ -50,7 +50,8 @@ server's and 8% of the clients' CPU).
 
 Audit events: ``join``, ``refused``, ``accepted``, ``rejected``, ``late``,
 ``failed`` (the client reported a training failure), ``dropout`` (selected, no
-update by the close), ``round_committed``, ``round_aborted``.
+update by the close), ``round_committed``, ``round_aborted``, ``rollback`` (see
+:mod:`fedloom.net.rollback`). ``refused`` rows are rate-limited (see :mod:`fedloom.net.refusals`).
 """
 
 from __future__ import annotations
@@ -337,6 +338,30 @@ class NetState:
             else:
                 out.append(int(cid))
         return out
+
+    def drop_pending(self, round: int, client_id: int) -> None:
+        """Forget one pending update (rejected when restored); its slot returns to the pool."""
+        with self._lock:
+            freed = [
+                str(r[0])
+                for r in self._db.execute(
+                    "SELECT file FROM pending_updates WHERE round = ? AND client_id = ?", (round, client_id)
+                )
+            ]
+            self._db.execute(
+                "DELETE FROM pending_updates WHERE round = ? AND client_id = ?", (round, client_id)
+            )
+        self._release_slots(freed)
+
+    def drop_pending_after(self, round: int) -> None:
+        """Forget the pending updates of rounds after ``round`` (a rollback); their slots return to the pool."""
+        with self._lock:
+            freed = [
+                str(r[0])
+                for r in self._db.execute("SELECT file FROM pending_updates WHERE round > ?", (round,))
+            ]
+            self._db.execute("DELETE FROM pending_updates WHERE round > ?", (round,))
+        self._release_slots(freed)
 
     def clear_pending(self, up_to_round: int) -> None:
         """Forget the pending updates of rounds <= ``up_to_round``; their slots return to the pool."""

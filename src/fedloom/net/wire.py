@@ -264,38 +264,62 @@ class UpdateMeta:
 
     @staticmethod
     def from_json(text: str) -> UpdateMeta:
-        """Parse and check the header; raises :class:`UpdateError` naming the bad field."""
+        """Parse and check the header; raises :class:`UpdateError` naming the bad field.
+
+        Whatever the text holds (an integer of thousands of digits, nesting deeper than the parser's
+        recursion, numbers beyond a float's range), the only exception is :class:`UpdateError`.
+        """
         try:
             raw: Any = json.loads(text)
         except json.JSONDecodeError as exc:
             raise UpdateError(f"update header is not JSON: {exc}") from None
+        except (ValueError, RecursionError) as exc:
+            raise UpdateError(f"update header does not parse: {type(exc).__name__}: {exc}"[:300]) from None
         if not isinstance(raw, dict):
             raise UpdateError("update header must be a JSON object")
         problems: list[str] = []
-        weight = raw.get("weight")
-        if not isinstance(weight, int | float) or not math.isfinite(weight) or weight <= 0:
-            problems.append(f"weight = {weight!r}, expected a finite number > 0")
+        weight = _finite_float(raw.get("weight"))
+        if weight is None or weight <= 0:
+            problems.append(f"weight = {_short(raw.get('weight'))}, expected a finite number > 0")
         for key in ("num_examples", "num_steps"):
             v = raw.get(key)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                problems.append(f"{key} = {v!r}, expected an integer >= 0")
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0 or v >= 2**63:
+                problems.append(f"{key} = {_short(v)}, expected an integer in [0, 2**63)")
         metrics = raw.get("metrics", {})
-        if not isinstance(metrics, dict) or not all(
-            isinstance(k, str) and isinstance(v, int | float) for k, v in metrics.items()
-        ):
-            problems.append("metrics must map names to numbers")
-        compute = raw.get("compute_s", 0.0)
-        if not isinstance(compute, int | float):
-            problems.append(f"compute_s = {compute!r}, expected a number")
+        values = {k: _finite_float(v) for k, v in metrics.items()} if isinstance(metrics, dict) else {}
+        if not isinstance(metrics, dict) or any(v is None for v in values.values()):
+            problems.append("metrics must map names to finite numbers")
+        compute = _finite_float(raw.get("compute_s", 0.0))
+        if compute is None:
+            problems.append(f"compute_s = {_short(raw.get('compute_s'))}, expected a finite number")
         if problems:
             raise UpdateError("bad update header: " + "; ".join(problems))
         return UpdateMeta(
             weight=float(weight),  # type: ignore[arg-type]
             num_examples=int(raw["num_examples"]),
             num_steps=int(raw["num_steps"]),
-            metrics={str(k): float(v) for k, v in metrics.items()},
-            compute_s=float(compute),
+            metrics={str(k): float(v) for k, v in values.items()},  # type: ignore[arg-type]
+            compute_s=float(compute),  # type: ignore[arg-type]
         )
+
+
+def _finite_float(v: object) -> float | None:
+    """``v`` as a finite float, or ``None`` (not a number, a bool, NaN, infinite, or beyond a float)."""
+    if not isinstance(v, int | float) or isinstance(v, bool):
+        return None
+    try:
+        f = float(v)
+    except OverflowError:
+        return None
+    return f if math.isfinite(f) else None
+
+
+def _short(v: object) -> str:
+    """``repr(v)`` cut to 60 characters: a reason never echoes a long value back."""
+    if isinstance(v, int) and not isinstance(v, bool) and v.bit_length() > 64:
+        return f"an integer of {v.bit_length()} bits"
+    text = repr(v)
+    return text if len(text) <= 60 else text[:60] + "..."
 
 
 def encode_update(update: ClientUpdate, *, compute_s: float = 0.0) -> tuple[str, bytes]:

@@ -164,6 +164,24 @@ class RunStore:
             algo_state=slots_from_bytes(blobs[2]),
         )
 
+    def rounds(self) -> list[int]:
+        """The rounds whose checkpoints are kept, ascending."""
+        return [int(r) for (r,) in self._db.execute(f"SELECT round FROM ({_ROUNDS}) ORDER BY round")]
+
+    def roll_back(self, round: int) -> None:
+        """Make the kept checkpoint of ``round`` the latest: later checkpoints, metrics and client
+        states are deleted in one transaction (their checkpoint files are reused by later commits).
+
+        Raises :class:`RunStateError` if ``round`` has no kept checkpoint or it does not read back intact.
+        """
+        kept = self.rounds()
+        if round not in kept:
+            raise RunStateError(f"{self.path} keeps no checkpoint of round {round}; kept rounds: {kept}")
+        self.load_state(round)  # its file must be intact before anything newer is given up
+        with self._transaction():
+            for table in ("checkpoint_files", "checkpoints", "metrics", "client_states"):
+                self._db.execute(f"DELETE FROM {table} WHERE round > ?", (round,))
+
     def metrics(self, up_to: int | None = None) -> list[dict[str, Any]]:
         """Per-round metrics in round order, up to and including ``up_to``."""
         limit = self.latest_round() if up_to is None else up_to
