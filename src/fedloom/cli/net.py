@@ -53,7 +53,10 @@ def server(
     ] = False,
     eval_data: Annotated[
         str | None,
-        typer.Option("--eval-data", help="Central test set: 'config' or FILE.py:ARG (see `client --data`)."),
+        typer.Option(
+            "--eval-data",
+            help="Central test set: 'task' (the task's own), 'config' or FILE.py:ARG (see `client --data`).",
+        ),
     ] = None,
     data_dir: Annotated[Path | None, typer.Option("--data-dir", help="Directory for --eval-data.")] = None,
     threads: Annotated[
@@ -88,8 +91,11 @@ def server(
             check_plaintext(listen, insecure=insecure, role="--listen")  # before loading any data
         if tokens is None:
             log("auth_disabled", level="warning", reason="no --tokens/--tls-dir: any client name is accepted")
-        test = load_eval_data(eval_data, cfg, data_dir=data_dir) if eval_data else None
-        options = ServerOptions(listen=listen, tls=tls, tokens=tokens, eval_data=test, insecure=insecure)
+        search = (config.resolve().parent, Path.cwd()) if config is not None else (Path.cwd(),)
+        test = load_eval_data(eval_data, cfg, data_dir=data_dir, search=search) if eval_data else None
+        options = ServerOptions(
+            listen=listen, tls=tls, tokens=tokens, eval_data=test, insecure=insecure, search=search
+        )
         # One intra-op thread by default: the server's event loop, its round loop and its worker
         # threads already share the cores, and OpenMP teams in each of them oversubscribe and spin.
         torch.set_num_threads(threads)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 
@@ -25,7 +26,7 @@ from fedloom.config.schema import ExperimentConfig
 from fedloom.core.errors import DataError
 from fedloom.data.datasets import ArrayDataset
 from fedloom.data.federated import FederatedDataset
-from fedloom.sim.build import split_for
+from fedloom.sim.build import split_for, task_for
 from fedloom.tasks.task import ClientData, Task, load_data, materialise
 
 __all__ = ["load_client_data", "load_eval_data", "task_client_data"]
@@ -107,8 +108,15 @@ def load_client_data(
     return data
 
 
-def load_eval_data(spec: str, cfg: ExperimentConfig, *, data_dir: Path | None) -> ArrayDataset:
-    """The server's central test set for ``--eval-data spec``."""
+def load_eval_data(
+    spec: str, cfg: ExperimentConfig, *, data_dir: Path | None, search: Sequence[Path] = ()
+) -> ArrayDataset:
+    """The server's central test set for ``--eval-data spec`` (``task``: the task's own test set)."""
+    if spec == "task":
+        test = load_data(task_for(cfg, search=search)).test
+        if test is None:
+            raise DataError("--eval-data task: the experiment's task has no central test set")
+        return test
     if spec == "config":
         from fedloom.sim.build import materialise_config
 

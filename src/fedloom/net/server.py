@@ -115,6 +115,8 @@ class ServerOptions:
     linger_s: float = 10.0
     # Plaintext on a non-loopback ``listen`` (see fedloom.net.transport); logged as a warning.
     insecure: bool = False
+    # Directories to import the experiment's task module from (the experiment file's folder).
+    search: tuple[Path, ...] = ()
 
 
 class _Service:
@@ -576,7 +578,9 @@ def run_server(cfg: ExperimentConfig, state_dir: Path, options: ServerOptions, l
         build_algorithm(cfg),
         build_pipeline(cfg, plan_privacy(cfg, population=population, secure_noise=True)),
     )
-    workspace, initial = task_workspace(task_for(cfg), seed=cfg.seed, device=cfg.device or None)
+    workspace, initial = task_workspace(
+        task_for(cfg, search=options.search), seed=cfg.seed, device=cfg.device or None
+    )
     _check_secagg(cfg, initial.num_elements() + 1)
     state_dir.mkdir(parents=True, exist_ok=True)
     db = state_dir / STATE_DB
