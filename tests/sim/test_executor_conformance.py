@@ -197,3 +197,21 @@ def test_thread_count_is_restored(mnist_2nn: tuple[ExperimentConfig, Components]
         algo, algo.broadcast(algo.server_init(comps.initial_params)), [0], {}, ServerContext(0, 1, 30)
     )
     assert torch.get_num_threads() == before
+
+
+def test_uniform_weighting_vectorizes_like_sequential(mnist_dir: str, tmp_path: Path) -> None:
+    # Clients of unequal size (Dirichlet), FedAdam as published: the uniform mean of the deltas.
+    sets = ("data.partition=dirichlet", "data.alpha=0.3", "server.optimizer=adam", "server.lr=0.01")
+    cfg = mnist_config(mnist_dir, *sets, "server.weighting=uniform")
+    comps = build_components(cfg)
+    seq = SequentialExecutor(comps.workspace, comps.train, comps.pipeline, threads=1)
+    want = _final(cfg, comps, seq, tmp_path / "seq")
+    got = _final(
+        cfg, comps, VectorizedExecutor(comps.workspace, comps.train, comps.pipeline), tmp_path / "vec"
+    )
+    assert got.allclose(want, rtol=1e-5, atol=1e-7)
+    cfg_ex = mnist_config(mnist_dir, *sets)
+    comps_ex = build_components(cfg_ex)
+    seq_ex = SequentialExecutor(comps_ex.workspace, comps_ex.train, comps_ex.pipeline, threads=1)
+    by_examples = _final(cfg_ex, comps_ex, seq_ex, tmp_path / "ex")
+    assert not by_examples.allclose(want, rtol=1e-3, atol=1e-5)  # the weighting took effect

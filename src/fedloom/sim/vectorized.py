@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad_and_value, vmap
 
+from fedloom.algorithms.aggregate import Weighting, client_weight
 from fedloom.algorithms.api import (
     Algorithm,
     Broadcast,
@@ -172,7 +173,7 @@ def _fedavg_plan(
 ) -> VectorPlan:
     # FedNova trains exactly as FedAvg does (its step-normalisation is in aggregate).
     assert isinstance(alg, FedAvg | FedNova)
-    return VectorPlan(alg.local, alg.stragglers)
+    return VectorPlan(alg.local, alg.stragglers, finish=_reweight(alg.weighting))
 
 
 def _fedprox_plan(
@@ -182,7 +183,14 @@ def _fedprox_plan(
     corr = None
     if alg.mu > 0:
         corr = _Proximal(alg.mu, [bc.params[n].to(device) for n in ws.trainable])
-    return VectorPlan(alg.local, alg.stragglers, corr)
+    return VectorPlan(alg.local, alg.stragglers, corr, _reweight(alg.weighting))
+
+
+def _reweight(weighting: Weighting) -> Callable[[ClientUpdate], ClientUpdate] | None:
+    """As the algorithms' ``client_update``: the weight ``n`` becomes the configured weighting's."""
+    if weighting == "examples":
+        return None
+    return lambda u: replace(u, weight=client_weight(weighting, u.num_examples))
 
 
 def _scaffold_plan(
