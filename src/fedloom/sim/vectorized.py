@@ -63,11 +63,11 @@ from fedloom.algorithms.fedprox import FedProx
 from fedloom.algorithms.local import LocalSGD
 from fedloom.algorithms.scaffold import CONTROL, CONTROL_DELTA, Scaffold
 from fedloom.algorithms.stragglers import StragglerPlan, Stragglers, dropped_update
-from fedloom.core.errors import FedloomError, TrainingError
+from fedloom.core.errors import TrainingError
 from fedloom.core.params import Params
 from fedloom.data.datasets import ArrayDataset
 from fedloom.data.federated import FederatedDataset
-from fedloom.sim.executor import ClientFailure, Outcome, SequentialExecutor, run_client
+from fedloom.sim.executor import ClientFailure, Outcome, SequentialExecutor, client_failure, run_client
 from fedloom.transforms.pipeline import Pipeline
 
 __all__ = [
@@ -355,6 +355,11 @@ class VectorizedExecutor:
         except (RuntimeError, NotImplementedError) as exc:  # an op vmap cannot batch
             self._broken = f"torch.func failed ({type(exc).__name__}: {exc})"
             return self._fall_back(self._broken, algorithm, broadcast, cohort, client_states, ctx)
+        except Exception as exc:
+            # A block cannot say which of its clients raised: this round runs client by client,
+            # where the raising clients fail alone; later rounds are batched again.
+            reason = f"a client's code raised {type(exc).__name__} in a batched block: {exc}"
+            return self._fall_back(reason, algorithm, broadcast, cohort, client_states, ctx)
         return [r for r in results if r is not None]
 
     def _fall_back(
@@ -374,8 +379,8 @@ class VectorizedExecutor:
     def _finish(self, update: ClientUpdate, ctx: ServerContext) -> Outcome:
         try:
             return self.pipeline.client(update, ctx)
-        except FedloomError as exc:
-            return ClientFailure(update.client_id, str(exc))
+        except Exception as exc:  # as run_client: the client's failure, not the round's
+            return client_failure(update.client_id, ctx.round, exc)
 
     def _train_block(
         self, block: list[_Member], plan: VectorPlan, broadcast: Broadcast, ctx: ServerContext
