@@ -1,7 +1,8 @@
 """UCI Heart Disease (Cleveland, Hungarian, Switzerland, VA Long Beach) as four federated clients.
 
-Reads ``processed.<hospital>.data`` from a directory given on the command line (the
-files are not part of the repository). Each file is comma-separated without a
+Reads the records with :func:`fedloom.data.heart_disease.read_raw`: by default the
+copy shipped inside fedloom (CC BY 4.0, checksum-verified), or ``processed.<hospital>.data``
+from a directory given as ``--data-dir``. Each file is comma-separated without a
 header, ``?`` marks a missing value, and has 14 columns: 13 features and ``num``
 (0 = no disease, 1-4 = disease), binarised to ``num > 0``.
 
@@ -25,36 +26,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedloom.core.errors import DataError
 from fedloom.core.rng import numpy_rng
 from fedloom.data.datasets import ArrayDataset
+from fedloom.data.heart_disease import HOSPITALS, read_raw
 
-HOSPITALS = ("cleveland", "hungarian", "switzerland", "va")
+__all__ = ["HOSPITALS", "load_client", "load_eval", "read_raw"]
+
 TEST_FRACTION = 0.2
-
-
-def read_raw(hospital: str, data_dir: Path | None) -> tuple[np.ndarray, np.ndarray]:
-    """Features ``(N, 13)`` float64 with NaN for missing values, labels ``(N,)`` in {0, 1}."""
-    if hospital not in HOSPITALS:
-        raise DataError(f"unknown hospital {hospital!r}; expected one of {', '.join(HOSPITALS)}")
-    if data_dir is None:
-        raise DataError("the heart-disease loader needs --data-dir DIR (holding processed.*.data)")
-    path = Path(data_dir) / f"processed.{hospital}.data"
-    if not path.is_file():
-        raise DataError(f"{path} does not exist; download the UCI Heart Disease 'processed' files")
-    rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        cells = line.strip().split(",")
-        if len(cells) != 14:
-            raise DataError(f"{path}:{n}: expected 14 comma-separated values, found {len(cells)}")
-        try:
-            rows.append([np.nan if c.strip() == "?" else float(c) for c in cells])
-        except ValueError as exc:
-            raise DataError(f"{path}:{n}: {exc}") from None
-    table = np.asarray(rows, dtype=np.float64)
-    return table[:, :13], (table[:, 13] > 0).astype(np.int64)
 
 
 def _split(hospital: str, n: int) -> tuple[np.ndarray, np.ndarray]:

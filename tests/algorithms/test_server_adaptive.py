@@ -15,11 +15,25 @@ eta = 0.1, beta1 = 0.9, beta2 = 0.99, tau = 1e-3, m_{-1} = 0, v_{-1} = tau^2 = 1
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 
-from fedloom.algorithms import ServerAdagrad, ServerAdam, ServerOptimizer, ServerSGD, ServerYogi
+from fedloom.algorithms import (
+    ClientContext,
+    ServerAdagrad,
+    ServerAdam,
+    ServerContext,
+    ServerOptimizer,
+    ServerSGD,
+    ServerYogi,
+    Workspace,
+)
+from fedloom.config import load_config
 from fedloom.core.params import Params
+from fedloom.data.datasets import ArrayDataset
+from fedloom.sim.build import build_algorithm
 
 X0 = [1.0, -2.0, 0.5]
 D1, D2 = [0.5, -0.2, 0.0], [0.01, 0.3, -0.04]
@@ -74,3 +88,50 @@ def test_server_sgd_is_untouched_by_the_adaptive_family() -> None:
 def test_invalid_hyperparameters_are_named(bad: dict[str, float]) -> None:
     with pytest.raises(ValueError, match=next(iter(bad))):
         ServerAdam(**bad)
+
+
+# One FedAdam round on the three clients of test_fedavg_golden.py (w0 = 0.5, local lr 0.1, two
+# full-batch steps): client deltas 0.54, 0.375, -0.48 on 1, 2, 1 examples.
+#   uniform (Alg. 2):  D = (0.54 + 0.375 - 0.48) / 3 = 0.145
+#   examples:          D = (0.54 + 2 * 0.375 - 0.48) / 4 = 0.2025
+#   Adam from m = 0, v = tau^2 = 1e-6 (eta 0.1, beta1 0.9, beta2 0.99, tau 1e-3):
+#   m1 = 0.1 D, v1 = 0.99e-6 + 0.01 D^2, w1 = 0.5 + 0.1 m1 / (sqrt(v1) + 1e-3)
+GOLDEN_CLIENTS = {0: ([1.0], [2.0]), 1: ([1.0, 2.0], [1.0, 2.0]), 2: ([2.0], [0.0])}
+
+
+def _adam_one_step(d: float) -> float:
+    m1 = 0.1 * d
+    v1 = 0.99e-6 + 0.01 * d * d
+    return 0.5 + 0.1 * m1 / (v1**0.5 + 1e-3)
+
+
+@pytest.mark.parametrize(("weighting", "pseudo_gradient"), [("uniform", 0.145), ("examples", 0.2025)])
+def test_fedadam_round_weights_clients_as_configured(
+    weighting: str, pseudo_gradient: float, toy_client: Callable[..., tuple[Workspace, ArrayDataset]]
+) -> None:
+    cfg = load_config(
+        None,
+        (
+            "server.optimizer=adam",
+            "server.lr=0.1",
+            "server.beta1=0.9",
+            "server.beta2=0.99",
+            "server.tau=0.001",
+            f"server.weighting={weighting}",
+            "client.lr=0.1",
+            "client.epochs=2",
+            "client.batch_size=2",
+        ),
+    )
+    algo = build_algorithm(cfg)
+    state = algo.server_init(Params({"weight": torch.tensor([[0.5]])}))
+    bc = algo.broadcast(state)
+    updates = []
+    for cid, (xs, ys) in GOLDEN_CLIENTS.items():
+        ws, data = toy_client(xs, ys)
+        updates.append(algo.client_update(ws, bc, None, data, ClientContext(seed=0, round=1, client_id=cid)))
+    ctx = ServerContext(seed=0, round=1, population=3)
+    agg = algo.aggregate(updates, ctx)
+    assert float(agg.delta["weight"]) == pytest.approx(pseudo_gradient, abs=1e-6)
+    new = algo.server_update(state, agg, ctx)
+    assert float(new.params["weight"]) == pytest.approx(_adam_one_step(pseudo_gradient), abs=1e-6)

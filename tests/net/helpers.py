@@ -26,6 +26,7 @@ from fedloom.algorithms.api import (
 )
 from fedloom.config.schema import ExperimentConfig
 from fedloom.core.errors import TrainingError
+from fedloom.data.heart_disease import HOSPITALS, packaged_dir
 from fedloom.models.zoo import build_model
 from fedloom.net.datasources import load_client_data
 from fedloom.sim.build import build_algorithm, build_pipeline
@@ -33,9 +34,9 @@ from fedloom.sim.build import build_algorithm, build_pipeline
 if TYPE_CHECKING:  # fedloom.net.client imports grpc, which conftest checks for before any test runs
     from fedloom.net.client import NetClient, Work
 
-HEART_DIR = REPO.parent / "shared" / "data" / "heart_disease"
+# The UCI Heart Disease files shipped inside fedloom (checksum-verified whenever read from here).
+HEART_DIR = packaged_dir()
 LOADER = REPO / "examples" / "heart_disease" / "heart_data.py"
-HOSPITALS = ("cleveland", "hungarian", "switzerland", "va")
 
 BASE_TOML = """
 seed = 3

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dp_accounting
+import numpy as np
 import pytest
 from dp_accounting import pld, rdp
+from dp_accounting.rdp import rdp_privacy_accountant
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -126,3 +128,42 @@ def test_ledger_stops_before_the_budget() -> None:
     assert ledger.max_rounds(budget) == 17
     assert not ledger.would_exceed(budget, 17)
     assert ledger.would_exceed(budget, 18)
+
+
+@pytest.mark.parametrize(
+    ("q", "sigma", "steps", "delta"),
+    [(0.01, 0.5, 100, 1e-5), (0.1, 1.1, 100, 1e-5), (0.001, 0.8, 10_000, 1e-6), (1.0, 1.0, 10, 1e-5)],
+)
+def test_rdp_is_never_looser_than_dp_accounting_default_orders(
+    q: float, sigma: float, steps: int, delta: float
+) -> None:
+    # dp-accounting's own accountant with its default orders, built here: fedloom's ε must not exceed it.
+    acc = rdp.RdpAccountant()
+    acc.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps)
+    reference = float(acc.get_epsilon(delta))
+    got = epsilon(sigma, PoissonSampling(q), steps, delta)
+    assert got <= reference * (1 + 1e-12)
+    assert got == pytest.approx(reference, rel=1e-3)
+
+
+def test_unsampled_gaussian_matches_the_closed_form_rdp_curve() -> None:
+    # T compositions of the Gaussian mechanism with noise multiplier sigma have RDP
+    # eps(alpha) = T * alpha / (2 sigma^2) (Mironov 2017, Prop. 7 and Prop. 1); convert it to
+    # (eps, delta) with dp-accounting's conversion over a fine grid of orders.
+    sigma, steps, delta = 4.0, 50, 1e-5
+    fine = np.concatenate([np.arange(1.01, 11.0, 0.01), np.arange(11.0, 1025.0, 0.5)])
+    default = rdp_privacy_accountant.DEFAULT_RDP_ORDERS
+    closed_default = rdp_privacy_accountant.compute_epsilon(
+        default, [steps * a / (2 * sigma**2) for a in default], delta
+    )[0]
+    closed_fine = rdp_privacy_accountant.compute_epsilon(
+        fine, [steps * a / (2 * sigma**2) for a in fine], delta
+    )[0]
+    got = epsilon(sigma, PoissonSampling(1.0), steps, delta)
+    assert got <= closed_default * (1 + 1e-12)
+    assert got == pytest.approx(closed_fine, rel=5e-3)
+    # Local DP: each message has sensitivity 2C, so the curve is that of noise multiplier sigma / 2.
+    local_closed = rdp_privacy_accountant.compute_epsilon(
+        fine, [steps * a / (2 * (sigma / 2) ** 2) for a in fine], delta
+    )[0]
+    assert local_epsilon(sigma, steps, delta) == pytest.approx(local_closed, rel=5e-3)

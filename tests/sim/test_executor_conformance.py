@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from fedloom.results.store import RunStore
 from fedloom.sim.build import Components, build_components
 from fedloom.sim.executor import Executor, SequentialExecutor
 from fedloom.sim.parallel import ParallelExecutor
-from fedloom.sim.runner import STATE_DB, run_simulation
+from fedloom.sim.runner import STATE_DB, RunResult, run_simulation
 from fedloom.sim.vectorized import VectorizedExecutor
 
 
@@ -23,13 +24,30 @@ def _final(cfg: ExperimentConfig, comps: Components, executor: Executor, out: Pa
     return run_simulation(cfg, out, components=comps, executor=executor).state.params
 
 
+# Per coordinate, each round's change of the model: the vectorised kernels sum in another order, so
+# the models differ by float32 rounding (a few ulps of parameters below 1: measured 7e-9).
+DELTA_ATOL = 1e-7
+
+
+def _round_deltas(run_dir: Path, initial: Params) -> list[Params]:
+    """Each round's change of the global model, from the run's per-round checkpoints."""
+    with RunStore(run_dir / STATE_DB) as store:
+        models = [initial] + [store.load_state(r).params for r in range(1, store.latest_round() + 1)]
+    return [b - a for a, b in itertools.pairwise(models)]
+
+
 @pytest.fixture(scope="module")
-def reference(
+def reference_run(
     mnist_2nn: tuple[ExperimentConfig, Components], tmp_path_factory: pytest.TempPathFactory
-) -> Params:
+) -> RunResult:
     cfg, comps = mnist_2nn
     seq = SequentialExecutor(comps.workspace, comps.train, comps.pipeline, threads=1)
-    return _final(cfg, comps, seq, tmp_path_factory.mktemp("seq") / "run")
+    return run_simulation(cfg, tmp_path_factory.mktemp("seq") / "run", components=comps, executor=seq)
+
+
+@pytest.fixture(scope="module")
+def reference(reference_run: RunResult) -> Params:
+    return reference_run.state.params
 
 
 @pytest.mark.parametrize("workers", [1, 2, 3])
@@ -43,12 +61,22 @@ def test_parallel_is_bit_identical(
 
 
 def test_vectorized_matches_to_float_tolerance(
-    mnist_2nn: tuple[ExperimentConfig, Components], reference: Params, tmp_path: Path
+    mnist_2nn: tuple[ExperimentConfig, Components], reference_run: RunResult, tmp_path: Path
 ) -> None:
     cfg, comps = mnist_2nn
     ex = VectorizedExecutor(comps.workspace, comps.train, comps.pipeline, block=4)
-    got = _final(cfg, comps, ex, tmp_path / "run")
-    assert got.allclose(reference, rtol=1e-5, atol=1e-7)
+    got = run_simulation(cfg, tmp_path / "run", components=comps, executor=ex)
+    assert got.state.params.allclose(reference_run.state.params, rtol=1e-5, atol=1e-7)
+    # Round by round too: errors that cancel over rounds, or a round applied twice and one skipped,
+    # would leave the final model close but not the rounds.
+    want = _round_deltas(reference_run.run_dir, comps.initial_params)
+    deltas = _round_deltas(got.run_dir, comps.initial_params)
+    assert len(deltas) == len(want) == cfg.rounds
+    for r, (d, w) in enumerate(zip(deltas, want, strict=True), start=1):
+        assert w.l2_norm() > 0, r
+        for k in w:
+            err = float((d[k] - w[k]).abs().max())
+            assert err <= DELTA_ATOL, (r, k, err)
 
 
 def test_ray_is_bit_identical(
@@ -197,3 +225,21 @@ def test_thread_count_is_restored(mnist_2nn: tuple[ExperimentConfig, Components]
         algo, algo.broadcast(algo.server_init(comps.initial_params)), [0], {}, ServerContext(0, 1, 30)
     )
     assert torch.get_num_threads() == before
+
+
+def test_uniform_weighting_vectorizes_like_sequential(mnist_dir: str, tmp_path: Path) -> None:
+    # Clients of unequal size (Dirichlet), FedAdam as published: the uniform mean of the deltas.
+    sets = ("data.partition=dirichlet", "data.alpha=0.3", "server.optimizer=adam", "server.lr=0.01")
+    cfg = mnist_config(mnist_dir, *sets, "server.weighting=uniform")
+    comps = build_components(cfg)
+    seq = SequentialExecutor(comps.workspace, comps.train, comps.pipeline, threads=1)
+    want = _final(cfg, comps, seq, tmp_path / "seq")
+    got = _final(
+        cfg, comps, VectorizedExecutor(comps.workspace, comps.train, comps.pipeline), tmp_path / "vec"
+    )
+    assert got.allclose(want, rtol=1e-5, atol=1e-7)
+    cfg_ex = mnist_config(mnist_dir, *sets)
+    comps_ex = build_components(cfg_ex)
+    seq_ex = SequentialExecutor(comps_ex.workspace, comps_ex.train, comps_ex.pipeline, threads=1)
+    by_examples = _final(cfg_ex, comps_ex, seq_ex, tmp_path / "ex")
+    assert not by_examples.allclose(want, rtol=1e-3, atol=1e-5)  # the weighting took effect

@@ -16,7 +16,13 @@ from fedloom.config.schema import ExperimentConfig
 from fedloom.core.errors import ConfigError
 from fedloom.sim.auto import choose_executor, make_executor
 from fedloom.sim.build import Components
-from fedloom.sim.executor import ExecutorError, SequentialExecutor, close_executor, lpt_assign
+from fedloom.sim.executor import (
+    ClientFailure,
+    ExecutorError,
+    SequentialExecutor,
+    close_executor,
+    lpt_assign,
+)
 from fedloom.sim.parallel import ParallelExecutor
 
 
@@ -83,20 +89,35 @@ class _Buggy(FedAvg):
         return super().client_update(workspace, broadcast, client_state, data, ctx)
 
 
-@pytest.mark.parametrize(("algo", "match"), [(_Killer(), "died .*signal 9"), (_Buggy(), "ZeroDivisionError")])
-def test_worker_failure_is_a_clear_error(
-    mnist_2nn: tuple[ExperimentConfig, Components], algo: FedAvg, match: str
-) -> None:
+def test_worker_death_is_a_clear_error(mnist_2nn: tuple[ExperimentConfig, Components]) -> None:
     _, comps = mnist_2nn
+    algo = _Killer()
     ex = ParallelExecutor(comps.workspace, comps.train, comps.pipeline, workers=2)
     ctx = ServerContext(seed=0, round=1, population=comps.train.num_clients)
     bc = algo.broadcast(algo.server_init(comps.initial_params))
     try:
-        with pytest.raises(ExecutorError, match=match):
+        with pytest.raises(ExecutorError, match=r"died .*signal 9"):
             ex.run_round(algo, bc, [0, 1, 2, 3], {}, ctx)
     finally:
         ex.close()
     assert not ex._procs
+
+
+def test_an_exception_in_client_code_fails_that_client_only(
+    mnist_2nn: tuple[ExperimentConfig, Components],
+) -> None:
+    _, comps = mnist_2nn
+    algo = _Buggy()
+    ctx = ServerContext(seed=0, round=1, population=comps.train.num_clients)
+    bc = algo.broadcast(algo.server_init(comps.initial_params))
+    with ParallelExecutor(comps.workspace, comps.train, comps.pipeline, workers=2) as ex:
+        got = ex.run_round(algo, bc, [0, 1, 2, 3], {}, ctx)
+        alive = list(ex._procs)
+    assert [o.client_id for o in got] == [0, 1, 2, 3]
+    assert isinstance(got[0], ClientFailure)
+    assert "round 1, client 0: client code raised ZeroDivisionError: bug in client code" in got[0].reason
+    assert all(isinstance(o, ClientUpdate) for o in got[1:])
+    assert len(alive) == 2  # the pool lives on
 
 
 def test_run_simulation_default_executor_closes_its_pool(mnist_dir: str, tmp_path: object) -> None:

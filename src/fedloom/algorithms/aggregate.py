@@ -3,12 +3,27 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Literal
 
 from fedloom.algorithms.api import ClientUpdate
 from fedloom.core.errors import UpdateError
 from fedloom.core.params import Params
 
-__all__ = ["Aggregator", "weighted_mean"]
+__all__ = ["Aggregator", "Weighting", "client_weight", "weighted_mean"]
+
+#: How a client's update counts in the mean: ``"examples"`` by its example count
+#: ``n_k`` (FedAvg, arXiv 1602.05629), ``"uniform"`` equally (``1 / |S|``, as in
+#: Algorithm 2 of Reddi et al., arXiv 2003.00295).
+Weighting = Literal["examples", "uniform"]
+
+
+def client_weight(weighting: Weighting, num_examples: int) -> float:
+    """The aggregation weight of a client that trained on ``num_examples`` examples."""
+    if weighting == "examples":
+        return float(num_examples)
+    if weighting == "uniform":
+        return 1.0
+    raise ValueError(f"weighting must be 'examples' or 'uniform', got {weighting!r}")
 
 
 #: A rule combining a round's updates into ``(delta, total_weight)``; ``weighted_mean`` is the default.

@@ -1,7 +1,8 @@
 """FedAvg (McMahan et al. 2017, arXiv 1602.05629), with the server optimiser as a parameter.
 
 Each selected client runs local SGD from the global model ``w`` and returns
-``delta_k = w_k - w`` with weight ``n_k`` (its example count). The server forms
+``delta_k = w_k - w`` with weight ``n_k`` (its example count; ``weighting =
+"uniform"`` gives every client weight 1). The server forms
 ``delta = sum_k n_k delta_k / sum_k n_k`` and applies its optimiser to it:
 ``ServerSGD(lr=1)`` gives ``w <- w + delta``, i.e. classic FedAvg; other server
 optimisers give FedAvgM / FedAdam / FedYogi / FedAdagrad (Reddi et al. 2021,
@@ -22,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from fedloom.algorithms.aggregate import Aggregator, weighted_mean
+from fedloom.algorithms.aggregate import Aggregator, Weighting, client_weight, weighted_mean
 from fedloom.algorithms.api import (
     Aggregate,
     Broadcast,
@@ -51,12 +52,17 @@ __all__ = ["FedAvg", "apply_round", "empty_aggregate", "weighted_round"]
 
 @dataclass(frozen=True)
 class FedAvg:
-    """Example-weighted federated averaging with a pluggable server optimiser."""
+    """Federated averaging with a pluggable server optimiser.
+
+    ``weighting`` sets each update's weight: its example count (``"examples"``)
+    or 1 (``"uniform"``).
+    """
 
     local: LocalSGD = field(default_factory=LocalSGD)
     server_optimizer: ServerOptimizer = field(default_factory=ServerSGD)
     stragglers: Stragglers = field(default_factory=Stragglers)
     aggregator: Aggregator = weighted_mean
+    weighting: Weighting = "examples"
 
     @property
     def name(self) -> str:
@@ -88,7 +94,7 @@ class FedAvg:
         return ClientUpdate(
             client_id=ctx.client_id,
             delta=result.delta,
-            weight=float(len(data)),
+            weight=client_weight(self.weighting, len(data)),
             num_examples=len(data),
             num_steps=result.num_steps,
             metrics=straggler_metrics(plan, result),

@@ -15,6 +15,7 @@ When every ``tau_i`` is equal this is FedAvg's ``sum_i p_i delta_i`` exactly: th
 coefficient ``p_i * tau_eff / tau_i`` is computed as ``p_i * (sum_j n_j tau_j) /
 (sum_j n_j * tau_i)``, whose ratio is exactly 1 then. Step counts differ through
 client sizes (a fixed number of epochs), ``client.steps`` or stragglers' partial work.
+``weighting = "uniform"`` sets every ``n_i`` to 1 (``p_i = 1 / |S|``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from fedloom.algorithms.aggregate import Weighting
 from fedloom.algorithms.api import (
     Aggregate,
     Broadcast,
@@ -64,6 +66,7 @@ class FedNova:
     local: LocalSGD = field(default_factory=LocalSGD)
     server_optimizer: ServerOptimizer = field(default_factory=ServerSGD)
     stragglers: Stragglers = field(default_factory=Stragglers)
+    weighting: Weighting = "examples"
 
     @property
     def name(self) -> str:
@@ -74,7 +77,12 @@ class FedNova:
         return UpdateRequirements(min_steps=1)
 
     def _local(self) -> FedAvg:
-        return FedAvg(local=self.local, server_optimizer=self.server_optimizer, stragglers=self.stragglers)
+        return FedAvg(
+            local=self.local,
+            server_optimizer=self.server_optimizer,
+            stragglers=self.stragglers,
+            weighting=self.weighting,
+        )
 
     def server_init(self, params: Params) -> ServerState:
         return ServerState(round=0, params=params, opt_state=self.server_optimizer.init(params))

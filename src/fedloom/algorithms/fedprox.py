@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fedloom.algorithms.aggregate import Aggregator, weighted_mean
+from fedloom.algorithms.aggregate import Aggregator, Weighting, client_weight, weighted_mean
 from fedloom.algorithms.api import (
     Aggregate,
     Broadcast,
@@ -65,6 +65,7 @@ class FedProx:
     server_optimizer: ServerOptimizer = field(default_factory=ServerSGD)
     stragglers: Stragglers = field(default_factory=Stragglers)
     aggregator: Aggregator = weighted_mean
+    weighting: Weighting = "examples"
 
     def __post_init__(self) -> None:
         if not self.mu >= 0:
@@ -106,7 +107,7 @@ class FedProx:
         return ClientUpdate(
             client_id=ctx.client_id,
             delta=result.delta,
-            weight=float(len(data)),
+            weight=client_weight(self.weighting, len(data)),
             num_examples=len(data),
             num_steps=result.num_steps,
             metrics=straggler_metrics(plan, result),

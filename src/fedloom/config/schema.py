@@ -127,6 +127,16 @@ class ServerConfig(_Section):
         gt=0,
         description="Adaptivity tau in eta m / (sqrt(v) + tau); v starts at tau^2 (adaptive only).",
     )
+    weighting: Literal["examples", "uniform"] = Field(
+        "examples",
+        description="How client updates are averaged into the pseudo-gradient: 'examples' weights each by "
+        "its example count (FedAvg's mean, an estimate of the gradient of the example-weighted objective), "
+        "'uniform' weights every client equally (Algorithm 2 of arXiv 2003.00295, for FedAdam / FedYogi / "
+        "FedAdagrad as published). The default 'examples' holds for every optimizer, so that changing "
+        "server.optimizer changes the optimizer and not the objective; set 'uniform' to reproduce the "
+        "paper. Applies to fedavg, fedprox and fednova; scaffold always averages uniformly, and DP "
+        "averages the clipped deltas uniformly.",
+    )
 
     @model_validator(mode="after")
     def _check_momentum(self) -> ServerConfig:

@@ -61,10 +61,15 @@ __all__ = [
 
 AccountantName = Literal["rdp", "pld"]
 
-#: RDP orders searched for the tightest ε. dp-accounting's defaults add orders in
-#: (1, 1.25) whose series often fail to converge (logged, then dropped) and cost
-#: 3-10x the time; they only matter for ε well below 0.1.
-RDP_ORDERS: tuple[float, ...] = (1.25, 1.5, 1.75, *map(float, range(2, 65)), 128.0, 256.0, 512.0)
+#: RDP orders searched for the tightest ε: dp-accounting's default orders plus
+#: 1.25, 1.75 and 64. ε is a minimum over the orders, so a superset of the
+#: defaults never reports more than dp-accounting's own ``RdpAccountant()``; a
+#: coarser grid misses the best order and overstates ε (by a third at q=0.01,
+#: σ=0.5, 100 rounds). For some (q, σ) the series of the orders in (1, 1.5)
+#: fail to converge; dp-accounting logs a warning and excludes those orders.
+RDP_ORDERS: tuple[float, ...] = tuple(
+    sorted({float(o) for o in rdp.rdp_privacy_accountant.DEFAULT_RDP_ORDERS} | {1.25, 1.75, 64.0})
+)
 
 
 @dataclass(frozen=True)

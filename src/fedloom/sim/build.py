@@ -73,15 +73,26 @@ def build_algorithm(cfg: ExperimentConfig) -> Algorithm:
     aggregator = make_aggregator(cfg.robust.aggregator, **cfg.robust.options)
     if a.name == "fedprox":
         return FedProx(
-            local=local, mu=a.mu, server_optimizer=server_opt, stragglers=stragglers, aggregator=aggregator
+            local=local,
+            mu=a.mu,
+            server_optimizer=server_opt,
+            stragglers=stragglers,
+            aggregator=aggregator,
+            weighting=s.weighting,
         )
     if a.name == "scaffold":
         return Scaffold(
             local=local, option=a.scaffold_option, server_optimizer=server_opt, stragglers=stragglers
         )
     if a.name == "fednova":
-        return FedNova(local=local, server_optimizer=server_opt, stragglers=stragglers)
-    return FedAvg(local=local, server_optimizer=server_opt, stragglers=stragglers, aggregator=aggregator)
+        return FedNova(local=local, server_optimizer=server_opt, stragglers=stragglers, weighting=s.weighting)
+    return FedAvg(
+        local=local,
+        server_optimizer=server_opt,
+        stragglers=stragglers,
+        aggregator=aggregator,
+        weighting=s.weighting,
+    )
 
 
 def build_pipeline(cfg: ExperimentConfig, privacy: PrivacyPlan | None = None) -> Pipeline:

@@ -6,6 +6,13 @@ client side of the transform pipeline) or a :class:`ClientFailure`, an error
 value the runner filters out before aggregation. Faster executors must return
 the same outcomes as :class:`SequentialExecutor`.
 
+Whatever a client's own work raises (the model's forward pass, the loss, a
+data transform, the client side of the pipeline) is that client's failure: an
+:class:`Exception` becomes a :class:`ClientFailure` naming the round, the client
+and the exception, and one warning on the ``fedloom`` logger says so (with the
+traceback at debug level). Only :class:`BaseException` s that are not
+:class:`Exception` (``KeyboardInterrupt``, ``SystemExit``) stop the run.
+
 Executors that hold resources (worker processes, Ray actors) have a ``close()``
 method; :func:`close_executor` calls it when present. The helpers here
 (:func:`client_costs`, :func:`lpt_assign`) are shared by the multi-worker
@@ -22,6 +29,7 @@ bit for bit whatever the executor and the number of workers.
 from __future__ import annotations
 
 import heapq
+import logging
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -50,11 +58,15 @@ __all__ = [
     "Outcome",
     "SequentialExecutor",
     "client_costs",
+    "client_failure",
     "close_executor",
     "lpt_assign",
     "run_client",
     "torch_threads",
 ]
+
+
+log = logging.getLogger("fedloom")
 
 
 @dataclass(frozen=True)
@@ -195,7 +207,23 @@ def run_client(
             workspace, broadcast, client_states.get(cid), data.client_data(cid), cctx
         )
         return pipeline.client(update, ctx)
-    except TrainingError as exc:
+    except Exception as exc:  # the client's own error fails that client, never the run
+        return client_failure(cid, ctx.round, exc)
+
+
+def client_failure(cid: int, round: int, exc: Exception) -> ClientFailure:
+    """The error value for an exception raised by client ``cid``'s work in ``round``.
+
+    A :class:`TrainingError` marks the client as diverged; another
+    :class:`FedloomError` already names what went wrong. Any other exception
+    (raised by user code: a model, a loss, a dataset) is logged as a warning
+    naming the round, the client and the exception, and its reason says the same.
+    """
+    if isinstance(exc, TrainingError):
         return ClientFailure(cid, str(exc), diverged=True)
-    except FedloomError as exc:
+    if isinstance(exc, FedloomError):
         return ClientFailure(cid, str(exc))
+    reason = f"round {round}, client {cid}: client code raised {type(exc).__name__}: {exc}"
+    log.warning("%s", reason)
+    log.debug("round %d, client %d: traceback", round, cid, exc_info=exc)
+    return ClientFailure(cid, reason)

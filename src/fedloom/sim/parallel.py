@@ -27,9 +27,12 @@ parallelism with no orchestration overhead (issue 4). The pool:
 
 A worker that dies (killed, out of memory, segfault) makes the round raise
 :class:`~fedloom.sim.executor.ExecutorError` naming it; the pool is then shut
-down. An unexpected exception in a worker is re-raised the same way with the
-worker's traceback. Only the ``fork`` start method is supported (Linux, macOS
-with care); elsewhere use the Ray or sequential executor.
+down. An exception raised by a client's own work is that client's
+:class:`~fedloom.sim.executor.ClientFailure` (see
+:func:`~fedloom.sim.executor.run_client`); any other exception in a worker is
+re-raised as that error with the worker's traceback. Only the ``fork`` start
+method is supported (Linux, macOS with care); elsewhere use the Ray or
+sequential executor.
 """
 
 from __future__ import annotations

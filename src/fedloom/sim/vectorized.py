@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad_and_value, vmap
 
+from fedloom.algorithms.aggregate import Weighting, client_weight
 from fedloom.algorithms.api import (
     Algorithm,
     Broadcast,
@@ -62,11 +63,11 @@ from fedloom.algorithms.fedprox import FedProx
 from fedloom.algorithms.local import LocalSGD
 from fedloom.algorithms.scaffold import CONTROL, CONTROL_DELTA, Scaffold
 from fedloom.algorithms.stragglers import StragglerPlan, Stragglers, dropped_update
-from fedloom.core.errors import FedloomError, TrainingError
+from fedloom.core.errors import TrainingError
 from fedloom.core.params import Params
 from fedloom.data.datasets import ArrayDataset
 from fedloom.data.federated import FederatedDataset
-from fedloom.sim.executor import ClientFailure, Outcome, SequentialExecutor, run_client
+from fedloom.sim.executor import ClientFailure, Outcome, SequentialExecutor, client_failure, run_client
 from fedloom.transforms.pipeline import Pipeline
 
 __all__ = [
@@ -172,7 +173,7 @@ def _fedavg_plan(
 ) -> VectorPlan:
     # FedNova trains exactly as FedAvg does (its step-normalisation is in aggregate).
     assert isinstance(alg, FedAvg | FedNova)
-    return VectorPlan(alg.local, alg.stragglers)
+    return VectorPlan(alg.local, alg.stragglers, finish=_reweight(alg.weighting))
 
 
 def _fedprox_plan(
@@ -182,7 +183,14 @@ def _fedprox_plan(
     corr = None
     if alg.mu > 0:
         corr = _Proximal(alg.mu, [bc.params[n].to(device) for n in ws.trainable])
-    return VectorPlan(alg.local, alg.stragglers, corr)
+    return VectorPlan(alg.local, alg.stragglers, corr, _reweight(alg.weighting))
+
+
+def _reweight(weighting: Weighting) -> Callable[[ClientUpdate], ClientUpdate] | None:
+    """As the algorithms' ``client_update``: the weight ``n`` becomes the configured weighting's."""
+    if weighting == "examples":
+        return None
+    return lambda u: replace(u, weight=client_weight(weighting, u.num_examples))
 
 
 def _scaffold_plan(
@@ -351,6 +359,11 @@ class VectorizedExecutor:
         except (RuntimeError, NotImplementedError) as exc:  # an op vmap cannot batch
             self._broken = f"torch.func failed ({type(exc).__name__}: {exc})"
             return self._fall_back(self._broken, algorithm, broadcast, cohort, client_states, ctx)
+        except Exception as exc:
+            # A block cannot say which of its clients raised: this round runs client by client,
+            # where the raising clients fail alone; later rounds are batched again.
+            reason = f"a client's code raised {type(exc).__name__} in a batched block: {exc}"
+            return self._fall_back(reason, algorithm, broadcast, cohort, client_states, ctx)
         return [r for r in results if r is not None]
 
     def _fall_back(
@@ -370,8 +383,8 @@ class VectorizedExecutor:
     def _finish(self, update: ClientUpdate, ctx: ServerContext) -> Outcome:
         try:
             return self.pipeline.client(update, ctx)
-        except FedloomError as exc:
-            return ClientFailure(update.client_id, str(exc))
+        except Exception as exc:  # as run_client: the client's failure, not the round's
+            return client_failure(update.client_id, ctx.round, exc)
 
     def _train_block(
         self, block: list[_Member], plan: VectorPlan, broadcast: Broadcast, ctx: ServerContext
