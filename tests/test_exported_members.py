@@ -38,7 +38,5 @@ def test_all_names_resolve_and_are_documented(name: str) -> None:
 def test_top_level_all_is_exactly_the_public_names() -> None:
     import fedloom
 
-    public = {
-        n for n in dir(fedloom) if not n.startswith("_") and not inspect.ismodule(getattr(fedloom, n))
-    }
+    public = {n for n in dir(fedloom) if not n.startswith("_") and not inspect.ismodule(getattr(fedloom, n))}
     assert public == set(fedloom.__all__) - {"__version__"}

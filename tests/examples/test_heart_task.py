@@ -58,13 +58,24 @@ def heart_data() -> object:
 
 def test_simulated_heart_task_reports_per_site_accuracy_and_auc(tmp_path: Path, heart_data: object) -> None:
     run = tmp_path / "run"
-    run_cli("simulate", "--config", str(CONFIG), "--set", "rounds=10", "--out", str(run), "--no-report", cwd=tmp_path)
+    run_cli(
+        "simulate",
+        "--config",
+        str(CONFIG),
+        "--set",
+        "rounds=10",
+        "--out",
+        str(run),
+        "--no-report",
+        cwd=tmp_path,
+    )
     last = _metrics(run / "metrics.jsonl")[-1]
     params = params_from_bytes((run / "model.safetensors").read_bytes())
     acc, auc = _independent(params, heart_data.test.x, heart_data.test.y)  # type: ignore[attr-defined]
     assert last["test_accuracy"] == pytest.approx(acc, abs=1e-12)
     assert last["test_auc"] == pytest.approx(auc, abs=1e-12)
-    assert 0.6 < acc and auc > 0.7  # it learned something real
+    assert acc > 0.6  # it learned something real
+    assert auc > 0.7
     sites = last["sites"]
     assert isinstance(sites, dict)
     assert sorted(sites) == ["cleveland", "hungarian", "switzerland", "va"]
@@ -86,21 +97,20 @@ def test_deployed_heart_task_runs_each_sites_task_and_equals_the_simulation(
 
     rounds = "rounds=4"
     sim = tmp_path / "sim"
-    run_cli("simulate", "--config", str(CONFIG), "--set", rounds, "--out", str(sim), "--no-report", cwd=tmp_path)
+    run_cli(
+        "simulate", "--config", str(CONFIG), "--set", rounds, "--out", str(sim), "--no-report", cwd=tmp_path
+    )
     port = free_port()
     srv = Proc(
         ["server", "--config", str(CONFIG), "--set", rounds, "--listen", f"127.0.0.1:{port}",
          "--state-dir", str(tmp_path / "srv"), "--eval-data", "task"],
         tmp_path, "server",
     )  # fmt: skip
-    clients = [
-        Proc(
-            ["client", "--server", f"127.0.0.1:{port}", "--config", str(CONFIG), "--client-id", h,
-             "--state-dir", str(tmp_path / "cstate" / h), "--give-up-after", "60"],
-            tmp_path, h,
-        )  # fmt: skip
-        for h in HOSPITALS
-    ]
+    clients = []
+    for h in HOSPITALS:
+        args = ["client", "--server", f"127.0.0.1:{port}", "--config", str(CONFIG), "--client-id", h,
+                "--state-dir", str(tmp_path / "cstate" / h), "--give-up-after", "60"]  # fmt: skip
+        clients.append(Proc(args, tmp_path, h))
     try:
         assert srv.wait(240) == 0, srv.err.read_text()[-3000:]
         for c in clients:
