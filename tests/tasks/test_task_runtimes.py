@@ -33,6 +33,7 @@ seed = 1
 fail_client = {fail}
 [algorithm]
 name = "{algorithm}"
+scaffold_option = "I"  # option II assumes plain SGD; this task uses Adam
 [client]
 lr = 0.05
 epochs = 2
