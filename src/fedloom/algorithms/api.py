@@ -110,11 +110,20 @@ class Aggregate:
 
 @dataclass(frozen=True)
 class ClientContext:
-    """Coordinates of one client's work: every random draw derives from them."""
+    """Coordinates of one client's work: every random draw derives from them.
+
+    ``optimizer_state`` is the local optimiser's state this client kept from its
+    previous round (only for a task whose ``LocalOptimizer.keep_state`` is set);
+    local training leaves the new state in ``outbox["optimizer"]``, which
+    :func:`fedloom.algorithms.local.client_update_with_state` moves into the
+    update's client state.
+    """
 
     seed: int
     round: int
     client_id: int
+    optimizer_state: Params | None = None
+    outbox: dict[str, Params] = field(default_factory=dict, compare=False, repr=False)
 
     def rng(self, purpose: str) -> torch.Generator:
         return torch_rng(self.seed, purpose, round=self.round, client=self.client_id)

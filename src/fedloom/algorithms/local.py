@@ -20,35 +20,41 @@ created with :meth:`TrainContext.optimizer` (or registered with
 SCAFFOLD need. A training function whose algorithm needs that hook but whose
 optimiser was never attached is refused with a message saying so.
 
-Optimiser state (momentum buffers, Adam's moments) starts fresh at every round:
-the broadcast model is a new starting point, and a client's previous moments
-describe a model that no longer exists. The learning-rate schedule, if any, runs
-over one round's local steps.
+Optimiser state (momentum buffers, Adam's moments) starts fresh at every round by
+default: the broadcast model is a new starting point, and a client's previous
+moments describe a model that no longer exists. ``LocalOptimizer(keep_state=True)``
+keeps it instead, in the client's own state (``ClientState.values["optimizer"]``),
+checkpointed and resumed like SCAFFOLD's control variate and, in deployment, kept on
+the client's disk; it is committed only when the server accepts the update. The
+learning-rate schedule, if any, runs over one round's local steps.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import torch
 
-from fedloom.algorithms.api import ClientContext, Workspace
+from fedloom.algorithms.api import Algorithm, Broadcast, ClientContext, ClientState, ClientUpdate, Workspace
 from fedloom.core.errors import FedloomError, TaskError, TrainingError
 from fedloom.core.params import Params
 from fedloom.data.datasets import ArrayDataset
 
 __all__ = [
+    "OPTIMIZER_STATE",
     "GradCorrection",
     "LocalOptimizer",
     "LocalResult",
     "LocalSGD",
     "TrainContext",
     "TrainFn",
+    "client_update_with_state",
     "load_params",
     "local_sgd",
+    "optimizer_state",
 ]
 
 # torch.optim.SGD's keyword arguments that leave it plain ``w <- w - lr * g``.
@@ -77,6 +83,7 @@ class LocalOptimizer:
     factory: Callable[..., torch.optim.Optimizer] = torch.optim.SGD
     kwargs: Mapping[str, Any] = field(default_factory=dict)
     schedule: Schedule | None = None
+    keep_state: bool = False
 
     def __post_init__(self) -> None:
         if not callable(self.factory):
@@ -93,18 +100,71 @@ class LocalOptimizer:
 
     def is_plain_sgd(self) -> bool:
         """True when this is ``w <- w - lr * g`` (SGD without momentum, decay or schedule)."""
-        if self.factory is not torch.optim.SGD or self.schedule is not None:
+        if self.factory is not torch.optim.SGD or self.schedule is not None or self.keep_state:
             return False
         extra = set(self.kwargs) - set(_PLAIN_SGD_DEFAULTS) - {"foreach", "differentiable", "fused"}
         return not extra and all(self.kwargs.get(k, d) == d for k, d in _PLAIN_SGD_DEFAULTS.items())
 
-    def build(self, params: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
+    def build(
+        self, params: list[torch.Tensor], lr: float, kept: Params | None = None
+    ) -> torch.optim.Optimizer:
+        """The optimiser over ``params``, resuming ``kept`` (from :func:`optimizer_state`) when given."""
         try:
-            return self.factory(params, lr=lr, **dict(self.kwargs))
+            opt = self.factory(params, lr=lr, **dict(self.kwargs))
         except (TypeError, ValueError) as exc:
             raise TrainingError(
                 f"local optimiser {self.name}(lr={lr}, {dict(self.kwargs)}) was rejected: {exc}"
             ) from exc
+        if self.keep_state and kept is not None and len(kept) > 0:
+            _load_state(opt, kept)
+        return opt
+
+
+OPTIMIZER_STATE = "optimizer"
+
+
+def optimizer_state(opt: torch.optim.Optimizer) -> Params:
+    """The optimiser's per-parameter state as tensors named ``"<param index>.<key>"`` (no hyper-parameters)."""
+    out: dict[str, torch.Tensor] = {}
+    for index, entry in opt.state_dict()["state"].items():
+        for key, value in entry.items():
+            tensor = value if isinstance(value, torch.Tensor) else torch.tensor(value, dtype=torch.float64)
+            out[f"{index}.{key}"] = tensor.detach().to("cpu", copy=True)
+    return Params(out)
+
+
+def _load_state(opt: torch.optim.Optimizer, kept: Params) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, tensor in kept.items():
+        index, _, key = name.partition(".")
+        state.setdefault(int(index), {})[key] = tensor.clone()
+    opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+
+
+def client_update_with_state(
+    algorithm: Algorithm,
+    workspace: Workspace,
+    broadcast: Broadcast,
+    client_state: ClientState | None,
+    data: ArrayDataset,
+    ctx: ClientContext,
+) -> ClientUpdate:
+    """``algorithm.client_update`` with the task's kept optimiser state carried in the client state.
+
+    Every runtime calls this instead of ``client_update`` directly, so an algorithm never
+    sees the optimiser's entry and a task that keeps optimiser state works with every one.
+    """
+    values = dict(client_state.values) if client_state is not None else {}
+    kept = values.pop(OPTIMIZER_STATE, None)
+    own = ClientState(values=values) if values else None
+    cctx = ClientContext(seed=ctx.seed, round=ctx.round, client_id=ctx.client_id, optimizer_state=kept)
+    update = algorithm.client_update(workspace, broadcast, own, data, cctx)
+    new = cctx.outbox.get(OPTIMIZER_STATE)
+    if new is None:
+        return update
+    merged = dict(update.client_state.values) if update.client_state is not None else {}
+    merged[OPTIMIZER_STATE] = new
+    return replace(update, client_state=ClientState(values=merged))
 
 
 @dataclass(frozen=True)
@@ -214,6 +274,7 @@ class TrainContext:
         self._ctx, self._data, self._workspace = ctx, data, workspace
         self._correction = correction
         self._handles: list[Any] = []
+        self._kept: torch.optim.Optimizer | None = None
         named = dict(workspace.module.named_parameters())
         self._params = [named[name] for name in workspace.trainable]
 
@@ -234,7 +295,11 @@ class TrainContext:
         ``params`` defaults to the model's trainable parameters.
         """
         spec = self._workspace.optimizer or LocalOptimizer()
-        opt = spec.build(list(params) if params is not None else list(self._params), self.lr)
+        opt = spec.build(
+            list(params) if params is not None else list(self._params), self.lr, self._ctx.optimizer_state
+        )
+        if spec.keep_state and self._kept is None:
+            self._kept = opt  # the optimiser whose state this client keeps for its next round
         return self.attach(opt)
 
     def schedule(self, optimizer: torch.optim.Optimizer) -> Any:
@@ -371,7 +436,7 @@ def _with_optimizer(
     """The task's ``torch.optim`` optimiser (and schedule), fresh for this round."""
     named = dict(workspace.module.named_parameters())
     params: list[torch.Tensor] = [named[name] for name in workspace.trainable]
-    opt = spec.build(params, cfg.lr)
+    opt = spec.build(params, cfg.lr, ctx.optimizer_state)
     sched = spec.schedule(opt, total_steps) if spec.schedule is not None else None
     loss_sum = torch.zeros((), dtype=torch.float64)
     step = 0
@@ -391,6 +456,8 @@ def _with_optimizer(
             sched.step()
         loss_sum += loss.detach().to("cpu", torch.float64)
         step += 1
+    if spec.keep_state:
+        ctx.outbox[OPTIMIZER_STATE] = optimizer_state(opt)
     return step, loss_sum
 
 
@@ -443,4 +510,6 @@ def _custom(
     delta = _delta(workspace, start)
     if not delta.all_finite():
         raise TrainingError(f"{where}: the trained model is not finite (NaN/inf)")
+    if tctx._kept is not None:
+        ctx.outbox[OPTIMIZER_STATE] = optimizer_state(tctx._kept)
     return LocalResult(delta=delta, num_steps=tctx.num_steps, mean_loss=mean_loss, metrics=metrics)

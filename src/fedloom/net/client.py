@@ -55,6 +55,7 @@ from fedloom.algorithms.api import (
     ServerContext,
     Workspace,
 )
+from fedloom.algorithms.local import client_update_with_state
 from fedloom.config.loader import parse_config
 from fedloom.config.schema import ExperimentConfig
 from fedloom.core.errors import ConfigError, FedloomError, RunStateError, TrainingError, UpdateError
@@ -172,7 +173,7 @@ def algorithm_work(
     """The simulation's local work (sim.executor.run_client), as a :data:`Work`."""
 
     def work(b: Broadcast, cs: ClientState | None, cctx: ClientContext, sctx: ServerContext) -> ClientUpdate:
-        return pipeline.client(algorithm.client_update(workspace, b, cs, data, cctx), sctx)
+        return pipeline.client(client_update_with_state(algorithm, workspace, b, cs, data, cctx), sctx)
 
     return work
 

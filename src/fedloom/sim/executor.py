@@ -46,7 +46,7 @@ from fedloom.algorithms.api import (
     ServerContext,
     Workspace,
 )
-from fedloom.algorithms.local import LocalSGD
+from fedloom.algorithms.local import LocalSGD, client_update_with_state
 from fedloom.core.errors import ExecutorError, FedloomError, TrainingError
 from fedloom.data.federated import FederatedDataset
 from fedloom.transforms.pipeline import Pipeline
@@ -203,8 +203,8 @@ def run_client(
     """One client's work: local update, then the pipeline's client side; errors become values."""
     cctx = ClientContext(seed=ctx.seed, round=ctx.round, client_id=cid)
     try:
-        update = algorithm.client_update(
-            workspace, broadcast, client_states.get(cid), data.client_data(cid), cctx
+        update = client_update_with_state(
+            algorithm, workspace, broadcast, client_states.get(cid), data.client_data(cid), cctx
         )
         return pipeline.client(update, ctx)
     except Exception as exc:  # the client's own error fails that client, never the run

@@ -249,6 +249,8 @@ def unsupported_reason(workspace: Workspace, algorithm: Algorithm) -> str | None
         return refusal
     if workspace.train_fn is not None:
         return "the task trains with its own training function"
+    if workspace.optimizer is not None and workspace.optimizer.keep_state:
+        return "the task keeps its local optimiser's state across rounds"
     if workspace.optimizer is not None and not workspace.optimizer.is_plain_sgd():
         return f"the task's local optimiser ({workspace.optimizer.name} with {dict(workspace.optimizer.kwargs)}) is not plain SGD"
     module = workspace.module
