@@ -337,3 +337,6 @@ def test_kept_adam_state_survives_resume_bit_identically(tmp_path: Path) -> None
         )
     resumed = run_simulation(cfg, tmp_path / "cut", resume=True, components=build_components(cfg, task=task))
     assert resumed.state.params.equal(whole)
+    fresh_task = _one_client_task(LocalOptimizer(torch.optim.Adam))
+    fresh = run_simulation(cfg, tmp_path / "fresh", components=build_components(cfg, task=fresh_task))
+    assert not fresh.state.params.equal(whole)  # the kept state is what resume had to restore
