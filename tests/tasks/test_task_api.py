@@ -340,3 +340,28 @@ def test_kept_adam_state_survives_resume_bit_identically(tmp_path: Path) -> None
     fresh_task = _one_client_task(LocalOptimizer(torch.optim.Adam))
     fresh = run_simulation(cfg, tmp_path / "fresh", components=build_components(cfg, task=fresh_task))
     assert not fresh.state.params.equal(whole)  # the kept state is what resume had to restore
+
+
+def test_a_metric_that_fails_mid_run_stops_it_naming_the_metric_and_keeps_what_was_recorded(
+    tmp_path: Path,
+) -> None:
+    calls = {"n": 0}
+
+    def flaky(out: torch.Tensor, y: torch.Tensor) -> float:
+        calls["n"] += 1
+        if calls["n"] > 3:  # two probe calls at materialisation, round 1's evaluation, then it breaks
+            raise ValueError("lost the labels")
+        return 0.0
+
+    task = _one_client_task(LocalOptimizer(torch.optim.SGD))
+    task = Task(model=task.model, data=task.data, loss=task.loss, metrics={"flaky": flaky}, name="flaky-task")
+    with pytest.raises(TaskError, match=r"metric 'flaky' failed .*ValueError: lost the labels"):
+        fedloom.simulate(task, {**SETTINGS, "rounds": 3}, out=tmp_path / "run", progress=False)
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 1
+    assert '"round": 1' in lines[0]
+    from fedloom.results.store import RunStore
+
+    with RunStore(tmp_path / "run" / "state.sqlite", create=False) as store:
+        assert store.latest_round() == 1
+        assert store.get_meta("status") == "failed"
