@@ -78,3 +78,27 @@ def test_server_optimizer_is_selected(optimizer: str, kind: type) -> None:
 def test_invalid_choices_are_named(overrides: tuple[str, ...], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_config(None, overrides)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("algorithm.name=scaffold", "server.weighting=examples"),
+        ("privacy.mode=central", "server.weighting=examples"),
+    ],
+)
+def test_explicit_example_weighting_is_refused_where_the_mean_is_uniform(overrides: tuple[str, ...]) -> None:
+    with pytest.raises(ConfigError, match=r"server\.weighting = 'examples' does not apply"):
+        load_config(None, overrides)
+    # Unset (the default) or uniform, the same runs are accepted.
+    load_config(None, overrides[:1])
+    load_config(None, (overrides[0], "server.weighting=uniform"))
+
+
+def test_weighting_reaches_fedavg_fedprox_and_fednova() -> None:
+    for name, kind in (("fedavg", FedAvg), ("fedprox", FedProx), ("fednova", FedNova)):
+        uniform = build_algorithm(load_config(None, (f"algorithm.name={name}", "server.weighting=uniform")))
+        default = build_algorithm(load_config(None, (f"algorithm.name={name}",)))
+        assert isinstance(uniform, kind)
+        assert isinstance(default, kind)
+        assert (uniform.weighting, default.weighting) == ("uniform", "examples")

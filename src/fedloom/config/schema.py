@@ -134,8 +134,8 @@ class ServerConfig(_Section):
         "'uniform' weights every client equally (Algorithm 2 of arXiv 2003.00295, for FedAdam / FedYogi / "
         "FedAdagrad as published). The default 'examples' holds for every optimizer, so that changing "
         "server.optimizer changes the optimizer and not the objective; set 'uniform' to reproduce the "
-        "paper. Applies to fedavg, fedprox and fednova; scaffold always averages uniformly, and DP "
-        "averages the clipped deltas uniformly.",
+        "paper. Applies to fedavg, fedprox and fednova; scaffold always averages uniformly, and so does "
+        "DP (clipped deltas), where writing 'examples' is refused.",
     )
 
     @model_validator(mode="after")
@@ -386,6 +386,19 @@ class ExperimentConfig(_Section):
                 f"robust.aggregator = {self.robust.aggregator!r} works with algorithm.name 'fedavg' or "
                 f"'fedprox', not {self.algorithm.name!r}"
             )
+        if "weighting" in self.server.model_fields_set and self.server.weighting == "examples":
+            # Written out, 'examples' promises example-weighted means, which these never compute.
+            if self.algorithm.name == "scaffold":
+                problems.append(
+                    "server.weighting = 'examples' does not apply to algorithm.name = 'scaffold' (its "
+                    "control variates need the uniform mean); leave server.weighting unset"
+                )
+            if self.privacy.mode != "off":
+                problems.append(
+                    f"server.weighting = 'examples' does not apply with privacy.mode = {self.privacy.mode!r} "
+                    "(DP averages clipped deltas uniformly: a client's weight would raise its sensitivity); "
+                    "leave server.weighting unset"
+                )
         if self.privacy.mode != "off":
             if self.robust.aggregator != "mean":
                 problems.append(
