@@ -103,7 +103,8 @@ def test_ray_is_bit_identical(
     assert got.equal(reference)
 
 
-def test_ray_reduces_the_weighted_mean_on_its_workers_bit_identically(mnist_dir: str) -> None:
+@pytest.mark.parametrize("weighting", ["examples", "uniform"])
+def test_ray_reduces_the_weighted_mean_on_its_workers_bit_identically(mnist_dir: str, weighting: str) -> None:
     """The driver gets one aggregate, not the updates, and it is FedAvg.aggregate's to the bit."""
     pytest.importorskip("ray")
     import ray
@@ -111,12 +112,16 @@ def test_ray_reduces_the_weighted_mean_on_its_workers_bit_identically(mnist_dir:
     from fedloom.algorithms.api import ClientUpdate, ServerContext
     from fedloom.sim.ray_executor import RayExecutor
 
-    # Dropped stragglers take no part; 3 workers cut the chain twice; 12 of 30 clients per round.
+    # Dropped stragglers take no part; 3 workers cut the chain twice; 12 of 30 clients per round;
+    # clients of unequal size, so the two weightings give different means.
     cfg = mnist_config(
         mnist_dir,
         "algorithm.straggler_fraction=0.4",
         "algorithm.drop_stragglers=true",
         "sampling.fraction=0.4",
+        "data.partition=dirichlet",
+        "data.alpha=0.5",
+        f"server.weighting={weighting}",
     )
     comps = build_components(cfg)
     alg = comps.algorithm
@@ -137,6 +142,8 @@ def test_ray_reduces_the_weighted_mean_on_its_workers_bit_identically(mnist_dir:
                 assert all(isinstance(o, ClientUpdate) and not o.delta for o in got_out)  # no delta came back
                 assert sum(1 for o in want_out if o.metrics.get("dropped")) > 0, "no straggler was dropped"
                 assert got.delta.equal(want.delta)
+                weights = {o.weight for o in want_out if isinstance(o, ClientUpdate) and o.weight > 0}
+                assert (weights == {1.0}) == (weighting == "uniform"), weights
                 assert (got.num_clients, got.total_weight) == (want.num_clients, want.total_weight)
                 state = alg.server_update(state, want, ctx)
         finally:
