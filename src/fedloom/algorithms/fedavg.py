@@ -13,9 +13,10 @@ only part of their local steps; ``drop=True`` excludes them from the mean (the
 FedProx paper's FedAvg baseline), otherwise their partial work is averaged in.
 A round whose every update was dropped leaves the server state unchanged.
 
-:func:`weighted_round` and :func:`apply_round` are the aggregation and server
-step shared with FedProx and FedNova, which differ only on the client side or
-in the weights.
+:func:`plain_plan` (the client side as a :class:`~fedloom.algorithms.plan.LocalPlan`),
+:func:`weighted_round` and :func:`apply_round` (the aggregation and server step) are
+shared with FedProx and FedNova, which differ only in a gradient correction or in
+the aggregation weights.
 """
 
 from __future__ import annotations
