@@ -245,11 +245,10 @@ class VectorizedExecutor:
         ctx: ServerContext,
     ) -> list[Outcome]:
         reason = self._broken or unsupported_reason(self.workspace, algorithm)
-        if reason is not None or not isinstance(algorithm, PlannedAlgorithm):
-            return self._fall_back(reason or "", algorithm, broadcast, cohort, client_states, ctx)
         rule = sgd_rule(self.workspace.optimizer)
-        if isinstance(rule, str):  # unsupported_reason has refused it already
-            return self._fall_back(rule, algorithm, broadcast, cohort, client_states, ctx)
+        # unsupported_reason names every case of the last two conditions (they narrow the types)
+        if reason is not None or isinstance(rule, str) or not isinstance(algorithm, PlannedAlgorithm):
+            return self._fall_back(reason or str(rule), algorithm, broadcast, cohort, client_states, ctx)
         results: list[Outcome | None] = [None] * len(cohort)
         # Clients train together when their plans agree on the start, the schedule and the correction kind.
         groups: dict[tuple[int, LocalSGD, type], list[_Member]] = {}
