@@ -55,11 +55,16 @@ class ProximalCorrection:
 
     def __init__(self, mu: float, anchor: list[torch.Tensor]) -> None:
         self.mu = mu
+        # On any device: copied to the parameters' device at the first call, so a cohort's plans
+        # share the broadcast's tensors until a client trains.
         self.anchor = anchor
+        self._moved: list[torch.Tensor] | None = None
 
     def __call__(self, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+        if self._moved is None:
+            self._moved = [a.to(p.device) for a, p in zip(self.anchor, params, strict=True)]
         # grads += mu * (params - anchor); the differences are fresh tensors, so nothing is aliased.
-        diffs = torch._foreach_sub(params, self.anchor)
+        diffs = torch._foreach_sub(params, self._moved)
         torch._foreach_add_(grads, diffs, alpha=self.mu)
 
     def stack(self, block: Sequence[GradCorrection], device: torch.device) -> GradCorrection | str:
@@ -123,7 +128,7 @@ class FedProx:
         """FedAvg's plan with the proximal term (none when ``mu`` is 0)."""
         correction = None
         if self.mu > 0:
-            anchor = [broadcast.params[n].to(workspace.device) for n in workspace.trainable]
+            anchor = [broadcast.params[n] for n in workspace.trainable]
             correction = ProximalCorrection(self.mu, anchor)
         return plain_plan(self.local, self.stragglers, self.weighting, broadcast, data, ctx, correction)
 

@@ -63,10 +63,13 @@ class _ControlCorrection:
     name = "SCAFFOLD's control-variate correction"
 
     def __init__(self, diff: list[torch.Tensor]) -> None:
-        self.diff = diff
+        self.diff = diff  # on any device: copied to the gradients' device at the first call
+        self._moved: list[torch.Tensor] | None = None
 
     def __call__(self, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
-        torch._foreach_add_(grads, self.diff)
+        if self._moved is None:
+            self._moved = [d.to(g.device) for d, g in zip(self.diff, grads, strict=True)]
+        torch._foreach_add_(grads, self._moved)
 
     def stack(self, block: Sequence[GradCorrection], device: torch.device) -> GradCorrection | str:
         """One correction for a block of clients' stacked tensors: their ``c - c_i`` stacked."""
@@ -156,7 +159,7 @@ class Scaffold:
         x, c = broadcast.params, broadcast.extras[CONTROL]
         c_i = client_state.values[CONTROL] if client_state is not None else x.zeros_like()
         diff = c - c_i
-        correction = _ControlCorrection([diff[n].to(workspace.device) for n in workspace.trainable])
+        correction = _ControlCorrection([diff[n] for n in workspace.trainable])
         work = self.stragglers.plan(self.local.num_steps(len(data)), ctx)
         n = len(data)
 
