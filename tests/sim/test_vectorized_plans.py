@@ -305,3 +305,41 @@ def test_an_algorithm_without_a_local_plan_runs_sequentially_said_once(
     lines = [r.getMessage() for r in caplog.records if r.name == "fedloom"]
     assert len(lines) == 1, lines
     assert "Unplanned declares no local_plan" in lines[0]
+
+
+# --- corrections on a block ------------------------------------------------------------------------
+
+
+def _apply(
+    correction: GradCorrection, params: list[torch.Tensor], grads: list[torch.Tensor]
+) -> list[torch.Tensor]:
+    out = [g.clone() for g in grads]
+    correction(params, out)
+    return out
+
+
+@pytest.mark.parametrize("shared_anchor", [True, False])
+def test_stacked_corrections_act_on_each_row_as_the_clients_own(shared_anchor: bool) -> None:
+    from fedloom.algorithms.fedprox import ProximalCorrection
+    from fedloom.algorithms.scaffold import _ControlCorrection
+
+    gen = torch.Generator().manual_seed(1)
+    shapes, k = [(3, 4), (4,)], 3
+    anchor = [torch.randn(s, generator=gen) for s in shapes]
+    anchors = [anchor if shared_anchor else [torch.randn(s, generator=gen) for s in shapes] for _ in range(k)]
+    params = [torch.randn(k, *s, generator=gen) for s in shapes]
+    grads = [torch.randn(k, *s, generator=gen) for s in shapes]
+    prox = [ProximalCorrection(0.3, a) for a in anchors]
+    control = [_ControlCorrection([torch.randn(s, generator=gen) for s in shapes]) for _ in range(k)]
+    for block in (prox, control):
+        stacked = block[0].stack(block, torch.device("cpu"))
+        assert not isinstance(stacked, str)
+        together = _apply(stacked, params, grads)
+        for j, own in enumerate(block):
+            alone = _apply(own, [p[j] for p in params], [g[j] for g in grads])
+            for t, a in zip(together, alone, strict=True):
+                assert torch.equal(t[j], a), j
+    assert "different mu" in str(
+        prox[0].stack([prox[0], ProximalCorrection(0.1, anchor)], torch.device("cpu"))
+    )
+    assert "mixes" in str(prox[0].stack([prox[0], control[0]], torch.device("cpu")))
