@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import itertools
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 from tests.sim.conftest import mnist_config
 
+from fedloom.algorithms.local import TrainContext
 from fedloom.config.schema import ExperimentConfig
 from fedloom.core.params import Params
+from fedloom.data.datasets import ArrayDataset
 from fedloom.results.store import RunStore
-from fedloom.sim.build import Components, build_components
+from fedloom.sim.build import Components, build_components, task_for
 from fedloom.sim.executor import Executor, SequentialExecutor
 from fedloom.sim.parallel import ParallelExecutor
 from fedloom.sim.runner import STATE_DB, RunResult, run_simulation
@@ -100,7 +103,8 @@ def test_ray_is_bit_identical(
     assert got.equal(reference)
 
 
-def test_ray_reduces_the_weighted_mean_on_its_workers_bit_identically(mnist_dir: str) -> None:
+@pytest.mark.parametrize("weighting", ["examples", "uniform"])
+def test_ray_reduces_the_weighted_mean_on_its_workers_bit_identically(mnist_dir: str, weighting: str) -> None:
     """The driver gets one aggregate, not the updates, and it is FedAvg.aggregate's to the bit."""
     pytest.importorskip("ray")
     import ray
@@ -108,12 +112,16 @@ def test_ray_reduces_the_weighted_mean_on_its_workers_bit_identically(mnist_dir:
     from fedloom.algorithms.api import ClientUpdate, ServerContext
     from fedloom.sim.ray_executor import RayExecutor
 
-    # Dropped stragglers take no part; 3 workers cut the chain twice; 12 of 30 clients per round.
+    # Dropped stragglers take no part; 3 workers cut the chain twice; 12 of 30 clients per round;
+    # clients of unequal size, so the two weightings give different means.
     cfg = mnist_config(
         mnist_dir,
         "algorithm.straggler_fraction=0.4",
         "algorithm.drop_stragglers=true",
         "sampling.fraction=0.4",
+        "data.partition=dirichlet",
+        "data.alpha=0.5",
+        f"server.weighting={weighting}",
     )
     comps = build_components(cfg)
     alg = comps.algorithm
@@ -134,6 +142,8 @@ def test_ray_reduces_the_weighted_mean_on_its_workers_bit_identically(mnist_dir:
                 assert all(isinstance(o, ClientUpdate) and not o.delta for o in got_out)  # no delta came back
                 assert sum(1 for o in want_out if o.metrics.get("dropped")) > 0, "no straggler was dropped"
                 assert got.delta.equal(want.delta)
+                weights = {o.weight for o in want_out if isinstance(o, ClientUpdate) and o.weight > 0}
+                assert (weights == {1.0}) == (weighting == "uniform"), weights
                 assert (got.num_clients, got.total_weight) == (want.num_clients, want.total_weight)
                 state = alg.server_update(state, want, ctx)
         finally:
@@ -167,15 +177,18 @@ def test_fedprox_with_stragglers_vectorized(mnist_dir: str, tmp_path: Path) -> N
     assert got.allclose(want, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("algorithm", ["fednova", "scaffold"])
+@pytest.mark.parametrize("algorithm", ["fednova", "scaffold", "scaffold-I"])
 def test_fednova_and_scaffold_vectorize_to_float_tolerance(
     algorithm: str, mnist_dir: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Half the clients each round with stragglers, so SCAFFOLD clients come back with the control
     # variates they kept (stacked per block as c - c_i) and some run fewer steps (c_i+ divides by K_i).
+    # Option I's c_i+ is the full gradient at x, computed by the plan's finish after batched training.
+    name, _, option = algorithm.partition("-")
     cfg = mnist_config(
         mnist_dir,
-        f"algorithm.name={algorithm}",
+        f"algorithm.name={name}",
+        f"algorithm.scaffold_option={option or 'II'}",
         "data.num_clients=8",
         "sampling.fraction=0.5",
         "algorithm.straggler_fraction=0.5",
@@ -196,23 +209,35 @@ def test_fednova_and_scaffold_vectorize_to_float_tolerance(
     for cid, st in want_states.items():
         for name, value in st.values.items():
             assert got_states[cid].values[name].allclose(value, rtol=1e-4, atol=1e-6), (cid, name)
-    assert bool(want_states) == (algorithm == "scaffold")
+    assert bool(want_states) == algorithm.startswith("scaffold")
 
 
 def test_vectorized_falls_back_with_one_log_line(
     mnist_dir: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    cfg = mnist_config(mnist_dir, "algorithm.name=scaffold", "algorithm.scaffold_option=I", "rounds=2")
-    comps = build_components(cfg)
+    """A task with its own training function runs sequentially, said once for the whole run."""
+
+    def loop(model: torch.nn.Module, data: ArrayDataset, ctx: TrainContext) -> dict[str, float]:
+        opt = ctx.optimizer()
+        for xb, yb in ctx.batches():
+            opt.zero_grad()
+            ctx.loss_fn(model(xb), yb).backward()
+            opt.step()
+        return {}
+
+    cfg = mnist_config(mnist_dir, "algorithm.name=fedprox", "algorithm.mu=0.1", "rounds=2")
+    comps = build_components(cfg, task=replace(task_for(cfg), train=loop))
     seq = SequentialExecutor(comps.workspace, comps.train, comps.pipeline)
     want = _final(cfg, comps, seq, tmp_path / "seq")
     with caplog.at_level(logging.WARNING, logger="fedloom"):
         ex = VectorizedExecutor(comps.workspace, comps.train, comps.pipeline)
         got = _final(cfg, comps, ex, tmp_path / "vec")
     assert got.equal(want)
-    lines = [r.getMessage() for r in caplog.records if "sequentially" in r.getMessage()]
-    assert len(lines) == 1
-    assert "option I" in lines[0]
+    assert not got.equal(comps.initial_params)
+    lines = [r.getMessage() for r in caplog.records if r.name == "fedloom"]
+    assert lines == [
+        "vectorized executor: running clients sequentially: the task trains with its own training function"
+    ]
 
 
 def test_thread_count_is_restored(mnist_2nn: tuple[ExperimentConfig, Components]) -> None:

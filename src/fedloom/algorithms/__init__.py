@@ -16,6 +16,7 @@ from fedloom.algorithms.fedavg import FedAvg
 from fedloom.algorithms.fednova import FedNova
 from fedloom.algorithms.fedprox import FedProx
 from fedloom.algorithms.local import GradCorrection, LocalResult, LocalSGD, load_params, local_sgd
+from fedloom.algorithms.plan import LocalPlan, PlannedAlgorithm, StackableCorrection, run_plan
 from fedloom.algorithms.requirements import UpdateRequirements
 from fedloom.algorithms.scaffold import Scaffold
 from fedloom.algorithms.server_opt import ServerAdagrad, ServerAdam, ServerOptimizer, ServerSGD, ServerYogi
@@ -32,8 +33,10 @@ __all__ = [
     "FedNova",
     "FedProx",
     "GradCorrection",
+    "LocalPlan",
     "LocalResult",
     "LocalSGD",
+    "PlannedAlgorithm",
     "Scaffold",
     "ServerAdagrad",
     "ServerAdam",
@@ -42,11 +45,13 @@ __all__ = [
     "ServerSGD",
     "ServerState",
     "ServerYogi",
+    "StackableCorrection",
     "StragglerPlan",
     "Stragglers",
     "UpdateRequirements",
     "Workspace",
     "load_params",
     "local_sgd",
+    "run_plan",
     "weighted_mean",
 ]

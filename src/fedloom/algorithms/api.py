@@ -17,6 +17,11 @@ A federated algorithm is four pure functions over explicit, immutable state
 Every runtime -- the sequential, parallel and vectorised simulation executors,
 Ray and the gRPC deployment -- calls exactly these functions, so an experiment
 proven in simulation deploys unchanged. Nothing here knows which runtime calls it.
+Two optional declarations let a runtime do the same work faster without knowing
+the algorithm: ``local_plan`` (the client update as a local-training plan, which
+``client_update`` itself runs; :mod:`fedloom.algorithms.plan`), batched by the
+vectorised executor, and ``why_not_weighted_mean`` (``None`` when ``aggregate``
+is the weighted mean of the deltas; :mod:`fedloom.sim.reduce`), reduced on Ray's workers.
 """
 
 from __future__ import annotations

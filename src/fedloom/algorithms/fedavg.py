@@ -13,9 +13,10 @@ only part of their local steps; ``drop=True`` excludes them from the mean (the
 FedProx paper's FedAvg baseline), otherwise their partial work is averaged in.
 A round whose every update was dropped leaves the server state unchanged.
 
-:func:`weighted_round` and :func:`apply_round` are the aggregation and server
-step shared with FedProx and FedNova, which differ only on the client side or
-in the weights.
+:func:`plain_plan` (the client side as a :class:`~fedloom.algorithms.plan.LocalPlan`),
+:func:`weighted_round` and :func:`apply_round` (the aggregation and server step) are
+shared with FedProx and FedNova, which differ only in a gradient correction or in
+the aggregation weights.
 """
 
 from __future__ import annotations
@@ -34,20 +35,15 @@ from fedloom.algorithms.api import (
     ServerState,
     Workspace,
 )
-from fedloom.algorithms.local import LocalSGD
+from fedloom.algorithms.local import GradCorrection, LocalResult, LocalSGD
+from fedloom.algorithms.plan import LocalPlan, run_plan
 from fedloom.algorithms.requirements import UpdateRequirements
 from fedloom.algorithms.server_opt import ServerOptimizer, ServerSGD
-from fedloom.algorithms.stragglers import (
-    Stragglers,
-    accepted,
-    dropped_update,
-    straggler_metrics,
-    train_with_stragglers,
-)
+from fedloom.algorithms.stragglers import Stragglers, accepted, straggler_metrics
 from fedloom.core.params import Params
 from fedloom.data.datasets import ArrayDataset
 
-__all__ = ["FedAvg", "apply_round", "empty_aggregate", "weighted_round"]
+__all__ = ["FedAvg", "apply_round", "empty_aggregate", "mean_refusal", "plain_plan", "weighted_round"]
 
 
 @dataclass(frozen=True)
@@ -78,6 +74,17 @@ class FedAvg:
     def broadcast(self, state: ServerState) -> Broadcast:
         return Broadcast(round=state.round + 1, params=state.params)
 
+    def local_plan(
+        self,
+        workspace: Workspace,
+        broadcast: Broadcast,
+        client_state: ClientState | None,
+        data: ArrayDataset,
+        ctx: ClientContext,
+    ) -> LocalPlan:
+        """Local training from the broadcast; the update is the delta, weighted by ``weighting``."""
+        return plain_plan(self.local, self.stragglers, self.weighting, broadcast, data, ctx)
+
     def client_update(
         self,
         workspace: Workspace,
@@ -86,25 +93,65 @@ class FedAvg:
         data: ArrayDataset,
         ctx: ClientContext,
     ) -> ClientUpdate:
-        plan, result = train_with_stragglers(
-            workspace, broadcast.params, data, self.local, self.stragglers, ctx
-        )
-        if result is None:
-            return dropped_update(ctx, broadcast.params)
-        return ClientUpdate(
-            client_id=ctx.client_id,
-            delta=result.delta,
-            weight=client_weight(self.weighting, len(data)),
-            num_examples=len(data),
-            num_steps=result.num_steps,
-            metrics=straggler_metrics(plan, result),
-        )
+        return run_plan(workspace, self.local_plan(workspace, broadcast, client_state, data, ctx), data, ctx)
+
+    def why_not_weighted_mean(self) -> str | None:
+        """``None``: :meth:`aggregate` is the weighted mean of the accepted deltas by their ``weight``."""
+        return mean_refusal(self.aggregator)
 
     def aggregate(self, updates: Sequence[ClientUpdate], ctx: ServerContext) -> Aggregate:
         return weighted_round(updates, self.aggregator)
 
     def server_update(self, state: ServerState, aggregate: Aggregate, ctx: ServerContext) -> ServerState:
         return apply_round(self.server_optimizer, state, aggregate, ctx)
+
+
+def plain_plan(
+    local: LocalSGD,
+    stragglers: Stragglers,
+    weighting: Weighting,
+    broadcast: Broadcast,
+    data: ArrayDataset,
+    ctx: ClientContext,
+    correction: GradCorrection | None = None,
+) -> LocalPlan:
+    """FedAvg's client side (shared with FedProx and FedNova): ``delta`` weighted by ``weighting``.
+
+    The client runs its straggler plan's steps of ``local`` from the broadcast
+    with ``correction``; a straggler whose work ``stragglers.drop`` discards does not train.
+    """
+    work = stragglers.plan(local.num_steps(len(data)), ctx)
+    n = len(data)
+
+    def finish(result: LocalResult) -> ClientUpdate:
+        return ClientUpdate(
+            client_id=ctx.client_id,
+            delta=result.delta,
+            weight=client_weight(weighting, n),
+            num_examples=n,
+            num_steps=result.num_steps,
+            metrics=straggler_metrics(work, result),
+        )
+
+    return LocalPlan(
+        start=broadcast.params,
+        local=local,
+        work=work,
+        finish=finish,
+        correction=correction,
+        drop=work.straggler and stragglers.drop,
+    )
+
+
+def mean_refusal(aggregator: Aggregator) -> str | None:
+    """Why aggregating with ``aggregator`` is not the plain weighted mean (``None``: it is).
+
+    The weighted mean reads each update's ``weight``, which the client side set
+    from the weighting (example counts or 1), so every weighting qualifies.
+    """
+    if aggregator is not weighted_mean:
+        return "a robust aggregation rule needs every update in one place"
+    return None
 
 
 def empty_aggregate(updates: Sequence[ClientUpdate]) -> Aggregate:

@@ -34,8 +34,9 @@ from fedloom.algorithms.api import (
     ServerState,
     Workspace,
 )
-from fedloom.algorithms.fedavg import FedAvg, apply_round, empty_aggregate
+from fedloom.algorithms.fedavg import apply_round, empty_aggregate, plain_plan
 from fedloom.algorithms.local import LocalSGD
+from fedloom.algorithms.plan import LocalPlan, run_plan
 from fedloom.algorithms.requirements import UpdateRequirements
 from fedloom.algorithms.server_opt import ServerOptimizer, ServerSGD
 from fedloom.algorithms.stragglers import Stragglers, accepted
@@ -76,19 +77,22 @@ class FedNova:
         """No extras; at least one local step (the update is divided by its step count)."""
         return UpdateRequirements(min_steps=1)
 
-    def _local(self) -> FedAvg:
-        return FedAvg(
-            local=self.local,
-            server_optimizer=self.server_optimizer,
-            stragglers=self.stragglers,
-            weighting=self.weighting,
-        )
-
     def server_init(self, params: Params) -> ServerState:
         return ServerState(round=0, params=params, opt_state=self.server_optimizer.init(params))
 
     def broadcast(self, state: ServerState) -> Broadcast:
         return Broadcast(round=state.round + 1, params=state.params)
+
+    def local_plan(
+        self,
+        workspace: Workspace,
+        broadcast: Broadcast,
+        client_state: ClientState | None,
+        data: ArrayDataset,
+        ctx: ClientContext,
+    ) -> LocalPlan:
+        """FedAvg's client side: the update already reports ``tau_i`` as ``num_steps``."""
+        return plain_plan(self.local, self.stragglers, self.weighting, broadcast, data, ctx)
 
     def client_update(
         self,
@@ -98,8 +102,7 @@ class FedNova:
         data: ArrayDataset,
         ctx: ClientContext,
     ) -> ClientUpdate:
-        # The client side is FedAvg's: the update already reports tau_i as num_steps.
-        return self._local().client_update(workspace, broadcast, client_state, data, ctx)
+        return run_plan(workspace, self.local_plan(workspace, broadcast, client_state, data, ctx), data, ctx)
 
     def aggregate(self, updates: Sequence[ClientUpdate], ctx: ServerContext) -> Aggregate:
         kept = accepted(updates)

@@ -5,7 +5,9 @@ Two levels share one entry point, :func:`local_sgd`:
 * **Declarative.** fedloom's own loop draws minibatches from
   ``ctx.rng("local-shuffle")``, computes the task's loss and steps the task's
   optimiser (:class:`LocalOptimizer`; plain SGD by default, run by a hand-written
-  foreach update that the vectorised executor reproduces exactly).
+  foreach update). The vectorised executor reproduces plain SGD and
+  ``torch.optim.SGD``'s momentum, dampening, Nesterov and weight decay on a block
+  of clients.
 * **A user-written training function** (``Workspace.train_fn``): it receives the
   module holding the broadcast, the client's data and a :class:`TrainContext`,
   trains however it likes, and returns its metrics; fedloom computes the update
@@ -13,7 +15,8 @@ Two levels share one entry point, :func:`local_sgd`:
 
 Algorithms that change local training (FedProx's proximal term, SCAFFOLD's
 control-variate correction) pass a :class:`GradCorrection` that adjusts the
-gradients in place before each optimiser step. The declarative loop calls it
+gradients in place before each optimiser step (one that can also act on a block
+of clients' stacked tensors has ``stack``; see :mod:`fedloom.algorithms.plan`). The declarative loop calls it
 directly; for a training function it runs as a step pre-hook of every optimiser
 created with :meth:`TrainContext.optimizer` (or registered with
 :meth:`TrainContext.attach`), which also counts the local steps that FedNova and

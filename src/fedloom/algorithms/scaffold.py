@@ -39,16 +39,11 @@ from fedloom.algorithms.api import (
     Workspace,
 )
 from fedloom.algorithms.fedavg import apply_round, empty_aggregate
-from fedloom.algorithms.local import LocalSGD, load_params
+from fedloom.algorithms.local import GradCorrection, LocalResult, LocalSGD, load_params
+from fedloom.algorithms.plan import LocalPlan, run_plan
 from fedloom.algorithms.requirements import UpdateRequirements
 from fedloom.algorithms.server_opt import ServerOptimizer, ServerSGD
-from fedloom.algorithms.stragglers import (
-    Stragglers,
-    accepted,
-    dropped_update,
-    straggler_metrics,
-    train_with_stragglers,
-)
+from fedloom.algorithms.stragglers import Stragglers, accepted, straggler_metrics
 from fedloom.core.errors import TrainingError, UpdateError
 from fedloom.core.params import Params
 from fedloom.data.datasets import ArrayDataset
@@ -60,15 +55,30 @@ CONTROL_DELTA = "control_delta"
 
 
 class _ControlCorrection:
-    """``g <- g + (c - c_i)``; ``diff`` holds ``c - c_i`` in ``workspace.trainable`` order."""
+    """``g <- g + (c - c_i)``; ``diff`` holds ``c - c_i`` in ``workspace.trainable`` order.
+
+    :meth:`stack` stacks a block's ``diff`` s to ``(K, *shape)``, one row per client.
+    """
 
     name = "SCAFFOLD's control-variate correction"
 
     def __init__(self, diff: list[torch.Tensor]) -> None:
-        self.diff = diff
+        self.diff = diff  # on any device: copied to the gradients' device at the first call
+        self._moved: list[torch.Tensor] | None = None
 
     def __call__(self, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
-        torch._foreach_add_(grads, self.diff)
+        if self._moved is None:
+            self._moved = [d.to(g.device) for d, g in zip(self.diff, grads, strict=True)]
+        torch._foreach_add_(grads, self._moved)
+
+    def stack(self, block: Sequence[GradCorrection], device: torch.device) -> GradCorrection | str:
+        """One correction for a block of clients' stacked tensors: their ``c - c_i`` stacked."""
+        mine = [c for c in block if isinstance(c, _ControlCorrection)]
+        if len(mine) != len(block):
+            return "a block mixes SCAFFOLD's correction with other corrections"
+        return _ControlCorrection(
+            [torch.stack(ts).to(device) for ts in zip(*(c.diff for c in mine), strict=True)]
+        )
 
 
 def full_gradient(workspace: Workspace, at: Params, data: ArrayDataset, batch_size: int) -> Params:
@@ -137,6 +147,55 @@ class Scaffold:
             round=state.round + 1, params=state.params, extras={CONTROL: state.algo_state[CONTROL]}
         )
 
+    def local_plan(
+        self,
+        workspace: Workspace,
+        broadcast: Broadcast,
+        client_state: ClientState | None,
+        data: ArrayDataset,
+        ctx: ClientContext,
+    ) -> LocalPlan:
+        """Local steps corrected by ``c - c_i``; the update carries ``c_i+ - c_i`` and keeps ``c_i+``."""
+        x, c = broadcast.params, broadcast.extras[CONTROL]
+        c_i = client_state.values[CONTROL] if client_state is not None else x.zeros_like()
+        diff = c - c_i
+        correction = _ControlCorrection([diff[n] for n in workspace.trainable])
+        work = self.stragglers.plan(self.local.num_steps(len(data)), ctx)
+        n = len(data)
+
+        def finish(result: LocalResult) -> ClientUpdate:
+            if self.option == "I":
+                c_new = full_gradient(workspace, x, data, self.local.batch_size)
+            else:
+                # c_i+ = c_i - c + (x - y_i) / (K lr) = -diff - delta / (K lr), on trainable entries only.
+                scale = 1.0 / (result.num_steps * self.local.lr)
+                trainable = set(workspace.trainable)
+                c_new = Params(
+                    {
+                        k: -diff[k] - result.delta[k] * scale if k in trainable else torch.zeros_like(v)
+                        for k, v in c_i.items()
+                    }
+                )
+            return ClientUpdate(
+                client_id=ctx.client_id,
+                delta=result.delta,
+                weight=1.0,
+                num_examples=n,
+                num_steps=result.num_steps,
+                metrics=straggler_metrics(work, result),
+                extras={CONTROL_DELTA: c_new - c_i},
+                client_state=ClientState(values={CONTROL: c_new}),
+            )
+
+        return LocalPlan(
+            start=x,
+            local=self.local,
+            work=work,
+            finish=finish,
+            correction=correction,
+            drop=work.straggler and self.stragglers.drop,
+        )
+
     def client_update(
         self,
         workspace: Workspace,
@@ -145,37 +204,7 @@ class Scaffold:
         data: ArrayDataset,
         ctx: ClientContext,
     ) -> ClientUpdate:
-        x, c = broadcast.params, broadcast.extras[CONTROL]
-        c_i = client_state.values[CONTROL] if client_state is not None else x.zeros_like()
-        diff = c - c_i
-        correction = _ControlCorrection([diff[n].to(workspace.device) for n in workspace.trainable])
-        plan, result = train_with_stragglers(
-            workspace, x, data, self.local, self.stragglers, ctx, correction=correction
-        )
-        if result is None:
-            return dropped_update(ctx, x)
-        if self.option == "I":
-            c_new = full_gradient(workspace, x, data, self.local.batch_size)
-        else:
-            # c_i+ = c_i - c + (x - y_i) / (K lr) = -diff - delta / (K lr), on trainable entries only.
-            scale = 1.0 / (result.num_steps * self.local.lr)
-            trainable = set(workspace.trainable)
-            c_new = Params(
-                {
-                    k: -diff[k] - result.delta[k] * scale if k in trainable else torch.zeros_like(v)
-                    for k, v in c_i.items()
-                }
-            )
-        return ClientUpdate(
-            client_id=ctx.client_id,
-            delta=result.delta,
-            weight=1.0,
-            num_examples=len(data),
-            num_steps=result.num_steps,
-            metrics=straggler_metrics(plan, result),
-            extras={CONTROL_DELTA: c_new - c_i},
-            client_state=ClientState(values={CONTROL: c_new}),
-        )
+        return run_plan(workspace, self.local_plan(workspace, broadcast, client_state, data, ctx), data, ctx)
 
     def aggregate(self, updates: Sequence[ClientUpdate], ctx: ServerContext) -> Aggregate:
         kept = accepted(updates)

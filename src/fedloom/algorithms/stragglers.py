@@ -32,10 +32,9 @@ from dataclasses import dataclass
 
 import torch
 
-from fedloom.algorithms.api import ClientContext, ClientUpdate, Workspace
-from fedloom.algorithms.local import GradCorrection, LocalResult, LocalSGD, local_sgd
+from fedloom.algorithms.api import ClientContext, ClientUpdate
+from fedloom.algorithms.local import LocalResult
 from fedloom.core.params import Params
-from fedloom.data.datasets import ArrayDataset
 
 __all__ = [
     "StragglerPlan",
@@ -43,7 +42,6 @@ __all__ = [
     "accepted",
     "dropped_update",
     "straggler_metrics",
-    "train_with_stragglers",
 ]
 
 DROPPED = "dropped"
@@ -97,26 +95,6 @@ def dropped_update(ctx: ClientContext, start: Params) -> ClientUpdate:
 def accepted(updates: Sequence[ClientUpdate]) -> list[ClientUpdate]:
     """The updates that take part in aggregation (all but dropped stragglers), in the given order."""
     return [u for u in updates if u.metrics.get(DROPPED, 0.0) == 0.0]
-
-
-def train_with_stragglers(
-    workspace: Workspace,
-    start: Params,
-    data: ArrayDataset,
-    local: LocalSGD,
-    stragglers: Stragglers,
-    ctx: ClientContext,
-    *,
-    correction: GradCorrection | None = None,
-) -> tuple[StragglerPlan, LocalResult | None]:
-    """Local SGD truncated by the client's straggler plan; ``None`` when its work is dropped.
-
-    A dropped straggler does not train at all (its work would be discarded anyway).
-    """
-    plan = stragglers.plan(local.num_steps(len(data)), ctx)
-    if plan.straggler and stragglers.drop:
-        return plan, None
-    return plan, local_sgd(workspace, start, data, local, ctx, correction=correction, max_steps=plan.steps)
 
 
 def straggler_metrics(plan: StragglerPlan, result: LocalResult) -> dict[str, float]:

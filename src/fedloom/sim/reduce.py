@@ -11,20 +11,25 @@ uses, known once every worker has reported its clients' weights. The result is
 the ``Aggregate`` that ``FedAvg.aggregate`` would have returned, bit for bit.
 
 This applies when the round's aggregation is exactly that weighted mean on the
-updates as the clients produced them: FedAvg or FedProx with the default
-aggregator, no update transforms (their ``decode`` runs per update on the
-server), no simulated attack and no secure aggregation. :func:`not_reducible`
-says why a round cannot be reduced; such rounds return every update as before.
+updates as the clients produced them. The algorithm declares it: a method
+``why_not_weighted_mean() -> str | None`` returning ``None`` promises that
+``aggregate(updates)`` is :func:`weighted_mean` of the accepted updates (dropped
+stragglers removed, cohort order) by each update's own ``weight`` -- whatever
+weighting set that weight on the client side (example counts, or 1 for
+``server.weighting = "uniform"``), since the reduction reads the same weights --
+and an empty aggregate when every update was dropped. FedAvg and FedProx declare
+it while their aggregator is :func:`weighted_mean`; an algorithm without the
+method aggregates with its own rule. The round must also have no update
+transforms (their ``decode`` runs per update on the server), no simulated attack
+and no secure aggregation. :func:`not_reducible` says why a round cannot be
+reduced; such rounds return every update.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from fedloom.algorithms.aggregate import weighted_mean
 from fedloom.algorithms.api import Aggregate, Algorithm, ClientUpdate
-from fedloom.algorithms.fedavg import FedAvg
-from fedloom.algorithms.fedprox import FedProx
 from fedloom.algorithms.stragglers import accepted
 from fedloom.core.errors import UpdateError
 from fedloom.core.params import Params
@@ -35,10 +40,12 @@ __all__ = ["coefficients", "contiguous_shares", "finished", "not_reducible", "su
 
 def not_reducible(algorithm: Algorithm, pipeline: Pipeline) -> str | None:
     """Why this round's aggregation cannot be reduced on workers (``None``: it can)."""
-    if not isinstance(algorithm, FedAvg | FedProx):
+    declared = getattr(algorithm, "why_not_weighted_mean", None)
+    if not callable(declared):
         return f"{type(algorithm).__name__} aggregates with its own rule"
-    if algorithm.aggregator is not weighted_mean:
-        return "a robust aggregation rule needs every update in one place"
+    reason = declared()
+    if reason is not None:
+        return str(reason)
     if pipeline.stages:
         return "update transforms decode each update on the server"
     return None

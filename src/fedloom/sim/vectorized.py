@@ -1,7 +1,7 @@
 """The vectorised executor: local SGD for a block of clients at once with ``torch.func``.
 
 Each block stacks ``K`` copies of the trainable parameters along a new leading
-client axis and takes every SGD step for all of them with one
+client axis and takes every local step for all of them with one
 ``vmap(grad_and_value(loss))`` over ``functional_call``. It reproduces
 :func:`~fedloom.algorithms.local.local_sgd` client by client:
 
@@ -12,26 +12,31 @@ client axis and takes every SGD step for all of them with one
   exactly as they were);
 * minibatch order comes from the same generator (``ctx.rng("local-shuffle")``)
   with the same ``randperm`` draws per pass, and stragglers from the same plan;
+* the step is ``torch.optim.SGD``'s rule (momentum, dampening, Nesterov, weight
+  decay, ``maximize``), with one momentum buffer per client, stacked;
 * per-example losses are averaged over the real rows, so the result equals the
   sequential executor's to float rounding (batched kernels sum in another
   order): within 1e-5 relative, not bit for bit.
 
-What a block may hold is set by a memory budget (or ``block``). Algorithms are
-supported through a registry of *vectorisers* keyed by the algorithm's type:
-FedAvg, FedNova (whose client side is FedAvg's), FedProx and SCAFFOLD (option II)
-are registered here. A vectoriser supplies the local-SGD settings, an optional
-:class:`BatchedCorrection` -- the tensor-op form of a
-:class:`~fedloom.algorithms.local.GradCorrection`: FedProx's ``mu (w - w_t)``, or
-SCAFFOLD's ``c - c_i`` stacked per client of the block -- and an optional ``finish``
-that builds the algorithm's update from the trained delta (SCAFFOLD's new control
-variate ``c_i+``, its delta and the client state). Anything else -- SCAFFOLD's
-option I (a full-gradient pass per client),
-another algorithm, a model with buffers or frozen parameters, a loss other than
-plain cross-entropy, an op ``vmap`` refuses -- runs on the sequential path,
-announced by one log line on the ``fedloom`` logger.
+The executor knows no algorithm. It asks the algorithm for each client's
+:class:`~fedloom.algorithms.plan.LocalPlan` -- the same plan the algorithm's own
+``client_update`` runs -- trains the plans' local SGD in blocks, applies their
+gradient corrections through each correction's ``stack(block, device)`` (one
+correction acting on the block's stacked tensors), and calls each plan's
+``finish`` on its client's trained delta. Clients are batched together when their
+plans share the start parameters, the :class:`~fedloom.algorithms.local.LocalSGD`
+schedule and the kind of correction.
 
-On CPU this is rarely faster than the plain loop (issue 4: stacked weights
-overflow the cache); on CUDA it is the main lever, so ``auto`` picks it there.
+What a block may hold is set by a memory budget (or ``block``). What cannot be
+batched runs on the sequential path, announced by one log line on the
+``fedloom`` logger: an algorithm without ``local_plan``, a client whose plan is a
+reason instead, a correction without ``stack``, a task with its own training
+function, a local optimiser other than ``torch.optim.SGD`` or one with a
+schedule, a model with buffers or frozen parameters, a loss other than plain
+mean cross-entropy, an op ``vmap`` refuses.
+
+On CPU this is rarely faster than the plain loop (stacked weights overflow the
+cache); on CUDA it is the main lever, so ``auto`` picks it there.
 """
 
 from __future__ import annotations
@@ -39,15 +44,13 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
-from typing import Protocol
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad_and_value, vmap
 
-from fedloom.algorithms.aggregate import Weighting, client_weight
 from fedloom.algorithms.api import (
     Algorithm,
     Broadcast,
@@ -57,202 +60,111 @@ from fedloom.algorithms.api import (
     ServerContext,
     Workspace,
 )
-from fedloom.algorithms.fedavg import FedAvg
-from fedloom.algorithms.fednova import FedNova
-from fedloom.algorithms.fedprox import FedProx
-from fedloom.algorithms.local import LocalSGD
-from fedloom.algorithms.scaffold import CONTROL, CONTROL_DELTA, Scaffold
-from fedloom.algorithms.stragglers import StragglerPlan, Stragglers, dropped_update
+from fedloom.algorithms.local import GradCorrection, LocalOptimizer, LocalResult, LocalSGD
+from fedloom.algorithms.plan import LocalPlan, PlannedAlgorithm
+from fedloom.algorithms.stragglers import dropped_update
 from fedloom.core.errors import TrainingError
 from fedloom.core.params import Params
 from fedloom.data.datasets import ArrayDataset
 from fedloom.data.federated import FederatedDataset
-from fedloom.sim.executor import ClientFailure, Outcome, SequentialExecutor, client_failure, run_client
+from fedloom.sim.executor import Outcome, SequentialExecutor, client_failure, run_client
 from fedloom.transforms.pipeline import Pipeline
 
-__all__ = [
-    "BatchedCorrection",
-    "VectorPlan",
-    "VectorizedExecutor",
-    "register_vectorizer",
-    "vectorizer_for",
-]
+__all__ = ["SGDRule", "VectorizedExecutor", "sgd_rule", "unsupported_reason"]
 
 log = logging.getLogger("fedloom")
 
 DEFAULT_BUDGET = 256 * 2**20  # bytes of working memory per block
-CPU_BLOCK_CAP = 16  # issue 4: larger blocks only get slower on CPU
+CPU_BLOCK_CAP = 16  # larger blocks only get slower on CPU
 
-
-class BatchedCorrection(Protocol):
-    """An algorithm's gradient term for a block: returns corrected ``grads``.
-
-    ``params`` and ``grads`` are the stacked trainable tensors, shape
-    ``(K, *param_shape)`` in ``workspace.trainable`` order; ``clients`` are the
-    block's client ids (to look up per-client tensors). Must not modify its inputs.
-    """
-
-    def __call__(
-        self, params: list[torch.Tensor], grads: list[torch.Tensor], clients: Sequence[int]
-    ) -> list[torch.Tensor]: ...
+# torch.optim.SGD keywords that only choose its implementation, not its update.
+_IMPLEMENTATION = frozenset({"foreach", "differentiable", "fused"})
 
 
 @dataclass(frozen=True)
-class VectorPlan:
-    """How to run an algorithm's client update in a block.
+class SGDRule:
+    """``torch.optim.SGD``'s update (its defaults: plain ``w <- w - lr * g``) on stacked tensors."""
 
-    ``local`` and ``stragglers`` drive the batched local SGD, ``correction`` adds the
-    algorithm's gradient term, and ``finish`` turns the plain local-SGD result (a
-    FedAvg-shaped update: delta, ``weight = n``, train loss) into the algorithm's
-    own update (weights, extras, client state), exactly as its ``client_update`` does.
-    """
+    momentum: float = 0.0
+    dampening: float = 0.0
+    weight_decay: float = 0.0
+    nesterov: bool = False
+    maximize: bool = False
 
-    local: LocalSGD
-    stragglers: Stragglers
-    correction: BatchedCorrection | None = None
-    finish: Callable[[ClientUpdate], ClientUpdate] | None = None
+    def step(
+        self,
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        buffers: list[torch.Tensor] | None,
+        lr: float,
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+        """``(updated params, momentum buffers)``; ``buffers`` is ``None`` before the first step.
 
-
-#: ``(algorithm, broadcast, workspace, the cohort's stored client states, device) -> plan``
-Vectorizer = Callable[[Algorithm, Broadcast, Workspace, Mapping[int, ClientState], torch.device], VectorPlan]
-_VECTORIZERS: dict[type, tuple[Vectorizer, Callable[[Algorithm], str | None] | None]] = {}
-
-
-def register_vectorizer(
-    algorithm_type: type, fn: Vectorizer, *, refuses: Callable[[Algorithm], str | None] | None = None
-) -> None:
-    """Make ``algorithm_type`` vectorisable; refuses a second registration for the same type.
-
-    ``refuses(algorithm)``, if given, names a configuration of the type that cannot be
-    vectorised (it then runs sequentially), or returns ``None``.
-    """
-    if algorithm_type in _VECTORIZERS:
-        raise ValueError(f"a vectoriser for {algorithm_type.__name__} is already registered")
-    _VECTORIZERS[algorithm_type] = (fn, refuses)
-
-
-def vectorizer_for(algorithm: Algorithm) -> Vectorizer | None:
-    entry = _VECTORIZERS.get(type(algorithm))
-    if entry is None or (entry[1] is not None and entry[1](algorithm) is not None):
-        return None
-    return entry[0]
-
-
-class _Proximal:
-    """FedProx's ``g + mu (w - w_t)`` on stacked tensors (``anchor`` broadcasts over the client axis)."""
-
-    def __init__(self, mu: float, anchor: list[torch.Tensor]) -> None:
-        self.mu = mu
-        self.anchor = anchor
-
-    def __call__(
-        self, params: list[torch.Tensor], grads: list[torch.Tensor], clients: Sequence[int]
-    ) -> list[torch.Tensor]:
-        return [g.add(p - a, alpha=self.mu) for p, g, a in zip(params, grads, self.anchor, strict=True)]
+        The same operations, in the same order, as ``torch.optim.SGD``'s
+        single-tensor step, out of place: ``g <- -g`` if maximising, ``g <- g +
+        wd * w``, ``b <- g`` at the first step else ``b <- m * b + (1 - d) * g``,
+        ``g <- g + m * b`` (Nesterov) or ``g <- b``, then ``w <- w - lr * g``.
+        """
+        out: list[torch.Tensor] = []
+        new_buffers: list[torch.Tensor] = []
+        for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+            if self.maximize:
+                g = -g
+            if self.weight_decay != 0:
+                g = g.add(p, alpha=self.weight_decay)
+            if self.momentum != 0:
+                if buffers is None:
+                    buf = g.clone()
+                else:
+                    buf = buffers[i].mul(self.momentum).add(g, alpha=1 - self.dampening)
+                new_buffers.append(buf)
+                g = g.add(buf, alpha=self.momentum) if self.nesterov else buf
+            out.append(p.add(g, alpha=-lr))
+        return out, (new_buffers if self.momentum != 0 else None)
 
 
-class _Control:
-    """SCAFFOLD's ``g + (c - c_i)`` on stacked tensors: ``c - c_i`` stacked per block's clients."""
-
-    def __init__(self, diffs: Mapping[int, list[torch.Tensor]]) -> None:
-        self.diffs = diffs
-        self._stacked: tuple[tuple[int, ...], list[torch.Tensor]] = ((), [])
-
-    def __call__(
-        self, params: list[torch.Tensor], grads: list[torch.Tensor], clients: Sequence[int]
-    ) -> list[torch.Tensor]:
-        key = tuple(clients)
-        if self._stacked[0] != key:  # once per block, not per step
-            per_client = [self.diffs[c] for c in clients]
-            self._stacked = (key, [torch.stack(ts) for ts in zip(*per_client, strict=True)])
-        return [g + d for g, d in zip(grads, self._stacked[1], strict=True)]
-
-
-def _fedavg_plan(
-    alg: Algorithm, bc: Broadcast, ws: Workspace, states: Mapping[int, ClientState], device: torch.device
-) -> VectorPlan:
-    # FedNova trains exactly as FedAvg does (its step-normalisation is in aggregate).
-    assert isinstance(alg, FedAvg | FedNova)
-    return VectorPlan(alg.local, alg.stragglers, finish=_reweight(alg.weighting))
-
-
-def _fedprox_plan(
-    alg: Algorithm, bc: Broadcast, ws: Workspace, states: Mapping[int, ClientState], device: torch.device
-) -> VectorPlan:
-    assert isinstance(alg, FedProx)
-    corr = None
-    if alg.mu > 0:
-        corr = _Proximal(alg.mu, [bc.params[n].to(device) for n in ws.trainable])
-    return VectorPlan(alg.local, alg.stragglers, corr, _reweight(alg.weighting))
-
-
-def _reweight(weighting: Weighting) -> Callable[[ClientUpdate], ClientUpdate] | None:
-    """As the algorithms' ``client_update``: the weight ``n`` becomes the configured weighting's."""
-    if weighting == "examples":
-        return None
-    return lambda u: replace(u, weight=client_weight(weighting, u.num_examples))
-
-
-def _scaffold_plan(
-    alg: Algorithm, bc: Broadcast, ws: Workspace, states: Mapping[int, ClientState], device: torch.device
-) -> VectorPlan:
-    """SCAFFOLD option II: the per-client correction stacked per block, then the paper's ``c_i+``."""
-    assert isinstance(alg, Scaffold)
-    x, c = bc.params, bc.extras[CONTROL]
-
-    def c_i(cid: int) -> Params:
-        st = states.get(cid)
-        return st.values[CONTROL] if st is not None else x.zeros_like()
-
-    class _Diffs(dict[int, list[torch.Tensor]]):
-        def __missing__(self, cid: int) -> list[torch.Tensor]:
-            diff = c - c_i(cid)
-            self[cid] = [diff[n].to(device) for n in ws.trainable]
-            return self[cid]
-
-    def finish(u: ClientUpdate) -> ClientUpdate:
-        # As Scaffold.client_update: c_i+ = -(c - c_i) - delta / (K lr); weight 1 (unweighted mean).
-        old = c_i(u.client_id)
-        diff = c - old
-        scale = 1.0 / (u.num_steps * alg.local.lr)
-        c_new = Params({k: -diff[k] - u.delta[k] * scale for k in old})
-        return replace(
-            u,
-            weight=1.0,
-            extras={CONTROL_DELTA: c_new - old},
-            client_state=ClientState(values={CONTROL: c_new}),
+def sgd_rule(spec: LocalOptimizer | None) -> SGDRule | str:
+    """The task's local optimiser as an :class:`SGDRule`, or why it is not one."""
+    if spec is None:
+        return SGDRule()
+    described = f"the task's local optimiser ({spec.name} with {dict(spec.kwargs)})"
+    if spec.factory is not torch.optim.SGD:
+        return f"{described} is not torch.optim.SGD"
+    if spec.schedule is not None:
+        return f"{described} has a learning-rate schedule"
+    fields = {"momentum", "dampening", "weight_decay", "nesterov", "maximize"}
+    unknown = set(spec.kwargs) - fields - _IMPLEMENTATION
+    if unknown:
+        return f"{described} sets {sorted(unknown)}"
+    kw = {k: v for k, v in spec.kwargs.items() if k in fields}
+    if any(isinstance(v, torch.Tensor) for v in kw.values()):
+        return f"{described} has tensor-valued settings"
+    try:
+        rule = SGDRule(
+            momentum=float(kw.get("momentum", 0.0)),
+            dampening=float(kw.get("dampening", 0.0)),
+            weight_decay=float(kw.get("weight_decay", 0.0)),
+            nesterov=bool(kw.get("nesterov", False)),
+            maximize=bool(kw.get("maximize", False)),
         )
-
-    return VectorPlan(alg.local, alg.stragglers, _Control(_Diffs()), finish)
-
-
-def _scaffold_refuses(alg: Algorithm) -> str | None:
-    assert isinstance(alg, Scaffold)
-    if alg.option != "II":
-        return "SCAFFOLD option I needs a full-gradient pass per client"
-    return None
-
-
-register_vectorizer(FedAvg, _fedavg_plan)
-register_vectorizer(FedNova, _fedavg_plan)
-register_vectorizer(FedProx, _fedprox_plan)
-register_vectorizer(Scaffold, _scaffold_plan, refuses=_scaffold_refuses)
+    except (TypeError, ValueError) as exc:
+        return f"{described} has settings that are not numbers ({exc})"
+    if rule.nesterov and (rule.momentum <= 0 or rule.dampening != 0):
+        return f"{described} is refused by torch (Nesterov needs momentum and zero dampening)"
+    return rule
 
 
 def unsupported_reason(workspace: Workspace, algorithm: Algorithm) -> str | None:
-    """Why this model/algorithm cannot be vectorised, or ``None`` if it can."""
-    entry = _VECTORIZERS.get(type(algorithm))
-    if entry is None:
-        return f"no vectoriser is registered for algorithm {type(algorithm).__name__}"
-    refusal = entry[1](algorithm) if entry[1] is not None else None
-    if refusal is not None:
-        return refusal
+    """Why no client of this task and algorithm can be batched, or ``None`` if they can."""
+    if not isinstance(algorithm, PlannedAlgorithm):
+        return f"algorithm {type(algorithm).__name__} declares no local_plan (see fedloom.algorithms.plan)"
     if workspace.train_fn is not None:
         return "the task trains with its own training function"
     if workspace.optimizer is not None and workspace.optimizer.keep_state:
         return "the task keeps its local optimiser's state across rounds"
-    if workspace.optimizer is not None and not workspace.optimizer.is_plain_sgd():
-        return f"the task's local optimiser ({workspace.optimizer.name} with {dict(workspace.optimizer.kwargs)}) is not plain SGD"
+    rule = sgd_rule(workspace.optimizer)
+    if isinstance(rule, str):
+        return rule
     module = workspace.module
     if any(True for _ in module.buffers()):
         return "the model has buffers (e.g. batch norm statistics)"
@@ -269,12 +181,16 @@ def unsupported_reason(workspace: Workspace, algorithm: Algorithm) -> str | None
     return None
 
 
+class _Unbatchable(Exception):
+    """A block's plans cannot be trained together (the message says why)."""
+
+
 @dataclass
 class _Member:
     pos: int
     cid: int
     data: ArrayDataset
-    plan: StragglerPlan
+    plan: LocalPlan
 
 
 class VectorizedExecutor:
@@ -331,33 +247,43 @@ class VectorizedExecutor:
         ctx: ServerContext,
     ) -> list[Outcome]:
         reason = self._broken or unsupported_reason(self.workspace, algorithm)
-        if reason is not None:
-            return self._fall_back(reason, algorithm, broadcast, cohort, client_states, ctx)
-        vectorizer = vectorizer_for(algorithm)
-        assert vectorizer is not None
-        plan = vectorizer(algorithm, broadcast, self.workspace, client_states, self.device)
+        rule = sgd_rule(self.workspace.optimizer)
+        # unsupported_reason names every case of the last two conditions (they narrow the types)
+        if reason is not None or isinstance(rule, str) or not isinstance(algorithm, PlannedAlgorithm):
+            return self._fall_back(reason or str(rule), algorithm, broadcast, cohort, client_states, ctx)
         results: list[Outcome | None] = [None] * len(cohort)
-        members: list[_Member] = []
+        # Clients train together when their plans agree on the start, the schedule and the correction kind.
+        groups: dict[tuple[int, LocalSGD, type], list[_Member]] = {}
         for pos, raw in enumerate(cohort):
             cid = int(raw)
             cctx = ClientContext(seed=ctx.seed, round=ctx.round, client_id=cid)
             data = self.data.client_data(cid)
             if len(data) == 0:  # the sequential path reports the error value
-                results[pos] = run_client(
-                    self.workspace, self.data, self.pipeline, algorithm, broadcast, cid, client_states, ctx
-                )
+                results[pos] = self._one(algorithm, broadcast, cid, client_states, ctx)
                 continue
-            splan = plan.stragglers.plan(plan.local.num_steps(len(data)), cctx)
-            if splan.straggler and plan.stragglers.drop:
-                results[pos] = self._finish(dropped_update(cctx, broadcast.params), ctx)
+            try:
+                plan = algorithm.local_plan(self.workspace, broadcast, client_states.get(cid), data, cctx)
+            except Exception as exc:  # as run_client: the client's failure, not the round's
+                results[pos] = client_failure(cid, ctx.round, exc)
                 continue
-            members.append(_Member(pos, cid, data, splan))
-        members.sort(key=lambda m: (-m.plan.steps, m.pos))
+            if isinstance(plan, str):
+                self._log_once(plan)
+                results[pos] = self._one(algorithm, broadcast, cid, client_states, ctx)
+                continue
+            if plan.drop:
+                results[pos] = self._finish(dropped_update(cctx, plan.start), ctx)
+                continue
+            key = (id(plan.start), plan.local, type(plan.correction))
+            groups.setdefault(key, []).append(_Member(pos, cid, data, plan))
         size = self.block_size()
         try:
-            for begin in range(0, len(members), size):
-                for m, outcome in self._train_block(members[begin : begin + size], plan, broadcast, ctx):
-                    results[m.pos] = outcome
+            for members in groups.values():
+                members.sort(key=lambda m: (-m.plan.work.steps, m.pos))
+                for begin in range(0, len(members), size):
+                    for m, outcome in self._train_block(members[begin : begin + size], rule, ctx):
+                        results[m.pos] = outcome
+        except _Unbatchable as exc:
+            return self._fall_back(str(exc), algorithm, broadcast, cohort, client_states, ctx)
         except (RuntimeError, NotImplementedError) as exc:  # an op vmap cannot batch
             self._broken = f"torch.func failed ({type(exc).__name__}: {exc})"
             return self._fall_back(self._broken, algorithm, broadcast, cohort, client_states, ctx)
@@ -368,6 +294,23 @@ class VectorizedExecutor:
             return self._fall_back(reason, algorithm, broadcast, cohort, client_states, ctx)
         return [r for r in results if r is not None]
 
+    def _one(
+        self,
+        algorithm: Algorithm,
+        broadcast: Broadcast,
+        cid: int,
+        client_states: Mapping[int, ClientState],
+        ctx: ServerContext,
+    ) -> Outcome:
+        return run_client(
+            self.workspace, self.data, self.pipeline, algorithm, broadcast, cid, client_states, ctx
+        )
+
+    def _log_once(self, reason: str) -> None:
+        if reason not in self._fallback_logged:
+            self._fallback_logged.add(reason)
+            log.warning("vectorized executor: running clients sequentially: %s", reason)
+
     def _fall_back(
         self,
         reason: str,
@@ -377,9 +320,7 @@ class VectorizedExecutor:
         client_states: Mapping[int, ClientState],
         ctx: ServerContext,
     ) -> list[Outcome]:
-        if reason not in self._fallback_logged:
-            self._fallback_logged.add(reason)
-            log.warning("vectorized executor: running clients sequentially: %s", reason)
+        self._log_once(reason)
         return self._sequential.run_round(algorithm, broadcast, cohort, client_states, ctx)
 
     def _finish(self, update: ClientUpdate, ctx: ServerContext) -> Outcome:
@@ -388,12 +329,28 @@ class VectorizedExecutor:
         except Exception as exc:  # as run_client: the client's failure, not the round's
             return client_failure(update.client_id, ctx.round, exc)
 
+    def _stacked_correction(self, block: list[_Member]) -> GradCorrection | None:
+        """The block's corrections as one acting on stacked tensors (see fedloom.algorithms.plan)."""
+        corrections = [m.plan.correction for m in block if m.plan.correction is not None]
+        if not corrections:
+            return None
+        first = corrections[0]
+        stack = getattr(first, "stack", None)
+        if not callable(stack):
+            raise _Unbatchable(f"{first.name} has no stack(block, device) to act on a block of clients")
+        stacked = stack(corrections, self.device)
+        if isinstance(stacked, str):
+            raise _Unbatchable(f"{first.name}: {stacked}")
+        return stacked  # type: ignore[no-any-return]
+
     def _train_block(
-        self, block: list[_Member], plan: VectorPlan, broadcast: Broadcast, ctx: ServerContext
+        self, block: list[_Member], rule: SGDRule, ctx: ServerContext
     ) -> list[tuple[_Member, Outcome]]:
-        dev, local, names = self.device, plan.local, self.workspace.trainable
+        dev, names = self.device, self.workspace.trainable
+        local, start_params = block[0].plan.local, block[0].plan.start
+        correction = self._stacked_correction(block)
         k, bsz = len(block), local.batch_size
-        steps = [m.plan.steps for m in block]
+        steps = [m.plan.work.steps for m in block]
         t_max = max(steps)
         # Flat data of the block and, per step, each client's row numbers into it (padded, masked).
         offsets = [0]
@@ -404,7 +361,7 @@ class VectorizedExecutor:
         rows = torch.zeros(t_max, k, bsz, dtype=torch.int64)
         mask = torch.zeros(t_max, k, bsz)
         for j, m in enumerate(block):
-            for t, idx in enumerate(_batches(len(m.data), local, m.plan.steps, m.cid, ctx)):
+            for t, idx in enumerate(_batches(len(m.data), local, m.plan.work.steps, m.cid, ctx)):
                 rows[t, j, : len(idx)] = idx + offsets[j]
                 mask[t, j, : len(idx)] = 1.0
         rows, mask = rows.to(dev), mask.to(dev)
@@ -421,27 +378,28 @@ class VectorizedExecutor:
             return (per_example * w).sum() / w.sum().clamp(min=1.0)
 
         step_fn = vmap(grad_and_value(loss_one))
-        start = [broadcast.params[n].to(dev) for n in names]
+        start = [start_params[n].to(dev) for n in names]
         stacked = [s.unsqueeze(0).repeat(k, *([1] * s.dim())) for s in start]  # (K, *shape) each
+        buffers: list[torch.Tensor] | None = None  # (K, *shape) momentum buffers after the first step
         loss_sum = torch.zeros(k, dtype=torch.float64, device=dev)
-        clients = [m.cid for m in block]
         for t in range(t_max):
             r = rows[t]  # (K, B)
             grads_d, loss = step_fn(dict(zip(names, stacked, strict=True)), x_all[r], y_all[r], mask[t])
             grads = [grads_d[n] for n in names]
-            if plan.correction is not None:
-                grads = plan.correction(stacked, grads, clients)
+            if correction is not None:
+                correction(stacked, grads)  # in place on the fresh gradients, row j by client j's term
             on = active[t]
+            moved, buffers = rule.step(stacked, grads, buffers, local.lr)
             stacked = [
-                torch.where(on.view(-1, *([1] * (p.dim() - 1))), p.add(g, alpha=-local.lr), p)
-                for p, g in zip(stacked, grads, strict=True)
+                torch.where(on.view(-1, *([1] * (p.dim() - 1))), q, p)
+                for p, q in zip(stacked, moved, strict=True)
             ]
             loss_sum += torch.where(on, loss.double(), 0.0)
         out: list[tuple[_Member, Outcome]] = []
         cpu_params = [p.cpu() for p in stacked]
         losses = loss_sum.cpu().tolist()
         for j, m in enumerate(block):
-            out.append((m, self._client_result(m, j, names, cpu_params, losses[j], broadcast, plan, ctx)))
+            out.append((m, self._client_result(m, j, names, cpu_params, losses[j], ctx)))
         return out
 
     def _client_result(
@@ -451,28 +409,23 @@ class VectorizedExecutor:
         names: list[str],
         params: list[torch.Tensor],
         loss_sum: float,
-        broadcast: Broadcast,
-        plan: VectorPlan,
         ctx: ServerContext,
     ) -> Outcome:
-        n, steps = len(m.data), m.plan.steps
+        steps = m.plan.work.steps
         mean_loss = loss_sum / max(steps, 1)
         if not math.isfinite(mean_loss):
             err = TrainingError(
                 f"round {ctx.round}, client {m.cid}: training loss became {mean_loss} "
-                "(the learning rate may be too high)"
+                f"(learning rate {m.plan.local.lr} may be too high)"
             )
-            return ClientFailure(m.cid, str(err), diverged=True)
+            return client_failure(m.cid, ctx.round, err)
         trained = dict(zip(names, (p[j] for p in params), strict=True))
-        delta = Params({k: trained[k] - v for k, v in broadcast.params.items()})
-        metrics = {"train_loss": mean_loss}
-        if m.plan.straggler:
-            metrics["straggler"] = 1.0
-        update = ClientUpdate(
-            client_id=m.cid, delta=delta, weight=float(n), num_examples=n, num_steps=steps, metrics=metrics
-        )
-        if plan.finish is not None:
-            update = plan.finish(update)
+        start = m.plan.start
+        delta = Params({k: trained[k] - v for k, v in start.items()})
+        try:
+            update = m.plan.finish(LocalResult(delta=delta, num_steps=steps, mean_loss=mean_loss))
+        except Exception as exc:  # as run_client: the client's failure, not the round's
+            return client_failure(m.cid, ctx.round, exc)
         return self._finish(update, ctx)
 
 
