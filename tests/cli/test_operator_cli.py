@@ -9,6 +9,7 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
 from tests.conftest import REPO, cli_env, fedloom_cmd, run_cli
 
 
@@ -89,3 +90,13 @@ def test_missing_net_extra_names_the_extra_verbatim(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 2
     assert "error: the deployment runtime needs the 'net' extra: pip install 'fedloom[net]'" in proc.stderr
+
+
+def test_printed_paths_keep_brackets(tmp_path: Path) -> None:
+    pytest.importorskip("cryptography", reason="`fedloom certs` needs the 'net' extra")
+    out = tmp_path / "[site]" / "creds"
+    proc = run_cli("certs", "--out", str(out), "--clients", "cleveland", cwd=tmp_path)
+    assert f"client bundles to {out}; give each client {out}/clients/NAME/" in proc.stdout
+    assert (out / "clients" / "cleveland" / "cert.pem").is_file()
+    revoked = run_cli("certs", "--out", str(out), "--revoke", "cleveland", cwd=tmp_path)
+    assert revoked.stdout.strip() == f"revoked 'cleveland' in {out / 'tokens.json'}"
