@@ -77,7 +77,7 @@ def test_error_messages_keep_brackets(tmp_path: Path) -> None:
     assert bad_key.returncode == 2
     assert "allowed in [deploy]: clients" in bad_key.stderr
 
-    missing = tmp_path / "runs" / "[client]"
+    missing = tmp_path / "runs" / "[client]:thumbs_up:"
     no_run = run_cli("report", str(missing), cwd=tmp_path, check=False)
     assert no_run.returncode == 2
     assert f"error: run directory {missing} does not exist" in no_run.stderr

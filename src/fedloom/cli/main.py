@@ -27,9 +27,10 @@ SetOpt = Annotated[
 
 
 def _console(*, stderr: bool = False) -> Console:
-    """The CLI's console. Markup is off: what it prints (paths, client names, error messages naming
-    ``[section]`` or ``'fedloom[net]'``) is shown verbatim, never read as rich style tags."""
-    return Console(stderr=stderr, markup=False, highlight=False, soft_wrap=True)
+    """The CLI's console. Markup and emoji codes are off: what it prints (paths, client names, error
+    messages naming ``[section]`` or ``'fedloom[net]'``) is shown verbatim, never read as rich
+    style tags or ``:name:`` emoji."""
+    return Console(stderr=stderr, markup=False, emoji=False, highlight=False, soft_wrap=True)
 
 
 def _show_logs(console: Console) -> None:

@@ -50,6 +50,7 @@ class ConsoleListener:
         self.console.print(
             f"data: {info.get('data')}  run: {info.get('run_dir')}  rounds {first_round}..{rounds}",
             markup=False,
+            emoji=False,
         )
         if self.live:
             self._progress = Progress(
@@ -73,7 +74,7 @@ class ConsoleListener:
                 self._task, completed=metrics["round"], acc=acc, loss=f"loss {_loss(metrics)}"
             )
         else:
-            self.console.print(_fmt(metrics), markup=False, highlight=False)
+            self.console.print(_fmt(metrics), markup=False, emoji=False, highlight=False)
 
     def on_failure(self, failure: ClientFailure, round: int) -> None:
         # A Text, not markup: the reason is arbitrary text (an exception message with brackets).
