@@ -1,5 +1,5 @@
 """``python -m fedloom`` runs the command line."""
 
-from fedloom.cli.main import app
+from fedloom.cli.main import main
 
-app()
+main()

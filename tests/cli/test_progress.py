@@ -39,3 +39,15 @@ def test_progress_bar_with_eta_on_a_terminal() -> None:
     assert "round 3/10" in text
     assert "acc 0.9000" in text
     assert "ETA" in text
+
+
+def test_failure_reasons_and_data_names_keep_their_brackets() -> None:
+    # A markup-enabled console: what the listener prints must still not be read as style tags.
+    out = io.StringIO()
+    listener = ConsoleListener(Console(file=out, force_terminal=False, width=300))
+    listener.on_start(1, 10, {"data": "loader [client] of /data/[site]", "run_dir": "runs/[a]:fire:"})
+    listener.on_failure(ClientFailure(4, "needs [client] and pip install 'fedloom[net]'"), 3)
+    listener.close()
+    text = out.getvalue()
+    assert "data: loader [client] of /data/[site]  run: runs/[a]:fire:" in text
+    assert "round 3: client 4 failed: needs [client] and pip install 'fedloom[net]'" in text

@@ -12,14 +12,13 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from fedloom.config.loader import config_reference_markdown, default_config_toml, load_config, parse_config
 from fedloom.config.schema import ExperimentConfig
 from fedloom.core.errors import DataError, FedloomError, RunStateError
 
-app = typer.Typer(
-    add_completion=False, no_args_is_help=True, help="fedloom: federated learning, simulated and deployed."
-)
+app = typer.Typer(no_args_is_help=True, help="fedloom: federated learning, simulated and deployed.")
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="Experiment file (TOML).")]
 SetOpt = Annotated[
@@ -27,8 +26,11 @@ SetOpt = Annotated[
 ]
 
 
-def _console() -> Console:
-    return Console(highlight=False, soft_wrap=True)
+def _console(*, stderr: bool = False) -> Console:
+    """The CLI's console. Markup and emoji codes are off: what it prints (paths, client names, error
+    messages naming ``[section]`` or ``'fedloom[net]'``) is shown verbatim, never read as rich
+    style tags or ``:name:`` emoji."""
+    return Console(stderr=stderr, markup=False, emoji=False, highlight=False, soft_wrap=True)
 
 
 def _show_logs(console: Console) -> None:
@@ -43,10 +45,28 @@ def _show_logs(console: Console) -> None:
 
 
 def _fail(exc: FedloomError) -> typer.Exit:
-    Console(stderr=True, highlight=False, soft_wrap=True).print(
-        f"[bold red]error:[/bold red] {exc}", markup=True
-    )
+    _console(stderr=True).print(Text.assemble(("error:", "bold red"), f" {exc}"))
     return typer.Exit(code=2)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from fedloom import __version__
+
+        sys.stdout.write(f"fedloom {__version__}\n")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print fedloom's version and exit."
+        ),
+    ] = False,
+) -> None:
+    """fedloom: federated learning, simulated and deployed."""
 
 
 def _search_dirs(config: Path | None) -> list[Path]:
@@ -166,9 +186,10 @@ def config_cmd(
     sys.stdout.write(config_reference_markdown() if markdown else default_config_toml())
 
 
-def main() -> None:  # pragma: no cover - console-script shim
+def main() -> None:
+    """Run the command line as ``fedloom`` (the name shell completion is registered under)."""
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    app()
+    app(prog_name="fedloom")
 
 
 from fedloom.cli import net as _net  # noqa: F401,E402

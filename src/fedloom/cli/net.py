@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import typer
 
@@ -23,6 +23,17 @@ __all__: list[str] = []
 TlsDirOpt = Annotated[
     Path | None,
     typer.Option("--tls-dir", help="Directory written by `fedloom certs` (server) or a client's bundle."),
+]
+
+
+LogFormatOpt = Annotated[
+    Literal["auto", "json", "text"],
+    typer.Option(
+        "--log-format",
+        envvar="FEDLOOM_LOG_FORMAT",
+        help="Events on stderr as 'json' lines, 'text' lines, or 'auto': text on a terminal, JSON "
+        "otherwise. The state directory's log file is JSON either way.",
+    ),
 ]
 
 
@@ -58,6 +69,7 @@ def server(
             help="Central test set: 'task' (the task's own), 'config' or FILE.py:ARG (see `client --data`).",
         ),
     ] = None,
+    log_format: LogFormatOpt = "auto",
     data_dir: Annotated[Path | None, typer.Option("--data-dir", help="Directory for --eval-data.")] = None,
     threads: Annotated[
         int,
@@ -80,7 +92,7 @@ def server(
     from fedloom.net.transport import check_plaintext
 
     state_dir.mkdir(parents=True, exist_ok=True)
-    log = JsonLog("server", file=state_dir / "server.log.jsonl")
+    log = JsonLog("server", file=state_dir / "server.log.jsonl", fmt=log_format)
     try:
         cfg = load_config(config, set_ or [])
         tls = Credentials()
@@ -155,6 +167,7 @@ def client(
     device: Annotated[
         str, typer.Option("--device", help="Train on this device (cpu, cuda, cuda:1); default: the task's.")
     ] = "",
+    log_format: LogFormatOpt = "auto",
 ) -> None:
     """Join a fedloom server and train on this machine's data until the run ends."""
     _need_net()
@@ -176,7 +189,7 @@ def client(
             name = str(partition_client)
         else:
             name = data.rpartition(":")[2]
-    log = JsonLog(f"client:{name}")
+    log = JsonLog(f"client:{name}", fmt=log_format)
     try:
         secret = token or ""
         if token_file is not None:
@@ -346,8 +359,6 @@ def status(
 ) -> None:
     """Show a running server's round, clients, last metrics and rejections."""
     _need_net()
-    from rich.console import Console
-
     from fedloom.net.auth import Credentials
     from fedloom.net.client import fetch_status
     from fedloom.net.transport import check_plaintext
@@ -360,7 +371,7 @@ def status(
             secret = (tls_dir / "operator.token").read_text(encoding="utf-8").strip()
     try:
         if tls.ca is None and check_plaintext(server, insecure=insecure, role="--server"):
-            Console(stderr=True).print(
+            _console(stderr=True).print(
                 f"warning: --insecure: the operator token goes to {server} in clear text"
             )
         info = fetch_status(server, tls, secret, insecure=insecure)

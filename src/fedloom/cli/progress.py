@@ -8,6 +8,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.text import Text
 
 from fedloom.sim.executor import ClientFailure
 
@@ -47,7 +48,9 @@ class ConsoleListener:
     def on_start(self, first_round: int, rounds: int, info: Mapping[str, Any]) -> None:
         self._rounds = rounds
         self.console.print(
-            f"data: {info.get('data')}  run: {info.get('run_dir')}  rounds {first_round}..{rounds}"
+            f"data: {info.get('data')}  run: {info.get('run_dir')}  rounds {first_round}..{rounds}",
+            markup=False,
+            emoji=False,
         )
         if self.live:
             self._progress = Progress(
@@ -71,11 +74,12 @@ class ConsoleListener:
                 self._task, completed=metrics["round"], acc=acc, loss=f"loss {_loss(metrics)}"
             )
         else:
-            self.console.print(_fmt(metrics), highlight=False)
+            self.console.print(_fmt(metrics), markup=False, emoji=False, highlight=False)
 
     def on_failure(self, failure: ClientFailure, round: int) -> None:
+        # A Text, not markup: the reason is arbitrary text (an exception message with brackets).
         self.console.print(
-            f"[yellow]round {round}: client {failure.client_id} failed: {failure.reason}[/yellow]"
+            Text(f"round {round}: client {failure.client_id} failed: {failure.reason}", "yellow")
         )
 
     def close(self) -> None:
