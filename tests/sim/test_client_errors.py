@@ -4,24 +4,22 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from fedloom.algorithms.api import Workspace
 from fedloom.config import load_config
 from fedloom.config.schema import ExperimentConfig
 from fedloom.core.params import Params
 from fedloom.data.datasets import ArrayDataset
-from fedloom.data.federated import PartitionedDataset
 from fedloom.sim.build import Components, build_components
 from fedloom.sim.executor import Executor, SequentialExecutor
 from fedloom.sim.parallel import ParallelExecutor
 from fedloom.sim.runner import run_simulation
 from fedloom.sim.vectorized import VectorizedExecutor
+from fedloom.tasks import ClientData, Task
 
 MARKER = 999.0
 BAD_CLIENTS = (2, 5)
@@ -45,7 +43,6 @@ def _setup() -> tuple[ExperimentConfig, Components]:
     cfg = load_config(
         None,
         (
-            "data.dataset=synthetic",
             f"data.num_clients={NUM_CLIENTS}",
             "sampling.fraction=1.0",
             f"rounds={ROUNDS}",
@@ -59,21 +56,13 @@ def _setup() -> tuple[ExperimentConfig, Components]:
     y = torch.randint(0, 3, (NUM_CLIENTS * PER_CLIENT,), generator=g)
     for c in BAD_CLIENTS:  # one marked example per bad client: every epoch meets it
         x[c * PER_CLIENT + 7, 0] = MARKER
-    indices = [torch.arange(c * PER_CLIENT, (c + 1) * PER_CLIENT).numpy() for c in range(NUM_CLIENTS)]
-    train = PartitionedDataset(ArrayDataset(x, y, 3), indices)
+    clients = [
+        ArrayDataset(x[c * PER_CLIENT : (c + 1) * PER_CLIENT], y[c * PER_CLIENT : (c + 1) * PER_CLIENT], 3)
+        for c in range(NUM_CLIENTS)
+    ]
     test = ArrayDataset(torch.randn(30, 4, generator=g), torch.randint(0, 3, (30,), generator=g), 3)
-    torch_state = torch.random.get_rng_state()
-    torch.manual_seed(1)  # the model's initial weights; the global RNG is restored below
-    module = PickyModel()
-    torch.random.set_rng_state(torch_state)
-    comps = replace(
-        build_components(cfg),
-        train=train,
-        test=test,
-        workspace=Workspace(module),
-        initial_params=Params.from_module(module),
-    )
-    return cfg, comps
+    task = Task(model=PickyModel, data=ClientData(train=clients, test=test), name="picky")
+    return cfg, build_components(cfg, task=task)
 
 
 def _run(executor_kind: str, tmp_path: Path) -> tuple[Params, list[dict[str, object]]]:
