@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -100,3 +101,20 @@ def test_default_file_documents_every_key(tmp_path: Path) -> None:
     f.write_text(text)
     assert load_config(f) == load_config(None)
     assert text.count("# ") > 30
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["algorithm.name='scaffold'"],
+        ["privacy.mode='central'"],
+        ["server.optimizer='adam'", "server.lr=0.01", "server.weighting='uniform'"],
+        ["task='mymod:make'", "task_args={n = 3}"],
+    ],
+)
+def test_the_resolved_config_round_trips(overrides: list[str]) -> None:
+    """What a run writes as config.toml (every default filled in) is valid and means the same run."""
+    from fedloom.config.loader import parse_config
+
+    cfg = load_config(None, overrides)
+    assert parse_config(tomllib.loads(config_to_toml(cfg))) == cfg

@@ -127,15 +127,16 @@ class ServerConfig(_Section):
         gt=0,
         description="Adaptivity tau in eta m / (sqrt(v) + tau); v starts at tau^2 (adaptive only).",
     )
-    weighting: Literal["examples", "uniform"] = Field(
-        "examples",
-        description="How client updates are averaged into the pseudo-gradient: 'examples' weights each by "
+    weighting: Literal["auto", "examples", "uniform"] = Field(
+        "auto",
+        description="How client updates are averaged into the pseudo-gradient ('auto' = 'examples' for "
+        "fedavg, fedprox and fednova): 'examples' weights each by "
         "its example count (FedAvg's mean, an estimate of the gradient of the example-weighted objective), "
         "'uniform' weights every client equally (Algorithm 2 of arXiv 2003.00295, for FedAdam / FedYogi / "
-        "FedAdagrad as published). The default 'examples' holds for every optimizer, so that changing "
+        "FedAdagrad as published). Example weighting holds for every optimizer, so that changing "
         "server.optimizer changes the optimizer and not the objective; set 'uniform' to reproduce the "
         "paper. Applies to fedavg, fedprox and fednova; scaffold always averages uniformly, and so does "
-        "DP (clipped deltas), where writing 'examples' is refused.",
+        "DP (clipped deltas), where 'examples' is refused.",
     )
 
     @model_validator(mode="after")
@@ -386,18 +387,18 @@ class ExperimentConfig(_Section):
                 f"robust.aggregator = {self.robust.aggregator!r} works with algorithm.name 'fedavg' or "
                 f"'fedprox', not {self.algorithm.name!r}"
             )
-        if "weighting" in self.server.model_fields_set and self.server.weighting == "examples":
+        if self.server.weighting == "examples":
             # Written out, 'examples' promises example-weighted means, which these never compute.
             if self.algorithm.name == "scaffold":
                 problems.append(
                     "server.weighting = 'examples' does not apply to algorithm.name = 'scaffold' (its "
-                    "control variates need the uniform mean); leave server.weighting unset"
+                    "control variates need the uniform mean); leave server.weighting = 'auto'"
                 )
             if self.privacy.mode != "off":
                 problems.append(
                     f"server.weighting = 'examples' does not apply with privacy.mode = {self.privacy.mode!r} "
                     "(DP averages clipped deltas uniformly: a client's weight would raise its sensitivity); "
-                    "leave server.weighting unset"
+                    "leave server.weighting = 'auto'"
                 )
         if self.privacy.mode != "off":
             if self.robust.aggregator != "mean":

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedloom.aggregators.registry import make_aggregator
+from fedloom.algorithms.aggregate import Weighting
 from fedloom.algorithms.api import Algorithm, Workspace
 from fedloom.algorithms.fedavg import FedAvg
 from fedloom.algorithms.fednova import FedNova
@@ -69,6 +70,7 @@ def build_algorithm(cfg: ExperimentConfig) -> Algorithm:
         server_opt = ServerAdagrad(lr=s.lr, beta1=s.beta1, tau=s.tau)
     else:
         server_opt = ServerSGD(lr=s.lr, momentum=s.momentum)
+    weighting: Weighting = "examples" if s.weighting == "auto" else s.weighting
     stragglers = Stragglers(fraction=a.straggler_fraction, drop=a.drop_stragglers)
     aggregator = make_aggregator(cfg.robust.aggregator, **cfg.robust.options)
     if a.name == "fedprox":
@@ -78,20 +80,20 @@ def build_algorithm(cfg: ExperimentConfig) -> Algorithm:
             server_optimizer=server_opt,
             stragglers=stragglers,
             aggregator=aggregator,
-            weighting=s.weighting,
+            weighting=weighting,
         )
     if a.name == "scaffold":
         return Scaffold(
             local=local, option=a.scaffold_option, server_optimizer=server_opt, stragglers=stragglers
         )
     if a.name == "fednova":
-        return FedNova(local=local, server_optimizer=server_opt, stragglers=stragglers, weighting=s.weighting)
+        return FedNova(local=local, server_optimizer=server_opt, stragglers=stragglers, weighting=weighting)
     return FedAvg(
         local=local,
         server_optimizer=server_opt,
         stragglers=stragglers,
         aggregator=aggregator,
-        weighting=s.weighting,
+        weighting=weighting,
     )
 
 
