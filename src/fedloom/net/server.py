@@ -188,7 +188,9 @@ class _Service:
         name = self.coord.names[cid]
         self.state.record_join(cid, name)
         self.log("join", client=name, id=cid, peer=context.peer())
+        unsettled = request.unsettled_round
         return pb.JoinReply(
+            unsettled_accepted=unsettled > 0 and self.state.was_accepted(unsettled, cid),
             client_id=cid,
             config_toml=config_to_toml(self.cfg),
             run_id=self.run_id,
@@ -664,6 +666,8 @@ def _loop(
             _wait_for_clients(coord, d.min_quorum, d.wait_for_clients_s, r, log, committer)
             lost = net.lost_pending(r)
             if lost:  # only after an OS crash or power loss (see fedloom.net.state)
+                # Their rows go, so that the clients, still selected, are asked again and re-upload.
+                net.drop_pending(r, lost)
                 log("pending_lost", level="warning", round=r, clients=[coord.names[c] for c in lost])
             t0, cpu0 = time.perf_counter(), time.process_time()
             relay = _secure_relay(cfg, cohort, min(size, len(cohort)), broadcast, r)

@@ -50,7 +50,8 @@ server's and 8% of the clients' CPU).
 
 Audit events: ``join``, ``refused``, ``accepted``, ``rejected``, ``late``,
 ``failed`` (the client reported a training failure), ``dropout`` (selected, no
-update by the close), ``round_committed``, ``round_aborted``.
+update by the close), ``pending_lost`` (an accepted update whose blob was lost; its row
+is dropped and the client asked again), ``round_committed``, ``round_aborted``.
 """
 
 from __future__ import annotations
@@ -338,6 +339,30 @@ class NetState:
                 out.append(int(cid))
         return out
 
+    def drop_pending(self, round: int, client_ids: list[int]) -> None:
+        """Forget the pending updates of ``client_ids`` in ``round`` (lost blobs, see
+        :meth:`lost_pending`), with a ``pending_lost`` audit row each; their slots return to the pool.
+        The clients can then upload again."""
+        with self._lock:
+            freed = []
+            for cid in client_ids:
+                row = self._db.execute(
+                    "SELECT file FROM pending_updates WHERE round = ? AND client_id = ?", (round, cid)
+                ).fetchone()
+                if row is None:
+                    continue
+                freed.append(str(row[0]))
+                self._db.execute(
+                    "DELETE FROM pending_updates WHERE round = ? AND client_id = ?", (round, cid)
+                )
+                known = self._db.execute("SELECT name FROM clients WHERE client_id = ?", (cid,)).fetchone()
+                name = "" if known is None else str(known[0])
+                self._audit_locked(
+                    round, cid, name, "pending_lost", 0, "blob missing or corrupt; asked again"
+                )
+        self._unmap(freed)
+        self._release_slots(freed)
+
     def clear_pending(self, up_to_round: int) -> None:
         """Forget the pending updates of rounds <= ``up_to_round``; their slots return to the pool."""
         with self._lock:
@@ -366,6 +391,15 @@ class NetState:
                 )
         with self._lock:
             self._db.execute("DROP TABLE pending")
+
+    def was_accepted(self, round: int, client_id: int) -> bool:
+        """Whether an update of ``client_id`` for ``round`` was accepted (its ``accepted`` audit row)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT 1 FROM audit WHERE event = 'accepted' AND round = ? AND client_id = ? LIMIT 1",
+                (round, client_id),
+            ).fetchone()
+        return row is not None
 
     # ---- audit ----------------------------------------------------------
     def audit(

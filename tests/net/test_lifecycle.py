@@ -1,0 +1,144 @@
+"""A run's lifecycle with real processes: client state commits, lost updates, restarts, refusals."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+from tests.net.helpers import (
+    HOSPITALS,
+    GatedWork,
+    Proc,
+    client,
+    db_snapshot,
+    free_port,
+    run_in_thread,
+    server,
+    write_config,
+)
+
+from fedloom.core.params import Params
+from fedloom.core.serde import params_from_bytes
+from fedloom.net.client import ClientOptions, NetClient
+from fedloom.net.logs import JsonLog
+from fedloom.net.state import NetState
+
+pytestmark = pytest.mark.slow
+
+
+def _model(run: Path) -> Params:
+    return params_from_bytes((run / "srv" / "model.safetensors").read_bytes())
+
+
+def _gated_client(
+    tmp_path: Path, port: int, gated: GatedWork, sink: io.StringIO, name: str = "va"
+) -> NetClient:
+    return NetClient(
+        ClientOptions(
+            server=f"127.0.0.1:{port}", name=name, state_dir=tmp_path / "cstate" / name, give_up_after_s=60
+        ),
+        JsonLog(f"client:{name}", stream=sink),
+        work=gated,
+    )
+
+
+def _wait_joined(sink: io.StringIO, timeout: float = 120) -> None:
+    end = time.monotonic() + timeout
+    while '"event": "joined"' not in sink.getvalue():
+        assert time.monotonic() < end, sink.getvalue()[-2000:]
+        time.sleep(0.05)
+
+
+def test_a_late_scaffold_update_leaves_the_clients_control_variate_where_it_was(
+    heart_dir: Path, tmp_path: Path
+) -> None:
+    """Round 1 closes at its deadline without 'va' (quorum 3); va's update then arrives late and is
+    refused. Its control variate of round 1 must not become the state it trains round 2 from."""
+    cfg = write_config(tmp_path / "exp.toml")
+    text = cfg.read_text().replace("rounds = 4", "rounds = 2").replace("min_quorum = 4", "min_quorum = 3")
+    cfg.write_text(text.replace("deadline_s = 30.0", "deadline_s = 8.0"))
+    port = free_port()
+    gated = GatedWork("va", heart_dir, hold_round=1)
+    sink = io.StringIO()
+    va = _gated_client(tmp_path, port, gated, sink)
+    srv = server(tmp_path, cfg, port)
+    va_thread, va_code = run_in_thread(va)
+    procs: list[Proc] = []
+    try:
+        _wait_joined(sink)  # online before round 1 opens, so it is sure to get that round's task
+        procs = [client(tmp_path, h, port) for h in HOSPITALS if h != "va"]
+        assert gated.holding.wait(120), srv.err.read_text()[-3000:]
+        srv.wait_event("round_committed", round=1, timeout=120)
+        gated.release.set()
+        assert srv.wait(180) == 0, srv.err.read_text()[-3000:]
+        va_thread.join(60)
+        assert va_code == [0], sink.getvalue()[-2000:]
+    finally:
+        gated.release.set()
+        for p in [srv, *procs]:
+            p.stop()
+    log = [json.loads(x) for x in sink.getvalue().splitlines() if x.startswith("{")]
+    assert [e["round"] for e in log if e["event"] == "update_rejected"] == [1]
+    assert [e["round"] for e in log if e["event"] == "update_accepted"] == [2]
+    saved = sorted(p.name for p in (tmp_path / "cstate" / "va").iterdir() if p.suffix == ".safetensors")
+    assert saved == ["state-r000002.safetensors"]  # round 1's late state was never committed
+    with NetState(tmp_path / "srv" / "state.sqlite") as net:
+        assert [(a.round, a.client) for a in net.audit_rows("late")] == [(1, "va")]
+
+
+def test_a_pending_update_lost_to_a_crash_is_asked_for_again_and_the_model_is_unchanged(
+    reference_run: Path, heart_dir: Path, tmp_path: Path
+) -> None:
+    """SIGKILL the server inside round 2 with 3 of 4 updates accepted, then tear the blob file of
+    'cleveland' (what an OS crash can leave). The restarted server drops that row, asks cleveland
+    again, takes its re-upload, and ends with the uninterrupted run's model, bit for bit."""
+    shutil.copy(reference_run / "exp.toml", tmp_path / "exp.toml")
+    cfg = tmp_path / "exp.toml"
+    db = tmp_path / "srv" / "state.sqlite"
+    port = free_port()
+    gated = GatedWork("va", heart_dir, hold_round=2)
+    sink = io.StringIO()
+    va = _gated_client(tmp_path, port, gated, sink)
+    srv = server(tmp_path, cfg, port)
+    procs = [client(tmp_path, h, port) for h in HOSPITALS if h != "va"]
+    va_thread, va_code = run_in_thread(va)
+    srv2: Proc | None = None
+    try:
+        assert gated.holding.wait(120), srv.err.read_text()[-3000:]
+        end = time.monotonic() + 120
+        while (snap := db_snapshot(db)) != ({2: [0, 1, 2]}, 1):
+            assert snap[1] <= 1, snap
+            assert time.monotonic() < end, snap
+            time.sleep(0.05)
+        srv.kill()
+        con = sqlite3.connect(db)
+        (file, size) = con.execute(
+            "SELECT file, bytes FROM pending_updates WHERE round = 2 AND client_id = 0"
+        ).fetchone()
+        con.close()
+        (tmp_path / "srv" / "pending" / str(file)).write_bytes(bytes(size))  # torn: right size, wrong bytes
+        gated.release.set()
+        srv2 = server(tmp_path, cfg, port, name="server2")
+        assert srv2.wait(180) == 0, srv2.err.read_text()[-3000:]
+        assert srv2.wait_event("pending_lost", round=2)["clients"] == ["cleveland"]
+        assert srv2.wait_event("round_open", round=2)["restored"] == 2
+        va_thread.join(60)
+        assert va_code == [0], sink.getvalue()[-2000:]
+        for c in procs:
+            assert c.wait(60) == 0, c.err.read_text()[-2000:]
+    finally:
+        gated.release.set()
+        for p in [srv, *procs] + ([srv2] if srv2 is not None else []):
+            p.stop()
+    assert _model(tmp_path).equal(_model(reference_run))
+    with NetState(db) as net:
+        assert [(a.round, a.client) for a in net.audit_rows("pending_lost")] == [(2, "cleveland")]
+        accepted = [(a.round, a.client) for a in net.audit_rows("accepted")]
+        assert accepted.count((2, "cleveland")) == 2  # before the crash, and the re-upload
+        committed = [json.loads(a.detail)["clients"] for a in net.audit_rows("round_committed")]
+        assert committed == [[0, 1, 2, 3]] * 4
