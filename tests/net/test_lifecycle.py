@@ -142,3 +142,40 @@ def test_a_pending_update_lost_to_a_crash_is_asked_for_again_and_the_model_is_un
         assert accepted.count((2, "cleveland")) == 2  # before the crash, and the re-upload
         committed = [json.loads(a.detail)["clients"] for a in net.audit_rows("round_committed")]
         assert committed == [[0, 1, 2, 3]] * 4
+
+
+def test_server_refuses_a_changed_config_naming_the_keys(reference_run: Path, tmp_path: Path) -> None:
+    shutil.copytree(reference_run / "srv", tmp_path / "srv")
+    text = (reference_run / "exp.toml").read_text()
+    cfg = write_config(tmp_path / "exp.toml", base=text.replace("lr = 0.05", "lr = 0.1"))
+    srv = server(tmp_path, cfg, free_port())
+    try:
+        assert srv.wait(60) == 2
+    finally:
+        srv.stop()
+    said = " ".join(srv.err.read_text().split())
+    assert "different configuration (differs in client.lr)" in said
+
+
+def test_server_refuses_a_state_dir_whose_database_lost_its_run(reference_run: Path, tmp_path: Path) -> None:
+    """checkpoints/ and metrics.jsonl of a run, and an empty database beside them (replaced, or copied
+    without its -wal file): the server must refuse rather than start afresh over them."""
+    shutil.copytree(reference_run / "srv", tmp_path / "srv")
+    for p in (tmp_path / "srv").glob("state.sqlite*"):
+        p.unlink()
+    (tmp_path / "srv" / "state.sqlite").write_bytes(b"")
+    kept = [
+        "metrics.jsonl",
+        "model.safetensors",
+        *(f"checkpoints/{p.name}" for p in (tmp_path / "srv" / "checkpoints").iterdir()),
+    ]
+    before = {name: (tmp_path / "srv" / name).read_bytes() for name in kept}
+    shutil.copy(reference_run / "exp.toml", tmp_path / "exp.toml")
+    srv = server(tmp_path, tmp_path / "exp.toml", free_port())
+    try:
+        assert srv.wait(60) == 2, srv.err.read_text()[-2000:]
+    finally:
+        srv.stop()
+    said = " ".join(srv.err.read_text().split())
+    assert "holds run artefacts (checkpoints/, metrics.jsonl, model.safetensors)" in said
+    assert {name: (tmp_path / "srv" / name).read_bytes() for name in kept} == before

@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from fedloom.algorithms.api import Broadcast, ServerContext, ServerState, Workspace
-from fedloom.config.loader import config_to_toml
+from fedloom.config.loader import config_differences, config_to_toml
 from fedloom.config.schema import ExperimentConfig
 from fedloom.core.errors import ConfigError, FedloomError, RunStateError, TrainingError, UpdateError
 from fedloom.core.params import Params
@@ -73,7 +73,7 @@ from fedloom.net.wire import (
     iter_chunks,
     model_digest,
 )
-from fedloom.results.store import RunStore
+from fedloom.results.store import RunStore, orphan_artefacts
 from fedloom.sim.build import build_algorithm, build_pipeline
 from fedloom.sim.evaluate import evaluate
 from fedloom.sim.privacy_plan import plan_privacy
@@ -549,11 +549,19 @@ def run_server(cfg: ExperimentConfig, state_dir: Path, options: ServerOptions, l
     state_dir.mkdir(parents=True, exist_ok=True)
     db = state_dir / STATE_DB
     toml = config_to_toml(cfg)
+    orphans = orphan_artefacts(state_dir, db)
+    if orphans:
+        raise RunStateError(
+            f"{state_dir} holds run artefacts ({', '.join(orphans)}) but {db} holds no run (missing, "
+            "empty, or copied without its -wal file); restore the database, or use another --state-dir"
+        )
     with RunStore(db, create=True) as store, NetState(db) as net:
         if store.latest_round() >= 0:
-            if store.get_meta("config") != toml:
+            changed = config_differences(store.get_meta("config") or "", toml)
+            if changed:
                 raise RunStateError(
-                    f"{state_dir} holds a run with a different configuration; use another --state-dir"
+                    f"{state_dir} holds a run with a different configuration (differs in "
+                    f"{', '.join(changed)}); use another --state-dir"
                 )
             state = store.load_state()
             run_id = store.get_meta("run_id") or ""

@@ -4,7 +4,9 @@
 an executor, recording each round atomically in the run's state database. A
 resumed run reloads the last checkpoint and continues; because every random
 draw derives from (seed, round, client, purpose), it ends with the same model,
-bit for bit, as an uninterrupted run.
+bit for bit, as an uninterrupted run. A resume refuses a configuration that differs
+from the one the run was started with (naming the keys), and a directory whose run
+artefacts have no run in the database (see :func:`~fedloom.results.store.orphan_artefacts`).
 """
 
 from __future__ import annotations
@@ -19,12 +21,12 @@ from typing import Any, Protocol
 import torch
 
 from fedloom.algorithms.api import Aggregate, ClientState, ClientUpdate, ServerContext, ServerState
-from fedloom.config.loader import config_to_toml
+from fedloom.config.loader import config_differences, config_to_toml
 from fedloom.config.schema import ExperimentConfig
 from fedloom.core.errors import FedloomError, RunStateError, TrainingError
 from fedloom.core.rng import numpy_rng
 from fedloom.core.serde import params_to_bytes
-from fedloom.results.store import RunStore
+from fedloom.results.store import RunStore, orphan_artefacts
 from fedloom.sim.auto import make_executor
 from fedloom.sim.build import Components, build_components
 from fedloom.sim.evaluate import evaluate
@@ -94,8 +96,21 @@ def _run(
         raise RunStateError(
             f"{run_dir} already holds a run; resume it with --resume {run_dir} or pick another --out"
         )
+    orphans = orphan_artefacts(run_dir, db_path)
+    if orphans:
+        raise RunStateError(
+            f"{run_dir} holds run artefacts ({', '.join(orphans)}) but {db_path} holds no run (missing, "
+            "empty, or copied without its -wal file); restore the database, or use another directory"
+        )
     with RunStore(db_path, create=not resume) as store:
         if resume:
+            stored = store.get_meta("config")
+            changed = config_differences(stored, config_to_toml(cfg)) if stored is not None else []
+            if changed:
+                raise RunStateError(
+                    f"{run_dir} holds a run with another configuration (differs in {', '.join(changed)}); "
+                    "a resumed run keeps its configuration: undo the change or start a new run"
+                )
             state = (
                 store.load_state()
                 if store.latest_round() >= 0
