@@ -8,6 +8,7 @@ import shutil
 import sqlite3
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from tests.net.helpers import (
@@ -27,6 +28,9 @@ from fedloom.core.serde import params_from_bytes
 from fedloom.net.client import ClientOptions, NetClient
 from fedloom.net.logs import JsonLog
 from fedloom.net.state import NetState
+from fedloom.privacy.accounting import FixedSizeSampling, epsilon
+from fedloom.results.store import RunStore
+from fedloom.sim.sampling import secret_sample
 
 pytestmark = pytest.mark.slow
 
@@ -179,3 +183,61 @@ def test_server_refuses_a_state_dir_whose_database_lost_its_run(reference_run: P
     said = " ".join(srv.err.read_text().split())
     assert "holds run artefacts (checkpoints/, metrics.jsonl, model.safetensors)" in said
     assert {name: (tmp_path / "srv" / name).read_bytes() for name in kept} == before
+
+
+_DP = """
+[privacy]
+mode = "central"
+clip_norm = 1.0
+noise_multiplier = 1.5
+"""
+
+
+def _dp_run(tmp_path: Path, overselect: float) -> tuple[Proc, list[dict[str, Any]]]:
+    cfg = write_config(tmp_path / "exp.toml", _DP)
+    text = cfg.read_text().replace('name = "scaffold"', 'name = "fedavg"').replace("rounds = 4", "rounds = 2")
+    text = text.replace("fraction = 1.0\nmin_clients = 4", "fraction = 0.75\nmin_clients = 3")
+    text = text.replace("min_quorum = 4", f"min_quorum = 3\noverselect = {overselect}")
+    cfg.write_text(text)
+    port = free_port()
+    srv = server(tmp_path, cfg, port)
+    clients = [client(tmp_path, h, port) for h in HOSPITALS]
+    try:
+        assert srv.wait(180) == 0, srv.err.read_text()[-3000:]
+    finally:
+        for p in [srv, *clients]:
+            p.stop()
+    rows = [json.loads(x) for x in (tmp_path / "srv" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2]
+    return srv, rows
+
+
+def test_deployed_dp_draws_cohorts_from_a_server_secret_and_credits_amplification(
+    heart_dir: Path, tmp_path: Path
+) -> None:
+    """Cohort 3 of 4, no over-selection: the cohorts are secret_sample(secret, round) of a secret
+    kept in the state database and sent to no client, and the ledger credits the sampling."""
+    srv, rows = _dp_run(tmp_path, overselect=1.0)
+    with RunStore(tmp_path / "srv" / "state.sqlite") as store:
+        secret = store.get_meta("cohort_secret")
+    assert secret is not None
+    assert len(bytes.fromhex(secret)) == 32
+    for r in (1, 2):
+        chosen = secret_sample(bytes.fromhex(secret), r, [0, 1, 2, 3], 3)
+        assert srv.wait_event("round_open", round=r)["selected"] == [HOSPITALS[c] for c in chosen]
+    for f in tmp_path.glob("*.err"):  # the clients' logs (and the server's) never show it
+        assert secret not in f.read_text()
+    assert [r["epsilon"] for r in rows] == [epsilon(1.5, FixedSizeSampling(3, 4), r, 1e-5) for r in (1, 2)]
+    assert all(r["dp_amplification"] is True for r in rows)
+
+
+def test_deployed_dp_with_overselection_accounts_without_amplification(
+    heart_dir: Path, tmp_path: Path
+) -> None:
+    """Over-selection: the contributors are the first to answer, not a uniform sample, so each round
+    composes at rate 1 (no amplification), and the metrics say so and why."""
+    _, rows = _dp_run(tmp_path, overselect=1.34)
+    assert [r["epsilon"] for r in rows] == [epsilon(1.5, FixedSizeSampling(3, 3), r, 1e-5) for r in (1, 2)]
+    assert rows[0]["epsilon"] > epsilon(1.5, FixedSizeSampling(3, 4), 1, 1e-5)
+    assert all(r["dp_amplification"] is False for r in rows)
+    assert "deploy.overselect = 1.34" in rows[0]["dp_amplification_reason"]

@@ -229,7 +229,9 @@ class NetClient:
             assert self._load_data is not None
             data = self._load_data(cfg)
             module = build_model(cfg.model.name, cfg.model.kwargs, seed=cfg.seed)
-            privacy = plan_privacy(cfg, population=len(cfg.deploy.clients) or None, secure_noise=True)
+            privacy = plan_privacy(
+                cfg, population=len(cfg.deploy.clients) or None, secure_noise=True, deployed=True
+            )
             pipeline = build_pipeline(cfg, privacy)
             self._work = algorithm_work(build_algorithm(cfg), pipeline, Workspace(module), data)
             self.log("data_loaded", examples=len(data))

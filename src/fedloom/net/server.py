@@ -2,7 +2,9 @@
 
 The round loop mirrors :func:`fedloom.sim.runner.run_simulation`: cohorts from
 ``sample_clients(seed, round, population, size)`` over the ordered registry
-``deploy.clients``, updates through ``pipeline.decode`` (at upload time, in the
+``deploy.clients`` (under DP from :func:`~fedloom.sim.sampling.secret_sample` with a
+secret the server generates at run start, keeps in its state database and never
+sends, so that no client can predict a cohort), updates through ``pipeline.decode`` (at upload time, in the
 coordinator), ``algorithm.aggregate`` over the accepted updates sorted by client
 id, ``pipeline.server``, ``algorithm.server_update``, evaluation, and one
 ``RunStore.commit_round`` per round.
@@ -41,6 +43,7 @@ import functools
 import hashlib
 import json
 import math
+import secrets
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -77,7 +80,7 @@ from fedloom.results.store import RunStore, orphan_artefacts
 from fedloom.sim.build import build_algorithm, build_pipeline
 from fedloom.sim.evaluate import evaluate
 from fedloom.sim.privacy_plan import plan_privacy
-from fedloom.sim.sampling import cohort_size, sample_clients
+from fedloom.sim.sampling import cohort_size, sample_clients, secret_sample
 from fedloom.sim.server_round import apply_updates
 
 _TASK_BROADCAST_FIELD = pb.TaskReply.DESCRIPTOR.fields_by_name["broadcast"].number
@@ -91,6 +94,8 @@ STATE_DB = "state.sqlite"
 METRICS = "metrics.jsonl"
 MODEL = "model.safetensors"
 ENDPOINT = "endpoint"
+# meta key of the run's cohort secret (hex): generated at run start, kept in the state db, never sent
+COHORT_SECRET = "cohort_secret"
 
 
 def client_names(cfg: ExperimentConfig) -> list[str]:
@@ -541,7 +546,7 @@ def run_server(cfg: ExperimentConfig, state_dir: Path, options: ServerOptions, l
     selected_n = min(population, math.ceil(size * d.overselect - 1e-9))
     algorithm, pipeline = (
         build_algorithm(cfg),
-        build_pipeline(cfg, plan_privacy(cfg, population=population, secure_noise=True)),
+        build_pipeline(cfg, plan_privacy(cfg, population=population, secure_noise=True, deployed=True)),
     )
     module = build_model(cfg.model.name, cfg.model.kwargs, seed=cfg.seed)
     _check_secagg(cfg, Params.from_module(module).num_elements() + 1)
@@ -565,11 +570,14 @@ def run_server(cfg: ExperimentConfig, state_dir: Path, options: ServerOptions, l
                 )
             state = store.load_state()
             run_id = store.get_meta("run_id") or ""
+            secret = store.get_meta(COHORT_SECRET) or ""  # absent in runs of older versions: seed cohorts
             log("resume", round=state.round, state_dir=str(state_dir))
         else:
             run_id = hashlib.sha256(f"{toml}{time.time()}".encode()).hexdigest()[:16]
             store.set_meta("config", toml)
             store.set_meta("run_id", run_id)
+            secret = secrets.token_hex(32)
+            store.set_meta(COHORT_SECRET, secret)
             state = algorithm.server_init(initial)
             store.commit_round(state, {"round": 0}, {}, keep=cfg.checkpoint.keep)
         history = [m for m in store.metrics(up_to=state.round) if m.get("round", 0) > 0]
@@ -613,6 +621,7 @@ def run_server(cfg: ExperimentConfig, state_dir: Path, options: ServerOptions, l
                     size,
                     history,
                     committer,
+                    bytes.fromhex(secret),
                 )
             (state_dir / MODEL).write_bytes(params_to_bytes(state.params))
             store.set_meta("status", "completed")
@@ -649,6 +658,7 @@ def _loop(
     size: int,
     history: list[dict[str, Any]],
     committer: _Committer,
+    secret: bytes,
 ) -> ServerState:
     d = cfg.deploy
     population = len(coord.names)
@@ -656,7 +666,7 @@ def _loop(
     metrics_path.write_text("".join(json.dumps(m) + "\n" for m in history), encoding="utf-8")
     if _reached(cfg, history[-1] if history else {}):
         return state
-    privacy = plan_privacy(cfg, population=population)
+    privacy = plan_privacy(cfg, population=population, deployed=True)
     cpu_mark: float | None = None
     while state.round < cfg.rounds:
         r = state.round + 1
@@ -664,7 +674,10 @@ def _loop(
             log("privacy_budget_reached", round=r, epsilon=privacy.epsilon_after(state.round))
             break
         ctx = ServerContext(seed=cfg.seed, round=r, population=population)
-        cohort = sample_clients(cfg.seed, r, population, selected_n).tolist()
+        if privacy is not None and secret:  # DP: cohorts nobody else can predict (see secret_sample)
+            cohort = secret_sample(secret, r, list(range(population)), selected_n)
+        else:
+            cohort = sample_clients(cfg.seed, r, population, selected_n).tolist()
         t_encode = time.perf_counter()
         broadcast = algorithm.broadcast(state)
         blob = encode_broadcast(broadcast)
@@ -763,6 +776,9 @@ def _loop(
         }
         if privacy is not None:
             metrics["epsilon"] = privacy.epsilon_after(r)
+            metrics["dp_amplification"] = privacy.amplification
+            if not privacy.amplification:
+                metrics["dp_amplification_reason"] = privacy.no_amplification
         t_eval = time.perf_counter()
         if options.eval_data is not None and (r % cfg.eval.every == 0 or r == cfg.rounds):
             ev = evaluate(workspace, state.params, options.eval_data, batch_size=cfg.eval.batch_size)
