@@ -240,6 +240,7 @@ class NetClient:
 
     def serve(self) -> int:
         failures = 0
+        said = ""
         last_contact = time.monotonic()
         max_msg = 4 * 1024 * 1024
         while True:
@@ -276,6 +277,10 @@ class NetClient:
                     if task.kind == pb.DONE:
                         self.log("done", rounds=len(self.rounds_done))
                         return 0
+                    if task.kind == pb.WAIT and task.message and task.message != said:
+                        # e.g. the server stops after a failed round: wait for it to be restarted
+                        self.log("server_says", level="warning", message=task.message)
+                    said = task.message
                     if task.kind == pb.TRAIN:
                         self._round(stub, raw, task, inline, reply, chunk_size_for(max_msg))
             except grpc.RpcError as exc:

@@ -232,6 +232,7 @@ class _Service:
             broadcast_xxh3=t.xxh3,
             deadline_in_s=t.deadline_in_s,
             secagg_json=t.secagg_json,
+            message=t.message,
         ).SerializeToString()
         if t.kind != "train":
             return small
@@ -634,7 +635,9 @@ def run_server(cfg: ExperimentConfig, state_dir: Path, options: ServerOptions, l
         except FedloomError as exc:
             store.set_meta("status", "failed")
             store.set_meta("error", str(exc))
-            coord.set_done()
+            # Not "done": the run resumes when the server is restarted, so the clients keep
+            # reconnecting (until their --give-up-after) rather than exit.
+            coord.set_stopping(f"the server stopped: {exc}")
             log("failed", level="error", error=str(exc))
             time.sleep(min(options.linger_s, 2.0))
             raise
