@@ -285,3 +285,35 @@ def test_clients_outlive_a_quorum_failure_and_finish_the_run_with_the_restarted_
     # the survivors (ids 0 and 1) contributed to rounds of the restarted server
     for cid in (0, 1):
         assert any(cid in committed[r] for r in range(aborted, 5)), committed
+
+
+def test_select_online_leaves_a_dead_client_out_of_later_cohorts(heart_dir: Path, tmp_path: Path) -> None:
+    """'va' SIGKILLed after round 1: once it counts as offline (offline_after_s = 5), cohorts are
+    drawn among the three online clients, so no round waits its deadline for va; each round's
+    cohort is recorded in the state database."""
+    cfg = write_config(tmp_path / "exp.toml")
+    text = cfg.read_text().replace('name = "scaffold"', 'name = "fedavg"').replace("rounds = 4", "rounds = 5")
+    text = text.replace("deadline_s = 30.0", "deadline_s = 8.0")
+    cfg.write_text(text.replace("min_quorum = 4", "min_quorum = 3\nselect_online = true"))
+    port = free_port()
+    srv = server(tmp_path, cfg, port)
+    procs = {h: client(tmp_path, h, port) for h in HOSPITALS}
+    try:
+        srv.wait_event("round_committed", round=1)
+        procs["va"].kill()
+        assert srv.wait(180) == 0, srv.err.read_text()[-3000:]
+    finally:
+        for p in [srv, *procs.values()]:
+            p.stop()
+    opened = {e["round"]: e["selected"] for e in srv.events("round_open")}
+    rows = {
+        m["round"]: m for m in map(json.loads, (tmp_path / "srv" / "metrics.jsonl").read_text().splitlines())
+    }
+    # va is offline 5 s after the kill: by round 4 at the latest (rounds 2 and 3 may wait for it)
+    for r in (4, 5):
+        assert opened[r] == ["cleveland", "hungarian", "switzerland"]
+        assert rows[r]["num_dropouts"] == 0
+        assert rows[r]["seconds"] < 4.0  # closed once the three answered, not at the 8 s deadline
+    with NetState(tmp_path / "srv" / "state.sqlite") as net:
+        for r in range(1, 6):
+            assert net.cohort(r) == [HOSPITALS.index(h) for h in opened[r]]

@@ -59,6 +59,7 @@ from fedloom.config.loader import config_differences, config_to_toml
 from fedloom.config.schema import ExperimentConfig
 from fedloom.core.errors import ConfigError, FedloomError, RunStateError, TrainingError, UpdateError
 from fedloom.core.params import Params
+from fedloom.core.rng import numpy_rng
 from fedloom.core.serde import params_to_bytes
 from fedloom.data.datasets import ArrayDataset
 from fedloom.models.zoo import build_model
@@ -677,10 +678,7 @@ def _loop(
             log("privacy_budget_reached", round=r, epsilon=privacy.epsilon_after(state.round))
             break
         ctx = ServerContext(seed=cfg.seed, round=r, population=population)
-        if privacy is not None and secret:  # DP: cohorts nobody else can predict (see secret_sample)
-            cohort = secret_sample(secret, r, list(range(population)), selected_n)
-        else:
-            cohort = sample_clients(cfg.seed, r, population, selected_n).tolist()
+        cohort = net.cohort(r)  # a round resumed after a restart keeps its selection
         t_encode = time.perf_counter()
         broadcast = algorithm.broadcast(state)
         blob = encode_broadcast(broadcast)
@@ -688,6 +686,10 @@ def _loop(
         encode_s = time.perf_counter() - t_encode
         for attempt in range(1, d.max_round_attempts + 1):
             _wait_for_clients(coord, d.min_quorum, d.wait_for_clients_s, r, log, committer)
+            if cohort is None or (attempt > 1 and d.select_online):  # an aborted attempt: draw again
+                online = coord.online() if d.select_online else None
+                cohort = _draw_cohort(cfg, r, population, selected_n, online, secret if privacy else b"")
+                net.record_cohort(r, cohort)
             lost = net.lost_pending(r)
             if lost:  # only after an OS crash or power loss (see fedloom.net.state)
                 # Their rows go, so that the clients, still selected, are asked again and re-upload.
@@ -961,6 +963,25 @@ def _secure_relay(
         deadline=time.monotonic() + cfg.deploy.deadline_s,
         stage_timeout_s=cfg.deploy.deadline_s,
     )
+
+
+def _draw_cohort(
+    cfg: ExperimentConfig, r: int, population: int, n: int, online: list[int] | None, secret: bytes
+) -> list[int]:
+    """Round ``r``'s cohort: ``n`` clients (fewer if fewer are online) among ``online`` (``None``: all).
+
+    From ``secret`` (DP, see :func:`~fedloom.sim.sampling.secret_sample`), else from (seed, round):
+    over the whole registry this is :func:`~fedloom.sim.sampling.sample_clients`, the simulation's.
+    """
+    if secret:
+        candidates = online if online is not None else list(range(population))
+        return secret_sample(secret, r, candidates, min(n, len(candidates)))
+    if online is None:
+        return [int(c) for c in sample_clients(cfg.seed, r, population, n)]
+    picks = numpy_rng(cfg.seed, "client-sampling", round=r).choice(
+        len(online), size=min(n, len(online)), replace=False
+    )
+    return sorted(online[int(i)] for i in picks)
 
 
 def _reached(cfg: ExperimentConfig, metrics: Mapping[str, Any]) -> bool:

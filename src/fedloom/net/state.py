@@ -4,6 +4,7 @@ RunStore keeps the run's checkpoints, metrics and meta; this module adds::
 
     clients(client_id PRIMARY KEY, name UNIQUE, joins, last_seen)            the registry
     pending_updates(round, client_id, meta_json, file, checksum, bytes)      accepted, not yet aggregated
+    cohorts(round PRIMARY KEY, clients)                                       each round's selection (JSON ids)
     audit(seq PRIMARY KEY, ts, round, client_id, client, event, bytes, detail)
 
 ``pending_updates`` holds every accepted update of the open round, recorded before
@@ -58,6 +59,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import mmap
 import os
 import re
@@ -85,6 +87,7 @@ CREATE TABLE IF NOT EXISTS pending_updates (
     round INTEGER NOT NULL, client_id INTEGER NOT NULL, meta_json TEXT NOT NULL, file TEXT NOT NULL,
     checksum TEXT NOT NULL, bytes INTEGER NOT NULL, PRIMARY KEY (round, client_id)
 );
+CREATE TABLE IF NOT EXISTS cohorts (round INTEGER PRIMARY KEY, clients TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS audit (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, round INTEGER NOT NULL,
     client_id INTEGER NOT NULL, client TEXT NOT NULL, event TEXT NOT NULL, bytes INTEGER NOT NULL,
@@ -391,6 +394,19 @@ class NetState:
                 )
         with self._lock:
             self._db.execute("DROP TABLE pending")
+
+    def record_cohort(self, round: int, clients: list[int]) -> None:
+        """Record ``round``'s cohort (the latest attempt's): a resumed round reuses it (:meth:`cohort`)."""
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO cohorts VALUES (?, ?)", (round, json.dumps(sorted(clients)))
+            )
+
+    def cohort(self, round: int) -> list[int] | None:
+        """The cohort recorded for ``round`` (``None``: none yet)."""
+        with self._lock:
+            row = self._db.execute("SELECT clients FROM cohorts WHERE round = ?", (round,)).fetchone()
+        return None if row is None else [int(c) for c in json.loads(str(row[0]))]
 
     def was_accepted(self, round: int, client_id: int) -> bool:
         """Whether an update of ``client_id`` for ``round`` was accepted (its ``accepted`` audit row)."""

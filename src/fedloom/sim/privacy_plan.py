@@ -96,7 +96,8 @@ def plan_privacy(
     ``deployed``: the plan is for the gRPC deployment (server and clients both pass it, so that they
     agree on a calibrated sigma). There amplification by sampling is credited only when the
     contributors are the uniform fixed-size sample the accountant assumes; with
-    ``deploy.overselect > 1`` they are the first selected clients to answer, which is not, and the
+    ``deploy.overselect > 1`` they are the first selected clients to answer, and with
+    ``deploy.select_online`` the cohort is drawn among the clients online; neither is, and the
     ledger composes the rounds without amplification (``PrivacyPlan.no_amplification`` says why).
     """
     p = cfg.privacy
@@ -176,5 +177,9 @@ def deployed_amplification_loss(cfg: ExperimentConfig) -> str:
         reasons.append(
             f"deploy.overselect = {cfg.deploy.overselect}: the contributors are the first selected "
             "clients to answer, not a uniform sample"
+        )
+    if cfg.deploy.select_online:
+        reasons.append(
+            "deploy.select_online: cohorts are drawn among the clients online, not from the population"
         )
     return "; ".join(reasons)
