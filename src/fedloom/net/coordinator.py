@@ -476,7 +476,11 @@ class Coordinator:
         # go on meanwhile); only the small row that makes it count is committed under it, before
         # the client hears "accepted".
         t_store = time.perf_counter()
-        staged = self._state.stage(round, cid, blob, checksum=checksum)
+        try:
+            staged = self._state.stage(round, cid, blob, checksum=checksum)
+        except FedloomError as exc:  # the server's disk, not the update: refused, the run goes on
+            self._log("store_failed", level="error", client=self.names[cid], round=round, reason=str(exc))
+            return self.reject(cid, round, len(blob), str(exc))
         t_validate = time.perf_counter()
         mapped = self._state.view(staged)
         try:

@@ -71,6 +71,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from fedloom.core.errors import RunStateError
 from fedloom.net.wire import fingerprint
 
 __all__ = ["AuditRow", "NetState", "PendingUpdate", "StagedBlob", "blob_checksum"]
@@ -186,11 +187,15 @@ class NetState:
 
         ``checksum`` is :func:`blob_checksum` of the blob if the caller has it already. The file counts
         only once :meth:`record_pending` committed its row; a staged blob that is not
-        recorded goes back to the pool with :meth:`discard`.
+        recorded goes back to the pool with :meth:`discard`. Raises :class:`RunStateError` when the
+        blob cannot be written (a full disk), never a signal.
         """
         name = self._take_slot()
         try:
             self._write(name, blob)
+        except OSError as exc:  # e.g. ENOSPC: the update is refused with the reason, the server goes on
+            self._release_slots([name])
+            raise RunStateError(f"the server cannot store the update ({len(blob)} bytes): {exc}") from exc
         except BaseException:
             self._release_slots([name])
             raise
@@ -215,6 +220,9 @@ class NetState:
             fd = os.open(self.blob_dir / name, os.O_RDWR | os.O_CREAT, 0o600)
             try:
                 os.ftruncate(fd, n)
+                # Allocate the blocks now: a store into a mapped hole that the file system cannot
+                # back (a full disk) is not an error but a SIGBUS that kills the server.
+                os.posix_fallocate(fd, 0, n)
                 mapped = mmap.mmap(fd, n, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
             finally:
                 os.close(fd)

@@ -141,7 +141,13 @@ class RunStore:
         parts = [slots_to_pieces({"": state.params}), slots_to_pieces(state.opt_state)]
         parts.append(slots_to_pieces(state.algo_state))
         name = self._free_file()
-        sizes, checksum = _write_synced(self.checkpoint_dir / name, parts)
+        try:
+            sizes, checksum = _write_synced(self.checkpoint_dir / name, parts)
+        except OSError as exc:  # e.g. a full disk: the previous checkpoint stays the latest
+            raise RunStateError(
+                f"cannot write the checkpoint of round {r} to {self.checkpoint_dir / name}: {exc}; "
+                f"checkpoint {self.latest_round()} is intact"
+            ) from exc
         with self._transaction():
             self._db.execute(
                 "INSERT OR REPLACE INTO checkpoint_files VALUES (?, ?, ?, ?)",
