@@ -60,8 +60,8 @@ CREATE TABLE IF NOT EXISTS client_states (client_id INTEGER PRIMARY KEY, round I
 
 def orphan_artefacts(directory: Path, db: Path) -> list[str]:
     """The run artefacts in ``directory`` that a run whose database ``db`` holds no checkpoint must
-    not overwrite: checkpoint files, a non-empty ``metrics.jsonl``, a final model, pending update
-    blobs. Empty when ``db`` holds a checkpoint, or when there are none (a fresh directory).
+    not overwrite: non-empty checkpoint files, a non-empty ``metrics.jsonl``, a final model, pending
+    update blobs. Empty when ``db`` holds a checkpoint, or when there are none (a fresh directory).
 
     Such a directory is one whose database was deleted, replaced, or copied without its ``-wal``
     file (where the committed rounds live until a WAL checkpoint): starting a fresh run there
@@ -81,7 +81,7 @@ def orphan_artefacts(directory: Path, db: Path) -> list[str]:
     found = []
     for sub in (CHECKPOINT_DIR, "pending"):
         folder = directory / sub
-        if folder.is_dir() and any(folder.iterdir()):
+        if folder.is_dir() and any(f.is_file() and f.stat().st_size > 0 for f in folder.iterdir()):
             found.append(f"{sub}/")
     for name in ("metrics.jsonl", "model.safetensors"):
         f = directory / name
