@@ -16,7 +16,9 @@ depend only on (seed, round), aggregation order only on client ids, and clients
 train deterministically from (seed, round, client), a run killed and resumed
 ends with the same model, bit for bit, as an uninterrupted one -- provided every
 selected client answers within the deadline (the quorum/deadline outcome of a
-round that closes on time is inherently timing dependent).
+round that closes on time is inherently timing dependent). A server stopped by an error (a
+round below quorum, a full disk) answers its clients WAIT with the reason (``TaskReply.message``),
+never DONE, so they keep reconnecting and a restarted server resumes the run with them.
 
 Secure aggregation (``secagg.enabled``): a round is run through a
 :class:`~fedloom.net.secure.SecureRelay` -- clients upload no update, the server

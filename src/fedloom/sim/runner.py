@@ -5,7 +5,8 @@ an executor, recording each round atomically in the run's state database. A
 resumed run reloads the last checkpoint and continues; because every random
 draw derives from (seed, round, client, purpose), it ends with the same model,
 bit for bit, as an uninterrupted run. A resume refuses a configuration that differs
-from the one the run was started with (naming the keys), and a directory whose run
+from the one the run was started with (naming the keys; only ``rounds`` may change, to
+extend the run, unless it calibrated the DP noise), and a directory whose run
 artefacts have no run in the database (see :func:`~fedloom.results.store.orphan_artefacts`).
 """
 
@@ -106,11 +107,17 @@ def _run(
         if resume:
             stored = store.get_meta("config")
             changed = config_differences(stored, config_to_toml(cfg)) if stored is not None else []
-            if changed:
+            # A larger round budget extends the run (unless it calibrated the DP noise); any other
+            # change would make the resumed rounds those of another experiment.
+            extendable = {"rounds"} if cfg.privacy.target_epsilon <= 0 else set()
+            if set(changed) - extendable:
                 raise RunStateError(
                     f"{run_dir} holds a run with another configuration (differs in {', '.join(changed)}); "
-                    "a resumed run keeps its configuration: undo the change or start a new run"
+                    "a resumed run keeps its configuration (only `rounds` may change): undo the change "
+                    "or start a new run"
                 )
+            if changed:
+                store.set_meta("config", config_to_toml(cfg))
             state = (
                 store.load_state()
                 if store.latest_round() >= 0
