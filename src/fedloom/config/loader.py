@@ -20,6 +20,7 @@ from fedloom.core.errors import ConfigError
 
 __all__ = [
     "apply_overrides",
+    "config_differences",
     "config_reference_markdown",
     "config_to_toml",
     "default_config_toml",
@@ -118,6 +119,33 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
 def config_to_toml(cfg: ExperimentConfig) -> str:
     """The fully resolved configuration (every default filled in) as TOML."""
     return tomli_w.dumps(cfg.model_dump(mode="python"))
+
+
+def config_differences(stored_toml: str, new_toml: str) -> list[str]:
+    """The dotted keys whose values differ between two configurations (TOML texts), sorted.
+
+    A key present in only one of them counts as different; a stored text that does not parse
+    is reported as ``["<unparseable stored config>"]``.
+    """
+    try:
+        old = _flatten(tomllib.loads(stored_toml))
+    except tomllib.TOMLDecodeError:
+        return ["<unparseable stored config>"]
+    new = _flatten(tomllib.loads(new_toml))
+    return sorted(k for k in old.keys() | new.keys() if old.get(k, _MISSING) != new.get(k, _MISSING))
+
+
+_MISSING = object()
+
+
+def _flatten(raw: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in raw.items():
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def default_config_toml() -> str:

@@ -242,6 +242,13 @@ class DeployConfig(_Section):
     offline_after_s: float = Field(
         20.0, gt=0, description="A client unseen for this many seconds counts as offline."
     )
+    select_online: bool = Field(
+        False,
+        description="Draw each round's cohort among the clients online when it opens (after waiting "
+        "for min_quorum of them), so offline or revoked clients do not hold rounds to their deadline; "
+        "the cohort is recorded in the state database and reused on resume. Under DP the ledger then "
+        "credits no amplification by sampling (who is online is not a uniform sample).",
+    )
 
 
 class PrivacyConfig(_Section):

@@ -8,9 +8,12 @@ learns the experiment (config TOML), its id and the population from the server a
 
 Persistent client state (``ClientUpdate.client_state``, e.g. SCAFFOLD's control
 variate) stays on the client, on disk, one safetensors file per round in its state
-directory: round ``r`` trains from the newest state saved *before* ``r``, so a
+directory: round ``r`` trains from the newest state committed *before* ``r``, so a
 round retried after a server restart starts from the same state and yields the
-same update.
+same update. A round's new state is committed only when the server accepts its
+update (a rejected or late update leaves the state where it was, as in the
+simulation); when the upload's reply is lost, the next Join asks the server
+whether it holds the update (:class:`ClientStateStore`).
 
 When the server is unreachable the client retries with exponential backoff (0.5 s
 doubling to 15 s, with a fixed per-client offset so clients do not stampede), then
@@ -135,7 +138,14 @@ def make_channel(
 
 
 class ClientStateStore:
-    """Per-round client state files ``state-r<round>.safetensors`` in one directory."""
+    """Per-round client state files ``state-r<round>.safetensors`` in one directory.
+
+    A round's new state is first *staged* (``staged-r<round>.safetensors``) and becomes the state
+    later rounds train from only once the server accepted the update it belongs to
+    (:meth:`commit`); a rejected or late update's state is dropped (:meth:`discard`), as the
+    simulation keeps only the states of aggregated updates. A staged state whose upload got no
+    reply (the connection broke) is settled at the next Join, which asks the server.
+    """
 
     def __init__(self, directory: Path, run_id: str, *, keep: int = 3) -> None:
         self.dir = directory
@@ -143,7 +153,7 @@ class ClientStateStore:
         directory.mkdir(parents=True, exist_ok=True)
         marker = directory / "run_id"
         if marker.exists() and marker.read_text(encoding="utf-8").strip() != run_id:
-            for p in directory.glob("state-r*.safetensors"):
+            for p in [*directory.glob("state-r*.safetensors"), *directory.glob("staged-r*.safetensors")]:
                 p.unlink()  # state of another run must not leak into this one
         marker.write_text(run_id + "\n", encoding="utf-8")
 
@@ -151,7 +161,7 @@ class ClientStateStore:
         return sorted(int(p.stem.removeprefix("state-r")) for p in self.dir.glob("state-r*.safetensors"))
 
     def load(self, before: int) -> ClientState | None:
-        """The newest state saved by a round earlier than ``before`` (None: never trained)."""
+        """The newest committed state of a round earlier than ``before`` (None: never trained)."""
         earlier = [r for r in self._rounds() if r < before]
         if not earlier:
             return None
@@ -159,12 +169,39 @@ class ClientStateStore:
         return ClientState(values=slots_from_bytes(blob))
 
     def save(self, round: int, state: ClientState) -> None:
-        path = self.dir / f"state-r{round:06d}.safetensors"
+        """Stage and commit ``state`` as round ``round``'s in one step."""
+        self.stage(round, state)
+        self.commit()
+
+    def stage(self, round: int, state: ClientState) -> None:
+        """Hold ``state`` as round ``round``'s until :meth:`commit` or :meth:`discard` (one at a time)."""
+        self.discard()
+        path = self.dir / f"staged-r{round:06d}.safetensors"
         tmp = path.with_suffix(".tmp")
         tmp.write_bytes(slots_to_bytes(state.values))
         tmp.replace(path)
-        for r in self._rounds()[: -self.keep]:
-            (self.dir / f"state-r{r:06d}.safetensors").unlink(missing_ok=True)
+
+    def commit(self) -> None:
+        """Make the staged state (if any) the state of its round."""
+        r = staged_round(self.dir)
+        if r == 0:
+            return
+        (self.dir / f"staged-r{r:06d}.safetensors").replace(self.dir / f"state-r{r:06d}.safetensors")
+        for old in self._rounds()[: -self.keep]:
+            (self.dir / f"state-r{old:06d}.safetensors").unlink(missing_ok=True)
+
+    def discard(self) -> None:
+        """Drop the staged state, if any."""
+        for p in self.dir.glob("staged-r*.safetensors"):
+            p.unlink(missing_ok=True)
+
+
+def staged_round(directory: Path | None) -> int:
+    """The round of the state staged in ``directory`` (0: none); see :class:`ClientStateStore`."""
+    if directory is None or not directory.is_dir():
+        return 0
+    rounds = [int(p.stem.removeprefix("staged-r")) for p in directory.glob("staged-r*.safetensors")]
+    return max(rounds, default=0)
 
 
 def algorithm_work(
@@ -219,7 +256,9 @@ class NetClient:
             data = self._load_data(cfg, task)
             check_task(task, workspace, data, "this client's training data")
             check_fits(cfg, workspace)
-            privacy = plan_privacy(cfg, population=len(cfg.deploy.clients) or None, secure_noise=True)
+            privacy = plan_privacy(
+                cfg, population=len(cfg.deploy.clients) or None, secure_noise=True, deployed=True
+            )
             pipeline = build_pipeline(cfg, privacy)
             self._work = algorithm_work(build_algorithm(cfg), pipeline, workspace, data)
             self.log("data_loaded", examples=len(data), task=task.name)
@@ -250,6 +289,7 @@ class NetClient:
         if not tls and check_plaintext(self.o.server, insecure=self.o.insecure, role="client --server"):
             self.log("plaintext", level="warning", server=self.o.server, reason="insecure=True: no TLS")
         failures = 0
+        said = ""
         last_contact = time.monotonic()
         max_msg = 4 * 1024 * 1024
         cause = ""
@@ -259,7 +299,12 @@ class NetClient:
             hb: threading.Thread | None = None
             try:
                 stub = pbg.CoordinatorStub(channel)  # type: ignore[no-untyped-call]
-                reply = stub.Join(pb.JoinRequest(client_name=self.o.name), metadata=self._md, timeout=10)
+                unsettled = staged_round(self.o.state_dir)
+                reply = stub.Join(
+                    pb.JoinRequest(client_name=self.o.name, unsettled_round=unsettled),
+                    metadata=self._md,
+                    timeout=10,
+                )
                 if reply.max_message_bytes != max_msg:
                     max_msg = int(reply.max_message_bytes)
                     channel.close()
@@ -270,6 +315,7 @@ class NetClient:
                 except UntrustedConfigError as exc:
                     self.log("config_refused", level="error", problems=exc.problems, reason=str(exc))
                     return EXIT_UNTRUSTED_CONFIG
+                self._settle(unsettled, reply.unsettled_accepted)
                 self.log("joined", id=reply.client_id, population=reply.population, run_id=reply.run_id)
                 failures, last_contact = 0, time.monotonic()
                 hb = threading.Thread(
@@ -285,6 +331,10 @@ class NetClient:
                     if task.kind == pb.DONE:
                         self.log("done", rounds=len(self.rounds_done))
                         return 0
+                    if task.kind == pb.WAIT and task.message and task.message != said:
+                        # e.g. the server stops after a failed round: wait for it to be restarted
+                        self.log("server_says", level="warning", message=task.message)
+                    said = task.message
                     if task.kind == pb.TRAIN:
                         self._round(stub, raw, task, inline, reply, chunk_size_for(max_msg))
             except grpc.RpcError as exc:
@@ -318,6 +368,17 @@ class NetClient:
                 if hb is not None:
                     hb.join()  # a daemon thread inside grpc at interpreter exit aborts the process
                 channel.close()
+
+    def _settle(self, round: int, accepted: bool) -> None:
+        """Commit or drop the state staged for ``round``, whose upload got no reply; the server said
+        whether it holds that update (``accepted``)."""
+        if self._states is None or round == 0 or staged_round(self._states.dir) != round:
+            return  # nothing staged, or it belonged to another run and is gone
+        if accepted:
+            self._states.commit()
+        else:
+            self._states.discard()
+        self.log("state_settled", round=round, committed=accepted)
 
     def _heartbeat(self, stub: pbg.CoordinatorStub, every: float, stop: threading.Event) -> None:
         while not stop.wait(every):
@@ -366,8 +427,12 @@ class NetClient:
             raw.push(encode_chunk(b"", header), metadata=self._md, timeout=30)
             return
         compute = time.perf_counter() - t0
-        if update.client_state is not None and self._states is not None:
-            self._states.save(r, update.client_state)
+        if self._states is not None:
+            # Committed only once the server accepts the update (see ClientStateStore).
+            if update.client_state is not None:
+                self._states.stage(r, update.client_state)
+            else:
+                self._states.discard()
         if task.secagg_json:
             self._secure(stub, raw, task, join.client_id, update, compute)
             return
@@ -385,6 +450,11 @@ class NetClient:
                 upload_chunks(r, task.broadcast_digest, meta, ublob, chunk), metadata=self._md, timeout=60
             )
         self.rounds_done.append(r)
+        if self._states is not None:
+            if reply.accepted:
+                self._states.commit()
+            else:
+                self._states.discard()
         if reply.accepted:
             self.log("update_accepted", round=r, bytes=size, compute_s=round(compute, 4), transfer=transfer)
         else:
@@ -460,6 +530,8 @@ class NetClient:
         except FedloomError as exc:  # e.g. a malformed server message
             self.log("secagg_failed", level="warning", round=r, reason=str(exc))
             return
+        if self._states is not None:
+            self._states.commit()  # took part in every stage (SecAgg tells no client who was summed)
         self.rounds_done.append(r)
         self.log("secagg_done", round=r, compute_s=round(compute, 4))
 

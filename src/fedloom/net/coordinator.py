@@ -80,6 +80,7 @@ class Task:
     xxh3: int = 0
     deadline_in_s: float = 0.0
     secagg_json: str = ""
+    message: str = ""
 
 
 @dataclass(frozen=True)
@@ -170,6 +171,7 @@ class Coordinator:
         self._previous_selected: dict[int, frozenset[int]] = {}
         self._last_seen: dict[int, float] = {}
         self._done = False
+        self._stopping = ""
         self._told_done: set[int] = set()
         self.rejections: Counter[str] = Counter()
         self.last_metrics: Mapping[str, Any] = {}
@@ -334,6 +336,15 @@ class Coordinator:
             self._cond.notify_all()
             self._tasks_changed()
 
+    def set_stopping(self, reason: str) -> None:
+        """The server stops without finishing the run (it can be restarted to resume): no round is
+        open, and clients are told to wait, with ``reason``, not that the run is done."""
+        with self._cond:
+            self._stopping = reason
+            self._round = None
+            self._cond.notify_all()
+            self._tasks_changed()
+
     def everyone_told_done(self) -> bool:
         """True once every client online at the end has been answered DONE."""
         return set(self.online()) <= self._told_done
@@ -349,6 +360,8 @@ class Coordinator:
             if self._done:
                 self._told_done.add(cid)
                 return Task("done")
+            if self._stopping:
+                return Task("wait", message=self._stopping)
             rnd = self._round
             if (
                 rnd is None
@@ -512,7 +525,11 @@ class Coordinator:
         # go on meanwhile); only the small row that makes it count is committed under it, before
         # the client hears "accepted".
         t_store = time.perf_counter()
-        staged = self._state.stage(round, cid, blob, checksum=checksum)
+        try:
+            staged = self._state.stage(round, cid, blob, checksum=checksum)
+        except FedloomError as exc:  # the server's disk, not the update: refused, the run goes on
+            self._log("store_failed", level="error", client=self.names[cid], round=round, reason=str(exc))
+            return self.reject(cid, round, len(blob), str(exc))
         t_validate = time.perf_counter()
         mapped = self._state.view(staged)
         try:

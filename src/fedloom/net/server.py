@@ -2,7 +2,9 @@
 
 The round loop mirrors :func:`fedloom.sim.runner.run_simulation`: cohorts from
 ``sample_clients(seed, round, population, size)`` over the ordered registry
-``deploy.clients``, updates through ``pipeline.decode`` (at upload time, in the
+``deploy.clients`` (under DP from :func:`~fedloom.sim.sampling.secret_sample` with a
+secret the server generates at run start, keeps in its state database and never
+sends, so that no client can predict a cohort), updates through ``pipeline.decode`` (at upload time, in the
 coordinator), ``algorithm.aggregate`` over the accepted updates sorted by client
 id, ``pipeline.server``, ``algorithm.server_update``, evaluation, and one
 ``RunStore.commit_round`` per round.
@@ -14,7 +16,9 @@ depend only on (seed, round), aggregation order only on client ids, and clients
 train deterministically from (seed, round, client), a run killed and resumed
 ends with the same model, bit for bit, as an uninterrupted one -- provided every
 selected client answers within the deadline (the quorum/deadline outcome of a
-round that closes on time is inherently timing dependent).
+round that closes on time is inherently timing dependent). A server stopped by an error (a
+round below quorum, a full disk) answers its clients WAIT with the reason (``TaskReply.message``),
+never DONE, so they keep reconnecting and a restarted server resumes the run with them.
 
 A round's server step runs through :func:`fedloom.net.guard.guarded_apply`: an update
 that makes the new model unusable (non-finite, or overflowing float32), or makes the step
@@ -47,6 +51,7 @@ import functools
 import hashlib
 import json
 import math
+import secrets
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -59,9 +64,10 @@ import grpc
 
 from fedloom.algorithms.api import Broadcast, ServerContext, ServerState, Workspace
 from fedloom.algorithms.requirements import requirements_of
-from fedloom.config.loader import config_to_toml
+from fedloom.config.loader import config_differences, config_to_toml
 from fedloom.config.schema import ExperimentConfig
 from fedloom.core.errors import ConfigError, FedloomError, RunStateError, TrainingError, UpdateError
+from fedloom.core.rng import numpy_rng
 from fedloom.core.serde import params_to_bytes
 from fedloom.data.datasets import ArrayDataset
 from fedloom.net.auth import OPERATOR, AuthError, Credentials, TokenBook
@@ -81,11 +87,11 @@ from fedloom.net.wire import (
     iter_chunks,
     model_digest,
 )
-from fedloom.results.store import RunStore
+from fedloom.results.store import RunStore, orphan_artefacts
 from fedloom.sim.build import build_algorithm, build_pipeline, task_for
 from fedloom.sim.evaluate import evaluate
 from fedloom.sim.privacy_plan import plan_privacy
-from fedloom.sim.sampling import cohort_size, sample_clients
+from fedloom.sim.sampling import cohort_size, sample_clients, secret_sample
 from fedloom.tasks.task import task_workspace
 
 _TASK_BROADCAST_FIELD = pb.TaskReply.DESCRIPTOR.fields_by_name["broadcast"].number
@@ -99,6 +105,8 @@ STATE_DB = "state.sqlite"
 METRICS = "metrics.jsonl"
 MODEL = "model.safetensors"
 ENDPOINT = "endpoint"
+# meta key of the run's cohort secret (hex): generated at run start, kept in the state db, never sent
+COHORT_SECRET = "cohort_secret"
 
 
 def client_names(cfg: ExperimentConfig) -> list[str]:
@@ -214,7 +222,9 @@ class _Service:
         name = self.coord.names[cid]
         self.state.record_join(cid, name)
         self.log("join", client=name, id=cid, peer=context.peer())
+        unsettled = request.unsettled_round
         return pb.JoinReply(
+            unsettled_accepted=unsettled > 0 and self.state.was_accepted(unsettled, cid),
             client_id=cid,
             config_toml=config_to_toml(self.cfg),
             run_id=self.run_id,
@@ -251,6 +261,7 @@ class _Service:
             broadcast_xxh3=t.xxh3,
             deadline_in_s=t.deadline_in_s,
             secagg_json=t.secagg_json,
+            message=t.message,
         ).SerializeToString()
         if t.kind != "train":
             return small
@@ -576,7 +587,7 @@ def run_server(cfg: ExperimentConfig, state_dir: Path, options: ServerOptions, l
     selected_n = min(population, math.ceil(size * d.overselect - 1e-9))
     algorithm, pipeline = (
         build_algorithm(cfg),
-        build_pipeline(cfg, plan_privacy(cfg, population=population, secure_noise=True)),
+        build_pipeline(cfg, plan_privacy(cfg, population=population, secure_noise=True, deployed=True)),
     )
     workspace, initial = task_workspace(
         task_for(cfg, search=options.search), seed=cfg.seed, device=cfg.device or None
@@ -585,19 +596,30 @@ def run_server(cfg: ExperimentConfig, state_dir: Path, options: ServerOptions, l
     state_dir.mkdir(parents=True, exist_ok=True)
     db = state_dir / STATE_DB
     toml = config_to_toml(cfg)
+    orphans = orphan_artefacts(state_dir, db)
+    if orphans:
+        raise RunStateError(
+            f"{state_dir} holds run artefacts ({', '.join(orphans)}) but {db} holds no run (missing, "
+            "empty, or copied without its -wal file); restore the database, or use another --state-dir"
+        )
     with RunStore(db, create=True) as store, NetState(db) as net:
         if store.latest_round() >= 0:
-            if store.get_meta("config") != toml:
+            changed = config_differences(store.get_meta("config") or "", toml)
+            if changed:
                 raise RunStateError(
-                    f"{state_dir} holds a run with a different configuration; use another --state-dir"
+                    f"{state_dir} holds a run with a different configuration (differs in "
+                    f"{', '.join(changed)}); use another --state-dir"
                 )
             state = store.load_state()
             run_id = store.get_meta("run_id") or ""
+            secret = store.get_meta(COHORT_SECRET) or ""  # absent in runs of older versions: seed cohorts
             log("resume", round=state.round, state_dir=str(state_dir))
         else:
             run_id = hashlib.sha256(f"{toml}{time.time()}".encode()).hexdigest()[:16]
             store.set_meta("config", toml)
             store.set_meta("run_id", run_id)
+            secret = secrets.token_hex(32)
+            store.set_meta(COHORT_SECRET, secret)
             state = algorithm.server_init(initial)
             store.commit_round(state, {"round": 0}, {}, keep=cfg.checkpoint.keep)
         history = [m for m in store.metrics(up_to=state.round) if m.get("round", 0) > 0]
@@ -649,6 +671,7 @@ def run_server(cfg: ExperimentConfig, state_dir: Path, options: ServerOptions, l
                     size,
                     history,
                     committer,
+                    bytes.fromhex(secret),
                 )
             (state_dir / MODEL).write_bytes(params_to_bytes(state.params))
             store.set_meta("status", "completed")
@@ -661,7 +684,9 @@ def run_server(cfg: ExperimentConfig, state_dir: Path, options: ServerOptions, l
         except FedloomError as exc:
             store.set_meta("status", "failed")
             store.set_meta("error", str(exc))
-            coord.set_done()
+            # Not "done": the run resumes when the server is restarted, so the clients keep
+            # reconnecting (until their --give-up-after) rather than exit.
+            coord.set_stopping(f"the server stopped: {exc}")
             log("failed", level="error", error=str(exc))
             time.sleep(min(options.linger_s, 2.0))
             raise
@@ -685,6 +710,7 @@ def _loop(
     size: int,
     history: list[dict[str, Any]],
     committer: _Committer,
+    secret: bytes,
 ) -> ServerState:
     d = cfg.deploy
     population = len(coord.names)
@@ -692,7 +718,7 @@ def _loop(
     metrics_path.write_text("".join(json.dumps(m) + "\n" for m in history), encoding="utf-8")
     if _reached(cfg, history[-1] if history else {}):
         return state
-    privacy = plan_privacy(cfg, population=population)
+    privacy = plan_privacy(cfg, population=population, deployed=True)
     cpu_mark: float | None = None
     while state.round < cfg.rounds:
         r = state.round + 1
@@ -700,7 +726,7 @@ def _loop(
             log("privacy_budget_reached", round=r, epsilon=privacy.epsilon_after(state.round))
             break
         ctx = ServerContext(seed=cfg.seed, round=r, population=population)
-        cohort = sample_clients(cfg.seed, r, population, selected_n).tolist()
+        cohort = net.cohort(r)  # a round resumed after a restart keeps its selection
         t_encode = time.perf_counter()
         broadcast = algorithm.broadcast(state)
         blob = encode_broadcast(broadcast)
@@ -708,8 +734,14 @@ def _loop(
         encode_s = time.perf_counter() - t_encode
         for attempt in range(1, d.max_round_attempts + 1):
             _wait_for_clients(coord, d.min_quorum, d.wait_for_clients_s, r, log, committer)
+            if cohort is None or (attempt > 1 and d.select_online):  # an aborted attempt: draw again
+                online = coord.online() if d.select_online else None
+                cohort = _draw_cohort(cfg, r, population, selected_n, online, secret if privacy else b"")
+                net.record_cohort(r, cohort)
             lost = net.lost_pending(r)
             if lost:  # only after an OS crash or power loss (see fedloom.net.state)
+                # Their rows go, so that the clients, still selected, are asked again and re-upload.
+                net.drop_lost_pending(r, lost)
                 log("pending_lost", level="warning", round=r, clients=[coord.names[c] for c in lost])
             t0, cpu0 = time.perf_counter(), time.process_time()
             relay = _secure_relay(cfg, cohort, min(size, len(cohort)), broadcast, r)
@@ -792,6 +824,9 @@ def _loop(
         }
         if privacy is not None:
             metrics["epsilon"] = privacy.epsilon_after(r)
+            metrics["dp_amplification"] = privacy.amplification
+            if not privacy.amplification:
+                metrics["dp_amplification_reason"] = privacy.no_amplification
         t_eval = time.perf_counter()
         if options.eval_data is not None and (r % cfg.eval.every == 0 or r == cfg.rounds):
             ev = evaluate(workspace, state.params, options.eval_data, batch_size=cfg.eval.batch_size)
@@ -997,6 +1032,25 @@ def _secure_relay(
         deadline=time.monotonic() + cfg.deploy.deadline_s,
         stage_timeout_s=cfg.deploy.deadline_s,
     )
+
+
+def _draw_cohort(
+    cfg: ExperimentConfig, r: int, population: int, n: int, online: list[int] | None, secret: bytes
+) -> list[int]:
+    """Round ``r``'s cohort: ``n`` clients (fewer if fewer are online) among ``online`` (``None``: all).
+
+    From ``secret`` (DP, see :func:`~fedloom.sim.sampling.secret_sample`), else from (seed, round):
+    over the whole registry this is :func:`~fedloom.sim.sampling.sample_clients`, the simulation's.
+    """
+    if secret:
+        candidates = online if online is not None else list(range(population))
+        return secret_sample(secret, r, candidates, min(n, len(candidates)))
+    if online is None:
+        return [int(c) for c in sample_clients(cfg.seed, r, population, n)]
+    picks = numpy_rng(cfg.seed, "client-sampling", round=r).choice(
+        len(online), size=min(n, len(online)), replace=False
+    )
+    return sorted(online[int(i)] for i in picks)
 
 
 def _reached(cfg: ExperimentConfig, metrics: Mapping[str, Any]) -> bool:

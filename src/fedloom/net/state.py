@@ -4,6 +4,7 @@ RunStore keeps the run's checkpoints, metrics and meta; this module adds::
 
     clients(client_id PRIMARY KEY, name UNIQUE, joins, last_seen)            the registry
     pending_updates(round, client_id, meta_json, file, checksum, bytes)      accepted, not yet aggregated
+    cohorts(round PRIMARY KEY, clients)                                       each round's selection (JSON ids)
     audit(seq PRIMARY KEY, ts, round, client_id, client, event, bytes, detail)
 
 ``pending_updates`` holds every accepted update of the open round, recorded before
@@ -50,14 +51,16 @@ server's and 8% of the clients' CPU).
 
 Audit events: ``join``, ``refused``, ``accepted``, ``rejected``, ``late``,
 ``failed`` (the client reported a training failure), ``dropout`` (selected, no
-update by the close), ``round_committed``, ``round_aborted``, ``rollback`` (see
-:mod:`fedloom.net.rollback`). ``refused`` rows are rate-limited (see :mod:`fedloom.net.refusals`).
+update by the close), ``pending_lost`` (an accepted update whose blob was lost; its row
+is dropped and the client asked again), ``round_committed``, ``round_aborted``, ``rollback``
+(see :mod:`fedloom.net.rollback`). ``refused`` rows are rate-limited (see :mod:`fedloom.net.refusals`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import mmap
 import os
 import re
@@ -69,6 +72,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from fedloom.core.errors import RunStateError
 from fedloom.net.wire import fingerprint
 
 __all__ = ["AuditRow", "NetState", "PendingUpdate", "StagedBlob", "blob_checksum"]
@@ -85,6 +89,7 @@ CREATE TABLE IF NOT EXISTS pending_updates (
     round INTEGER NOT NULL, client_id INTEGER NOT NULL, meta_json TEXT NOT NULL, file TEXT NOT NULL,
     checksum TEXT NOT NULL, bytes INTEGER NOT NULL, PRIMARY KEY (round, client_id)
 );
+CREATE TABLE IF NOT EXISTS cohorts (round INTEGER PRIMARY KEY, clients TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS audit (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, round INTEGER NOT NULL,
     client_id INTEGER NOT NULL, client TEXT NOT NULL, event TEXT NOT NULL, bytes INTEGER NOT NULL,
@@ -183,11 +188,15 @@ class NetState:
 
         ``checksum`` is :func:`blob_checksum` of the blob if the caller has it already. The file counts
         only once :meth:`record_pending` committed its row; a staged blob that is not
-        recorded goes back to the pool with :meth:`discard`.
+        recorded goes back to the pool with :meth:`discard`. Raises :class:`RunStateError` when the
+        blob cannot be written (a full disk), never a signal.
         """
         name = self._take_slot()
         try:
             self._write(name, blob)
+        except OSError as exc:  # e.g. ENOSPC: the update is refused with the reason, the server goes on
+            self._release_slots([name])
+            raise RunStateError(f"the server cannot store the update ({len(blob)} bytes): {exc}") from exc
         except BaseException:
             self._release_slots([name])
             raise
@@ -212,6 +221,9 @@ class NetState:
             fd = os.open(self.blob_dir / name, os.O_RDWR | os.O_CREAT, 0o600)
             try:
                 os.ftruncate(fd, n)
+                # Allocate the blocks now: a store into a mapped hole that the file system cannot
+                # back (a full disk) is not an error but a SIGBUS that kills the server.
+                os.posix_fallocate(fd, 0, n)
                 mapped = mmap.mmap(fd, n, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
             finally:
                 os.close(fd)
@@ -363,6 +375,30 @@ class NetState:
             self._db.execute("DELETE FROM pending_updates WHERE round > ?", (round,))
         self._release_slots(freed)
 
+    def drop_lost_pending(self, round: int, client_ids: list[int]) -> None:
+        """Forget the pending updates of ``client_ids`` in ``round`` (lost blobs, see
+        :meth:`lost_pending`), with a ``pending_lost`` audit row each; their slots return to the pool.
+        The clients can then upload again."""
+        with self._lock:
+            freed = []
+            for cid in client_ids:
+                row = self._db.execute(
+                    "SELECT file FROM pending_updates WHERE round = ? AND client_id = ?", (round, cid)
+                ).fetchone()
+                if row is None:
+                    continue
+                freed.append(str(row[0]))
+                self._db.execute(
+                    "DELETE FROM pending_updates WHERE round = ? AND client_id = ?", (round, cid)
+                )
+                known = self._db.execute("SELECT name FROM clients WHERE client_id = ?", (cid,)).fetchone()
+                name = "" if known is None else str(known[0])
+                self._audit_locked(
+                    round, cid, name, "pending_lost", 0, "blob missing or corrupt; asked again"
+                )
+        self._unmap(freed)
+        self._release_slots(freed)
+
     def clear_pending(self, up_to_round: int) -> None:
         """Forget the pending updates of rounds <= ``up_to_round``; their slots return to the pool."""
         with self._lock:
@@ -391,6 +427,28 @@ class NetState:
                 )
         with self._lock:
             self._db.execute("DROP TABLE pending")
+
+    def record_cohort(self, round: int, clients: list[int]) -> None:
+        """Record ``round``'s cohort (the latest attempt's): a resumed round reuses it (:meth:`cohort`)."""
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO cohorts VALUES (?, ?)", (round, json.dumps(sorted(clients)))
+            )
+
+    def cohort(self, round: int) -> list[int] | None:
+        """The cohort recorded for ``round`` (``None``: none yet)."""
+        with self._lock:
+            row = self._db.execute("SELECT clients FROM cohorts WHERE round = ?", (round,)).fetchone()
+        return None if row is None else [int(c) for c in json.loads(str(row[0]))]
+
+    def was_accepted(self, round: int, client_id: int) -> bool:
+        """Whether an update of ``client_id`` for ``round`` was accepted (its ``accepted`` audit row)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT 1 FROM audit WHERE event = 'accepted' AND round = ? AND client_id = ? LIMIT 1",
+                (round, client_id),
+            ).fetchone()
+        return row is not None
 
     # ---- audit ----------------------------------------------------------
     def audit(

@@ -40,7 +40,7 @@ from fedloom.algorithms.api import ClientState, ServerState
 from fedloom.core.errors import RunStateError
 from fedloom.core.serde import slots_from_bytes, slots_to_bytes, slots_to_pieces
 
-__all__ = ["CHECKPOINT_DIR", "RunStore"]
+__all__ = ["CHECKPOINT_DIR", "RunStore", "orphan_artefacts"]
 
 CHECKPOINT_DIR = "checkpoints"
 _ROUNDS = "SELECT round FROM checkpoint_files UNION SELECT round FROM checkpoints"
@@ -56,6 +56,38 @@ CREATE TABLE IF NOT EXISTS checkpoints (
 CREATE TABLE IF NOT EXISTS metrics (round INTEGER PRIMARY KEY, json TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS client_states (client_id INTEGER PRIMARY KEY, round INTEGER NOT NULL, blob BLOB NOT NULL);
 """
+
+
+def orphan_artefacts(directory: Path, db: Path) -> list[str]:
+    """The run artefacts in ``directory`` that a run whose database ``db`` holds no checkpoint must
+    not overwrite: non-empty checkpoint files, a non-empty ``metrics.jsonl``, a final model, pending
+    update blobs. Empty when ``db`` holds a checkpoint, or when there are none (a fresh directory).
+
+    Such a directory is one whose database was deleted, replaced, or copied without its ``-wal``
+    file (where the committed rounds live until a WAL checkpoint): starting a fresh run there
+    would silently destroy the run the files belong to.
+    """
+    if db.exists():
+        try:
+            con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+            try:
+                row = con.execute(f"SELECT MAX(round) FROM ({_ROUNDS})").fetchone()
+            finally:
+                con.close()
+            if row is not None and row[0] is not None:
+                return []
+        except sqlite3.DatabaseError:
+            pass  # no tables (an empty file) or not a database: holds no run
+    found = []
+    for sub in (CHECKPOINT_DIR, "pending"):
+        folder = directory / sub
+        if folder.is_dir() and any(f.is_file() and f.stat().st_size > 0 for f in folder.iterdir()):
+            found.append(f"{sub}/")
+    for name in ("metrics.jsonl", "model.safetensors"):
+        f = directory / name
+        if f.is_file() and f.stat().st_size > 0:
+            found.append(name)
+    return found
 
 
 class RunStore:
@@ -109,7 +141,13 @@ class RunStore:
         parts = [slots_to_pieces({"": state.params}), slots_to_pieces(state.opt_state)]
         parts.append(slots_to_pieces(state.algo_state))
         name = self._free_file()
-        sizes, checksum = _write_synced(self.checkpoint_dir / name, parts)
+        try:
+            sizes, checksum = _write_synced(self.checkpoint_dir / name, parts)
+        except OSError as exc:  # e.g. a full disk: the previous checkpoint stays the latest
+            raise RunStateError(
+                f"cannot write the checkpoint of round {r} to {self.checkpoint_dir / name}: {exc}; "
+                f"checkpoint {self.latest_round()} is intact"
+            ) from exc
         with self._transaction():
             self._db.execute(
                 "INSERT OR REPLACE INTO checkpoint_files VALUES (?, ?, ?, ?)",

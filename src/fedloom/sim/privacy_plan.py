@@ -28,7 +28,7 @@ from fedloom.transforms.pipeline import Identity, UpdateTransform
 if TYPE_CHECKING:  # dp-accounting lives in the optional 'privacy' extra
     from fedloom.privacy.accounting import FixedSizeSampling, PoissonSampling
 
-__all__ = ["PrivacyPlan", "plan_privacy"]
+__all__ = ["PrivacyPlan", "deployed_amplification_loss", "plan_privacy"]
 
 
 @dataclass(frozen=True)
@@ -45,11 +45,21 @@ class PrivacyPlan:
     accountant: str
     scheme: str = "fixed"
     rate: float = 1.0
+    # Why the accountant may not count on amplification by sampling ("": it may).
+    no_amplification: str = ""
+
+    @property
+    def amplification(self) -> bool:
+        """Whether the ledger credits amplification by sampling (see :func:`plan_privacy`)."""
+        return not self.no_amplification
 
     def sampling(self) -> FixedSizeSampling | PoissonSampling:
-        """The sampling event the accountant composes each round."""
+        """The sampling event the accountant composes each round: the configured one, or, without
+        amplification, every contributor in every round (rate 1, a plain composition)."""
         from fedloom.privacy.accounting import FixedSizeSampling, PoissonSampling
 
+        if self.no_amplification:
+            return FixedSizeSampling(self.cohort, self.cohort)
         if self.scheme == "poisson":
             return PoissonSampling(self.rate)
         return FixedSizeSampling(self.cohort, self.population)
@@ -69,7 +79,11 @@ class PrivacyPlan:
 
 
 def plan_privacy(
-    cfg: ExperimentConfig, *, population: int | None = None, secure_noise: bool = False
+    cfg: ExperimentConfig,
+    *,
+    population: int | None = None,
+    secure_noise: bool = False,
+    deployed: bool = False,
 ) -> PrivacyPlan | None:
     """The plan for ``cfg`` (``None`` when ``privacy.mode = "off"``).
 
@@ -78,6 +92,13 @@ def plan_privacy(
     also sets ``secure_noise``: noise from the OS CSPRNG instead of the seed. With
     ``privacy.target_epsilon > 0`` the noise multiplier is calibrated so that
     ``cfg.rounds`` rounds spend at most that epsilon.
+
+    ``deployed``: the plan is for the gRPC deployment (server and clients both pass it, so that they
+    agree on a calibrated sigma). There amplification by sampling is credited only when the
+    contributors are the uniform fixed-size sample the accountant assumes; with
+    ``deploy.overselect > 1`` they are the first selected clients to answer, and with
+    ``deploy.select_online`` the cohort is drawn among the clients online; neither is, and the
+    ledger composes the rounds without amplification (``PrivacyPlan.no_amplification`` says why).
     """
     p = cfg.privacy
     if p.mode == "off":
@@ -111,6 +132,7 @@ def plan_privacy(
         accountant=p.accountant,
         scheme=s.scheme,
         rate=s.fraction,
+        no_amplification=deployed_amplification_loss(cfg) if deployed else "",
     )
     if p.target_epsilon > 0:
         if p.mode == "local":
@@ -142,3 +164,22 @@ def plan_privacy(
     except ValueError as exc:
         raise ConfigError([f"privacy: {exc}"]) from exc
     return replace(ledger, stage=stage, noise_multiplier=sigma)
+
+
+def deployed_amplification_loss(cfg: ExperimentConfig) -> str:
+    """Why a deployed run's contributors are not the uniform sample the accountant assumes ("": they are).
+
+    A decision from the configuration alone, the same for every round, so the epsilon a run
+    reports does not depend on who happened to answer.
+    """
+    reasons = []
+    if cfg.deploy.overselect > 1:
+        reasons.append(
+            f"deploy.overselect = {cfg.deploy.overselect}: the contributors are the first selected "
+            "clients to answer, not a uniform sample"
+        )
+    if cfg.deploy.select_online:
+        reasons.append(
+            "deploy.select_online: cohorts are drawn among the clients online, not from the population"
+        )
+    return "; ".join(reasons)

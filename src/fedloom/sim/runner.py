@@ -4,7 +4,10 @@
 an executor, recording each round atomically in the run's state database. A
 resumed run reloads the last checkpoint and continues; because every random
 draw derives from (seed, round, client, purpose), it ends with the same model,
-bit for bit, as an uninterrupted run.
+bit for bit, as an uninterrupted run. A resume refuses a configuration that differs
+from the one the run was started with (naming the keys; only ``rounds`` may change, to
+extend the run, unless it calibrated the DP noise), and a directory whose run
+artefacts have no run in the database (see :func:`~fedloom.results.store.orphan_artefacts`).
 """
 
 from __future__ import annotations
@@ -19,14 +22,14 @@ from typing import Any, Protocol
 import torch
 
 from fedloom.algorithms.api import Aggregate, ClientState, ClientUpdate, ServerContext, ServerState
-from fedloom.config.loader import config_to_toml
+from fedloom.config.loader import config_differences, config_to_toml
 from fedloom.config.schema import ExperimentConfig
 from fedloom.core.errors import FedloomError, RunStateError, TrainingError
 from fedloom.core.params import Params
 from fedloom.core.rng import numpy_rng
 from fedloom.core.serde import params_to_bytes
 from fedloom.metrics import distribution, weighted_mean
-from fedloom.results.store import RunStore
+from fedloom.results.store import RunStore, orphan_artefacts
 from fedloom.sim.auto import make_executor
 from fedloom.sim.build import Components, build_components
 from fedloom.sim.evaluate import EvalResult, evaluate
@@ -102,8 +105,27 @@ def _run(
         raise RunStateError(
             f"{run_dir} already holds a run; resume it with --resume {run_dir} or pick another --out"
         )
+    orphans = orphan_artefacts(run_dir, db_path)
+    if orphans:
+        raise RunStateError(
+            f"{run_dir} holds run artefacts ({', '.join(orphans)}) but {db_path} holds no run (missing, "
+            "empty, or copied without its -wal file); restore the database, or use another directory"
+        )
     with RunStore(db_path, create=not resume) as store:
         if resume:
+            stored = store.get_meta("config")
+            changed = config_differences(stored, config_to_toml(cfg)) if stored is not None else []
+            # A larger round budget extends the run (unless it calibrated the DP noise); any other
+            # change would make the resumed rounds those of another experiment.
+            extendable = {"rounds"} if cfg.privacy.target_epsilon <= 0 else set()
+            if set(changed) - extendable:
+                raise RunStateError(
+                    f"{run_dir} holds a run with another configuration (differs in {', '.join(changed)}); "
+                    "a resumed run keeps its configuration (only `rounds` may change): undo the change "
+                    "or start a new run"
+                )
+            if changed:
+                store.set_meta("config", config_to_toml(cfg))
             state = (
                 store.load_state()
                 if store.latest_round() >= 0

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import numpy as np
 
 from fedloom.core.rng import numpy_rng
 
-__all__ = ["cohort_size", "draw_cohort", "poisson_clients", "sample_clients"]
+__all__ = ["cohort_size", "draw_cohort", "poisson_clients", "sample_clients", "secret_sample"]
 
 
 def cohort_size(population: int, fraction: float, min_clients: int) -> int:
@@ -24,6 +25,22 @@ def sample_clients(seed: int, round: int, population: int, size: int) -> np.ndar
     """
     rng = numpy_rng(seed, "client-sampling", round=round)
     return np.sort(rng.choice(population, size=size, replace=False)).astype(np.int64)
+
+
+def secret_sample(secret: bytes, round: int, candidates: list[int], size: int) -> list[int]:
+    """``size`` of ``candidates`` drawn uniformly without replacement from ``(secret, round)``, sorted.
+
+    The deployed server draws DP cohorts this way, from a secret it generates at run start and
+    never sends: a draw from the experiment seed, which every client receives, lets any client
+    predict the cohorts, so the privacy analysis could not count on the selection being random.
+    Deterministic in ``(secret, round, candidates, size)``, so a resumed run draws the same cohorts.
+    """
+    if not 0 <= size <= len(candidates):
+        raise ValueError(f"cannot draw {size} of {len(candidates)} candidates")
+    key = hashlib.blake2b(secret, digest_size=16, person=b"fedloom-cohort", salt=round.to_bytes(16, "little"))
+    rng = np.random.Generator(np.random.PCG64(int.from_bytes(key.digest(), "little")))
+    ordered = sorted(candidates)
+    return sorted(ordered[int(i)] for i in rng.choice(len(ordered), size=size, replace=False))
 
 
 def poisson_clients(seed: int, round: int, population: int, rate: float) -> np.ndarray:

@@ -18,26 +18,30 @@ TRAIN: TaskKind
 DONE: TaskKind
 
 class JoinRequest(_message.Message):
-    __slots__ = ("client_name",)
+    __slots__ = ("client_name", "unsettled_round")
     CLIENT_NAME_FIELD_NUMBER: _ClassVar[int]
+    UNSETTLED_ROUND_FIELD_NUMBER: _ClassVar[int]
     client_name: str
-    def __init__(self, client_name: _Optional[str] = ...) -> None: ...
+    unsettled_round: int
+    def __init__(self, client_name: _Optional[str] = ..., unsettled_round: _Optional[int] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = ("client_id", "config_toml", "run_id", "max_message_bytes", "heartbeat_s", "population")
+    __slots__ = ("client_id", "config_toml", "run_id", "max_message_bytes", "heartbeat_s", "population", "unsettled_accepted")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     CONFIG_TOML_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_S_FIELD_NUMBER: _ClassVar[int]
     POPULATION_FIELD_NUMBER: _ClassVar[int]
+    UNSETTLED_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     client_id: int
     config_toml: str
     run_id: str
     max_message_bytes: int
     heartbeat_s: float
     population: int
-    def __init__(self, client_id: _Optional[int] = ..., config_toml: _Optional[str] = ..., run_id: _Optional[str] = ..., max_message_bytes: _Optional[int] = ..., heartbeat_s: _Optional[float] = ..., population: _Optional[int] = ...) -> None: ...
+    unsettled_accepted: bool
+    def __init__(self, client_id: _Optional[int] = ..., config_toml: _Optional[str] = ..., run_id: _Optional[str] = ..., max_message_bytes: _Optional[int] = ..., heartbeat_s: _Optional[float] = ..., population: _Optional[int] = ..., unsettled_accepted: _Optional[bool] = ...) -> None: ...
 
 class TaskRequest(_message.Message):
     __slots__ = ("wait_s",)
