@@ -58,26 +58,34 @@ CREATE TABLE IF NOT EXISTS client_states (client_id INTEGER PRIMARY KEY, round I
 """
 
 
+def _answer(db: Path, query: str) -> int | None:
+    """The integer ``query`` answers on ``db``, read-only; ``None`` for NULL, a missing table or no database."""
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        try:
+            row = con.execute(query).fetchone()
+        finally:
+            con.close()
+    except sqlite3.DatabaseError:  # no such table, an empty file, or not a database
+        return None
+    return None if row is None or row[0] is None else int(row[0])
+
+
 def orphan_artefacts(directory: Path, db: Path) -> list[str]:
     """The run artefacts in ``directory`` that a run whose database ``db`` holds no checkpoint must
     not overwrite: non-empty checkpoint files, a non-empty ``metrics.jsonl``, a final model, pending
-    update blobs. Empty when ``db`` holds a checkpoint, or when there are none (a fresh directory).
+    update blobs. Empty when ``db`` holds a checkpoint or pending updates, or when there are none
+    (a fresh directory).
 
     Such a directory is one whose database was deleted, replaced, or copied without its ``-wal``
     file (where the committed rounds live until a WAL checkpoint): starting a fresh run there
     would silently destroy the run the files belong to.
     """
     if db.exists():
-        try:
-            con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-            try:
-                row = con.execute(f"SELECT MAX(round) FROM ({_ROUNDS})").fetchone()
-            finally:
-                con.close()
-            if row is not None and row[0] is not None:
-                return []
-        except sqlite3.DatabaseError:
-            pass  # no tables (an empty file) or not a database: holds no run
+        checkpointed = _answer(db, f"SELECT MAX(round) FROM ({_ROUNDS})") is not None
+        pending = _answer(db, "SELECT COUNT(*) FROM pending_updates") or 0
+        if checkpointed or pending > 0:  # the database holds a run (pending updates it names are its own)
+            return []
     found = []
     for sub in (CHECKPOINT_DIR, "pending"):
         folder = directory / sub
