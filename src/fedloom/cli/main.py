@@ -134,8 +134,17 @@ def report_cmd(
 
 
 @app.command()
-def partition(config: ConfigOpt = None, set_: SetOpt = None) -> None:
-    """Print per-client statistics of the configured partition."""
+def partition(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    plot: Annotated[
+        Path | None,
+        typer.Option(
+            "--plot", help="Also write a client-by-label heat map and a client-size histogram (PNG) here."
+        ),
+    ] = None,
+) -> None:
+    """Print per-client statistics of the configured partition (the number of classes comes from the data)."""
     from fedloom.data.stats import partition_stats, render_partition_stats
     from fedloom.sim.build import materialise_config
 
@@ -151,7 +160,13 @@ def partition(config: ConfigOpt = None, set_: SetOpt = None) -> None:
         )
         if num_classes == 0:
             raise DataError(f"the task's targets are not class labels; {m.source} has no label statistics")
-        render_partition_stats(partition_stats(train, num_classes), console)
+        stats = partition_stats(train, num_classes)
+        render_partition_stats(stats, console)
+        if plot is not None:
+            from fedloom.data.partition_plot import plot_partition
+
+            paths = plot_partition(stats, plot, title=f"{cfg.data.dataset}, {cfg.data.partition}")
+            console.print("plots: " + ", ".join(str(p) for p in paths))
     except FedloomError as exc:
         raise _fail(exc) from None
 

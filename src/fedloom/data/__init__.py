@@ -15,12 +15,17 @@ from fedloom.data.locate import DATA_ENV_VAR, default_cache_dir
 from fedloom.data.mnist import MNIST_MEAN, MNIST_STD, MnistData, MnistRaw, load_mnist, load_mnist_raw
 from fedloom.data.partition import (
     available_schemes,
+    client_sizes,
     dirichlet,
     iid,
+    inner_dirichlet,
+    natural,
     partition,
+    pathological,
     quantity_skew,
     register_scheme,
     shards,
+    sized,
 )
 from fedloom.data.stats import PartitionStats, format_partition_stats, partition_stats, render_partition_stats
 from fedloom.data.synthetic import SyntheticConfig, SyntheticDataset, synthetic_fedprox
@@ -40,20 +45,25 @@ __all__ = [
     "SyntheticConfig",
     "SyntheticDataset",
     "available_schemes",
+    "client_sizes",
     "default_cache_dir",
     "dirichlet",
     "download_mnist",
     "format_partition_stats",
     "iid",
+    "inner_dirichlet",
     "load_mnist",
     "load_mnist_raw",
+    "natural",
     "parse_idx",
     "partition",
     "partition_stats",
+    "pathological",
     "quantity_skew",
     "read_idx",
     "register_scheme",
     "render_partition_stats",
     "shards",
+    "sized",
     "synthetic_fedprox",
 ]

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from fedloom.config.schema import ExperimentConfig
+from fedloom.core.errors import TaskError
 from fedloom.data.datasets import ArrayDataset
 from fedloom.data.mnist import load_mnist
 from fedloom.data.synthetic import synthetic_fedprox
@@ -83,6 +84,8 @@ def synthetic_task(
 def config_task(cfg: ExperimentConfig) -> Task:
     """The built-in task an experiment file describes with its ``[data]`` and ``[model]`` keys."""
     d, m = cfg.data, cfg.model
+    if d.dataset in ("fashion_mnist", "shakespeare", "heart_disease"):
+        raise TaskError(f"data.dataset = {d.dataset!r} is not built in yet")
     if d.dataset == "synthetic":
         return synthetic_task(
             d.synthetic_alpha,

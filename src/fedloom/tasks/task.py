@@ -52,11 +52,17 @@ Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 @dataclass(frozen=True)
 class CentralData:
-    """One pooled training set that fedloom partitions, and an optional central test set."""
+    """One pooled training set that fedloom partitions, and an optional central test set.
+
+    ``groups`` is an optional id column (one value per training example: a
+    writer, a device, a site); the ``"natural"`` partition makes one client per
+    distinct value.
+    """
 
     train: ArrayDataset
     test: ArrayDataset | None = None
     source: str = ""
+    groups: np.ndarray | Sequence[Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -199,17 +205,25 @@ def _federate(
             )
         return train, tests
     base = data.train
+    options = dict(split.options)
+    if split.scheme == "natural":
+        if data.groups is None:
+            raise TaskError(
+                f"task {task.name!r}: partition 'natural' needs an id column; give CentralData(groups=...)"
+            )
+        options["groups"] = np.asarray(data.groups)
     if base.is_classification:
         labels = base.y.numpy()
-    elif split.scheme in ("iid", "quantity_skew"):
+    elif split.scheme in ("iid", "quantity_skew", "linear", "square", "exponential", "natural"):
         labels = np.zeros(len(base), dtype=np.int64)  # these schemes ignore labels
     else:
         raise TaskError(
             f"task {task.name!r}: partition {split.scheme!r} splits by class label, but the targets are "
-            f"{base.y.dtype} {tuple(base.y.shape)}; use 'iid' or 'quantity', or natural ClientData"
+            f"{base.y.dtype} {tuple(base.y.shape)}; use 'iid', 'quantity', 'linear', 'square', 'exponential' "
+            "or 'natural', or natural ClientData"
         )
     try:
-        indices = partition(labels, split.scheme, split.num_clients, split.seed, **dict(split.options))
+        indices = partition(labels, split.scheme, split.num_clients, split.seed, **options)
     except DataError as exc:
         raise TaskError(f"task {task.name!r}: {exc}") from exc
     return PartitionedDataset(base, indices), None
