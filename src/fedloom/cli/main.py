@@ -153,7 +153,12 @@ def partition(
         m = materialise_config(cfg, search=_search_dirs(config))
         train = m.train
         console = _console()
-        console.print(f"data: {m.source}; partition: {cfg.data.partition}; clients: {train.num_clients}")
+        from fedloom.data.federated import PartitionedDataset
+
+        split = (
+            cfg.data.partition if isinstance(train, PartitionedDataset) else "natural (one client per site)"
+        )
+        console.print(f"data: {m.source}; partition: {split}; clients: {train.num_clients}")
         num_classes = max(
             (train.client_data(c).num_classes for c in range(train.num_clients) if train.client_size(c) > 0),
             default=0,

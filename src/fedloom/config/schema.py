@@ -97,13 +97,28 @@ class DataConfig(_Section):
     )
     train_subset: int = Field(0, ge=0, description="Use only the first N training examples (0 = all).")
     test_subset: int = Field(0, ge=0, description="Use only the first N test examples (0 = all).")
+    shakespeare_min_samples: int = Field(
+        0,
+        ge=0,
+        description="Shakespeare: drop roles with fewer examples (LEAF's -k; 0 as in LEAF's full-size command).",
+    )
+    shakespeare_train_fraction: float = Field(
+        0.8,
+        gt=0,
+        lt=1,
+        description="Shakespeare: share of each role's examples, in time order, that trains (LEAF's -tf).",
+    )
     synthetic_alpha: float = Field(1.0, ge=0, description="Synthetic(alpha, beta): model heterogeneity.")
     synthetic_beta: float = Field(1.0, ge=0, description="Synthetic(alpha, beta): data heterogeneity.")
 
 
 class ModelConfig(_Section):
     name: str = Field(
-        "2nn", min_length=1, description="'2nn', 'cnn', 'logreg', or an import path 'package.module:Class'."
+        "2nn",
+        min_length=1,
+        description="'2nn', 'cnn', 'logreg', 'stacked_lstm' (LEAF's Shakespeare model), or an import path "
+        "'package.module:Class'. With data.dataset = 'shakespeare' the default '2nn' means 'stacked_lstm', "
+        "with 'heart_disease' it means logistic regression on the 13 features.",
     )
     kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the model.")
 

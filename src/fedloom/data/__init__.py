@@ -2,7 +2,7 @@
 
 Dependency direction inside the package: ``datasets`` ← ``federated`` ←
 ``partition`` / ``synthetic`` / ``stats``; ``idx`` / ``locate`` / ``download`` /
-``mnist_pickle`` ← ``mnist``. Everything here depends only on ``fedloom.core``.
+``mnist_pickle`` ← ``mnist``; ``shakespeare`` (LEAF's next-character task). Everything here depends only on ``fedloom.core``.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from fedloom.data.partition import (
     shards,
     sized,
 )
+from fedloom.data.shakespeare import ShakespeareData, load_shakespeare
 from fedloom.data.stats import PartitionStats, format_partition_stats, partition_stats, render_partition_stats
 from fedloom.data.synthetic import SyntheticConfig, SyntheticDataset, synthetic_fedprox
 
@@ -42,6 +43,7 @@ __all__ = [
     "MnistRaw",
     "PartitionStats",
     "PartitionedDataset",
+    "ShakespeareData",
     "SyntheticConfig",
     "SyntheticDataset",
     "available_schemes",
@@ -54,6 +56,7 @@ __all__ = [
     "inner_dirichlet",
     "load_mnist",
     "load_mnist_raw",
+    "load_shakespeare",
     "natural",
     "parse_idx",
     "partition",

@@ -1,6 +1,6 @@
 """Tasks: the user's model, data, loss, optimiser, training loop and metrics (see :mod:`fedloom.tasks.task`)."""
 
-from fedloom.tasks.builtin import config_task, mnist_task, synthetic_task
+from fedloom.tasks.builtin import config_task, mnist_task, shakespeare_task, synthetic_task
 from fedloom.tasks.loading import load_task
 from fedloom.tasks.task import (
     CentralData,
@@ -25,5 +25,6 @@ __all__ = [
     "load_task",
     "materialise",
     "mnist_task",
+    "shakespeare_task",
     "synthetic_task",
 ]

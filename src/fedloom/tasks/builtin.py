@@ -18,11 +18,12 @@ from fedloom.config.schema import ExperimentConfig
 from fedloom.core.errors import TaskError
 from fedloom.data.datasets import ArrayDataset
 from fedloom.data.mnist import load_mnist
+from fedloom.data.shakespeare import load_shakespeare
 from fedloom.data.synthetic import synthetic_fedprox
 from fedloom.models.zoo import instantiate_model
 from fedloom.tasks.task import CentralData, ClientData, Task
 
-__all__ = ["config_task", "mnist_task", "synthetic_task"]
+__all__ = ["config_task", "mnist_task", "shakespeare_task", "synthetic_task"]
 
 
 def _head(ds: ArrayDataset, n: int) -> ArrayDataset:
@@ -81,11 +82,57 @@ def synthetic_task(
     return Task(model=lambda: instantiate_model(model, kwargs), data=data, name="synthetic")
 
 
+def _check_clients(dataset: str, found: int, configured: int | None) -> None:
+    """A naturally federated dataset fixes its client count; a different data.num_clients is a mistake."""
+    if configured is not None and found != configured:
+        raise TaskError(
+            f"data.dataset = {dataset!r} has {found} clients with these settings, but data.num_clients = "
+            f"{configured}; set data.num_clients = {found}"
+        )
+
+
+def shakespeare_task(
+    *,
+    data_dir: str = "",
+    num_clients: int | None = None,
+    min_samples: int = 0,
+    train_fraction: float = 0.8,
+    model: str = "stacked_lstm",
+    model_kwargs: Mapping[str, Any] | None = None,
+) -> Task:
+    """LEAF's Shakespeare (Caldas et al. 2018, arXiv 1812.01097): next character, one client per role.
+
+    Natural per-client data with per-client test splits (see
+    :mod:`fedloom.data.shakespeare`), LEAF's stacked LSTM, cross-entropy and
+    accuracy. ``num_clients``, when given, must equal the number of roles that
+    survive the filters (850 with the defaults).
+    """
+    kwargs = dict(model_kwargs or {})
+
+    def data() -> ClientData:
+        shake = load_shakespeare(
+            Path(data_dir) if data_dir else None, min_samples=min_samples, train_fraction=train_fraction
+        )
+        _check_clients("shakespeare", len(shake.names), num_clients)
+        return ClientData(train=shake.train, names=shake.names, client_test=shake.test, source=shake.source)
+
+    return Task(model=lambda: instantiate_model(model, kwargs), data=data, name="shakespeare")
+
+
 def config_task(cfg: ExperimentConfig) -> Task:
     """The built-in task an experiment file describes with its ``[data]`` and ``[model]`` keys."""
     d, m = cfg.data, cfg.model
-    if d.dataset in ("fashion_mnist", "shakespeare", "heart_disease"):
+    if d.dataset in ("fashion_mnist", "heart_disease"):
         raise TaskError(f"data.dataset = {d.dataset!r} is not built in yet")
+    if d.dataset == "shakespeare":
+        return shakespeare_task(
+            data_dir=d.dir,
+            num_clients=d.num_clients,
+            min_samples=d.shakespeare_min_samples,
+            train_fraction=d.shakespeare_train_fraction,
+            model="stacked_lstm" if m.name == "2nn" else m.name,
+            model_kwargs=m.kwargs,
+        )
     if d.dataset == "synthetic":
         return synthetic_task(
             d.synthetic_alpha,
