@@ -8,6 +8,7 @@ import fedloom.data
 
 EXPECTED = {
     "DATA_ENV_VAR",
+    "FASHION_MNIST_CLASSES",
     "MNIST_MEAN",
     "MNIST_MIRRORS",
     "MNIST_STD",
@@ -32,6 +33,7 @@ EXPECTED = {
     "download_mnist",
     "format_partition_stats",
     "iid",
+    "load_fashion_mnist",
     "load_mnist",
     "load_mnist_raw",
     "load_shakespeare",

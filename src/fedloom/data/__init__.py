@@ -2,13 +2,14 @@
 
 Dependency direction inside the package: ``datasets`` ← ``federated`` ←
 ``partition`` / ``synthetic`` / ``stats``; ``idx`` / ``locate`` / ``download`` /
-``mnist_pickle`` ← ``mnist``; ``shakespeare`` (LEAF's next-character task). Everything here depends only on ``fedloom.core``.
+``mnist_pickle`` ← ``mnist`` ← ``fashion_mnist``; ``shakespeare`` (LEAF's next-character task). Everything here depends only on ``fedloom.core``.
 """
 
 from __future__ import annotations
 
 from fedloom.data.datasets import ArrayDataset
 from fedloom.data.download import MNIST_MIRRORS, Fetch, download_mnist
+from fedloom.data.fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist
 from fedloom.data.federated import FederatedDataset, PartitionedDataset
 from fedloom.data.idx import parse_idx, read_idx
 from fedloom.data.locate import DATA_ENV_VAR, default_cache_dir
@@ -33,6 +34,7 @@ from fedloom.data.synthetic import SyntheticConfig, SyntheticDataset, synthetic_
 
 __all__ = [
     "DATA_ENV_VAR",
+    "FASHION_MNIST_CLASSES",
     "MNIST_MEAN",
     "MNIST_MIRRORS",
     "MNIST_STD",
@@ -54,6 +56,7 @@ __all__ = [
     "format_partition_stats",
     "iid",
     "inner_dirichlet",
+    "load_fashion_mnist",
     "load_mnist",
     "load_mnist_raw",
     "load_shakespeare",

@@ -1,6 +1,12 @@
 """Tasks: the user's model, data, loss, optimiser, training loop and metrics (see :mod:`fedloom.tasks.task`)."""
 
-from fedloom.tasks.builtin import config_task, mnist_task, shakespeare_task, synthetic_task
+from fedloom.tasks.builtin import (
+    config_task,
+    fashion_mnist_task,
+    mnist_task,
+    shakespeare_task,
+    synthetic_task,
+)
 from fedloom.tasks.loading import load_task
 from fedloom.tasks.task import (
     CentralData,
@@ -22,6 +28,7 @@ __all__ = [
     "TaskData",
     "check_task",
     "config_task",
+    "fashion_mnist_task",
     "load_task",
     "materialise",
     "mnist_task",

@@ -17,13 +17,14 @@ import torch
 from fedloom.config.schema import ExperimentConfig
 from fedloom.core.errors import TaskError
 from fedloom.data.datasets import ArrayDataset
+from fedloom.data.fashion_mnist import load_fashion_mnist
 from fedloom.data.mnist import load_mnist
 from fedloom.data.shakespeare import load_shakespeare
 from fedloom.data.synthetic import synthetic_fedprox
 from fedloom.models.zoo import instantiate_model
 from fedloom.tasks.task import CentralData, ClientData, Task
 
-__all__ = ["config_task", "mnist_task", "shakespeare_task", "synthetic_task"]
+__all__ = ["config_task", "fashion_mnist_task", "mnist_task", "shakespeare_task", "synthetic_task"]
 
 
 def _head(ds: ArrayDataset, n: int) -> ArrayDataset:
@@ -53,6 +54,33 @@ def mnist_task(
         )
 
     return Task(model=lambda: instantiate_model(model, kwargs), data=data, name="mnist")
+
+
+def fashion_mnist_task(
+    *,
+    data_dir: str = "",
+    model: str = "2nn",
+    model_kwargs: Mapping[str, Any] | None = None,
+    train_subset: int = 0,
+    test_subset: int = 0,
+) -> Task:
+    """Fashion-MNIST (Xiao et al. 2017, arXiv 1708.07747) with a model from the zoo (the 2NN by default).
+
+    The data is found in ``data_dir``, ``$FEDLOOM_DATA``, the user cache, Debian's
+    ``dataset-fashion-mnist`` package, then a checksummed download; the training
+    set is partitioned by the experiment's ``[data]`` settings.
+    """
+    kwargs = dict(model_kwargs or {})
+
+    def data() -> CentralData:
+        fashion = load_fashion_mnist(Path(data_dir) if data_dir else None)
+        return CentralData(
+            train=_head(fashion.train, train_subset),
+            test=_head(fashion.test, test_subset),
+            source=fashion.source,
+        )
+
+    return Task(model=lambda: instantiate_model(model, kwargs), data=data, name="fashion_mnist")
 
 
 def synthetic_task(
@@ -122,8 +150,16 @@ def shakespeare_task(
 def config_task(cfg: ExperimentConfig) -> Task:
     """The built-in task an experiment file describes with its ``[data]`` and ``[model]`` keys."""
     d, m = cfg.data, cfg.model
-    if d.dataset in ("fashion_mnist", "heart_disease"):
+    if d.dataset == "heart_disease":
         raise TaskError(f"data.dataset = {d.dataset!r} is not built in yet")
+    if d.dataset == "fashion_mnist":
+        return fashion_mnist_task(
+            data_dir=d.dir,
+            model=m.name,
+            model_kwargs=m.kwargs,
+            train_subset=d.train_subset,
+            test_subset=d.test_subset,
+        )
     if d.dataset == "shakespeare":
         return shakespeare_task(
             data_dir=d.dir,
