@@ -3,6 +3,7 @@
 from fedloom.tasks.builtin import (
     config_task,
     fashion_mnist_task,
+    heart_disease_task,
     mnist_task,
     shakespeare_task,
     synthetic_task,
@@ -29,6 +30,7 @@ __all__ = [
     "check_task",
     "config_task",
     "fashion_mnist_task",
+    "heart_disease_task",
     "load_task",
     "materialise",
     "mnist_task",
