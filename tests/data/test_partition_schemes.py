@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedloom.core.errors import DataError
-from fedloom.data import client_sizes, inner_dirichlet, natural, partition, pathological, sized
+from fedloom.core.errors import DataError, TaskError
+from fedloom.data import ArrayDataset, client_sizes, inner_dirichlet, natural, partition, pathological, sized
 
 
 def assert_exact_cover(parts: list[np.ndarray], n: int) -> None:
@@ -179,3 +179,24 @@ def test_config_keys_map_to_scheme_options() -> None:
         "inner_dirichlet",
         {"alpha": 0.2, "size_distribution": "square", "min_size": 1, "sigma": 1.0, "rate": 0.1},
     )
+
+
+def test_natural_partition_of_a_task_with_an_id_column() -> None:
+    import torch
+    from torch import nn
+
+    from fedloom.tasks import CentralData, PartitionSpec, Task, materialise
+
+    y = torch.tensor([0, 1, 0, 1, 1, 0])
+    writers = ["w2", "w1", "w2", "w3", "w1", "w1"]
+    task = Task(
+        model=lambda: nn.Linear(2, 2),
+        data=CentralData(train=ArrayDataset(torch.zeros(6, 2), y), groups=writers),
+    )
+    m = materialise(task, seed=0, split=PartitionSpec(scheme="natural", num_clients=3, seed=0))
+    assert [m.train.client_data(c).y.tolist() for c in range(3)] == [[1, 1, 0], [0, 0], [1]]  # w1, w2, w3
+    no_groups = Task(
+        model=lambda: nn.Linear(2, 2), data=CentralData(train=ArrayDataset(torch.zeros(6, 2), y))
+    )
+    with pytest.raises(TaskError, match=r"needs an id column"):
+        materialise(no_groups, seed=0, split=PartitionSpec(scheme="natural", num_clients=3, seed=0))
