@@ -20,6 +20,26 @@ def assert_exact_cover(parts: list[np.ndarray], n: int) -> None:
     assert np.array_equal(np.sort(np.concatenate(parts)), np.arange(n))
 
 
+# --- dirichlet: each class's shares over clients ~ Dir(alpha 1_K) ------------------------------
+
+
+@pytest.mark.parametrize("alpha", [0.1, 1.0, 10.0])
+def test_dirichlet_shares_match_the_dirichlet_moments(alpha: float) -> None:
+    # 200 classes of 2000 examples, 10 clients. A share p = count / 2000 is Beta(alpha, 9 alpha):
+    # E[p] = 1/K and Var[p] = (1/K)(1 - 1/K) / (K alpha + 1); classes are independent draws.
+    k, c, n = 10, 200, 2000
+    labels = np.repeat(np.arange(c), n)
+    parts = partition(labels, "dirichlet", k, 5, alpha=alpha, min_size=0)
+    shares = np.stack([np.bincount(labels[p], minlength=c) for p in parts]) / n  # (clients, classes)
+    var = (1 / k) * (1 - 1 / k) / (k * alpha + 1)
+    # Every client's mean share over the classes is the Dirichlet mean 1/K.
+    assert np.all(np.abs(shares.mean(axis=1) - 1 / k) < 4 * np.sqrt(var / c))
+    # Per class, S = sum_k p_k^2 has mean K (Var[p] + 1/K^2), which moves with alpha
+    # (alpha x 1.5 or / 1.5 shifts it by more than 4 standard errors here).
+    s = (shares**2).sum(axis=0)
+    assert abs(s.mean() - k * (var + 1 / k**2)) < 4 * s.std() / np.sqrt(c)
+
+
 # --- pathological: exactly k classes per client --------------------------------------------------
 
 
