@@ -53,12 +53,25 @@ def test_pathological_gives_every_client_exactly_k_classes(num_classes: int, k: 
     assert [np.unique(labels[p]).size for p in parts] == [k] * clients
 
 
-def test_pathological_splits_a_class_evenly_between_its_holders() -> None:
-    labels = np.repeat(np.arange(4), 100)  # 4 classes, 8 clients x 2 classes: every class has 4 holders
-    parts = pathological(labels, 8, np.random.default_rng(0), classes_per_client=2)
-    for c in range(4):
-        holders = [int(np.sum(labels[p] == c)) for p in parts if np.any(labels[p] == c)]
-        assert sorted(holders) == [25, 25, 25, 25]
+def test_pathological_balances_holders_and_varies_combinations() -> None:
+    labels = np.repeat(np.arange(10), 300)
+    parts = pathological(labels, 100, np.random.default_rng(0), classes_per_client=2)
+    held = [frozenset(np.unique(labels[p]).tolist()) for p in parts]
+    # 100 clients x 2 slots over 10 classes: every class has exactly 20 holders ...
+    holders = [sum(c in h for h in held) for c in range(10)]
+    assert holders == [20] * 10
+    # ... and splits its 300 examples among them in parts of 15.
+    for c in range(10):
+        assert [int(np.sum(labels[p] == c)) for p, h in zip(parts, held, strict=True) if c in h] == [15] * 20
+    # Class pairs are drawn, not fixed: far more than the 5 pairs a fixed pairing would give.
+    assert len(set(held)) > 15
+
+
+def test_pathological_holder_counts_differ_by_at_most_one() -> None:
+    labels = np.repeat(np.arange(7), 50)
+    parts = pathological(labels, 9, np.random.default_rng(4), classes_per_client=3)  # 27 slots, 7 classes
+    counts = [sum(np.any(labels[p] == c) for p in parts) for c in range(7)]
+    assert sorted(counts) == [3, 4, 4, 4, 4, 4, 4]  # 27 = 6 x 4 + 3
 
 
 def test_pathological_refuses_impossible_requests() -> None:

@@ -339,10 +339,13 @@ def pathological(
     """Every client holds examples of exactly ``classes_per_client`` classes.
 
     With ``C`` classes present in ``labels`` (counted from the data) and ``k =
-    classes_per_client``, the classes are put in a random order ``c_0..c_{C-1}``
-    and client ``i`` (in a random order of clients) gets classes ``c_{(i k + j)
-    mod C}`` for ``j = 0..k-1``: ``k`` distinct classes, and every class goes to
-    ``floor`` or ``ceil`` of ``K k / C`` clients. Each class's examples are
+    classes_per_client``, a sequence of ``K k`` class slots is built from
+    independent random permutations of the ``C`` classes laid end to end, and
+    client ``i`` takes slots ``i k .. i k + k - 1``. Where a client's slots run
+    from one permutation into the next, the next one is reordered (its classes
+    keep their random order) so that the client's ``k`` classes stay distinct.
+    So every class goes to ``floor`` or ``ceil`` of ``K k / C`` clients, and
+    clients get varied combinations of classes. Each class's examples are
     shuffled and split in near-equal parts among the clients holding it, so
     every example is assigned exactly once (the "#C = k" label skew of Li et al.
     2021, NIID-Bench, arXiv 2102.02079).
@@ -365,15 +368,21 @@ def pathological(
             f"pathological: {num_clients} clients x {k} classes cannot cover all {c} classes; "
             "use more clients or more classes per client"
         )
-    order = classes[rng.permutation(c)]
-    slots = (np.arange(num_clients)[:, None] * k + np.arange(k)[None, :]) % c  # (clients, k)
-    owners_of = rng.permutation(num_clients)  # client i takes row owners_of[i] of the slot table
+    seq: list[int] = []
+    while len(seq) < num_clients * k:
+        perm = [int(v) for v in rng.permutation(c)]
+        filled = len(seq) % k  # slots of the current client already taken from the previous permutation
+        if filled:
+            taken = set(seq[-filled:])
+            perm = [v for v in perm if v not in taken] + [v for v in perm if v in taken]
+        seq.extend(perm)
+    slots = np.array(seq[: num_clients * k]).reshape(num_clients, k)  # (clients, k) class positions
     holders: list[list[int]] = [[] for _ in range(c)]
     for client in range(num_clients):
-        for slot in slots[owners_of[client]]:
+        for slot in slots[client]:
             holders[int(slot)].append(client)
     parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
-    for slot, cls in enumerate(order):
+    for slot, cls in enumerate(classes):
         members = rng.permutation(np.flatnonzero(y == cls))
         owners = holders[slot]
         if members.size < len(owners):
