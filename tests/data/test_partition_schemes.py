@@ -228,6 +228,7 @@ def test_natural_partition_of_a_task_with_an_id_column() -> None:
     )
     m = materialise(task, seed=0, split=PartitionSpec(scheme="natural", num_clients=3, seed=0))
     assert [m.train.client_data(c).y.tolist() for c in range(3)] == [[1, 1, 0], [0, 0], [1]]  # w1, w2, w3
+    assert m.client_names == ("w1", "w2", "w3")
     no_groups = Task(
         model=lambda: nn.Linear(2, 2), data=CentralData(train=ArrayDataset(torch.zeros(6, 2), y))
     )

@@ -30,7 +30,7 @@ from fedloom.core.params import Params
 from fedloom.core.rng import derive_seed
 from fedloom.data.datasets import ArrayDataset
 from fedloom.data.federated import FederatedDataset, NaturalDataset, PartitionedDataset
-from fedloom.data.partition import partition
+from fedloom.data.partition import natural, partition
 from fedloom.metrics import Metric, accuracy
 
 __all__ = [
@@ -56,7 +56,7 @@ class CentralData:
 
     ``groups`` is an optional id column (one value per training example: a
     writer, a device, a site); the ``"natural"`` partition makes one client per
-    distinct value.
+    distinct value, in sorted order, named by the value.
     """
 
     train: ArrayDataset
@@ -267,6 +267,8 @@ def materialise(task: Task, *, seed: int, split: PartitionSpec, device: str | No
     if data.test is not None:
         check_task(task, workspace, data.test, "the test set")
     names = tuple(data.names) if isinstance(data, ClientData) and data.names is not None else None
+    if isinstance(data, CentralData) and split.scheme == "natural" and data.groups is not None:
+        names = tuple(natural(np.asarray(data.groups))[1])  # the id values, in the clients' order
     return Materialised(
         task=task,
         workspace=workspace,
