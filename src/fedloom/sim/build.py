@@ -136,6 +136,21 @@ def split_for(cfg: ExperimentConfig) -> PartitionSpec:
         options = {"shards_per_client": d.shards_per_client}
     elif d.partition == "quantity":
         options = {"sigma": d.quantity_sigma, "min_size": d.min_client_size}
+    elif d.partition == "pathological":
+        options = {"classes_per_client": d.classes_per_client}
+    elif d.partition in ("linear", "square", "exponential"):
+        options = {"min_size": d.min_client_size, "rate": d.size_rate}
+    elif d.partition == "inner_dirichlet":
+        inner: dict[str, str | float | int] = {
+            "alpha": d.alpha,
+            "size_distribution": d.inner_sizes,
+            "min_size": d.min_client_size,
+            "sigma": d.quantity_sigma,
+            "rate": d.size_rate,
+        }
+        return PartitionSpec(
+            scheme="inner_dirichlet", num_clients=d.num_clients, seed=cfg.seed, options=inner
+        )
     return PartitionSpec(
         scheme=_SCHEMES.get(d.partition, d.partition),
         num_clients=d.num_clients,

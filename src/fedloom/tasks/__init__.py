@@ -1,6 +1,13 @@
 """Tasks: the user's model, data, loss, optimiser, training loop and metrics (see :mod:`fedloom.tasks.task`)."""
 
-from fedloom.tasks.builtin import config_task, mnist_task, synthetic_task
+from fedloom.tasks.builtin import (
+    config_task,
+    fashion_mnist_task,
+    heart_disease_task,
+    mnist_task,
+    shakespeare_task,
+    synthetic_task,
+)
 from fedloom.tasks.loading import load_task
 from fedloom.tasks.task import (
     CentralData,
@@ -22,8 +29,11 @@ __all__ = [
     "TaskData",
     "check_task",
     "config_task",
+    "fashion_mnist_task",
+    "heart_disease_task",
     "load_task",
     "materialise",
     "mnist_task",
+    "shakespeare_task",
     "synthetic_task",
 ]

@@ -14,14 +14,28 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedloom.algorithms.local import LocalOptimizer
 from fedloom.config.schema import ExperimentConfig
+from fedloom.core.errors import TaskError
 from fedloom.data.datasets import ArrayDataset
+from fedloom.data.fashion_mnist import load_fashion_mnist
+from fedloom.data.heart_disease import HOSPITALS
+from fedloom.data.heart_flamby import all_hospitals
 from fedloom.data.mnist import load_mnist
+from fedloom.data.shakespeare import load_shakespeare
 from fedloom.data.synthetic import synthetic_fedprox
+from fedloom.metrics import accuracy, auc
 from fedloom.models.zoo import instantiate_model
 from fedloom.tasks.task import CentralData, ClientData, Task
 
-__all__ = ["config_task", "mnist_task", "synthetic_task"]
+__all__ = [
+    "config_task",
+    "fashion_mnist_task",
+    "heart_disease_task",
+    "mnist_task",
+    "shakespeare_task",
+    "synthetic_task",
+]
 
 
 def _head(ds: ArrayDataset, n: int) -> ArrayDataset:
@@ -53,6 +67,33 @@ def mnist_task(
     return Task(model=lambda: instantiate_model(model, kwargs), data=data, name="mnist")
 
 
+def fashion_mnist_task(
+    *,
+    data_dir: str = "",
+    model: str = "2nn",
+    model_kwargs: Mapping[str, Any] | None = None,
+    train_subset: int = 0,
+    test_subset: int = 0,
+) -> Task:
+    """Fashion-MNIST (Xiao et al. 2017, arXiv 1708.07747) with a model from the zoo (the 2NN by default).
+
+    The data is found in ``data_dir``, ``$FEDLOOM_DATA``, the user cache, Debian's
+    ``dataset-fashion-mnist`` package, then a checksummed download; the training
+    set is partitioned by the experiment's ``[data]`` settings.
+    """
+    kwargs = dict(model_kwargs or {})
+
+    def data() -> CentralData:
+        fashion = load_fashion_mnist(Path(data_dir) if data_dir else None)
+        return CentralData(
+            train=_head(fashion.train, train_subset),
+            test=_head(fashion.test, test_subset),
+            source=fashion.source,
+        )
+
+    return Task(model=lambda: instantiate_model(model, kwargs), data=data, name="fashion_mnist")
+
+
 def synthetic_task(
     alpha: float,
     beta: float,
@@ -80,9 +121,118 @@ def synthetic_task(
     return Task(model=lambda: instantiate_model(model, kwargs), data=data, name="synthetic")
 
 
+def _check_clients(dataset: str, found: int, configured: int | None) -> None:
+    """A naturally federated dataset fixes its client count; a different data.num_clients is a mistake."""
+    if configured is not None and found != configured:
+        raise TaskError(
+            f"data.dataset = {dataset!r} has {found} clients with these settings, but data.num_clients = "
+            f"{configured}; set data.num_clients = {found}"
+        )
+
+
+def shakespeare_task(
+    *,
+    data_dir: str = "",
+    num_clients: int | None = None,
+    min_samples: int = 0,
+    train_fraction: float = 0.8,
+    test_per_client: int = 0,
+    model: str = "stacked_lstm",
+    model_kwargs: Mapping[str, Any] | None = None,
+) -> Task:
+    """LEAF's Shakespeare (Caldas et al. 2018, arXiv 1812.01097): next character, one client per role.
+
+    Natural per-client data with per-client test splits (see
+    :mod:`fedloom.data.shakespeare`), LEAF's stacked LSTM, cross-entropy and
+    accuracy. ``num_clients``, when given, must equal the number of roles that
+    survive the filters (850 with the defaults); ``test_per_client > 0`` keeps
+    only each role's first that many test examples.
+    """
+    kwargs = dict(model_kwargs or {})
+
+    def data() -> ClientData:
+        shake = load_shakespeare(
+            Path(data_dir) if data_dir else None,
+            min_samples=min_samples,
+            train_fraction=train_fraction,
+            test_per_client=test_per_client,
+        )
+        _check_clients("shakespeare", len(shake.names), num_clients)
+        return ClientData(train=shake.train, names=shake.names, client_test=shake.test, source=shake.source)
+
+    return Task(model=lambda: instantiate_model(model, kwargs), data=data, name="shakespeare")
+
+
+def heart_disease_task(
+    *,
+    data_dir: str = "",
+    num_clients: int | None = None,
+    model: str = "logreg",
+    model_kwargs: Mapping[str, Any] | None = None,
+) -> Task:
+    """FLamby's Fed-Heart-Disease (arXiv 2210.04620): four hospitals, binary heart disease.
+
+    Natural per-hospital data with FLamby's preprocessing and per-hospital test
+    splits (:mod:`fedloom.data.heart_flamby`), read from the files shipped with
+    fedloom or from ``data_dir``; logistic regression on the 13 features,
+    FLamby's local optimiser (Adam; FLamby uses ``client.lr = 0.001`` and
+    ``client.batch_size = 4``), cross-entropy, accuracy and AUC. The central
+    test set pools the four test splits. ``num_clients``, when given, must be 4.
+    """
+    kwargs = dict(model_kwargs) if model_kwargs is not None else {"in_features": 13, "num_classes": 2}
+
+    def data() -> ClientData:
+        _check_clients("heart_disease", len(HOSPITALS), num_clients)
+        parts = all_hospitals(Path(data_dir) if data_dir else None)
+        tests = [parts[h][1] for h in HOSPITALS]
+        pooled = ArrayDataset(torch.cat([t.x for t in tests]), torch.cat([t.y for t in tests]), 2)
+        where = data_dir or "the files shipped with fedloom"
+        return ClientData(
+            train=[parts[h][0] for h in HOSPITALS],
+            names=HOSPITALS,
+            test=pooled,
+            client_test=tests,
+            source=f"UCI heart disease, FLamby preprocessing ({where})",
+        )
+
+    return Task(
+        model=lambda: instantiate_model(model, kwargs),
+        data=data,
+        optimizer=LocalOptimizer(torch.optim.Adam),
+        metrics={"accuracy": accuracy, "auc": auc},
+        name="heart_disease",
+    )
+
+
 def config_task(cfg: ExperimentConfig) -> Task:
     """The built-in task an experiment file describes with its ``[data]`` and ``[model]`` keys."""
     d, m = cfg.data, cfg.model
+    if d.dataset == "heart_disease":
+        default = m.name == "2nn"  # the schema default means this dataset's standard model
+        return heart_disease_task(
+            data_dir=d.dir,
+            num_clients=d.num_clients,
+            model="logreg" if default else m.name,
+            model_kwargs={"in_features": 13, "num_classes": 2} if default else m.kwargs,
+        )
+    if d.dataset == "fashion_mnist":
+        return fashion_mnist_task(
+            data_dir=d.dir,
+            model=m.name,
+            model_kwargs=m.kwargs,
+            train_subset=d.train_subset,
+            test_subset=d.test_subset,
+        )
+    if d.dataset == "shakespeare":
+        return shakespeare_task(
+            data_dir=d.dir,
+            num_clients=d.num_clients,
+            min_samples=d.shakespeare_min_samples,
+            train_fraction=d.shakespeare_train_fraction,
+            test_per_client=d.test_subset,
+            model="stacked_lstm" if m.name == "2nn" else m.name,
+            model_kwargs=m.kwargs,
+        )
     if d.dataset == "synthetic":
         return synthetic_task(
             d.synthetic_alpha,

@@ -30,7 +30,7 @@ from fedloom.core.params import Params
 from fedloom.core.rng import derive_seed
 from fedloom.data.datasets import ArrayDataset
 from fedloom.data.federated import FederatedDataset, NaturalDataset, PartitionedDataset
-from fedloom.data.partition import partition
+from fedloom.data.partition import natural, partition
 from fedloom.metrics import Metric, accuracy
 
 __all__ = [
@@ -52,11 +52,17 @@ Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 @dataclass(frozen=True)
 class CentralData:
-    """One pooled training set that fedloom partitions, and an optional central test set."""
+    """One pooled training set that fedloom partitions, and an optional central test set.
+
+    ``groups`` is an optional id column (one value per training example: a
+    writer, a device, a site); the ``"natural"`` partition makes one client per
+    distinct value, in sorted order, named by the value.
+    """
 
     train: ArrayDataset
     test: ArrayDataset | None = None
     source: str = ""
+    groups: np.ndarray | Sequence[Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -199,17 +205,25 @@ def _federate(
             )
         return train, tests
     base = data.train
+    options = dict(split.options)
+    if split.scheme == "natural":
+        if data.groups is None:
+            raise TaskError(
+                f"task {task.name!r}: partition 'natural' needs an id column; give CentralData(groups=...)"
+            )
+        options["groups"] = np.asarray(data.groups)
     if base.is_classification:
         labels = base.y.numpy()
-    elif split.scheme in ("iid", "quantity_skew"):
+    elif split.scheme in ("iid", "quantity_skew", "linear", "square", "exponential", "natural"):
         labels = np.zeros(len(base), dtype=np.int64)  # these schemes ignore labels
     else:
         raise TaskError(
             f"task {task.name!r}: partition {split.scheme!r} splits by class label, but the targets are "
-            f"{base.y.dtype} {tuple(base.y.shape)}; use 'iid' or 'quantity', or natural ClientData"
+            f"{base.y.dtype} {tuple(base.y.shape)}; use 'iid', 'quantity', 'linear', 'square', 'exponential' "
+            "or 'natural', or natural ClientData"
         )
     try:
-        indices = partition(labels, split.scheme, split.num_clients, split.seed, **dict(split.options))
+        indices = partition(labels, split.scheme, split.num_clients, split.seed, **options)
     except DataError as exc:
         raise TaskError(f"task {task.name!r}: {exc}") from exc
     return PartitionedDataset(base, indices), None
@@ -253,6 +267,8 @@ def materialise(task: Task, *, seed: int, split: PartitionSpec, device: str | No
     if data.test is not None:
         check_task(task, workspace, data.test, "the test set")
     names = tuple(data.names) if isinstance(data, ClientData) and data.names is not None else None
+    if isinstance(data, CentralData) and split.scheme == "natural" and data.groups is not None:
+        names = tuple(natural(np.asarray(data.groups))[1])  # the id values, in the clients' order
     return Materialised(
         task=task,
         workspace=workspace,
