@@ -408,23 +408,12 @@ def _plain_sgd(
     total_steps: int,
 ) -> tuple[int, torch.Tensor]:
     """``w <- w - lr * (g + correction)`` by foreach ops (the form the vectorised executor batches)."""
-    named = dict(workspace.module.named_parameters())
-    params: list[torch.Tensor] = [named[name] for name in workspace.trainable]
-    loss_sum = torch.zeros((), dtype=torch.float64)
-    step = 0
-    for idx in _order(len(data), cfg.batch_size, total_steps, ctx.rng("local-shuffle")):
-        for p in params:
-            p.grad = None
-        loss = _batch_loss(workspace, data, idx, ctx)
-        loss.backward()  # type: ignore[no-untyped-call]
+
+    def update(params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
         with torch.no_grad():
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-            if correction is not None:
-                correction([p.detach() for p in params], grads)
             torch._foreach_add_(params, grads, alpha=-cfg.lr)
-        loss_sum += loss.detach().to("cpu", torch.float64)
-        step += 1
-    return step, loss_sum
+
+    return _loop(workspace, data, cfg, ctx, correction, total_steps, update)
 
 
 def _with_optimizer(
@@ -436,11 +425,37 @@ def _with_optimizer(
     correction: GradCorrection | None,
     total_steps: int,
 ) -> tuple[int, torch.Tensor]:
-    """The task's ``torch.optim`` optimiser (and schedule), fresh for this round."""
+    """The task's ``torch.optim`` optimiser (and schedule), fresh for this round unless its state is kept."""
+    named = dict(workspace.module.named_parameters())
+    opt = spec.build([named[name] for name in workspace.trainable], cfg.lr, ctx.optimizer_state)
+    sched = spec.schedule(opt, total_steps) if spec.schedule is not None else None
+
+    def update(params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+        opt.step()  # on p.grad, which holds the corrected gradient
+        if sched is not None:
+            sched.step()
+
+    result = _loop(workspace, data, cfg, ctx, correction, total_steps, update)
+    if spec.keep_state:
+        ctx.outbox[OPTIMIZER_STATE] = optimizer_state(opt)
+    return result
+
+
+def _loop(
+    workspace: Workspace,
+    data: ArrayDataset,
+    cfg: LocalSGD,
+    ctx: ClientContext,
+    correction: GradCorrection | None,
+    total_steps: int,
+    update: Callable[[list[torch.Tensor], list[torch.Tensor]], None],
+) -> tuple[int, torch.Tensor]:
+    """fedloom's minibatch loop: loss, backward, the algorithm's correction on ``p.grad``, ``update``.
+
+    Returns the number of steps and the float64 sum of the batch losses.
+    """
     named = dict(workspace.module.named_parameters())
     params: list[torch.Tensor] = [named[name] for name in workspace.trainable]
-    opt = spec.build(params, cfg.lr, ctx.optimizer_state)
-    sched = spec.schedule(opt, total_steps) if spec.schedule is not None else None
     loss_sum = torch.zeros((), dtype=torch.float64)
     step = 0
     for idx in _order(len(data), cfg.batch_size, total_steps, ctx.rng("local-shuffle")):
@@ -449,18 +464,16 @@ def _with_optimizer(
         loss = _batch_loss(workspace, data, idx, ctx)
         loss.backward()  # type: ignore[no-untyped-call]
         with torch.no_grad():
+            grads = []
             for p in params:
-                if p.grad is None:
+                if p.grad is None:  # a parameter the loss does not reach
                     p.grad = torch.zeros_like(p)
+                grads.append(p.grad)
             if correction is not None:
-                correction([p.detach() for p in params], [p.grad for p in params if p.grad is not None])
-        opt.step()
-        if sched is not None:
-            sched.step()
+                correction([p.detach() for p in params], grads)
+        update(params, grads)
         loss_sum += loss.detach().to("cpu", torch.float64)
         step += 1
-    if spec.keep_state:
-        ctx.outbox[OPTIMIZER_STATE] = optimizer_state(opt)
     return step, loss_sum
 
 
