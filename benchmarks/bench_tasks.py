@@ -43,6 +43,7 @@ B=20 (10 rounds); W2 = 10 IID MNIST clients, all per round, CNN, E=1, B=32
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import statistics
@@ -62,7 +63,7 @@ from bench_memory import PeakPss
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
-ROUND_LINE = re.compile(r"^round (\d+)\b")
+ROUND_LINE = re.compile(r"^round (\d+)\b(?: examples (\d+))?")
 FAMILIES = {"sgd": 0.05, "momentum": 0.01, "adam": 0.001, "custom": 0.001}
 TEST_SUBSET = 100
 
@@ -91,6 +92,7 @@ class Run:
     per_round: float
     startup: float
     peak_mb: float
+    examples: list[int]
 
 
 @dataclass
@@ -181,9 +183,14 @@ def resolve_data_dir(given: str, tmp: Path) -> str:
     return str(tmp)
 
 
-def measure(cmd: Sequence[str], rounds: int, log: Path) -> Run:
-    """Spawn ``cmd``; time its ``round N`` lines from the spawn; sample its tree's PSS."""
+def measure(cmd: Sequence[str], rounds: int, log: Path, metrics: Path | None = None) -> Run:
+    """Spawn ``cmd``; time its ``round N`` lines from the spawn; sample its tree's PSS.
+
+    The examples trained per round come from the ``round N examples M`` lines,
+    or from fedloom's ``metrics`` file.
+    """
     stamps: dict[int, float] = {}
+    examples: dict[int, int] = {}
     with log.open("w") as err:
         t0 = time.perf_counter()
         proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=err, text=True, env=env(), cwd=ROOT)
@@ -193,12 +200,23 @@ def measure(cmd: Sequence[str], rounds: int, log: Path) -> Run:
                 m = ROUND_LINE.match(line)
                 if m:
                     stamps[int(m.group(1))] = time.perf_counter()
+                    if m.group(2):
+                        examples[int(m.group(1))] = int(m.group(2))
             proc.wait()
     if proc.returncode != 0 or sorted(stamps) != list(range(1, rounds + 1)):
         raise RuntimeError(
             f"{' '.join(cmd)} exited with {proc.returncode} after rounds {sorted(stamps)}:\n{log.read_text()}"
         )
-    return Run((stamps[rounds] - stamps[1]) / (rounds - 1), stamps[1] - t0, peak.peak_mb)
+    if metrics is not None:
+        for line in metrics.read_text(encoding="utf-8").splitlines():
+            row = json.loads(line)
+            examples[int(row["round"])] = int(row["num_examples"])
+    return Run(
+        (stamps[rounds] - stamps[1]) / (rounds - 1),
+        stamps[1] - t0,
+        peak.peak_mb,
+        [examples.get(r, -1) for r in range(1, rounds + 1)],
+    )
 
 
 def commands(
@@ -233,6 +251,9 @@ def report(name: str, rec: Records, family: str, args: argparse.Namespace) -> No
     r_bare, all_bare = median_ratio(fed, bare, "per_round")
     f_bare, _ = median_ratio(floor, bare, "per_round")
     print(
+        f"{name} {family} examples trained per round, the same in every run of every variant: {fed[0].examples}"
+    )
+    print(
         f"{name} {family} s/round (median): fedloom parallel {med['fedloom']:.4f}, floor ({args.procs} procs x 1 "
         f"thread) {med['floor']:.4f}, single-process loop {med['bare']:.4f}"
     )
@@ -261,6 +282,30 @@ def report(name: str, rec: Records, family: str, args: argparse.Namespace) -> No
     )
 
 
+def profile(toml: Path, args: argparse.Namespace, tmp: Path, family: str) -> None:
+    """Where fedloom's time goes: its main process under cProfile, once per executor.
+
+    ``sequential`` runs every client in the main process with one torch thread,
+    the same ``run_client`` path a parallel worker runs; ``parallel`` shows the
+    main process of the parallel run (transport, aggregation, checkpoint, waiting).
+    """
+    import pstats
+
+    for executor in ("sequential", "parallel"):
+        prof = tmp / f"{family}-{executor}.prof"
+        cmd = [
+            sys.executable, "-m", "cProfile", "-o", str(prof), "-m", "fedloom", "simulate", "--config", str(toml),
+            "--set", f"executor={executor}", "--out", str(tmp / f"prof-{family}-{executor}"), "--no-report",
+        ]  # fmt: skip
+        run = measure(cmd, args.rounds, tmp / "profile.log")
+        print(
+            f"{args.workload} {family} cProfile of fedloom simulate, executor={executor}: {run.per_round:.4f} s/round"
+        )
+        stats = pstats.Stats(str(prof), stream=sys.stdout)
+        stats.sort_stats("tottime").print_stats(args.profile)
+        stats.sort_stats("cumulative").print_stats(args.profile)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workload", choices=sorted(WORKLOADS), default="w1")
@@ -268,7 +313,7 @@ def main() -> None:
         "--families", default="", help="comma-separated; default sgd,momentum,adam,custom (w1), sgd (w2)"
     )
     ap.add_argument("--rounds", type=int, default=0, help="default: 10 (w1), 3 (w2)")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=5, help="0 with --profile: profile only")
     ap.add_argument("--num-clients", type=int, default=0, help="default: the workload's")
     ap.add_argument(
         "--procs", type=int, default=os.cpu_count() or 1, help="floor processes and fedloom workers"
@@ -278,6 +323,9 @@ def main() -> None:
     )
     ap.add_argument(
         "--tiny", action="store_true", help="smoke run: W1 with 100 clients, 3 rounds, 1 repeat, sgd"
+    )
+    ap.add_argument(
+        "--profile", type=int, default=0, help="after each family, print this many cProfile lines of fedloom"
     )
     args = ap.parse_args()
     wl = WORKLOADS[args.workload]
@@ -314,13 +362,20 @@ def main() -> None:
                 order = order[rep % 3 :] + order[: rep % 3]
                 line = []
                 for variant in order:
-                    run = measure(cmds[variant], args.rounds, tmp / f"{variant}.log")
+                    out = tmp / f"run-{family}-{rep}" / "metrics.jsonl" if variant == "fedloom" else None
+                    run = measure(cmds[variant], args.rounds, tmp / f"{variant}.log", out)
                     rec.add(variant, run)
                     line.append(
                         f"{variant} {run.per_round:.4f} s/round, start {run.startup:.2f} s, {run.peak_mb:.0f} MB"
                     )
                 print(f"  {family} repeat {rep + 1}: " + "; ".join(line), flush=True)
-            report(args.workload, rec, family, args)
+                trained = {v: runs[-1].examples for v, runs in rec.runs.items()}
+                if len({tuple(e) for e in trained.values()}) != 1:
+                    raise RuntimeError(f"the variants trained different examples per round: {trained}")
+            if rec.runs:
+                report(args.workload, rec, family, args)
+            if args.profile:
+                profile(toml, args, tmp, family)
 
 
 if __name__ == "__main__":

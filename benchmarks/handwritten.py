@@ -128,13 +128,12 @@ def lpt(cohort: np.ndarray, steps: np.ndarray, procs: int) -> list[list[int]]:
     return shares
 
 
-def run(args: Any, worker: int, shares: list[list[list[int]]], partial: list[list[torch.Tensor]] | None,
+def run(args: Any, worker: int, shares: list[list[list[int]]], partial: list[list[list[torch.Tensor]]] | None,
         barrier: Any) -> None:  # fmt: skip
     """Worker ``worker``'s rounds; with ``procs == 1`` the whole single-process loop."""
     plan = args.plan_data
     x_all, y_all = args.data
     offsets, order = plan["offsets"], torch.from_numpy(plan["indices"])
-    sizes = np.diff(offsets)
     torch.manual_seed(0)
     model = TwoNN() if args.model == "2nn" else CNN()
     params = list(model.parameters())
@@ -142,8 +141,11 @@ def run(args: Any, worker: int, shares: list[list[list[int]]], partial: list[lis
     gen = torch.Generator().manual_seed(1 + worker)
     for r, cohort in enumerate(plan["cohorts"][: args.rounds]):
         mine = shares[r][worker] if shares else cohort.tolist()
-        acc = partial[r % 2][worker] if partial is not None else [torch.zeros_like(g) for g in glob]
-        if partial is not None:
+        # The weighted sum of this process's deltas, then its example count.
+        if partial is None:
+            acc = [torch.zeros_like(g) for g in glob] + [torch.zeros((), dtype=torch.float64)]
+        else:
+            acc = partial[r % 2][worker]
             for a in acc:
                 a.zero_()
         for cid in mine:
@@ -155,20 +157,18 @@ def run(args: Any, worker: int, shares: list[list[list[int]]], partial: list[lis
             train_client(model, params, x, y, args, gen)
             with torch.no_grad():
                 torch._foreach_add_(
-                    acc, torch._foreach_sub([p.detach() for p in params], glob), alpha=len(rows)
+                    acc[:-1], torch._foreach_sub([p.detach() for p in params], glob), alpha=len(rows)
                 )
-        total = float(sizes[cohort].sum())
+                acc[-1] += len(rows)
         if partial is not None:
             barrier.wait()
-            sums = [
-                torch.stack([partial[r % 2][k][i] for k in range(args.procs)]).sum(0)
-                for i in range(len(glob))
-            ]
+            sums = [torch.stack([part[i] for part in partial[r % 2]]).sum(0) for i in range(len(acc))]
         else:
             sums = acc
-        torch._foreach_add_(glob, sums, alpha=1.0 / total)
+        total = float(sums[-1])
+        torch._foreach_add_(glob, sums[:-1], alpha=1.0 / total)
         if worker == 0:
-            print(f"round {r + 1}", flush=True)
+            print(f"round {r + 1} examples {int(total)}", flush=True)
 
 
 def main() -> None:
@@ -198,11 +198,13 @@ def main() -> None:
     steps = args.epochs * np.ceil(np.diff(plan["offsets"]) / args.batch).astype(np.int64)
     shares = [lpt(c, steps, args.procs) for c in plan["cohorts"][: args.rounds]]
     torch.manual_seed(0)
-    shapes = [p.shape for p in (TwoNN() if args.model == "2nn" else CNN()).parameters()]
+    model = TwoNN() if args.model == "2nn" else CNN()
+    shapes = [(p.shape, p.dtype) for p in model.parameters()] + [(torch.Size(()), torch.float64)]
     # Two sets of partial sums, used by alternate rounds, so one barrier per round suffices:
     # nobody rewrites round r's sums before everyone has passed round r+1's barrier.
     partial = [
-        [[torch.zeros(s).share_memory_() for s in shapes] for _ in range(args.procs)] for _ in range(2)
+        [[torch.zeros(s, dtype=d).share_memory_() for s, d in shapes] for _ in range(args.procs)]
+        for _ in range(2)
     ]
     ctx = mp.get_context("fork")
     barrier = ctx.Barrier(args.procs)
