@@ -87,8 +87,11 @@ def make_optimizer(kind: str, params: list[torch.Tensor], lr: float) -> torch.op
 def train_client(
     model: nn.Module, params: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor, args: Any,
     gen: torch.Generator,
-) -> None:  # fmt: skip
-    """E passes over (x, y) in reshuffled minibatches of B (the last may be smaller)."""
+) -> float | None:  # fmt: skip
+    """E passes over (x, y) in reshuffled minibatches of B (the last may be smaller).
+
+    The custom loop returns its mean loss, as the custom task's training function does.
+    """
     n, bs = len(y), args.batch
     opt = make_optimizer(args.opt, params, args.lr)
     if args.opt != "custom":
@@ -99,7 +102,7 @@ def train_client(
                 opt.zero_grad()
                 F.cross_entropy(model(x[j]), y[j]).backward()
                 opt.step()
-        return
+        return None
     steps = args.epochs * math.ceil(n / bs)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
     total = torch.zeros((), dtype=torch.float64)
@@ -114,7 +117,7 @@ def train_client(
             opt.step()
             sched.step()
             total += loss.detach()
-    float(total) / max(steps, 1)  # the loop reports its mean loss, as the custom task does
+    return float(total) / max(steps, 1)
 
 
 def lpt(cohort: np.ndarray, steps: np.ndarray, procs: int) -> list[list[int]]:
