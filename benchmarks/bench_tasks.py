@@ -106,11 +106,13 @@ class Records:
 def experiment_file(path: Path, wl: Workload, family: str, args: argparse.Namespace) -> Path:
     if family == "custom":
         task = 'task = "mnist_custom:make"\n[task_args]\n'
-        task += f'data_dir = "{args.data_dir}"\ntest_subset = {TEST_SUBSET}\n'
+        task += (
+            f'data_dir = "{args.data_dir}"\ntrain_subset = {args.train_subset}\ntest_subset = {TEST_SUBSET}\n'
+        )
     else:
         task = 'task = "task_zoo:mnist"\n[task_args]\n'
         task += f'model = "{wl.model}"\noptimizer = "{family}"\ndata_dir = "{args.data_dir}"\n'
-        task += f"test_subset = {TEST_SUBSET}\n"
+        task += f"train_subset = {args.train_subset}\ntest_subset = {TEST_SUBSET}\n"
     path.write_text(
         f'rounds = {args.rounds}\nseed = 0\nexecutor = "parallel"\nworkers = {args.procs}\n{task}'
         f'[data]\nnum_clients = {args.num_clients}\npartition = "{wl.partition}"\nalpha = {wl.alpha}\n'
@@ -316,6 +318,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5, help="0 with --profile: profile only")
     ap.add_argument("--num-clients", type=int, default=0, help="default: the workload's")
     ap.add_argument(
+        "--train-subset", type=int, default=0, help="partition only the first N training examples (0 = all)"
+    )
+    ap.add_argument(
         "--procs", type=int, default=os.cpu_count() or 1, help="floor processes and fedloom workers"
     )
     ap.add_argument(
@@ -350,7 +355,7 @@ def main() -> None:
         source = write_plan(experiment_file(tmp / "plan.toml", wl, "sgd", args), plan, args.rounds)
         print(
             f"{args.workload}: {args.num_clients} clients, {wl.fraction:g} per round, {wl.model}, E=1, "
-            f"B={wl.batch}, {args.rounds} rounds, {args.repeats} repeats, {args.procs} procs; data {source}",
+            f"B={wl.batch}, {args.rounds} rounds, training examples {args.train_subset or 'all'}, {args.repeats} repeats, {args.procs} procs; data {source}",
             flush=True,
         )
         for family in families:

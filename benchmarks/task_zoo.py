@@ -21,17 +21,22 @@ OPTIMIZERS = {
 
 
 def mnist(
-    model: str = "2nn", optimizer: str = "sgd", data_dir: str = "", test_subset: int = 0
+    model: str = "2nn",
+    optimizer: str = "sgd",
+    data_dir: str = "",
+    train_subset: int = 0,
+    test_subset: int = 0,
 ) -> fedloom.Task:
     """MNIST with the 2NN or the CNN and a declarative optimiser (``sgd``, ``momentum`` or ``adam``).
 
-    ``test_subset`` keeps the first examples of the test set (0 = all).
+    ``train_subset``/``test_subset`` keep the first examples (0 = all).
     """
 
     def data() -> fedloom.CentralData:
         m = load_mnist(Path(data_dir) if data_dir else None)
+        train = m.train if train_subset <= 0 else m.train.subset(torch.arange(train_subset).numpy())
         test = m.test if test_subset <= 0 else m.test.subset(torch.arange(test_subset).numpy())
-        return fedloom.CentralData(train=m.train, test=test, source=m.source)
+        return fedloom.CentralData(train=train, test=test, source=m.source)
 
     return fedloom.Task(
         model=MLP2NN if model == "2nn" else CNN,
