@@ -245,6 +245,10 @@ def median_ratio(a: list[Run], b: list[Run], key: str) -> tuple[float, list[floa
     return statistics.median(ratios), ratios
 
 
+def verdict(ok: bool) -> str:
+    return "met" if ok else "MISSED"
+
+
 def report(name: str, rec: Records, family: str, args: argparse.Namespace) -> None:
     fed, bare, floor = rec.runs["fedloom"], rec.runs["bare"], rec.runs["floor"]
     target = 1.03 if family == "sgd" else 1.10
@@ -260,7 +264,7 @@ def report(name: str, rec: Records, family: str, args: argparse.Namespace) -> No
         f"thread) {med['floor']:.4f}, single-process loop {med['bare']:.4f}"
     )
     print(
-        f"{name} {family} fedloom / floor: {r_floor:.3f} (target <= {target}) "
+        f"{name} {family} fedloom / floor: {r_floor:.3f} (target <= {target}: {verdict(r_floor <= target)}) "
         f"[{', '.join(f'{x:.3f}' for x in all_floor)}]"
     )
     print(
@@ -272,13 +276,13 @@ def report(name: str, rec: Records, family: str, args: argparse.Namespace) -> No
         f"{name} {family} start-up (spawn to end of round 1, median): fedloom {statistics.median(r.startup for r in fed):.2f} s, "
         f"single-process loop {statistics.median(r.startup for r in bare):.2f} s, floor "
         f"{statistics.median(r.startup for r in floor):.2f} s; fedloom minus loop {statistics.median(diffs):+.2f} s "
-        f"(target <= +1 s) [{', '.join(f'{d:+.2f}' for d in diffs)}]"
+        f"(target <= +1 s: {verdict(statistics.median(diffs) <= 1.0)}) [{', '.join(f'{d:+.2f}' for d in diffs)}]"
     )
     p_bare, all_p = median_ratio(fed, bare, "peak_mb")
     print(
         f"{name} {family} peak PSS (median): fedloom {statistics.median(r.peak_mb for r in fed):.0f} MB, "
         f"single-process loop {statistics.median(r.peak_mb for r in bare):.0f} MB, floor "
-        f"{statistics.median(r.peak_mb for r in floor):.0f} MB; fedloom / loop {p_bare:.3f} (target <= 1.2) "
+        f"{statistics.median(r.peak_mb for r in floor):.0f} MB; fedloom / loop {p_bare:.3f} (target <= 1.2: {verdict(p_bare <= 1.2)}) "
         f"[{', '.join(f'{x:.3f}' for x in all_p)}]",
         flush=True,
     )
