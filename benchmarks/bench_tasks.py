@@ -358,7 +358,7 @@ def main() -> None:
         plan = tmp / "plan.npz"
         source = write_plan(experiment_file(tmp / "plan.toml", wl, "sgd", args), plan, args.rounds)
         print(
-            f"{args.workload}: {args.num_clients} clients, {wl.fraction:g} per round, {wl.model}, E=1, "
+            f"{args.workload}: {args.num_clients} clients, fraction {wl.fraction:g} per round, {wl.model}, E=1, "
             f"B={wl.batch}, {args.rounds} rounds, training examples {args.train_subset or 'all'}, {args.repeats} repeats, {args.procs} procs; data {source}",
             flush=True,
         )
