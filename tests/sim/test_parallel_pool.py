@@ -147,3 +147,30 @@ def test_auto_falls_back_to_sequential_without_fork() -> None:
     choice = choose_executor("auto", 0, 100, cores=4, cuda=False, fork=False)
     assert choice.kind == "sequential"
     assert "fork" in choice.reason
+
+
+def test_the_task_optimisers_machinery_is_imported_once_before_the_fork() -> None:
+    """A first ``torch.optim`` step imports ~800 modules (~80 MB); the pool takes one in the parent
+    before forking, so the workers share those pages instead of each importing them."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "from torch import nn\n"
+        "from fedloom import ArrayDataset, ClientData, LocalOptimizer, Task\n"
+        "from fedloom.sim.parallel import ParallelExecutor\n"
+        "from fedloom.tasks import PartitionSpec, materialise\n"
+        "from fedloom.transforms.pipeline import Pipeline\n"
+        "data = ClientData(train=[ArrayDataset(torch.zeros(4, 3), torch.tensor([0, 1, 0, 1]))])\n"
+        "task = Task(model=lambda: nn.Linear(3, 2), data=data, optimizer=LocalOptimizer(torch.optim.Adam))\n"
+        "m = materialise(task, seed=0, split=PartitionSpec())\n"
+        "before = 'torch._dynamo' in sys.modules\n"
+        "with ParallelExecutor(m.workspace, m.train, Pipeline(()), workers=1) as ex:\n"
+        "    ex.start(1)\n"
+        "    print(before, 'torch._dynamo' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert out.stdout.split() == ["False", "True"]
