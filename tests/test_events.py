@@ -1,0 +1,91 @@
+"""The event stream's JSON form: every event type round-trips, and bad lines are refused by name."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fedloom.core.errors import FedloomError
+from fedloom.engine import (
+    Aggregated,
+    BytesMoved,
+    ClientAccepted,
+    ClientDropped,
+    ClientRejected,
+    ClientsSelected,
+    EpsilonSpent,
+    Evaluated,
+    EventBus,
+    EventLog,
+    RoundCommitted,
+    RoundOpened,
+    RunStarted,
+    RunStopped,
+    read_events,
+    without_timing,
+)
+
+EVENTS = [
+    RunStarted(round=1, rounds=3, runtime="simulation", info={"data": "mnist"}),
+    RoundOpened(round=1),
+    ClientsSelected(round=1, clients=("a", "b")),
+    ClientAccepted(round=1, client="a", examples=10, bytes=400),
+    ClientRejected(round=1, client="b", reason="non-finite update"),
+    ClientDropped(round=1, client="c", reason="deadline"),
+    Aggregated(round=1, clients=1, examples=10),
+    Evaluated(round=1, scope="site", site="a", metrics={"accuracy": 0.5}, examples=4),
+    EpsilonSpent(round=1, epsilon=0.25, delta=1e-5, budget=2.0),
+    BytesMoved(round=1, down=800, up=400),
+    RoundCommitted(round=1, metrics={"round": 1, "seconds": 0.1, "train_loss": 0.7}),
+    RunStopped(round=1, reason="round budget reached"),
+]
+
+
+def test_every_event_round_trips_through_the_log(tmp_path: Path) -> None:
+    bus = EventBus()
+    log = EventLog(tmp_path / "events.jsonl")
+    seen: list[object] = []
+    bus.subscribe(log)
+    bus.subscribe(seen.append)
+    for e in EVENTS:
+        bus.emit(e)
+    log.close()
+    back = list(read_events(tmp_path / "events.jsonl"))
+    assert back == EVENTS == seen
+    assert [e.time for e in back] == [e.time for e in EVENTS]
+    assert without_timing(EVENTS[-2]) == {
+        "type": "round_committed",
+        "round": 1,
+        "metrics": {"round": 1, "train_loss": 0.7},
+    }
+
+
+def test_a_torn_last_line_is_skipped_and_a_bad_line_is_named(tmp_path: Path) -> None:
+    p = tmp_path / "events.jsonl"
+    p.write_text(json.dumps({"type": "round_opened", "round": 2, "time": 1.0}) + '\n{"type": "rou')
+    assert [e.round for e in read_events(p)] == [2]
+    p.write_text('{"type": "teleported", "round": 1}\n')
+    with pytest.raises(FedloomError, match="unknown event type 'teleported'"):
+        list(read_events(p))
+    p.write_text('{"type": "round_opened", "round": 1, "colour": "red"}\n')
+    with pytest.raises(FedloomError, match="unknown fields: colour"):
+        list(read_events(p))
+
+
+def test_a_failing_observer_is_dropped_when_asked_and_raises_otherwise() -> None:
+    errors: list[str] = []
+
+    def broken(_: object) -> None:
+        raise RuntimeError("dashboard gone")
+
+    bus = EventBus(on_error=lambda obs, exc: errors.append(str(exc)))
+    bus.subscribe(broken)
+    bus.emit(RoundOpened(round=1))
+    bus.emit(RoundOpened(round=2))
+    assert errors == ["dashboard gone"]
+    strict = EventBus()
+    strict.subscribe(broken)
+    with pytest.raises(RuntimeError):
+        strict.emit(RoundOpened(round=1))
