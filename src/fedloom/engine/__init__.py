@@ -19,6 +19,7 @@ from fedloom.engine.events import (
     RunStopped,
     event_from_json,
     event_to_json,
+    jsonable,
     read_events,
     without_timing,
 )
@@ -42,6 +43,7 @@ __all__ = [
     "RunStopped",
     "event_from_json",
     "event_to_json",
+    "jsonable",
     "read_events",
     "without_timing",
 ]

@@ -44,6 +44,7 @@ __all__ = [
     "RunStopped",
     "event_from_json",
     "event_to_json",
+    "jsonable",
     "read_events",
     "without_timing",
 ]
@@ -131,7 +132,7 @@ class Evaluated(Event):
 
     kind: ClassVar[str] = "evaluated"
     scope: str
-    metrics: Mapping[str, float]
+    metrics: Mapping[str, float | None]  # None: undefined (e.g. AUC on one class)
     site: str | None = None
     examples: int = 0
 
@@ -157,7 +158,7 @@ class BytesMoved(Event):
 
 @dataclass(frozen=True, kw_only=True)
 class RoundCommitted(Event):
-    """The round's state is durable; ``metrics`` is the round's metrics.jsonl row."""
+    """The round's state is durable; ``metrics`` is the round's metrics.jsonl row (non-finite as None)."""
 
     kind: ClassVar[str] = "round_committed"
     metrics: Mapping[str, Any]
@@ -195,7 +196,7 @@ def event_to_json(event: Event) -> dict[str, Any]:
     """The event as a JSON-ready dict with its ``type``; non-finite floats become ``None``."""
     out: dict[str, Any] = {"type": event.kind}
     for k, v in asdict(event).items():
-        out[k] = _jsonable(v)
+        out[k] = jsonable(v)
     return out
 
 
@@ -293,11 +294,12 @@ def read_events(path: Path) -> Iterator[Event]:
         yield event_from_json(obj)
 
 
-def _jsonable(v: Any) -> Any:
+def jsonable(v: Any) -> Any:
+    """``v`` with every non-finite float replaced by ``None`` (JSON has no NaN), tuples as lists."""
     if isinstance(v, float):
         return v if math.isfinite(v) else None
     if isinstance(v, Mapping):
-        return {str(k): _jsonable(x) for k, x in v.items()}
+        return {str(k): jsonable(x) for k, x in v.items()}
     if isinstance(v, list | tuple):
-        return [_jsonable(x) for x in v]
+        return [jsonable(x) for x in v]
     return v

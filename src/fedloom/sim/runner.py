@@ -28,6 +28,23 @@ from fedloom.core.errors import FedloomError, RunStateError, TrainingError
 from fedloom.core.params import Params
 from fedloom.core.rng import numpy_rng
 from fedloom.core.serde import params_to_bytes
+from fedloom.engine.events import (
+    EVENTS,
+    Aggregated,
+    ClientAccepted,
+    ClientRejected,
+    ClientsSelected,
+    EpsilonSpent,
+    Evaluated,
+    EventBus,
+    EventLog,
+    Observer,
+    RoundCommitted,
+    RoundOpened,
+    RunStarted,
+    RunStopped,
+    jsonable,
+)
 from fedloom.metrics import distribution, weighted_mean
 from fedloom.results.store import RunStore, orphan_artefacts
 from fedloom.sim.auto import make_executor
@@ -74,18 +91,21 @@ def run_simulation(
     components: Components | None = None,
     executor: Executor | None = None,
     search: Sequence[Path] = (),
+    observers: Sequence[Observer] = (),
 ) -> RunResult:
     """Run (or resume) the experiment ``cfg`` in ``run_dir``; see the module docstring.
 
     ``components`` replaces what ``cfg`` describes (e.g. a :class:`~fedloom.tasks.Task` given in
     Python, through :func:`~fedloom.sim.build.build_components`); ``search`` lists directories
-    to import ``cfg.task``'s module from.
+    to import ``cfg.task``'s module from. Every event of the run (see
+    :mod:`fedloom.engine.events`) is appended to ``events.jsonl`` in ``run_dir`` and
+    handed to each of ``observers``.
     """
     comps = components if components is not None else build_components(cfg, search=search)
     owned = executor is None  # an executor we build here we also shut down
     execu = executor if executor is not None else make_executor(cfg, comps)
     try:
-        return _run(cfg, run_dir, resume, listener, comps, execu)
+        return _run(cfg, run_dir, resume, listener, comps, execu, observers)
     finally:
         if owned:
             close_executor(execu)
@@ -98,6 +118,7 @@ def _run(
     listener: RoundListener | None,
     comps: Components,
     execu: Executor,
+    observers: Sequence[Observer] = (),
 ) -> RunResult:
     run_dir.mkdir(parents=True, exist_ok=True)
     db_path = run_dir / STATE_DB
@@ -141,6 +162,20 @@ def _run(
             client_states, history = {}, []
         _rewrite_metrics(run_dir / METRICS, [m for m in history if m.get("round", 0) > 0])
         store.set_meta("status", "running")
+        log = EventLog(run_dir / EVENTS)
+        bus = EventBus()
+        bus.subscribe(log)
+        for obs in observers:
+            bus.subscribe(obs)
+        bus.emit(
+            RunStarted(
+                round=state.round + 1,
+                rounds=cfg.rounds,
+                runtime="simulation",
+                resumed=resume,
+                info={"data": comps.data_source},
+            )
+        )
         if listener is not None:
             listener.on_start(
                 state.round + 1, cfg.rounds, {"data": comps.data_source, "run_dir": str(run_dir)}
@@ -148,12 +183,16 @@ def _run(
         last: Mapping[str, Any] = history[-1] if history and history[-1].get("round", 0) > 0 else {}
         try:
             state, last, reason = _loop(
-                cfg, comps, execu, store, state, client_states, last, run_dir, listener
+                cfg, comps, execu, store, state, client_states, last, run_dir, listener, bus
             )
         except FedloomError as exc:
             store.set_meta("status", "failed")
             store.set_meta("error", str(exc))
+            bus.emit(RunStopped(round=state.round, reason=str(exc), failed=True))
+            log.close()
             raise
+        bus.emit(RunStopped(round=state.round, reason=reason))
+        log.close()
         _write_atomically(run_dir / MODEL, params_to_bytes(state.params))
         store.set_meta("status", "completed")
         store.set_meta("stop_reason", reason)
@@ -178,9 +217,15 @@ def _loop(
     last: Mapping[str, Any],
     run_dir: Path,
     listener: RoundListener | None,
+    bus: EventBus,
 ) -> tuple[ServerState, Mapping[str, Any], str]:
     algorithm, pipeline = comps.algorithm, comps.pipeline
     population = comps.train.num_clients
+    names = comps.client_names
+
+    def name(cid: int) -> str:
+        return names[cid] if names is not None and cid < len(names) else str(cid)
+
     s = cfg.sampling
     secure = _secure_sum(cfg, comps)
     # An executor that can reduce the round's weighted mean on its workers (Ray) does so when
@@ -202,11 +247,14 @@ def _loop(
             )
             if comps.privacy is not None and comps.privacy.would_exceed(r):
                 return state, last, "privacy budget reached"
+            bus.emit(RoundOpened(round=r))
+            bus.emit(ClientsSelected(round=r, clients=tuple(name(int(c)) for c in cohort)))
             if len(cohort) == 0:  # only under Poisson sampling
                 state, last = _empty_round(cfg, comps, state, ctx, t0)
                 store.commit_round(state, last, {}, keep=cfg.checkpoint.keep)
                 metrics_file.write(json.dumps(last) + "\n")
                 metrics_file.flush()
+                _emit_round_end(bus, cfg, comps, r, last)
                 if listener is not None:
                     listener.on_round(last)
                 continue
@@ -229,7 +277,10 @@ def _loop(
                     )
             done = finish_round(algorithm, pipeline, state, outcomes, ctx, secure=secure, precomputed=reduced)
             updates, failures = done.updates, done.failures
+            for u in updates:
+                bus.emit(ClientAccepted(round=r, client=name(u.client_id), examples=u.num_examples))
             for f in failures:
+                bus.emit(ClientRejected(round=r, client=name(f.client_id), reason=f.reason))
                 if listener is not None:
                     listener.on_failure(f, r)
             if not updates:
@@ -252,12 +303,55 @@ def _loop(
             store.commit_round(state, metrics, changed, keep=cfg.checkpoint.keep)
             metrics_file.write(json.dumps(metrics) + "\n")
             metrics_file.flush()
+            bus.emit(Aggregated(round=r, clients=len(updates), examples=metrics["num_examples"]))
+            _emit_round_end(bus, cfg, comps, r, metrics)
             last = metrics
             if listener is not None:
                 listener.on_round(metrics)
             if _reached(cfg, metrics):
                 return state, last, "target accuracy reached"
     return state, last, "round budget reached"
+
+
+def _emit_round_end(
+    bus: EventBus, cfg: ExperimentConfig, comps: Components, r: int, metrics: Mapping[str, Any]
+) -> None:
+    """The events read off a committed round's metrics row: evaluations, epsilon, the commit."""
+    for scope, prefix in (("central", "test_"), ("sites", "site_"), ("federated", "fed_")):
+        values = {
+            k[len(prefix) :]: jsonable(float(v))
+            for k, v in metrics.items()
+            if k.startswith(prefix) and isinstance(v, int | float)
+        }
+        if values:
+            bus.emit(Evaluated(round=r, scope=scope, metrics=values))
+    sites = metrics.get("sites")
+    if isinstance(sites, Mapping):
+        for site, values in sites.items():
+            if isinstance(values, Mapping):
+                bus.emit(
+                    Evaluated(
+                        round=r,
+                        scope="site",
+                        site=str(site),
+                        metrics={
+                            k: jsonable(float(v))
+                            for k, v in values.items()
+                            if isinstance(v, int | float) and k != "num_examples"
+                        },
+                        examples=int(values.get("num_examples", 0)),
+                    )
+                )
+    if comps.privacy is not None and "epsilon" in metrics:
+        bus.emit(
+            EpsilonSpent(
+                round=r,
+                epsilon=float(metrics["epsilon"]),
+                delta=cfg.privacy.delta,
+                budget=cfg.privacy.budget_epsilon or cfg.privacy.target_epsilon,
+            )
+        )
+    bus.emit(RoundCommitted(round=r, metrics=jsonable(metrics)))
 
 
 def _empty_round(
