@@ -89,11 +89,26 @@ def test_secure_aggregation_matches_plain_aggregation(tmp_path: Path) -> None:
     assert not plain.state.params.equal(secure.state.params)  # it really went through fixed point
 
 
+@pytest.mark.parametrize("mode", ["client_clip", "local"])
+def test_secure_aggregation_under_client_side_dp_matches_the_plain_dp_run(tmp_path: Path, mode: str) -> None:
+    # The clients clip to privacy.clip_norm, which bounds the fixed-point range; the DP noise is
+    # seeded, so the secure run must reach the plain run's model up to the fixed-point rounding.
+    common = (f"privacy.mode={mode}", "privacy.clip_norm=0.5", "privacy.noise_multiplier=0.3", "rounds=2")
+    assert _cfg(*common, "secagg.enabled=true").update_norm_bound() == 0.5
+    plain = run_simulation(_cfg(*common), tmp_path / "plain")
+    secure = run_simulation(_cfg(*common, "secagg.enabled=true"), tmp_path / "secure")
+    assert plain.state.params.allclose(secure.state.params, rtol=0, atol=1e-4)
+    assert not plain.state.params.equal(secure.state.params)  # it really went through fixed point
+    assert _metrics(tmp_path / "secure")[-1]["epsilon"] == _metrics(tmp_path / "plain")[-1]["epsilon"]
+
+
 def test_incompatible_combinations_are_rejected() -> None:
     with pytest.raises(ConfigError, match=r"robust\.aggregator = 'mean'"):
         _cfg("privacy.mode=central", "robust.aggregator=median")
-    with pytest.raises(ConfigError, match=r"secagg\.enabled needs transforms\.clip_norm"):
+    with pytest.raises(ConfigError, match=r"secagg\.enabled needs bounded updates"):
         _cfg("secagg.enabled=true")
+    with pytest.raises(ConfigError, match=r"secagg\.enabled needs bounded updates"):
+        _cfg("secagg.enabled=true", "privacy.mode=central")
     with pytest.raises(ConfigError, match=r"attack\.fraction > 0"):
         _cfg("attack.kind=sign_flip")
     with pytest.raises(ConfigError, match="aggregator 'krum': bad options"):

@@ -441,6 +441,19 @@ class ExperimentConfig(_Section):
     attack: AttackConfig = Field(default_factory=AttackConfig)
     secagg: SecAggConfig = Field(default_factory=SecAggConfig)
 
+    def update_norm_bound(self) -> float:
+        """The L2 norm every client's delta is clipped to before it leaves the client (0 = unbounded).
+
+        ``transforms.clip_norm`` when set, else ``privacy.clip_norm`` under the DP modes
+        whose clients clip their own update ('client_clip', 'local'). Secure
+        aggregation sizes its fixed-point range from it.
+        """
+        if self.transforms.clip_norm > 0:
+            return self.transforms.clip_norm
+        if self.privacy.mode in ("client_clip", "local"):
+            return self.privacy.clip_norm
+        return 0.0
+
     @model_validator(mode="after")
     def _cross_checks(self) -> ExperimentConfig:
         problems: list[str] = []
@@ -496,9 +509,11 @@ class ExperimentConfig(_Section):
                 "'poisson' (a floor on the cohort would change the sampling the accountant assumes); leave it at 1"
             )
         if self.secagg.enabled:
-            if self.transforms.clip_norm <= 0:
+            if self.update_norm_bound() <= 0:
                 problems.append(
-                    "secagg.enabled needs transforms.clip_norm > 0: fixed-point encoding needs bounded updates"
+                    "secagg.enabled needs bounded updates for its fixed-point encoding: set "
+                    "transforms.clip_norm > 0, or privacy.mode = 'client_clip' or 'local' (clients clip "
+                    "to privacy.clip_norm)"
                 )
             if self.robust.aggregator != "mean" or self.algorithm.name not in ("fedavg", "fedprox"):
                 problems.append(

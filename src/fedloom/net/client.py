@@ -205,12 +205,25 @@ def staged_round(directory: Path | None) -> int:
 
 
 def algorithm_work(
-    algorithm: Algorithm, pipeline: Pipeline, workspace: Workspace, data: ArrayDataset
+    algorithm: Algorithm,
+    pipeline: Pipeline,
+    workspace: Workspace,
+    data: ArrayDataset,
+    *,
+    secure: bool = False,
 ) -> Work:
-    """The simulation's local work (sim.executor.run_client), as a :data:`Work`."""
+    """The simulation's local work (sim.executor.run_client), as a :data:`Work`.
+
+    With ``secure`` (secure aggregation), the update also goes through the
+    pipeline's per-update server step (``decode``) here: the server only ever sees
+    the masked sum, so the client applies what the simulation applies to each
+    update before its secure sum (the DP stages' uniform weights, a clip stage's
+    bound check).
+    """
 
     def work(b: Broadcast, cs: ClientState | None, cctx: ClientContext, sctx: ServerContext) -> ClientUpdate:
-        return pipeline.client(client_update_with_state(algorithm, workspace, b, cs, data, cctx), sctx)
+        update = pipeline.client(client_update_with_state(algorithm, workspace, b, cs, data, cctx), sctx)
+        return pipeline.decode(update, sctx) if secure else update
 
     return work
 
@@ -260,7 +273,9 @@ class NetClient:
                 cfg, population=len(cfg.deploy.clients) or None, secure_noise=True, deployed=True
             )
             pipeline = build_pipeline(cfg, privacy)
-            self._work = algorithm_work(build_algorithm(cfg), pipeline, workspace, data)
+            self._work = algorithm_work(
+                build_algorithm(cfg), pipeline, workspace, data, secure=cfg.secagg.enabled
+            )
             self.log("data_loaded", examples=len(data), task=task.name)
         if self.o.state_dir is not None:
             self._states = ClientStateStore(self.o.state_dir, reply.run_id)

@@ -1022,7 +1022,7 @@ def _secure_relay(
         threshold=sa.threshold,
         bits=sa.bits,
         length=broadcast.params.num_elements() + 1,
-        clip=max(1.0, cfg.transforms.clip_norm),
+        clip=max(1.0, cfg.update_norm_bound()),
         max_weight=sa.max_weight,
     )
     return SecureRelay(

@@ -384,7 +384,7 @@ def _secure_sum(cfg: ExperimentConfig, comps: Components) -> SecureSum | None:
     if not sa.enabled:
         return None
     return SecureSum(
-        clip=max(1.0, cfg.transforms.clip_norm),
+        clip=max(1.0, cfg.update_norm_bound()),
         max_weight=float(comps.train.client_sizes().max()),
         graph=sa.graph,
         degree=sa.degree,
