@@ -1,4 +1,4 @@
-"""fedloom's executors against a minimal hand-written single-process PyTorch FedAvg loop (issue 4).
+"""fedloom's executors against a minimal hand-written single-process PyTorch FedAvg loop.
 
 Workloads:
   W1  1000 Dirichlet(0.3) MNIST clients, 100 per round, 2NN, E=1, B=20, 10 rounds

@@ -10,11 +10,9 @@ Measures, for the McMahan 2NN (784-200-200-10, 199,210 float32 parameters = 796,
   checkpoint) and the clients' own (de)serialisation. The clients run as threads in
   ``--procs`` processes (by default one per CPU core) so that one generator's GIL does not
   dominate; on a small machine they still share the CPUs with the server, and more
-  processes than cores cost more than they spread (2026-12-02, 2 cores, against the
-  event-loop server: 4 processes 58.0, 55.7, 51.7 ms, alternating with 2 processes 45.8,
-  45.9, 46.5 ms; 1 process 55.1 and 54.1 ms). (Until 2026-12-05 the round wall time ended
-  at the checkpoint's commit, which did not count the gap before the next round; the server now
-  commits a round in the background while the next one runs, so open to open is the measure.)
+  processes than cores cost more than they spread (on 2 cores: about 46 ms with 2
+  processes, 52-58 ms with 4, 54-55 ms with 1). The server commits a round's checkpoint in
+  the background while the next round runs, so a round is measured from opening to opening.
   Also reported: the server's per-phase timings
   from its ``round_committed`` log line (see :mod:`fedloom.net.timing`), and the CPU time the
   host stole from this VM during each run (``/proc/stat``): on a shared host that, not the
@@ -31,7 +29,7 @@ broadcast-sized blob (as fedloom's GetTask does), one unary upload of an update-
 time is what gRPC's Python runtime costs on this machine for the traffic alone; the
 ratio ``overhead / floor`` is what fedloom adds on top.
 
-Targets (issue 6): overhead < 50 ms/round at 20 clients; wire bytes <= 1.05x raw each way.
+Targets: overhead < 50 ms/round at 20 clients; wire bytes <= 1.05x raw each way.
 
 Run::
 

@@ -1,4 +1,4 @@
-"""Populations of 10^3, 10^5 and 10^6 registered clients, 1000 sampled per round (issue 4).
+"""Populations of 10^3, 10^5 and 10^6 registered clients, 1000 sampled per round.
 
 Each population is a :class:`~fedloom.sim.population.LazyPopulation` (per-client data
 generated on demand from the seed); the model is logistic regression on 60 features.

@@ -1,6 +1,6 @@
 """fedloom's sequential simulation loop against a minimal hand-written PyTorch FedAvg loop.
 
-Workload (issue 3): 1000 Dirichlet(0.3) MNIST clients, 100 per round, 2NN, E=1, B=20.
+Workload: 1000 Dirichlet(0.3) MNIST clients, 100 per round, 2NN, E=1, B=20.
 Both loops train the same cohorts on the same data; runs alternate in one process
 (fedloom, bare, fedloom, bare, ...) so drift in machine speed hits both alike.
 fedloom's time per round is measured between successive round callbacks, so it

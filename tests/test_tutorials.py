@@ -55,7 +55,9 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def run_tutorial(name: str, workdir: Path, timeout: float) -> subprocess.CompletedProcess[str]:
+def run_tutorial(
+    name: str, workdir: Path, timeout: float, extra_env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     tutorial = parse(name)
     for filename, text in tutorial.files.items():
         (workdir / filename).write_text(text, encoding="utf-8")
@@ -67,6 +69,7 @@ def run_tutorial(name: str, workdir: Path, timeout: float) -> subprocess.Complet
         (bin_dir / command).chmod(0o755)
     env = cli_env()
     env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
+    env.update(extra_env or {})
     script = tutorial.script.replace("8470", str(_free_port()))
     proc = subprocess.Popen(
         ["bash", "-euo", "pipefail", "-c", script],
@@ -160,3 +163,35 @@ def test_four_hospitals_tutorial(tmp_path: Path) -> None:
     # 4 hospitals x 10 rounds accepted, counted by the tutorial's grep.
     assert "\n40\n" in f"\n{result.stdout}"
     assert (tmp_path / "certs" / "clients" / "va" / "key.pem").is_file()
+
+
+@pytest.mark.slow
+def test_dp_secagg_tutorial(tmp_path: Path, mnist_dir: str) -> None:
+    pytest.importorskip("grpc")
+    pytest.importorskip("dp_accounting")
+    from fedloom.privacy import FixedSizeSampling, calibrate_noise_multiplier, epsilon
+
+    # Where the suite finds MNIST is where the reader's fedloom finds it (here: $FEDLOOM_DATA).
+    result = run_tutorial(
+        "dp-secagg.md", tmp_path, timeout=500, extra_env={"FEDLOOM_DATA": mnist_dir} if mnist_dir else None
+    )
+    rows = _metrics(tmp_path / "runs" / "dp-secagg" / "metrics.jsonl")
+    assert [r["round"] for r in rows] == list(range(1, 11))
+    assert all(r["num_clients"] == 100 and r["secagg_bytes_up"] > 0 for r in rows)
+    # The accountant, asked here: sigma calibrated for 10 rounds of 100 out of 1000 at delta 1e-5.
+    sampling = FixedSizeSampling(cohort=100, population=1000)
+    sigma = calibrate_noise_multiplier(4.0, 1e-5, 10, sampling)
+    for r in rows:
+        assert r["epsilon"] == pytest.approx(epsilon(sigma, sampling, int(r["round"]), 1e-5), rel=1e-9)
+    assert float(rows[-1]["epsilon"]) <= 4.0
+    assert [r["round"] for r in rows if "test_accuracy" in r] == [5, 10]
+
+    deployed = _metrics(tmp_path / "runs" / "heart-dp" / "metrics.jsonl")
+    assert [r["round"] for r in deployed] == list(range(1, 11))
+    assert all(r["num_clients"] == 4 and "secagg_error_bound" in r for r in deployed)
+    # Four of four hospitals every round: no amplification, sigma = 1 composed over 10 rounds.
+    full = FixedSizeSampling(cohort=4, population=4)
+    assert deployed[-1]["epsilon"] == pytest.approx(epsilon(1.0, full, 10, 1e-5), rel=1e-9)
+    server_events = [json.loads(line)["event"] for line in (tmp_path / "server.log").read_text().splitlines()]
+    assert "update_accepted" not in server_events  # no plaintext update reached the server
+    assert "\n10\n" in f"\n{result.stdout}"  # the tutorial's grep: va finished 10 secure rounds

@@ -198,7 +198,7 @@ def _schema_rows() -> list[tuple[str, str, str, str]]:
 
 
 def config_reference_markdown() -> str:
-    """The configuration reference as a markdown table (embedded in the README)."""
+    """The configuration reference as a markdown table (embedded in docs/configuration.md)."""
     lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
     for key, typ, default, desc in _schema_rows():
         lines.append(

@@ -311,7 +311,7 @@ class DeployConfig(_Section):
 
 
 class PrivacyConfig(_Section):
-    """Differential privacy of the released models (client-level; see the README)."""
+    """Differential privacy of the released models (client-level; see docs/privacy.md)."""
 
     mode: Literal["off", "central", "client_clip", "local", "adaptive"] = Field(
         "off",

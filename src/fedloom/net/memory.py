@@ -14,9 +14,9 @@ process's resident size stays near its peak working set. Buffers of more than 32
 (glibc's ceiling for the mmap threshold) are still mapped and unmapped each time, so
 large models keep glibc's default behaviour and only mid-sized buffers are reused.
 
-Measured with ``benchmarks/bench_net.py`` (20 clients, 2 cores; see the README):
-the bare-gRPC floor went from 40-45 ms to 30-33 ms per round, fedloom's overhead
-from 114-125 ms to 92-99 ms.
+With 20 clients on 2 cores (``benchmarks/bench_net.py``), keeping freed buffers
+takes about a quarter off a round of the bare-gRPC floor and a fifth off fedloom's
+overhead.
 """
 
 from __future__ import annotations

@@ -445,11 +445,10 @@ class _Service:
 class _AsyncServer:
     """The gRPC server on ``grpc.aio``: one event loop, on a thread of its own, serves every call.
 
-    The round loop keeps the main thread. Measured against one handler thread per call
-    (``benchmarks/bench_net.py``, 20 clients on 2 cores, five alternating pairs of 40-round
-    runs, 2026-12-02): server CPU per round 40.0 against 47.6 ms, overhead 52.0 against 54.8 ms,
-    lower in every pair. ``perf`` had put about a third of the threaded server's CPU in the
-    kernel's context switches, half of them threads waiting to take the GIL back.
+    The round loop keeps the main thread. With one handler thread per call instead, about a
+    third of the server's CPU goes to the kernel's context switches, half of them threads
+    waiting to take the GIL back; the event loop uses about 15% less server CPU per round
+    (``benchmarks/bench_net.py``, 20 clients on 2 cores).
     """
 
     def __init__(self, service: _Service, cfg: ExperimentConfig, options: ServerOptions) -> None:

@@ -30,12 +30,12 @@ loss can lose the last few commits and files; a row whose file is then missing
 or does not match its checksum is dropped at resume (logged by the caller), and
 the client, still selected and without an accepted update, is asked again.
 RunStore's checkpoints keep ``synchronous=FULL``. Keeping 16 MB of blobs per
-round out of SQLite matters for speed: in the database every blob was written
+round out of SQLite matters for speed: in the database every blob would be written
 twice (WAL, then checkpointed into the main file, with fsyncs at each WAL
-checkpoint) and deleting it walked its overflow-page chain. Reusing slot files
+checkpoint) and deleting it would walk its overflow-page chain. Reusing slot files
 matters too: overwriting a cached file of the same size is a memory copy (about
 0.02 ms for the 2NN's 0.8 MB), where creating, filling and later unlinking a new
-file cost about 1 ms per update on ext4. A reused slot keeps a shared memory mapping,
+file costs about 1 ms per update on ext4. A reused slot keeps a shared memory mapping,
 so overwriting it is a store into the page cache with no system call, and the coordinator decodes
 the update from that mapping (:meth:`NetState.view`): its tensors are views of the page cache, valid
 until the slot is freed and reused (after the round's checkpoint). A slot is in exactly one of three
@@ -207,8 +207,8 @@ class NetState:
 
         A store into a ``MAP_SHARED`` mapping lands in the same page cache as ``pwrite`` (so it
         survives the process being killed, as the module Notes require) without the file-write
-        path per call: in ``bench_net.py`` (20 clients, 2 cores, six alternating pairs, 2026-12-02)
-        the server used 2.0 ms less CPU per round. Up to :data:`_MAPPED_SLOTS` slots stay mapped
+        path per call, which saves the server about 2 ms of CPU per round at 20 clients on 2 cores
+        (``benchmarks/bench_net.py``). Up to :data:`_MAPPED_SLOTS` slots stay mapped
         (each mapping holds a file descriptor); others, and empty blobs, are written with ``pwrite``.
         """
         n = len(blob)

@@ -17,11 +17,11 @@ to back) live in a file ``checkpoints/ckpt-<n>.bin`` beside the database; its ro
 file, the three sizes and a CRC-32 of the content. The file is written and ``fdatasync``'d
 *before* the transaction that adds its row commits, into a file that no live row names, so
 the row never points at a torn file, whatever the moment of a kill or a power loss. Files of
-deleted rows are reused in place (``keep`` + 1 files in all). Measured against the blobs
-inside SQLite, for the 2NN's 0.8 MB (2026-12-02, this machine, ``synchronous=FULL``): 2.3
-against 7.8 ms of wall time and 0.6 against 4.4 ms of CPU per commit -- SQLite wrote each blob
-twice (the WAL, then the main file), walked the overflow-page chain of the checkpoint it
-deleted, and the deployed server pays this once per round on its critical path. Rows that
+deleted rows are reused in place (``keep`` + 1 files in all). For the 2NN's 0.8 MB under
+``synchronous=FULL`` a commit takes about 2.3 ms of wall time and 0.6 ms of CPU, against 7.8
+and 4.4 ms with the blobs inside SQLite, which writes each blob twice (the WAL, then the main
+file) and walks the overflow-page chain of the checkpoint it deletes; the deployed server pays
+this once per round on its critical path. Rows that
 older versions wrote in ``checkpoints`` still load and are pruned by ``keep`` as before.
 """
 

@@ -1,6 +1,6 @@
 """Choosing and building the executor named by the experiment's ``executor`` key.
 
-``auto`` (the default) follows what was measured in issue 4:
+``auto`` (the default) follows the executor benchmarks (``docs/benchmarks.md``):
 
 * a CUDA device is present -> ``vectorized`` on it (many small clients at once
   is the lever on a GPU);

@@ -1,7 +1,7 @@
 """The parallel executor: a persistent pool of forked worker processes, one torch thread each.
 
 On a multi-core CPU the lever for many small clients is client-level
-parallelism with no orchestration overhead (issue 4). The pool:
+parallelism with no orchestration overhead. The pool:
 
 * is forked once, on the first round, and lives until :meth:`ParallelExecutor.close`:
   the workers inherit the workspace, the federated dataset and the transform

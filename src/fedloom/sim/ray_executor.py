@@ -19,7 +19,7 @@ aggregate instead of every update, still bit-identical to sequential.
 
 If Ray is not running yet, a local instance is started
 (``ray.init(num_cpus=workers)``); to use a cluster, connect first
-(``ray.init(address="auto")`` or set ``RAY_ADDRESS``) -- see the README. An
+(``ray.init(address="auto")`` or set ``RAY_ADDRESS``) -- see docs/executors.md. An
 actor that dies raises :class:`~fedloom.sim.executor.ExecutorError`.
 """
 
