@@ -293,8 +293,8 @@ def test_pending_blobs_of_an_older_state_dir_are_migrated(tmp_path: Path) -> Non
 
 
 def test_pending_rows_of_older_versions_keep_their_sha256_and_crc32_checks(tmp_path: Path) -> None:
-    # Before 2026-12-02 the column was ``sha256`` and held the blob's SHA-256; a run resumed
-    # by this version renames the column and still verifies those rows.
+    # A state dir of an older version names the column ``sha256`` and holds the blob's SHA-256;
+    # resuming it renames the column and still verifies those rows.
     db = tmp_path / "state.sqlite"
     (tmp_path / "pending").mkdir()
     con = sqlite3.connect(db)
