@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -98,3 +100,11 @@ def test_token_rules() -> None:
     fresh = {resolve_token("0.0.0.0", None) for _ in range(3)}
     assert len(fresh) == 3
     assert None not in fresh
+
+
+def test_a_missing_extra_names_its_install_command(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedloom.core.errors import ConfigError
+
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if the 'dashboard' extra were not installed
+    with pytest.raises(ConfigError, match=re.escape("pip install 'fedloom[dashboard]'")):
+        start_dashboard(run_dir)

@@ -68,6 +68,19 @@ def _open_dashboard(
     return board.close
 
 
+def _print_trackers(console: Console, cfg: ExperimentConfig, run_dir: Path) -> None:
+    """Where the run's trackers wrote, as the command that opens each."""
+    t = cfg.tracking
+    if t.tensorboard:
+        console.print(f"tensorboard: tensorboard --logdir {t.tensorboard_dir or run_dir / 'tensorboard'}")
+    if t.mlflow:
+        from fedloom.trackers.mlflow import mlflow_uri
+
+        uri = mlflow_uri(cfg, run_dir)
+        env = "MLFLOW_ALLOW_FILE_STORE=true " if uri.startswith("file:") else ""
+        console.print(f"mlflow: {env}mlflow ui --backend-store-uri {uri}")
+
+
 def _console(*, stderr: bool = False) -> Console:
     """The CLI's console. Markup and emoji codes are off: what it prints (paths, client names, error
     messages naming ``[section]`` or ``'fedloom[net]'``) is shown verbatim, never read as rich
@@ -177,6 +190,7 @@ def simulate(
         console.print(
             f"results: {run_dir}  (config.toml, metrics.jsonl, model.safetensors, state.sqlite, checkpoints/)"
         )
+        _print_trackers(console, cfg, run_dir)
         if report:
             from fedloom.results.report import write_report
 
