@@ -113,3 +113,15 @@ def test_a_missing_extra_names_its_install_command(tmp_path: Path, monkeypatch: 
     assert "pip install 'fedloom[tensorboard]'" in str(err.value)
     assert "pip install 'fedloom[mlflow]'" in str(err.value)
     assert not (tmp_path / "run").exists()  # refused before any data was loaded or file written
+
+
+def test_a_resumed_run_may_switch_a_tracker_on(tmp_path: Path) -> None:
+    """Trackers only watch: a resumption that turns one on keeps the run's configuration otherwise."""
+    plain = [o for o in _overrides(1) if not o.startswith("tracking.")]
+    run_dir = tmp_path / "run"
+    run_simulation(load_config(None, plain), run_dir)
+    assert not (run_dir / "tensorboard").exists()
+    cfg = load_config(None, [*_overrides(2)[:2], "rounds=2", *plain[3:], "tracking.tensorboard=true"])
+    run_simulation(cfg, run_dir, resume=True)
+    logged = _tensorboard(run_dir / "tensorboard")
+    assert logged["test_accuracy"] == [e for e in _expected(run_dir)["test_accuracy"] if e[0] == 2]
