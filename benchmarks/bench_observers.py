@@ -20,7 +20,9 @@ Two measures, medians over repeats:
   direct       the observers' own seconds per round (wall time inside the tracker calls plus
                the dashboard thread's CPU time, from /proc) over the paired bare run's seconds
                per round: the overhead itself, which end-to-end ratios on a shared machine
-               cannot resolve to a few percent
+               cannot resolve to a few percent; and their CPU milliseconds per round, which
+               do not grow with waiting for a busy machine's cores (compare them with a
+               quiet machine's W1 round in docs/benchmarks.md)
 
 Target: under 5% of a round. One watched run of 2 rounds first imports what the observers need.
 
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -68,15 +71,16 @@ def w1(rounds: int, data_dir: str, clients: int, watched: bool) -> ExperimentCon
 
 
 class Timed:
-    """An observer wrapped to add up the wall seconds spent in it."""
+    """An observer wrapped to add up the wall and CPU seconds spent in it."""
 
     def __init__(self, inner: Tracker) -> None:
-        self.inner, self.seconds = inner, 0.0
+        self.inner, self.seconds, self.cpu = inner, 0.0, 0.0
 
     def __call__(self, event: Event) -> None:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         self.inner(event)
         self.seconds += time.perf_counter() - t0
+        self.cpu += time.thread_time() - c0
 
 
 def thread_cpu_seconds(native_id: int | None) -> float:
@@ -89,6 +93,8 @@ class Run(NamedTuple):
     per_round: float  # median seconds per inner round
     wall: float  # the whole run, start-up included
     observers: float  # seconds in tracker calls + dashboard thread CPU seconds, over all rounds
+    observers_cpu: float  # CPU seconds of the same (immune to waiting for a busy machine's cores)
+    page_cpu: float  # CPU seconds of the process reading the event stream
     setup: float  # seconds to open the trackers and start the dashboard
 
 
@@ -108,7 +114,7 @@ def one_run(
         reader = subprocess.Popen([sys.executable, "-c", READER, board.url + "events"])
         timed = [Timed(t) for t in open_trackers(watched_cfg, run_dir)]
     setup = time.perf_counter() - t0
-    dashboard_cpu = 0.0
+    dashboard_cpu = page_cpu = 0.0
     try:
         run_simulation(cfg, run_dir, listener=timer, components=comps, executor=execu, observers=timed)
     finally:
@@ -118,11 +124,21 @@ def one_run(
             dashboard_cpu = thread_cpu_seconds(board._thread.native_id)
             board.close()
         if reader is not None:
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
             reader.wait(30)
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            page_cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
     wall = time.perf_counter() - t0
     rounds = [b - a for a, b in zip(timer.stamps, timer.stamps[1:], strict=False)]
     inner = rounds[1:-1] if len(rounds) > 2 else rounds
-    return Run(statistics.median(inner), wall, sum(t.seconds for t in timed) + dashboard_cpu, setup)
+    return Run(
+        statistics.median(inner),
+        wall,
+        sum(t.seconds for t in timed) + dashboard_cpu,
+        sum(t.cpu for t in timed) + dashboard_cpu,
+        page_cpu,
+        setup,
+    )
 
 
 def main() -> None:
@@ -140,6 +156,8 @@ def main() -> None:
     whole: list[float] = []
     direct: list[float] = []
     setups: list[float] = []
+    cpu_ms: list[float] = []
+    page_ms: list[float] = []
     try:
         with tempfile.TemporaryDirectory() as tmp:
             warm = w1(2, args.data_dir, args.clients, watched=False)
@@ -160,11 +178,13 @@ def main() -> None:
                 whole.append(seen.wall / bare.wall)
                 direct.append(seen.observers / args.rounds / bare.per_round)
                 setups.append(seen.setup)
+                cpu_ms.append(seen.observers_cpu / args.rounds * 1000)
+                page_ms.append(seen.page_cpu / args.rounds * 1000)
                 print(
                     f"repeat {i + 1}: s/round bare {bare.per_round:.3f} watched {seen.per_round:.3f} "
                     f"(x{per_round[-1]:.3f}); run bare {bare.wall:.2f} s watched {seen.wall:.2f} s "
                     f"(x{whole[-1]:.3f}); observers {seen.observers / args.rounds * 1000:.1f} ms/round "
-                    f"({direct[-1]:.2%} of a bare round), start-up {seen.setup:.2f} s",
+                    f"({direct[-1]:.2%} of a bare round; CPU {cpu_ms[-1]:.1f} ms/round), start-up {seen.setup:.2f} s",
                     flush=True,
                 )
     finally:
@@ -179,6 +199,12 @@ def main() -> None:
     print(f"end to end, watched / bare whole run: median of paired ratios x{statistics.median(whole):.3f}")
     print(
         f"direct: observers' own time {share:.2%} of a bare round (range {min(direct):.2%}-{max(direct):.2%}; target < 5%: {'met' if share < 0.05 else 'NOT met'})"
+    )
+    print(
+        f"observers' CPU time: median {statistics.median(cpu_ms):.1f} ms/round (range {min(cpu_ms):.1f}-{max(cpu_ms):.1f})"
+    )
+    print(
+        f"the page reading the stream (its own process): median {statistics.median(page_ms):.1f} ms CPU/round"
     )
     print(f"start-up of trackers and dashboard: median {statistics.median(setups):.2f} s per run")
 
