@@ -145,7 +145,7 @@ def _run(
             if {k for k in changed if not k.startswith("tracking.")} - extendable:
                 raise RunStateError(
                     f"{run_dir} holds a run with another configuration (differs in {', '.join(changed)}); "
-                    "a resumed run keeps its configuration (only `rounds` may change): undo the change "
+                    "a resumed run keeps its configuration (only `rounds` and `tracking.*` may change): undo the change "
                     "or start a new run"
                 )
             if changed:
