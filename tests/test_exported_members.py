@@ -21,6 +21,8 @@ PUBLIC = [
     "fedloom.aggregators",
     "fedloom.attacks",
     "fedloom.secagg",
+    "fedloom.dashboard",
+    "fedloom.trackers",
 ]
 
 

@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -24,6 +25,60 @@ ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="Experime
 SetOpt = Annotated[
     list[str] | None, typer.Option("--set", "-s", help="Override one key: --set client.lr=0.1")
 ]
+
+
+DashboardOpt = Annotated[
+    bool,
+    typer.Option(
+        "--dashboard",
+        help="Serve a read-only live web page of the run (needs the 'dashboard' extra); prints its URL.",
+    ),
+]
+DashboardHostOpt = Annotated[
+    str,
+    typer.Option(
+        "--dashboard-host",
+        help="Address the dashboard listens on; any but loopback demands a token on every request.",
+    ),
+]
+DashboardPortOpt = Annotated[
+    int, typer.Option("--dashboard-port", min=0, max=65535, help="Dashboard port (0: any free port).")
+]
+DashboardTokenOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--dashboard-token",
+        envvar="FEDLOOM_DASHBOARD_TOKEN",
+        help="Token the dashboard demands (?token= or Authorization: Bearer); default: none on "
+        "loopback, a random one (printed in the URL) elsewhere.",
+    ),
+]
+
+
+def _open_dashboard(
+    console: Console, enabled: bool, run_dir: Path, host: str, port: int, token: str | None
+) -> Callable[[], None]:
+    """Start the dashboard of ``run_dir`` when ``enabled`` and print its URL; returns its closer."""
+    if not enabled:
+        return lambda: None
+    from fedloom.dashboard import start_dashboard
+
+    board = start_dashboard(run_dir, host=host, port=port, token=token, title=str(run_dir))
+    console.print(f"dashboard: {board.url}")
+    return board.close
+
+
+def _print_trackers(console: Console, cfg: ExperimentConfig, run_dir: Path) -> None:
+    """Where the run's trackers wrote, as the command that opens each."""
+    t = cfg.tracking
+    if t.tensorboard:
+        console.print(f"tensorboard: tensorboard --logdir {t.tensorboard_dir or run_dir / 'tensorboard'}")
+    if t.mlflow:
+        from fedloom.trackers.mlflow import mlflow_uri
+
+        uri = mlflow_uri(cfg, run_dir)
+        env = "MLFLOW_ALLOW_FILE_STORE=true " if uri.startswith("file:") else ""
+        console.print(f"mlflow: {env}mlflow ui --backend-store-uri {uri}")
 
 
 def _console(*, stderr: bool = False) -> Console:
@@ -95,6 +150,10 @@ def simulate(
     device: Annotated[
         str | None, typer.Option("--device", help="Train and evaluate on this device (cpu, cuda, cuda:1).")
     ] = None,
+    dashboard: DashboardOpt = False,
+    dashboard_host: DashboardHostOpt = "127.0.0.1",
+    dashboard_port: DashboardPortOpt = 0,
+    dashboard_token: DashboardTokenOpt = None,
 ) -> None:
     """Run a federated simulation (the embedded MNIST default when no config is given)."""
     from fedloom.cli.progress import ConsoleListener
@@ -115,18 +174,23 @@ def simulate(
             cfg = load_config(config, overrides)
             run_dir = out if out is not None else _new_run_dir(cfg)
         _show_logs(console)
+        close_dashboard = _open_dashboard(
+            console, dashboard, run_dir, dashboard_host, dashboard_port, dashboard_token
+        )
         listener = ConsoleListener(console)
         search = [*_search_dirs(config), Path.cwd()]
         try:
             result = run_simulation(cfg, run_dir, resume=resume is not None, listener=listener, search=search)
         finally:
             listener.close()
+            close_dashboard()
         m = result.final_metrics
         acc = f", test accuracy {m['test_accuracy']:.4f}" if "test_accuracy" in m else ""
         console.print(f"done: {result.stop_reason} after round {result.final_round}{acc}")
         console.print(
             f"results: {run_dir}  (config.toml, metrics.jsonl, model.safetensors, state.sqlite, checkpoints/)"
         )
+        _print_trackers(console, cfg, run_dir)
         if report:
             from fedloom.results.report import write_report
 

@@ -9,7 +9,18 @@ from typing import TYPE_CHECKING, Annotated, Literal
 
 import typer
 
-from fedloom.cli.main import ConfigOpt, SetOpt, _console, _fail, app
+from fedloom.cli.main import (
+    ConfigOpt,
+    DashboardHostOpt,
+    DashboardOpt,
+    DashboardPortOpt,
+    DashboardTokenOpt,
+    SetOpt,
+    _console,
+    _fail,
+    _open_dashboard,
+    app,
+)
 from fedloom.config.loader import load_config
 from fedloom.core.errors import FedloomError
 
@@ -77,6 +88,10 @@ def server(
             "--threads", min=1, help="torch intra-op threads for validation, aggregation and evaluation."
         ),
     ] = 1,
+    dashboard: DashboardOpt = False,
+    dashboard_host: DashboardHostOpt = "127.0.0.1",
+    dashboard_port: DashboardPortOpt = 0,
+    dashboard_token: DashboardTokenOpt = None,
 ) -> None:
     """Run the federated server for an experiment; clients connect with `fedloom client`."""
     _need_net()
@@ -115,7 +130,14 @@ def server(
         # the full collections that the RPC handlers' allocations trigger stay cheap.
         gc.freeze()
         keep_freed_buffers()
-        state = run_server(cfg, state_dir, options, log)
+        # The page follows the state directory's event log, whichever process writes it.
+        close_dashboard = _open_dashboard(
+            _console(), dashboard, state_dir, dashboard_host, dashboard_port, dashboard_token
+        )
+        try:
+            state = run_server(cfg, state_dir, options, log)
+        finally:
+            close_dashboard()
         _console().print(f"done after round {state.round}; state and model in {state_dir}")
     except FedloomError as exc:
         raise _fail(exc) from None

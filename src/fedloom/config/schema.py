@@ -26,6 +26,7 @@ __all__ = [
     "SamplingConfig",
     "SecAggConfig",
     "ServerConfig",
+    "TrackingConfig",
     "TransformsConfig",
 ]
 
@@ -390,6 +391,35 @@ class SecAggConfig(_Section):
     )
 
 
+class TrackingConfig(_Section):
+    """Experiment trackers fed by the run's events (each needs its extra; a missing one names it)."""
+
+    tensorboard: bool = Field(
+        False,
+        description="Write TensorBoard event files: every numeric value of each round's metrics row "
+        "(per-site values as sites/<site>/<metric>) as a float64 scalar at step = round. Needs the "
+        "'tensorboard' extra.",
+    )
+    tensorboard_dir: str = Field(
+        "", description="Directory of the TensorBoard event files; empty = <run dir>/tensorboard."
+    )
+    mlflow: bool = Field(
+        False,
+        description="Log the run to MLflow: the configuration as parameters, each round's metrics row "
+        "as metrics at step = round. Needs the 'mlflow' extra.",
+    )
+    mlflow_uri: str = Field(
+        "",
+        description="MLflow tracking URI; empty = a local file store, file:<run dir>/mlruns (MLflow "
+        "keeps its file store behind MLFLOW_ALLOW_FILE_STORE=true, which fedloom sets for a file: URI; "
+        "read it with `MLFLOW_ALLOW_FILE_STORE=true mlflow ui --backend-store-uri <that URI>`).",
+    )
+    mlflow_experiment: str = Field(
+        "fedloom", min_length=1, description="MLflow experiment the run is logged under (created if new)."
+    )
+    run_name: str = Field("", description="Name of the run in MLflow; empty = the run directory's name.")
+
+
 class ExperimentConfig(_Section):
     """A whole experiment: top-level keys plus one section per component."""
 
@@ -440,6 +470,7 @@ class ExperimentConfig(_Section):
     robust: RobustConfig = Field(default_factory=RobustConfig)
     attack: AttackConfig = Field(default_factory=AttackConfig)
     secagg: SecAggConfig = Field(default_factory=SecAggConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     def update_norm_bound(self) -> float:
         """The L2 norm every client's delta is clipped to before it leaves the client (0 = unbounded).

@@ -54,6 +54,7 @@ from fedloom.sim.executor import ClientFailure, Executor, close_executor
 from fedloom.sim.reduce import not_reducible
 from fedloom.sim.sampling import draw_cohort
 from fedloom.sim.server_round import SecureSum, apply_updates, finish_round
+from fedloom.trackers import check_tracking_extras, open_trackers
 
 __all__ = ["RoundListener", "RunResult", "evaluation_metrics", "run_simulation"]
 
@@ -101,6 +102,7 @@ def run_simulation(
     :mod:`fedloom.engine.events`) is appended to ``events.jsonl`` in ``run_dir`` and
     handed to each of ``observers``.
     """
+    check_tracking_extras(cfg)  # before loading data: a missing extra is a configuration error
     comps = components if components is not None else build_components(cfg, search=search)
     owned = executor is None  # an executor we build here we also shut down
     execu = executor if executor is not None else make_executor(cfg, comps)
@@ -137,12 +139,13 @@ def _run(
             stored = store.get_meta("config")
             changed = config_differences(stored, config_to_toml(cfg)) if stored is not None else []
             # A larger round budget extends the run (unless it calibrated the DP noise); any other
-            # change would make the resumed rounds those of another experiment.
+            # change would make the resumed rounds those of another experiment. Trackers only
+            # watch, so their settings may change too.
             extendable = {"rounds"} if cfg.privacy.target_epsilon <= 0 else set()
-            if set(changed) - extendable:
+            if {k for k in changed if not k.startswith("tracking.")} - extendable:
                 raise RunStateError(
                     f"{run_dir} holds a run with another configuration (differs in {', '.join(changed)}); "
-                    "a resumed run keeps its configuration (only `rounds` may change): undo the change "
+                    "a resumed run keeps its configuration (only `rounds` and `tracking.*` may change): undo the change "
                     "or start a new run"
                 )
             if changed:
@@ -162,11 +165,14 @@ def _run(
             client_states, history = {}, []
         _rewrite_metrics(run_dir / METRICS, [m for m in history if m.get("round", 0) > 0])
         store.set_meta("status", "running")
+        trackers = open_trackers(cfg, run_dir)
         log = EventLog(run_dir / EVENTS)
         bus = EventBus()
         bus.subscribe(log)
         for obs in observers:
             bus.subscribe(obs)
+        for tracker in trackers:
+            bus.subscribe(tracker)
         bus.emit(
             RunStarted(
                 round=state.round + 1,
@@ -189,10 +195,13 @@ def _run(
             store.set_meta("status", "failed")
             store.set_meta("error", str(exc))
             bus.emit(RunStopped(round=state.round, reason=str(exc), failed=True))
-            log.close()
             raise
-        bus.emit(RunStopped(round=state.round, reason=reason))
-        log.close()
+        else:
+            bus.emit(RunStopped(round=state.round, reason=reason))
+        finally:
+            log.close()
+            for tracker in trackers:
+                tracker.close()
         _write_atomically(run_dir / MODEL, params_to_bytes(state.params))
         store.set_meta("status", "completed")
         store.set_meta("stop_reason", reason)
