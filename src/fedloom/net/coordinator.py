@@ -96,6 +96,11 @@ class Closed:
     dropouts: list[int]
     timing: dict[str, float] = field(default_factory=dict)
     secure: SecureOutcome | None = None
+    # (client id, reason) of every update refused while the attempt was open, in order
+    rejected: list[tuple[int, str]] = field(default_factory=list)
+    # accepted clients' update bytes as uploaded; bytes of the model sent to clients
+    sizes: dict[int, int] = field(default_factory=dict)
+    bytes_down: int = 0
 
 
 @dataclass
@@ -117,6 +122,9 @@ class _Round:
     open: bool = True
     timing: RoundTiming = field(default_factory=RoundTiming)
     relay: SecureRelay | None = None
+    rejected: list[tuple[int, str]] = field(default_factory=list)
+    sizes: dict[int, int] = field(default_factory=dict)
+    bytes_down: int = 0
 
     def answered(self) -> bool:
         """Enough answers to close: the target of accepted updates, or every selected client heard."""
@@ -233,6 +241,7 @@ class Coordinator:
                 update = self._validate(update, rnd, *_one_pass(p.blob))
                 rnd.accepted[p.client_id] = round_pipeline.decode(update, ctx)
                 rnd.compute_s[p.client_id] = compute
+                rnd.sizes[p.client_id] = len(p.blob)
                 restored += 1
             except Exception as exc:  # one bad row is that update's rejection, never the round's end
                 self._state.drop_pending(rnd.number, p.client_id)
@@ -274,7 +283,16 @@ class Coordinator:
             dropouts = sorted(rnd.selected - set(rnd.accepted) - set(rnd.failed))
         for c in dropouts:
             self._state.audit(rnd.number, c, self.names[c], "dropout", 0, f"attempt {rnd.attempt}")
-        return Closed(updates, dict(rnd.compute_s), dict(rnd.failed), dropouts, rnd.timing.summary())
+        return Closed(
+            updates,
+            dict(rnd.compute_s),
+            dict(rnd.failed),
+            dropouts,
+            rnd.timing.summary(),
+            rejected=list(rnd.rejected),
+            sizes=dict(rnd.sizes),
+            bytes_down=rnd.bytes_down,
+        )
 
     def close_secure(self, outcome: SecureOutcome | None) -> Closed:
         """Close the open secure round attempt; ``outcome`` is the relay's result (``None``: it aborted)."""
@@ -292,7 +310,16 @@ class Coordinator:
         for c in dropouts:
             self._state.audit(rnd.number, c, self.names[c], "dropout", 0, f"attempt {rnd.attempt}")
         compute = {c: m.compute_s for c, m in outcome.metas.items()} if outcome is not None else {}
-        return Closed([], compute, dict(rnd.failed), dropouts, rnd.timing.summary(), secure=outcome)
+        return Closed(
+            [],
+            compute,
+            dict(rnd.failed),
+            dropouts,
+            rnd.timing.summary(),
+            secure=outcome,
+            rejected=list(rnd.rejected),
+            bytes_down=rnd.bytes_down,
+        )
 
     def refuses_plaintext(self) -> bool:
         """True while a secure round is open: an upload is refused before its blob is read."""
@@ -401,11 +428,12 @@ class Coordinator:
                 return None
             return rnd.blob
 
-    def note_download(self, round: int, start: float, end: float) -> None:
-        """Record that a Download of ``round``'s broadcast took ``start`` .. ``end`` (perf_counter)."""
+    def note_download(self, round: int, start: float, end: float, nbytes: int = 0) -> None:
+        """Record that a client got ``round``'s broadcast (``nbytes``) in ``start`` .. ``end`` (perf_counter)."""
         with self._cond:
             if self._round is not None and self._round.number == round:
                 self._round.timing.add_download(start, end)
+                self._round.bytes_down += nbytes
 
     def upload_limit(self, configured: int) -> int:
         """Largest upload accepted now: ``configured`` or 2 x the broadcast + 64 KiB."""
@@ -419,6 +447,9 @@ class Coordinator:
         reason = _cut(reason)
         self.rejections[event] += 1
         name = self.names[cid] if 0 <= cid < len(self.names) else "?"
+        with self._cond:
+            if self._round is not None and self._round.open and 0 <= cid < len(self.names):
+                self._round.rejected.append((cid, reason))
         self._state.audit(round, cid, name, event, nbytes, reason)
         self._log("update_" + event, level="warning", client=name, round=round, bytes=nbytes, reason=reason)
         return reason
@@ -549,6 +580,7 @@ class Coordinator:
                 self._state.record_pending(staged, self.names[cid], meta_json, f"attempt {rnd.attempt}")
                 rnd.accepted[cid] = decoded
                 rnd.compute_s[cid] = compute
+                rnd.sizes[cid] = len(blob)
                 end = time.perf_counter()
                 store_s = (t_validate - t_store) + (end - t_record)
                 rnd.timing.add_upload(received_s, arrived, t_record - t_validate, store_s, end)
