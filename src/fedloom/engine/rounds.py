@@ -74,6 +74,7 @@ __all__ = [
     "Attempt",
     "Contribution",
     "Driver",
+    "Finished",
     "RoundEngine",
     "reached_target",
 ]
@@ -167,6 +168,8 @@ class Driver(Protocol[C]):
 
 @dataclass(frozen=True)
 class Finished:
+    """How a run ended: the final state, the last committed round's metrics row, the stop reason."""
+
     state: ServerState
     last: Mapping[str, Any]
     reason: str
@@ -197,6 +200,7 @@ class RoundEngine(Generic[C]):
         self.evaluation, self.committer = evaluation, committer
         self.observers, self.info = tuple(observers), dict(info or {})
         self.run_dir = run.store.path.parent
+        self.round = run.state.round  # the last round in memory
 
     def run(self) -> Finished:
         """Run rounds until a stopping rule holds; on an error the run is marked failed and it propagates."""
@@ -208,7 +212,6 @@ class RoundEngine(Generic[C]):
             bus.subscribe(obs)
         self.events = Sequencer(bus)
         state = run.state
-        self.round = state.round  # the last round in memory
         try:
             self.events.emit(
                 RunStarted(
