@@ -23,6 +23,7 @@ from fedloom.engine import (
     RoundOpened,
     RunStarted,
     RunStopped,
+    comparable,
     read_events,
     without_timing,
 )
@@ -60,6 +61,54 @@ def test_every_event_round_trips_through_the_log(tmp_path: Path) -> None:
         "round": 1,
         "metrics": {"round": 1, "train_loss": 0.7},
     }
+
+
+def test_comparable_drops_exactly_the_timing_and_runtime_specific_fields() -> None:
+    assert comparable(EVENTS[0]) == {"type": "run_started", "round": 1, "rounds": 3, "resumed": False}
+    assert comparable(EVENTS[3]) == {"type": "client_accepted", "round": 1, "client": "a", "examples": 10}
+    assert comparable(EVENTS[9]) == {"type": "bytes_moved", "round": 1}
+    row = {"round": 2, "attempt": 1, "num_dropouts": 0, "max_client_compute_s": 0.2, "test_loss": 0.5}
+    assert comparable(RoundCommitted(round=2, metrics=row)) == {
+        "type": "round_committed",
+        "round": 2,
+        "metrics": {"round": 2, "test_loss": 0.5},
+    }
+    # what a round computed is kept
+    assert comparable(EVENTS[4]) == {
+        "type": "client_rejected",
+        "round": 1,
+        "client": "b",
+        "reason": "non-finite update",
+    }
+    assert comparable(EVENTS[8])["epsilon"] == 0.25
+
+
+def test_the_sequencer_holds_later_events_until_the_commit_is_released() -> None:
+    from fedloom.engine.commit import Sequencer
+
+    seen: list[object] = []
+    bus = EventBus()
+    bus.subscribe(seen.append)
+    seq = Sequencer(bus)
+    seq.emit(RoundOpened(round=1))
+    seq.hold()  # round 1 handed to the committer
+    seq.emit(RoundOpened(round=2))
+    seq.hold()  # round 2 handed over before round 1 is durable
+    seq.emit(RoundOpened(round=3))
+    assert [type(e).__name__ for e in seen] == ["RoundOpened"]
+    seq.release(RoundCommitted(round=1, metrics={}))
+    assert [(type(e).__name__, e.round) for e in seen] == [  # type: ignore[attr-defined]
+        ("RoundOpened", 1),
+        ("RoundCommitted", 1),
+        ("RoundOpened", 2),
+    ]
+    seq.release(RoundCommitted(round=2, metrics={}))
+    assert [(type(e).__name__, e.round) for e in seen][3:] == [  # type: ignore[attr-defined]
+        ("RoundCommitted", 2),
+        ("RoundOpened", 3),
+    ]
+    seq.emit(RunStopped(round=2, reason="x"))
+    assert isinstance(seen[-1], RunStopped)
 
 
 def test_a_torn_last_line_is_skipped_and_a_bad_line_is_named(tmp_path: Path) -> None:

@@ -40,7 +40,7 @@ def test_resume_refuses_a_config_that_differs_from_the_runs_and_names_the_keys(
     proc = run_cli("simulate", "--resume", str(run), "--no-report", cwd=tmp_path, check=False)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     said = " ".join((proc.stdout + proc.stderr).split())
-    assert "another configuration" in said
+    assert "different configuration" in said
     assert "differs in rounds, seed" in said  # rounds alone may change (see the next test)
     after = _files(run)
     assert {k: v for k, v in after.items() if not k.startswith("state.sqlite")} == {

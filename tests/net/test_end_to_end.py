@@ -27,16 +27,18 @@ from tests.net.helpers import (
     write_config,
 )
 
-from fedloom.algorithms.api import Workspace
+from fedloom.algorithms.api import Broadcast, Workspace
 from fedloom.config.loader import load_config
 from fedloom.core.params import Params
 from fedloom.core.serde import params_from_bytes
 from fedloom.data.datasets import ArrayDataset
+from fedloom.engine import BytesMoved, ClientAccepted, RunStarted, comparable, read_events
 from fedloom.models.zoo import build_model
 from fedloom.net.client import ClientOptions, NetClient
 from fedloom.net.datasources import load_client_data, load_eval_data
 from fedloom.net.logs import JsonLog
 from fedloom.net.state import NetState
+from fedloom.net.wire import encode_broadcast
 from fedloom.sim.build import Components, build_algorithm, build_pipeline
 from fedloom.sim.executor import SequentialExecutor
 from fedloom.sim.runner import run_simulation
@@ -100,6 +102,7 @@ def test_deployed_run_completes_audits_and_matches_simulation(
         workspace=Workspace(module),
         initial_params=Params.from_module(module),
         data_source="heart",
+        client_names=tuple(HOSPITALS),
     )
     executor = SequentialExecutor(comps.workspace, comps.train, comps.pipeline)
     with torch.random.fork_rng(devices=[]):
@@ -111,6 +114,24 @@ def test_deployed_run_completes_audits_and_matches_simulation(
     for k in deployed:
         assert torch.equal(sim.state.params[k], deployed[k]), k
     assert sim.final_metrics["test_accuracy"] == metrics[-1]["test_accuracy"]
+    # The same round engine ran both: the same events in the same order, equal in every field but
+    # timing and the runtime-specific ones (which runtime, bytes on the wire, the deployment's
+    # attempt and dropout counts; see fedloom.engine.events).
+    deployed_events = list(read_events(reference_run / "srv" / "events.jsonl"))
+    sim_events = list(read_events(tmp_path / "sim" / "events.jsonl"))
+    assert [comparable(e) for e in deployed_events] == [comparable(e) for e in sim_events]
+    assert len(deployed_events) == 2 + 4 * 10  # started, 4 x (opened .. committed, 4 accepted), stopped
+    (started,) = [e for e in deployed_events if isinstance(e, RunStarted)]
+    assert (started.runtime, started.info["clients"]) == ("deployment", list(HOSPITALS))
+    # Bytes: each accepted update's upload as audited, and the model sent to each of the 4 clients.
+    with NetState(reference_run / "srv" / "state.sqlite") as net:
+        audited = {(a.round, a.client): a.bytes for a in net.audit_rows("accepted")}
+    accepted = [e for e in deployed_events if isinstance(e, ClientAccepted)]
+    assert {(e.round, e.client): e.bytes for e in accepted} == audited
+    model_bytes = len(encode_broadcast(Broadcast(round=1, params=deployed)))
+    for moved in (e for e in deployed_events if isinstance(e, BytesMoved)):
+        assert moved.up == sum(e.bytes for e in accepted if e.round == moved.round) > 0
+        assert moved.down >= 4 * model_bytes
 
 
 def test_a_model_that_fits_one_message_travels_in_unary_calls_to_the_same_result(

@@ -30,6 +30,7 @@ from fedloom.algorithms.api import Broadcast, ClientContext, ClientUpdate, Serve
 from fedloom.config.loader import load_config
 from fedloom.core.params import Params
 from fedloom.core.serde import slots_to_bytes
+from fedloom.engine import ClientDropped, RoundCommitted, RunStopped, read_events
 from fedloom.models.zoo import build_model
 from fedloom.net.auth import Credentials, revoke
 from fedloom.net.client import ClientOptions, NetClient, algorithm_work, make_channel, upload_chunks
@@ -248,6 +249,19 @@ def test_client_sigkills_round_completes_with_quorum_then_aborts_cleanly_below_i
     with RunStore(tmp_path / "srv" / "state.sqlite") as store:
         assert store.get_meta("status") == "failed"
         assert store.latest_round() == done[-1]  # the last good checkpoint is intact
+    # Every audited dropout is a client_dropped event of its round (the aborted one's included),
+    # and the stream ends with the failed stop after the last committed round.
+    events = list(read_events(tmp_path / "srv" / "events.jsonl"))
+    assert {(e.round, e.client) for e in events if isinstance(e, ClientDropped)} == dropouts
+    assert {"switzerland", "va"} <= {
+        e.client for e in events if isinstance(e, ClientDropped) and e.round == done[-1] + 1
+    }
+    stop = events[-1]
+    assert isinstance(stop, RunStopped)
+    assert stop.failed
+    assert "below quorum" in stop.reason
+    assert stop.round == done[-1]
+    assert [e.round for e in events if isinstance(e, RoundCommitted)] == done
 
 
 def test_tls_and_tokens_refuse_unknown_revoked_and_uncredentialed_clients(

@@ -19,6 +19,7 @@ from fedloom.algorithms.api import ClientUpdate
 from fedloom.config.loader import load_config
 from fedloom.core.params import Params
 from fedloom.core.serde import slots_to_bytes
+from fedloom.engine import Aggregated, ClientAccepted, ClientRejected, read_events
 from fedloom.models.zoo import build_model
 from fedloom.net.auth import Credentials
 from fedloom.net.client import make_channel
@@ -284,6 +285,17 @@ def test_an_update_that_makes_the_aggregate_overflow_is_left_out_and_the_round_g
         assert committed == [[0, 1, 2], [0, 1, 2, 3]]
     with RunStore(tmp_path / "srv" / "state.sqlite") as store:
         assert store.load_state(1).params.l2_norm() < 1e3
+    # The event stream says the same: round 1 accepted three, rejected 'va' with the guard's reason.
+    events = list(read_events(tmp_path / "srv" / "events.jsonl"))
+    one = [e for e in events if e.round == 1]
+    assert sorted(e.client for e in one if isinstance(e, ClientAccepted)) == [
+        "cleveland",
+        "hungarian",
+        "switzerland",
+    ]
+    (refused,) = [e for e in events if isinstance(e, ClientRejected)]
+    assert (refused.round, refused.client, refused.reason) == (1, "va", rejected.detail)
+    assert [e.clients for e in events if isinstance(e, Aggregated)] == [3, 4]
 
 
 def test_an_attempt_without_a_usable_model_is_aborted_and_every_client_asked_again(

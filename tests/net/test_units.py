@@ -410,12 +410,13 @@ def test_parked_get_task_calls_wake_when_a_round_opens_and_when_the_run_ends(tmp
     WAIT at its own timeout) and of the run ending (DONE), over a real gRPC channel."""
     import grpc
 
-    from fedloom.net.server import ServerOptions, _AsyncServer, _Service
+    from fedloom.net.service import Service
+    from fedloom.net.serving import AsyncServer, ServerOptions
 
     cfg = ExperimentConfig.model_validate({"deploy": {"clients": ["c0", "c1"]}})
     coord, net = _coordinator(tmp_path, 2)
-    service = _Service(coord, cfg, None, False, net, JsonLog("t", stream=io.StringIO()), "run")
-    server = _AsyncServer(service, cfg, ServerOptions(listen="127.0.0.1:0"))
+    service = Service(coord, cfg, None, False, net, JsonLog("t", stream=io.StringIO()), "run")
+    server = AsyncServer(service, cfg, ServerOptions(listen="127.0.0.1:0"))
     port = server.start()
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     task = channel.unary_unary(

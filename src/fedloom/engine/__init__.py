@@ -1,4 +1,13 @@
-"""The round engine's typed events and the observers that consume them."""
+"""The round engine (:mod:`fedloom.engine.rounds`), its typed events and the observers that consume them.
+
+Modules::
+
+    events      the typed events, the event bus, the events.jsonl log
+    rounds      the round engine and the Driver protocol a runtime implements
+    resume      opening a run directory (new or resumed) and closing it
+    evaluation  the evaluation stage (central, per-site, federated)
+    commit      committers (inline, threaded) and the event sequencer
+"""
 
 from fedloom.engine.events import (
     Aggregated,
@@ -17,6 +26,7 @@ from fedloom.engine.events import (
     RoundOpened,
     RunStarted,
     RunStopped,
+    comparable,
     event_from_json,
     event_to_json,
     jsonable,
@@ -41,6 +51,7 @@ __all__ = [
     "RoundOpened",
     "RunStarted",
     "RunStopped",
+    "comparable",
     "event_from_json",
     "event_to_json",
     "jsonable",

@@ -8,9 +8,22 @@ spent, bytes moved, the round committed, the run stopped. Every observer (the
 ``events.jsonl`` log, trackers, the live dashboard, ``fedloom report``) reads
 this one stream, so they agree with each other and with the state database.
 
-Events are frozen dataclasses. ``time`` (seconds since the epoch) and any field
-named ``seconds`` are timing fields: :func:`without_timing` drops them so two runs of
-the same experiment can be compared event for event.
+Events are frozen dataclasses. ``time`` (seconds since the epoch), and in a round's
+metrics ``seconds`` and ``max_client_compute_s``, are timing fields: :func:`without_timing`
+drops them so two runs of the same experiment can be compared event for event.
+
+Runtime-specific fields say how a runtime moved the round rather than what the round
+computed; :func:`comparable` drops them too, so a simulated and a deployed run of the
+same experiment compare equal event for event:
+
+* ``runtime`` and ``info`` of ``run_started`` (which runtime; its data source, or its
+  client registry and run id);
+* ``bytes`` of ``client_accepted`` and ``down``/``up`` of ``bytes_moved``: bytes on the
+  wire (a simulation moves none, and reports 0);
+* in a round's metrics, the runtime's own bookkeeping (:data:`RUNTIME_METRICS`): the
+  deployment's ``attempt``, ``num_dropouts``, ``dp_amplification`` (with its reason) and
+  ``secagg_error_bound``; the simulated secure sum's ``secagg_bytes_up`` and
+  ``secagg_dropouts``.
 """
 
 from __future__ import annotations
@@ -42,6 +55,7 @@ __all__ = [
     "RoundOpened",
     "RunStarted",
     "RunStopped",
+    "comparable",
     "event_from_json",
     "event_to_json",
     "jsonable",
@@ -50,7 +64,21 @@ __all__ = [
 ]
 
 EVENTS = "events.jsonl"
-TIMING_FIELDS = frozenset({"time", "seconds"})
+TIMING_FIELDS = frozenset({"time", "seconds", "max_client_compute_s"})
+#: Event fields that depend on the runtime (see the module docstring).
+RUNTIME_FIELDS = frozenset({"runtime", "info", "bytes", "down", "up"})
+#: Metrics keys of a round that depend on the runtime (see the module docstring).
+RUNTIME_METRICS = frozenset(
+    {
+        "attempt",
+        "num_dropouts",
+        "dp_amplification",
+        "dp_amplification_reason",
+        "secagg_error_bound",
+        "secagg_bytes_up",
+        "secagg_dropouts",
+    }
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -225,6 +253,14 @@ def without_timing(event: Event | Mapping[str, Any]) -> dict[str, Any]:
     out = {k: v for k, v in obj.items() if k not in TIMING_FIELDS}
     if isinstance(out.get("metrics"), Mapping):
         out["metrics"] = {k: v for k, v in out["metrics"].items() if k not in TIMING_FIELDS}
+    return out
+
+
+def comparable(event: Event | Mapping[str, Any]) -> dict[str, Any]:
+    """:func:`without_timing`, also without the runtime-specific fields (see the module docstring)."""
+    out = {k: v for k, v in without_timing(event).items() if k not in RUNTIME_FIELDS}
+    if isinstance(out.get("metrics"), Mapping):
+        out["metrics"] = {k: v for k, v in out["metrics"].items() if k not in RUNTIME_METRICS}
     return out
 
 

@@ -552,7 +552,7 @@ class NetClient:
 
 
 class _RawCalls:
-    """GetTask and Push with their model payload left as encoded bytes (see ``fedloom.net.server._register``)."""
+    """GetTask and Push with their model payload left as encoded bytes (see ``fedloom.net.service.handlers``)."""
 
     _SERVICE = "/fedloom.net.v1.Coordinator/"
     _BROADCAST = pb.TaskReply.DESCRIPTOR.fields_by_name["broadcast"].number

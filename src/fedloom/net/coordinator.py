@@ -1,10 +1,10 @@
-"""Round bookkeeping and update validation for the deployed server (no grpc here).
+"""Round bookkeeping for the deployed server: open, collect, close (no grpc here).
 
-The server's round loop opens a round (:meth:`Coordinator.open_round`), the RPC
-handlers hand in updates (:meth:`Coordinator.submit`; in the server they all run
-on one event-loop thread, see :mod:`fedloom.net.server`, but the class is
-thread-safe), and the round loop blocks in :meth:`Coordinator.wait_close` until
-the round closes:
+The deployment driver (:mod:`fedloom.net.driver`) opens a round attempt
+(:meth:`Coordinator.open_round`), the RPC handlers hand in updates
+(:meth:`Coordinator.submit`; in the server they all run on one event-loop thread, see
+:mod:`fedloom.net.serving`, but the class is thread-safe), and the driver blocks in
+:meth:`Coordinator.wait_close` until the attempt closes:
 
 * as soon as ``target`` updates are accepted (the cohort size; with over-selection
   more clients were asked than needed), or
@@ -14,48 +14,41 @@ the round closes:
 Every incoming update is validated before it counts: the round it names (an
 older round is *late* if its sender was selected then, else a *replay*; a future
 round is refused), the sender's selection, duplicates, the broadcast it was
-trained on, that it parses, names/shapes/dtypes against the global model, what
-the algorithm requires of an update (its extras, a least step count: see
-:mod:`fedloom.algorithms.requirements`), finiteness, a squared L2 norm that
-float32 can hold (below :data:`~fedloom.net.guard.OVERFLOW_SQUARE`, whatever the configured bound),
-the configured norm bound, the weight cap (``deploy.max_weight``), and the
-pipeline's own ``decode`` checks. Under ``deploy.weighting = "uniform"`` every
-accepted update then gets weight 1. A rejected update gets its reason back, a log
-line and an audit row; nothing already accepted is touched. Any exception raised
-while checking one update rejects that update, never more. Accepted updates are
-written to the ``pending`` table before the client hears "accepted", so a killed
-server loses none; the pending updates restored after a restart pass the same
-checks, and one that fails is rejected and its row dropped.
+trained on, that it parses, then :func:`~fedloom.net.validation.validate_update`
+and the pipeline's own ``decode`` checks. A rejected update gets its reason back, a
+log line and an audit row (and counts among the attempt's rejections, see
+:class:`Closed`); nothing already accepted is touched. Any exception raised while
+checking one update rejects that update, never more. Accepted updates are written to
+the ``pending`` table before the client hears "accepted", so a killed server loses
+none; the pending updates restored after a restart pass the same checks, and one that
+fails is rejected and its row dropped.
 
 Each selected client has one outcome per round attempt: an accepted update or a
 failure report, whichever came first; a second is refused.
 
 Under secure aggregation (``open_round(..., relay=...)``, see :mod:`fedloom.net.secure`)
 plaintext uploads are refused outright -- nothing is staged or stored -- and selected
-clients take part through :meth:`Coordinator.secure_exchange`; the round loop drives
+clients take part through :meth:`Coordinator.secure_exchange`; the driver drives
 the relay and closes the attempt with :meth:`Coordinator.close_secure`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from fedloom.algorithms.api import Broadcast, ClientUpdate, ServerContext
-from fedloom.algorithms.requirements import UNDECLARED, UpdateRequirements, check_update
-from fedloom.core.errors import FedloomError, UpdateError
+from fedloom.algorithms.api import Broadcast, ServerContext
+from fedloom.algorithms.requirements import UNDECLARED, UpdateRequirements
+from fedloom.core.errors import FedloomError
 from fedloom.core.params import Params
-from fedloom.core.serde import data_all_finite, data_square_sum
-from fedloom.net.guard import OVERFLOW_SQUARE, square_norm
+from fedloom.net.attempt import Closed, OpenAttempt, Task
 from fedloom.net.logs import JsonLog
 from fedloom.net.state import NetState, PendingUpdate, blob_checksum
-from fedloom.net.timing import RoundTiming
+from fedloom.net.validation import Limits, cut, one_pass, rejection_reason, validate_update
 from fedloom.net.wire import decode_update, fingerprint
 from fedloom.transforms.adaptive_clip import bind_pipeline
 from fedloom.transforms.pipeline import Pipeline
@@ -64,65 +57,6 @@ if TYPE_CHECKING:  # fedloom.net.secure needs the optional 'secure' extra
     from fedloom.net.secure import SecureOutcome, SecureRelay
 
 __all__ = ["Closed", "Coordinator", "Task"]
-
-#: Reasons, failure reports and names written to the audit table and the log are cut to this length.
-MAX_REASON = 500
-
-
-@dataclass(frozen=True)
-class Task:
-    """The answer to a client's GetTask: ``kind`` is "wait", "train" or "done"."""
-
-    kind: str
-    round: int = 0
-    digest: str = ""
-    size: int = 0
-    xxh3: int = 0
-    deadline_in_s: float = 0.0
-    secagg_json: str = ""
-    message: str = ""
-
-
-@dataclass(frozen=True)
-class Closed:
-    """What a closed round attempt produced (updates sorted by client id; none under SecAgg).
-
-    ``secure`` is the secure sum of a secure round that completed, else ``None``.
-    """
-
-    updates: list[ClientUpdate]
-    compute_s: dict[int, float]
-    failed: dict[int, str]
-    dropouts: list[int]
-    timing: dict[str, float] = field(default_factory=dict)
-    secure: SecureOutcome | None = None
-
-
-@dataclass
-class _Round:
-    number: int
-    attempt: int
-    selected: frozenset[int]
-    target: int
-    deadline: float
-    broadcast: Broadcast
-    blob: bytes
-    digest: str
-    ctx: ServerContext
-    pipeline: Pipeline
-    xxh3: int = 0
-    accepted: dict[int, ClientUpdate] = field(default_factory=dict)
-    compute_s: dict[int, float] = field(default_factory=dict)
-    failed: dict[int, str] = field(default_factory=dict)
-    open: bool = True
-    timing: RoundTiming = field(default_factory=RoundTiming)
-    relay: SecureRelay | None = None
-
-    def answered(self) -> bool:
-        """Enough answers to close: the target of accepted updates, or every selected client heard."""
-        return len(self.accepted) >= self.target or len(self.accepted) + len(self.failed) >= len(
-            self.selected
-        )
 
 
 class Coordinator:
@@ -146,14 +80,16 @@ class Coordinator:
         if weighting not in ("reported", "uniform"):
             raise ValueError(f"weighting must be 'reported' or 'uniform', got {weighting!r}")
         self.names = list(names)
-        self._requirements = requirements
-        self._max_weight = max_weight
-        self._uniform = weighting == "uniform"
+        self._limits = Limits(
+            requirements=requirements,
+            max_norm=max_update_norm,
+            max_weight=max_weight,
+            uniform=weighting == "uniform",
+        )
         self._ids = {n: i for i, n in enumerate(self.names)}
         self._state = state
         self._pipeline = pipeline
         self._log = log
-        self._max_norm = max_update_norm
         self._offline_after = offline_after_s
         # One lock; the round loop waits on ``_cond`` (answers arriving). Long-polling GetTask
         # handlers are told of a round opening, or the run ending, by the watchers
@@ -167,7 +103,7 @@ class Coordinator:
         # handler thread per call, letting them all run this CPU-bound Python at once made them
         # fight over the GIL: with the lock the server used 10-20% less CPU per round.
         self._ingest = threading.Lock()
-        self._round: _Round | None = None
+        self._round: OpenAttempt | None = None
         self._previous_selected: dict[int, frozenset[int]] = {}
         self._last_seen: dict[int, float] = {}
         self._done = False
@@ -212,7 +148,7 @@ class Coordinator:
         ``relay`` makes it a secure round (no uploads; ``pending`` must be empty).
         """
         round_pipeline = bind_pipeline(self._pipeline, algo_state or {})
-        rnd = _Round(
+        rnd = OpenAttempt(
             number=broadcast.round,
             attempt=attempt,
             selected=frozenset(selected),
@@ -230,13 +166,17 @@ class Coordinator:
         for p in pending:
             try:
                 update, compute = decode_update(p.client_id, p.meta_json, p.blob)
-                update = self._validate(update, rnd, *_one_pass(p.blob))
+                fin, sq = one_pass(p.blob)
+                update = validate_update(
+                    update, rnd.broadcast, self._limits, client=self.names[p.client_id], finite=fin, square=sq
+                )
                 rnd.accepted[p.client_id] = round_pipeline.decode(update, ctx)
                 rnd.compute_s[p.client_id] = compute
+                rnd.sizes[p.client_id] = len(p.blob)
                 restored += 1
             except Exception as exc:  # one bad row is that update's rejection, never the round's end
                 self._state.drop_pending(rnd.number, p.client_id)
-                self.reject(p.client_id, rnd.number, len(p.blob), "restored update: " + _reason(exc))
+                self.reject(p.client_id, rnd.number, len(p.blob), "restored update: " + rejection_reason(exc))
         with self._cond:
             self._round = rnd
             self._previous_selected[rnd.number] = rnd.selected
@@ -274,7 +214,16 @@ class Coordinator:
             dropouts = sorted(rnd.selected - set(rnd.accepted) - set(rnd.failed))
         for c in dropouts:
             self._state.audit(rnd.number, c, self.names[c], "dropout", 0, f"attempt {rnd.attempt}")
-        return Closed(updates, dict(rnd.compute_s), dict(rnd.failed), dropouts, rnd.timing.summary())
+        return Closed(
+            updates,
+            dict(rnd.compute_s),
+            dict(rnd.failed),
+            dropouts,
+            rnd.timing.summary(),
+            rejected=list(rnd.rejected),
+            sizes=dict(rnd.sizes),
+            bytes_down=rnd.bytes_down,
+        )
 
     def close_secure(self, outcome: SecureOutcome | None) -> Closed:
         """Close the open secure round attempt; ``outcome`` is the relay's result (``None``: it aborted)."""
@@ -292,7 +241,16 @@ class Coordinator:
         for c in dropouts:
             self._state.audit(rnd.number, c, self.names[c], "dropout", 0, f"attempt {rnd.attempt}")
         compute = {c: m.compute_s for c, m in outcome.metas.items()} if outcome is not None else {}
-        return Closed([], compute, dict(rnd.failed), dropouts, rnd.timing.summary(), secure=outcome)
+        return Closed(
+            [],
+            compute,
+            dict(rnd.failed),
+            dropouts,
+            rnd.timing.summary(),
+            secure=outcome,
+            rejected=list(rnd.rejected),
+            bytes_down=rnd.bytes_down,
+        )
 
     def refuses_plaintext(self) -> bool:
         """True while a secure round is open: an upload is refused before its blob is read."""
@@ -401,11 +359,12 @@ class Coordinator:
                 return None
             return rnd.blob
 
-    def note_download(self, round: int, start: float, end: float) -> None:
-        """Record that a Download of ``round``'s broadcast took ``start`` .. ``end`` (perf_counter)."""
+    def note_download(self, round: int, start: float, end: float, nbytes: int = 0) -> None:
+        """Record that a client got ``round``'s broadcast (``nbytes``) in ``start`` .. ``end`` (perf_counter)."""
         with self._cond:
             if self._round is not None and self._round.number == round:
                 self._round.timing.add_download(start, end)
+                self._round.bytes_down += nbytes
 
     def upload_limit(self, configured: int) -> int:
         """Largest upload accepted now: ``configured`` or 2 x the broadcast + 64 KiB."""
@@ -416,16 +375,19 @@ class Coordinator:
         return 2 * size + 65536
 
     def reject(self, cid: int, round: int, nbytes: int, reason: str, *, event: str = "rejected") -> str:
-        reason = _cut(reason)
+        reason = cut(reason)
         self.rejections[event] += 1
         name = self.names[cid] if 0 <= cid < len(self.names) else "?"
+        with self._cond:
+            if self._round is not None and self._round.open and 0 <= cid < len(self.names):
+                self._round.rejected.append((cid, reason))
         self._state.audit(round, cid, name, event, nbytes, reason)
         self._log("update_" + event, level="warning", client=name, round=round, bytes=nbytes, reason=reason)
         return reason
 
     def report_failure(self, cid: int, round: int, reason: str) -> str | None:
         """A client could not train (e.g. diverged); counts as its answer for the round."""
-        reason = _cut(reason)
+        reason = cut(reason)
         with self._cond:
             rnd = self._round
             if rnd is None or not rnd.open or rnd.number != round or cid not in rnd.selected:
@@ -535,11 +497,14 @@ class Coordinator:
         try:
             held = blob if mapped is None else mapped
             update, compute = decode_update(cid, meta_json, held, copy=mapped is None)
-            update = self._validate(update, rnd, *_one_pass(held))
+            fin, sq = one_pass(held)
+            update = validate_update(
+                update, rnd.broadcast, self._limits, client=self.names[cid], finite=fin, square=sq
+            )
             decoded = rnd.pipeline.decode(update, rnd.ctx)
         except Exception as exc:  # whatever breaks on one update rejects it and frees its slot
             self._state.discard(staged)
-            return self.reject(cid, round, len(blob), _reason(exc))
+            return self.reject(cid, round, len(blob), rejection_reason(exc))
         t_record = time.perf_counter()
         with self._cond:
             why = self._check_slot(cid, round, digest)  # the round may have closed meanwhile
@@ -549,6 +514,7 @@ class Coordinator:
                 self._state.record_pending(staged, self.names[cid], meta_json, f"attempt {rnd.attempt}")
                 rnd.accepted[cid] = decoded
                 rnd.compute_s[cid] = compute
+                rnd.sizes[cid] = len(blob)
                 end = time.perf_counter()
                 store_s = (t_validate - t_store) + (end - t_record)
                 rnd.timing.add_upload(received_s, arrived, t_record - t_validate, store_s, end)
@@ -559,55 +525,6 @@ class Coordinator:
             event = "late" if why == "late" else "rejected"
             return self.reject(cid, round, len(blob), why if why != "late" else "late update", event=event)
         return None
-
-    def _validate(
-        self, update: ClientUpdate, rnd: _Round, finite: bool | None = None, square: float | None = None
-    ) -> ClientUpdate:
-        """``update`` as it takes part (reweighted under uniform weighting), or raise
-        :class:`UpdateError` naming what is wrong with it.
-
-        ``finite``: the blob's one-pass finiteness (see :func:`~fedloom.core.serde.data_all_finite`),
-        ``True`` skips the per-tensor checks, which otherwise name the tensor that is not finite;
-        ``square``: the blob's one-pass sum of squares (:func:`~fedloom.core.serde.data_square_sum`;
-        ``None``: summed here, tensor by tensor).
-        """
-        client = self.names[update.client_id]
-        rnd.broadcast.params.check_compatible(update.delta, what="update delta")
-        check_update(self._requirements, update, rnd.broadcast.params, client=client, round=rnd.number)
-        if finite is not True and not update.delta.all_finite():
-            raise UpdateError("update delta contains NaN or infinite values")
-        for name, extra in update.extras.items():
-            if finite is not True and not extra.all_finite():
-                raise UpdateError(f"update extra {name!r} contains NaN or infinite values")
-            if set(extra) <= set(rnd.broadcast.params):
-                for k, v in extra.items():
-                    ref = rnd.broadcast.params[k]
-                    if v.shape != ref.shape or v.dtype != ref.dtype:
-                        raise UpdateError(
-                            f"update extra {name!r} parameter {k!r} has shape {tuple(v.shape)} "
-                            f"{v.dtype}, expected {tuple(ref.shape)} {ref.dtype}"
-                        )
-        if square is None:
-            square = square_norm([update.delta, *update.extras.values()])
-        if not square < OVERFLOW_SQUARE:
-            raise UpdateError(
-                f"update from client {client!r} for round {rnd.number}: its squared L2 norm overflows "
-                f"float32 (norm >= {math.sqrt(OVERFLOW_SQUARE):.3g}); refused whatever the configured bound"
-            )
-        if self._max_norm > 0:
-            norm = update.delta.l2_norm()
-            if norm > self._max_norm:
-                raise UpdateError(
-                    f"update norm {norm:.6g} exceeds the bound deploy.max_update_norm = {self._max_norm}"
-                )
-        if self._max_weight > 0 and update.weight > self._max_weight:
-            raise UpdateError(
-                f"update from client {client!r} for round {rnd.number}: weight {update.weight:.6g} exceeds "
-                f"deploy.max_weight = {self._max_weight:g}"
-            )
-        if self._uniform and update.weight != 1.0:
-            update = dataclasses.replace(update, weight=1.0)
-        return update
 
     # ---- operator view -----------------------------------------------------
     def status(self, extra: Mapping[str, Any]) -> dict[str, Any]:
@@ -642,25 +559,3 @@ class Coordinator:
                 "last_metrics": dict(self.last_metrics),
                 "rejections": dict(self.rejections),
             }
-
-
-def _one_pass(blob: bytes | memoryview) -> tuple[bool | None, float | None]:
-    """The blob's finiteness and sum of squares for :meth:`Coordinator._validate`, in one pass over
-    its data when it can: a sum of squares below :data:`OVERFLOW_SQUARE` has no NaN or infinity in it.
-    """
-    square = data_square_sum(blob)
-    if square is not None and square < OVERFLOW_SQUARE:
-        return True, square
-    return data_all_finite(blob), square
-
-
-def _cut(text: str) -> str:
-    """``text`` cut to :data:`MAX_REASON` characters (what a caller sends is never stored unbounded)."""
-    return text if len(text) <= MAX_REASON else f"{text[:MAX_REASON]}... ({len(text)} characters)"
-
-
-def _reason(exc: BaseException) -> str:
-    """The rejection reason for an exception raised while checking one update."""
-    if isinstance(exc, FedloomError):
-        return str(exc)
-    return f"update could not be checked: {type(exc).__name__}: {exc}"

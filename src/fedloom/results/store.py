@@ -108,7 +108,7 @@ class RunStore:
         self.checkpoint_dir = path.parent / CHECKPOINT_DIR
         try:
             # One thread at a time, not always the opening one: the deployed server commits rounds
-            # on a thread of its own (see fedloom.net.server._Committer).
+            # on a thread of its own (see fedloom.engine.commit.ThreadedCommitter).
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
