@@ -6,8 +6,9 @@ The round loop mirrors :func:`fedloom.sim.runner.run_simulation`: cohorts from
 secret the server generates at run start, keeps in its state database and never
 sends, so that no client can predict a cohort), updates through ``pipeline.decode`` (at upload time, in the
 coordinator), ``algorithm.aggregate`` over the accepted updates sorted by client
-id, ``pipeline.server``, ``algorithm.server_update``, evaluation, and one
-``RunStore.commit_round`` per round.
+id, ``pipeline.server``, ``algorithm.server_update``, evaluation (on the server's optional
+``--eval-data``, and on each selected site's own test split: see :mod:`fedloom.net.evaluation`),
+and one ``RunStore.commit_round`` per round.
 
 Resume: a server started on a state directory that holds a run continues it
 from its last checkpoint, with the same cohort for the interrupted round and the
@@ -70,8 +71,10 @@ from fedloom.core.errors import ConfigError, FedloomError, RunStateError, Traini
 from fedloom.core.rng import numpy_rng
 from fedloom.core.serde import params_to_bytes
 from fedloom.data.datasets import ArrayDataset
+from fedloom.engine.events import Event, Observer
 from fedloom.net.auth import OPERATOR, AuthError, Credentials, TokenBook
 from fedloom.net.coordinator import Closed, Coordinator, Task
+from fedloom.net.evaluation import SiteEvaluation, evaluate_sites
 from fedloom.net.guard import Guarded, guarded_apply
 from fedloom.net.logs import JsonLog
 from fedloom.net.proto import fedloom_pb2 as pb
@@ -125,6 +128,8 @@ class ServerOptions:
     insecure: bool = False
     # Directories to import the experiment's task module from (the experiment file's folder).
     search: tuple[Path, ...] = ()
+    # Each gets the run's events (so far: the per-site Evaluated events; see fedloom.net.evaluation).
+    observers: tuple[Observer, ...] = ()
 
 
 class _Service:
@@ -142,8 +147,10 @@ class _Service:
         state: NetState,
         log: JsonLog,
         run_id: str,
+        evals: SiteEvaluation,
     ) -> None:
         self.coord, self.cfg, self.tokens, self.mtls = coord, cfg, tokens, mtls
+        self.evals = evals
         self.state, self.log, self.run_id = state, log, run_id
         self.chunk = chunk_size_for(cfg.deploy.max_message_bytes)
         self.refusals = RefusalGate()
@@ -158,6 +165,7 @@ class _Service:
             max_workers=len(coord.names) + 4, thread_name_prefix="fedloom-blocking"
         )
         coord.watch_tasks(self._tasks_changed)
+        evals.watch_tasks(self._tasks_changed)
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop, self._changed = loop, asyncio.Event()
@@ -221,6 +229,7 @@ class _Service:
         cid = await self._who(context)
         name = self.coord.names[cid]
         self.state.record_join(cid, name)
+        self.evals.forget(cid)  # it may have test data now
         self.log("join", client=name, id=cid, peer=context.peer())
         unsettled = request.unsettled_round
         return pb.JoinReply(
@@ -241,7 +250,7 @@ class _Service:
         cid = await self._who(context)
         assert self.loop is not None
         end = self.loop.time() + max(0.0, min(request.wait_s, 30.0))
-        while (t := self.coord.task_now(cid)) is None:
+        while (t := self.evals.task_now(cid) or self.coord.task_now(cid)) is None:
             left = end - self.loop.time()
             if left <= 0:
                 t = Task("wait")
@@ -252,7 +261,7 @@ class _Service:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(left):  # unlike wait_for, no task per wait
                     await changed.wait()
-        kind = {"wait": pb.WAIT, "train": pb.TRAIN, "done": pb.DONE}[t.kind]
+        kind = {"wait": pb.WAIT, "train": pb.TRAIN, "done": pb.DONE, "evaluate": pb.EVALUATE}[t.kind]
         small: bytes = pb.TaskReply(
             kind=kind,
             round=t.round,
@@ -328,13 +337,26 @@ class _Service:
         """The open round's broadcast cut into chunks, cut once per round rather than per client."""
         with self._pieces_lock:
             if self._cut[0] != digest:
-                blob = self.coord.broadcast_blob(round, digest)
+                blob = self._blob(round, digest)
                 if blob is None:
                     return None
                 self._cut = (digest, list(iter_chunks(blob, self.chunk)))
-            elif self.coord.broadcast_blob(round, digest) is None:
+            elif self._blob(round, digest) is None:
                 return None  # the same model again, but that round closed
             return self._cut[1]
+
+    def _blob(self, round: int, digest: str) -> bytes | None:
+        """The open round's broadcast, or the model of an open evaluation phase, named ``digest``."""
+        blob = self.coord.broadcast_blob(round, digest)
+        return blob if blob is not None else self.evals.blob(round, digest)
+
+    async def Evaluate(
+        self, request: pb.EvalReport, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.UploadReply:
+        """A site's evaluation report (see :mod:`fedloom.net.evaluation`)."""
+        cid = await self._who(context)
+        error = self.evals.receive(cid, request)
+        return pb.UploadReply(accepted=error is None, error=error or "")
 
     async def Upload(
         self, request_iterator: AsyncIterator[pb.Chunk], context: grpc.aio.ServicerContext[Any, Any]
@@ -639,7 +661,8 @@ def run_server(cfg: ExperimentConfig, state_dir: Path, options: ServerOptions, l
             coord.finish(history[-1])
         tokens = TokenBook(options.tokens) if options.tokens is not None else None
         mtls = options.tls.ca is not None and options.tls.cert is not None
-        service = _Service(coord, cfg, tokens, mtls, net, log, run_id)
+        evals = SiteEvaluation(names, sorted(workspace.metrics), net, log)
+        service = _Service(coord, cfg, tokens, mtls, net, log, run_id, evals)
         server = _AsyncServer(service, cfg, options)
         port = server.start()
         host = options.listen.rsplit(":", 1)[0]
@@ -672,6 +695,7 @@ def run_server(cfg: ExperimentConfig, state_dir: Path, options: ServerOptions, l
                     history,
                     committer,
                     bytes.fromhex(secret),
+                    evals,
                 )
             (state_dir / MODEL).write_bytes(params_to_bytes(state.params))
             store.set_meta("status", "completed")
@@ -711,8 +735,14 @@ def _loop(
     history: list[dict[str, Any]],
     committer: _Committer,
     secret: bytes,
+    evals: SiteEvaluation,
 ) -> ServerState:
     d = cfg.deploy
+
+    def emit(event: Event) -> None:
+        for observer in options.observers:
+            observer(event)
+
     population = len(coord.names)
     metrics_path = store.path.parent / METRICS
     metrics_path.write_text("".join(json.dumps(m) + "\n" for m in history), encoding="utf-8")
@@ -832,6 +862,7 @@ def _loop(
             ev = evaluate(workspace, state.params, options.eval_data, batch_size=cfg.eval.batch_size)
             metrics["test_loss"] = ev.loss
             metrics.update({f"test_{k}": v for k, v in ev.metrics.items()})
+        metrics.update(evaluate_sites(evals, cfg, r, state.params, cohort, log, emit))
         eval_s = time.perf_counter() - t_eval
         metrics["seconds"] = time.perf_counter() - t0
         metrics["max_client_compute_s"] = max(closed.compute_s.values(), default=0.0)
@@ -1055,7 +1086,7 @@ def _draw_cohort(
 
 def _reached(cfg: ExperimentConfig, metrics: Mapping[str, Any]) -> bool:
     target = cfg.eval.target_accuracy
-    acc = metrics.get("test_accuracy")
+    acc = metrics.get("test_accuracy", metrics.get("site_accuracy"))
     return target > 0 and acc is not None and float(acc) >= target
 
 
