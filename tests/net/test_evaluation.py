@@ -56,7 +56,7 @@ every = {every}
 target_accuracy = 0.0
 [deploy]
 clients = ["cleveland", "hungarian", "switzerland", "va"]
-deadline_s = 30.0
+deadline_s = {deadline}
 min_quorum = {quorum}
 heartbeat_s = 0.5
 offline_after_s = 5.0
@@ -115,7 +115,7 @@ def _hand_evaluation(weights: dict[str, torch.Tensor], x: torch.Tensor, y: torch
 
 def test_each_site_reports_its_own_evaluation_of_the_global_model(tmp_path: Path) -> None:
     cfg = tmp_path / "site.toml"
-    cfg.write_text(HEART_TOML.format(rounds=3, every=2, quorum=4), encoding="utf-8")
+    cfg.write_text(HEART_TOML.format(rounds=3, every=2, quorum=4, deadline=30.0), encoding="utf-8")
     port = free_port()
     srv = _server(tmp_path, cfg, port)
     sites = [_site(tmp_path, cfg, h, port) for h in HOSPITALS]
@@ -190,27 +190,31 @@ class _CraftedSite:
             _registered_method=True,
         )
 
-    def run(self, reports: dict[int, list[pb.EvalReport]], deadline_s: float = 200) -> dict[int, list[Any]]:
-        """Serve until DONE; at round r's evaluation send ``reports[r]`` (with the task's digest)."""
+    def run(
+        self, reports: dict[int, list[pb.EvalReport]], silent: int, deadline_s: float = 200
+    ) -> dict[int, list[Any]]:
+        """Serve until DONE: report a training failure, except in round ``silent`` (no answer: a dropout);
+        at round r's evaluation send ``reports[r]`` (with the task's digest)."""
         replies: dict[int, list[Any]] = {}
         end = time.monotonic() + deadline_s
-        while time.monotonic() < end:
-            try:
-                self.stub.Join(pb.JoinRequest(client_name=self.md[0][1]), metadata=self.md, timeout=5)
-                break
-            except grpc.RpcError:
-                time.sleep(0.2)
+        # wait_for_ready: joins as soon as the server listens (a failed connect would back off for seconds)
+        self.stub.Join(
+            pb.JoinRequest(client_name=self.md[0][1]), metadata=self.md, timeout=120, wait_for_ready=True
+        )
         while time.monotonic() < end:
             task = self.stub.GetTask(pb.TaskRequest(wait_s=2.0), metadata=self.md, timeout=20)
             if task.kind == pb.DONE:
                 return replies
-            if task.kind == pb.TRAIN:
+            if task.kind == pb.TRAIN and task.round == silent:
+                time.sleep(0.2)
+            elif task.kind == pb.TRAIN:
                 header = pb.UpdateHeader(
                     round=task.round, broadcast_digest=task.broadcast_digest, failure="error: crafted"
                 )
                 self.push(encode_chunk(b"", header), metadata=self.md, timeout=10)
             elif task.kind == pb.EVALUATE:
-                for report in reports.get(task.round, []):
+                none = pb.EvalReport(unavailable="crafted: no test split")
+                for report in reports.get(task.round, [none]):
                     report.round = task.round
                     report.model_digest = task.broadcast_digest
                     reply = self.stub.Evaluate(report, metadata=self.md, timeout=10)
@@ -220,7 +224,8 @@ class _CraftedSite:
 
 def test_hostile_evaluation_reports_are_refused_by_name_and_the_run_continues(tmp_path: Path) -> None:
     cfg = tmp_path / "site.toml"
-    cfg.write_text(HEART_TOML.format(rounds=2, every=1, quorum=3), encoding="utf-8")
+    # Short deadline: the crafted site's silence in round 2 holds that round to it.
+    cfg.write_text(HEART_TOML.format(rounds=2, every=1, quorum=3, deadline=12.0), encoding="utf-8")
     port = free_port()
     srv = _server(tmp_path, cfg, port)
     honest = [_site(tmp_path, cfg, h, port) for h in HOSPITALS if h != "va"]
@@ -228,7 +233,8 @@ def test_hostile_evaluation_reports_are_refused_by_name_and_the_run_continues(tm
     negative = pb.EvalReport(num_examples=-3, loss=0.5, metrics={"accuracy": 0.5, "auc": 0.5})
     again = pb.EvalReport(num_examples=10, loss=0.5, metrics={"accuracy": 0.5, "auc": 0.5})
     try:
-        replies = _CraftedSite(port, "va").run({1: [nan_metric, again], 2: [negative]})
+        srv.wait_event("listening", timeout=120)
+        replies = _CraftedSite(port, "va").run({1: [nan_metric, again], 2: [negative]}, silent=2)
         assert srv.wait(120) == 0, srv.err.read_text()[-3000:]
         for s in honest:
             assert s.wait(30) == 0, s.err.read_text()[-2000:]
@@ -331,3 +337,78 @@ def test_site_metrics_and_events_have_the_simulations_keys() -> None:
     assert events[1].metrics == {"loss": 1.0, "accuracy": 0.5, "auc": None}
     assert isinstance(events[2], Evaluated)
     assert events[2].metrics["accuracy_max"] == 0.9
+
+
+def test_report_of_the_deployment_agrees_with_its_metrics_and_audit_log(tmp_path: Path) -> None:
+    """`fedloom report` on a deployment state directory: a crafted site fails round 1 and drops out of round 2."""
+    from tests.results.test_report_runs import check_html, close, table
+
+    from fedloom.results.report import write_report
+
+    cfg = tmp_path / "site.toml"
+    cfg.write_text(HEART_TOML.format(rounds=2, every=1, quorum=3, deadline=12.0), encoding="utf-8")
+    port = free_port()
+    srv = _server(tmp_path, cfg, port)
+    honest = [_site(tmp_path, cfg, h, port) for h in HOSPITALS if h != "va"]
+    try:
+        srv.wait_event("listening", timeout=120)
+        _CraftedSite(port, "va").run({}, silent=2)
+        assert srv.wait(120) == 0, srv.err.read_text()[-3000:]
+        for s in honest:
+            assert s.wait(30) == 0, s.err.read_text()[-2000:]
+    finally:
+        for p in [srv, *honest]:
+            p.stop()
+
+    state = tmp_path / "srv"
+    out = tmp_path / "report"
+    report = write_report([state], out)
+    pngs = [p for p in report.paths if p.suffix == ".png"]
+    assert [p.name for p in pngs] == [
+        "accuracy.png",
+        "loss.png",
+        "sites.png",
+        "site-distribution.png",
+        "participation.png",
+        "bytes.png",
+    ]
+    check_html(out, pngs)
+    text = (out / "summary.md").read_text(encoding="utf-8")
+    assert "deployment run in" in text
+    assert "participation read from audit" in text
+    rows = _rows(state / "metrics.jsonl")
+    shown = dict(table(text, "| metric | value |"))
+    scalars = {k: v for k, v in rows[-1].items() if not isinstance(v, dict)}
+    assert set(shown) == set(scalars)
+    for k, v in scalars.items():
+        assert close(shown[k], v), k
+    # Participation per round against the server's own records: the audit table and metrics.jsonl.
+    con = sqlite3.connect(f"file:{state / 'state.sqlite'}?mode=ro", uri=True)
+    try:
+        audit = con.execute("SELECT round, client, event, bytes, detail FROM audit ORDER BY seq").fetchall()
+    finally:
+        con.close()
+    part = {int(c[0]): c for c in table(text, "| round | selected | accepted |")}
+    assert sorted(part) == [1, 2]
+    for r, row in zip((1, 2), rows, strict=True):
+        cells = part[r]
+        # the round's committed attempt: its audit rows after the last aborted attempt's
+        mine = [a for a in audit if a[0] == r]
+        aborted = [i for i, a in enumerate(mine) if a[2] == "round_aborted"]
+        mine = mine[aborted[-1] + 1 :] if aborted else mine
+        failed = [(c, d) for _, c, e, _, d in mine if e == "failed"]
+        dropped = [c for _, c, e, _, _ in mine if e == "dropout"]
+        accepted = [c for _, c, e, _, _ in mine if e == "accepted"]
+        assert int(cells[1]) == 4
+        assert int(cells[2]) == len(accepted) == row["num_clients"] == 3
+        assert int(cells[3]) == len(failed) == row["num_failed"]
+        assert int(cells[4]) == len(dropped) == row["num_dropouts"]
+        assert (len(failed), len(dropped)) == ((1, 0) if r == 1 else (0, 1))
+        assert "va: failed: error: crafted" in cells[5] if r == 1 else "dropped: va:" in cells[5]
+    # Bytes up per round: the accepted updates' bytes in the audit log.
+    moved = {int(c[0]): c for c in table(text, "| round | down | up |")}
+    for r in (1, 2):
+        mine = [a for a in audit if a[0] == r]
+        aborted = [i for i, a in enumerate(mine) if a[2] == "round_aborted"]
+        mine = mine[aborted[-1] + 1 :] if aborted else mine
+        assert int(moved[r][2]) == sum(b for _, _, e, b, _ in mine if e == "accepted")
