@@ -238,9 +238,12 @@ class SiteEvaluation:
     def open(self, round: int, params: Params, sites: Sequence[int], deadline_s: float) -> list[int]:
         """Open round ``round``'s evaluation of ``params`` for ``sites``; returns the sites asked
         (those not known to lack test data)."""
-        blob = encode_broadcast(Broadcast(round=round, params=params))
         with self._cond:
             asked = frozenset(c for c in sites if c not in self._no_data)
+        if not asked:  # nobody to ask: no model to encode either
+            return []
+        blob = encode_broadcast(Broadcast(round=round, params=params))
+        with self._cond:
             self._phase = _Phase(
                 round=round,
                 blob=blob,
@@ -357,9 +360,7 @@ def evaluate_sites(
     ``emit``. Blocks until every asked site answered, or ``deploy.deadline_s``."""
     if not evaluation_due(cfg, r):
         return {}
-    asked = desk.open(r, params, sites, cfg.deploy.deadline_s)
-    if not asked:
-        desk.wait()
+    if not desk.open(r, params, sites, cfg.deploy.deadline_s):
         return {}
     results, silent = desk.wait()
     if silent:
