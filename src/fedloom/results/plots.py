@@ -119,6 +119,10 @@ def _round_axis(ax: Axes, title: str, ylabel: str) -> None:
     ax.grid(visible=True, alpha=0.3)
 
 
+#: Above this many sites the per-site plot draws no legend (and no markers).
+_MAX_LEGEND = 20
+
+
 def plot_site_curves(rows: Sequence[Mapping[str, object]], metric: str, path: Path) -> None:
     """Each site's ``metric`` on its own test split against round (one line per site; ``sites`` rows)."""
     curves: dict[str, tuple[list[int], list[float]]] = {}
@@ -134,11 +138,15 @@ def plot_site_curves(rows: Sequence[Mapping[str, object]], metric: str, path: Pa
                 ys.append(v)
     fig = _new_figure(7.0, 4.5)
     ax = fig.add_subplot()
+    many = len(curves) > _MAX_LEGEND
     for site, (xs, ys) in curves.items():
-        ax.plot(xs, ys, marker="o" if len(xs) <= 50 else None, markersize=3, label=site)
-    _round_axis(ax, f"Per-site {metric} (each site's own test split)", metric)
-    if curves:
-        ax.legend(fontsize="small", ncol=max(1, len(curves) // 12))
+        if many:  # a cloud of thin lines; the distribution plot summarises them
+            ax.plot(xs, ys, linewidth=0.6, alpha=0.4)
+        else:
+            ax.plot(xs, ys, marker="o" if len(xs) <= 50 else None, markersize=3, label=site)
+    _round_axis(ax, f"Per-site {metric} on each site's own test split ({len(curves)} sites)", metric)
+    if curves and not many:
+        ax.legend(fontsize="small")
     fig.savefig(path)
 
 
