@@ -147,10 +147,12 @@ class _Service:
         state: NetState,
         log: JsonLog,
         run_id: str,
-        evals: SiteEvaluation,
+        evals: SiteEvaluation | None = None,
     ) -> None:
+        """``evals``: the evaluation desk the round loop opens phases on (``None``: one that no phase
+        is ever opened on, so no client is asked to evaluate)."""
         self.coord, self.cfg, self.tokens, self.mtls = coord, cfg, tokens, mtls
-        self.evals = evals
+        self.evals = evals if evals is not None else SiteEvaluation(coord.names, (), state, log)
         self.state, self.log, self.run_id = state, log, run_id
         self.chunk = chunk_size_for(cfg.deploy.max_message_bytes)
         self.refusals = RefusalGate()
@@ -165,7 +167,7 @@ class _Service:
             max_workers=len(coord.names) + 4, thread_name_prefix="fedloom-blocking"
         )
         coord.watch_tasks(self._tasks_changed)
-        evals.watch_tasks(self._tasks_changed)
+        self.evals.watch_tasks(self._tasks_changed)
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop, self._changed = loop, asyncio.Event()
