@@ -234,7 +234,7 @@ def test_hostile_evaluation_reports_are_refused_by_name_and_the_run_continues(tm
     again = pb.EvalReport(num_examples=10, loss=0.5, metrics={"accuracy": 0.5, "auc": 0.5})
     try:
         srv.wait_event("listening", timeout=120)
-        replies = _CraftedSite(port, "va").run({1: [nan_metric, again], 2: [negative]}, silent=2)
+        replies = _CraftedSite(port, "va").run({1: [nan_metric, again], 2: [negative]}, silent=0)
         assert srv.wait(120) == 0, srv.err.read_text()[-3000:]
         for s in honest:
             assert s.wait(30) == 0, s.err.read_text()[-2000:]

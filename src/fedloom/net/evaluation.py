@@ -3,7 +3,7 @@
 After round ``r`` aggregates, and when ``r`` is an evaluation round (every ``eval.every``
 rounds and the last, as in the simulation), :func:`evaluate_sites` opens an
 *evaluation phase* on a :class:`SiteEvaluation` desk: each site selected for round ``r``
-gets an ``EVALUATE`` task naming the new global model (``TaskReply.broadcast_digest``),
+(except the round's dropouts, which did not answer it) gets an ``EVALUATE`` task naming the new global model (``TaskReply.broadcast_digest``),
 downloads it (``Download``), runs the task's loss and metrics on its LOCAL test split and
 answers with the ``Evaluate`` RPC (an ``EvalReport``: loss, metrics, number of
 examples; or ``unavailable`` with the reason, e.g. a site without a test split). The

@@ -864,7 +864,9 @@ def _loop(
             ev = evaluate(workspace, state.params, options.eval_data, batch_size=cfg.eval.batch_size)
             metrics["test_loss"] = ev.loss
             metrics.update({f"test_{k}": v for k, v in ev.metrics.items()})
-        metrics.update(evaluate_sites(evals, cfg, r, state.params, cohort, log, emit))
+        # the round's selected sites; its dropouts (likely gone) are not waited for again
+        asked = [c for c in cohort if c not in closed.dropouts]
+        metrics.update(evaluate_sites(evals, cfg, r, state.params, asked, log, emit))
         eval_s = time.perf_counter() - t_eval
         metrics["seconds"] = time.perf_counter() - t0
         metrics["max_client_compute_s"] = max(closed.compute_s.values(), default=0.0)
