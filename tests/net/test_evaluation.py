@@ -412,3 +412,46 @@ def test_report_of_the_deployment_agrees_with_its_metrics_and_audit_log(tmp_path
         aborted = [i for i, a in enumerate(mine) if a[2] == "round_aborted"]
         mine = mine[aborted[-1] + 1 :] if aborted else mine
         assert int(moved[r][2]) == sum(b for _, _, e, b, _ in mine if e == "accepted")
+
+
+def test_the_server_hands_each_site_evaluation_to_its_observers(tmp_path: Path) -> None:
+    """run_server in this process (observers are Python callables), four real client processes."""
+    import io
+    import threading
+
+    from fedloom.config.loader import load_config
+    from fedloom.engine.events import Event
+    from fedloom.net.logs import JsonLog
+    from fedloom.net.server import ServerOptions, run_server
+
+    cfg_path = tmp_path / "site.toml"
+    cfg_path.write_text(HEART_TOML.format(rounds=1, every=1, quorum=4, deadline=30.0), encoding="utf-8")
+    port = free_port()
+    seen: list[Event] = []
+    options = ServerOptions(listen=f"127.0.0.1:{port}", linger_s=5.0, observers=(seen.append,))
+    buf = io.StringIO()
+    log = JsonLog("server", stream=buf)
+    done: list[Any] = []
+    thread = threading.Thread(
+        target=lambda: done.append(run_server(load_config(cfg_path), tmp_path / "srv", options, log)),
+        daemon=True,
+    )
+    thread.start()
+    sites = [_site(tmp_path, cfg_path, h, port) for h in HOSPITALS]
+    try:
+        thread.join(timeout=240)
+        assert done, buf.getvalue()[-3000:]
+        for s in sites:
+            assert s.wait(30) == 0, s.err.read_text()[-2000:]
+    finally:
+        for p in sites:
+            p.stop()
+    (row,) = _rows(tmp_path / "srv" / "metrics.jsonl")
+    evaluated = [e for e in seen if isinstance(e, Evaluated)]
+    assert [(e.scope, e.site) for e in evaluated] == [("site", h) for h in HOSPITALS] + [("sites", None)]
+    for e in evaluated[:-1]:
+        assert e.round == 1
+        assert e.examples == row["sites"][e.site]["num_examples"]
+        assert e.metrics["accuracy"] == row["sites"][e.site]["accuracy"]
+    assert evaluated[-1].metrics["accuracy"] == row["site_accuracy"]
+    assert evaluated[-1].metrics["accuracy_median"] == row["site_accuracy_median"]
