@@ -103,6 +103,8 @@ def test_deployed_run_completes_audits_and_matches_simulation(
         initial_params=Params.from_module(module),
         data_source="heart",
         client_names=tuple(HOSPITALS),
+        # each site's own test split, as its client process evaluates on (the loader's load_eval)
+        client_test=_Hospitals([load_eval_data(f"{LOADER}:{h}", cfg, data_dir=heart_dir) for h in HOSPITALS]),
     )
     executor = SequentialExecutor(comps.workspace, comps.train, comps.pipeline)
     with torch.random.fork_rng(devices=[]):
@@ -114,13 +116,17 @@ def test_deployed_run_completes_audits_and_matches_simulation(
     for k in deployed:
         assert torch.equal(sim.state.params[k], deployed[k]), k
     assert sim.final_metrics["test_accuracy"] == metrics[-1]["test_accuracy"]
+    # The sites' own evaluations of the deployed model equal the simulation's of its model.
+    assert sim.final_metrics["sites"] == metrics[-1]["sites"]
+    assert sim.final_metrics["site_accuracy"] == metrics[-1]["site_accuracy"]
     # The same round engine ran both: the same events in the same order, equal in every field but
     # timing and the runtime-specific ones (which runtime, bytes on the wire, the deployment's
     # attempt and dropout counts; see fedloom.engine.events).
     deployed_events = list(read_events(reference_run / "srv" / "events.jsonl"))
     sim_events = list(read_events(tmp_path / "sim" / "events.jsonl"))
     assert [comparable(e) for e in deployed_events] == [comparable(e) for e in sim_events]
-    assert len(deployed_events) == 2 + 4 * 10  # started, 4 x (opened .. committed, 4 accepted), stopped
+    # started, 4 x (opened .. committed: 4 accepted, central + sites + 4 site evaluations), stopped
+    assert len(deployed_events) == 2 + 4 * 15
     (started,) = [e for e in deployed_events if isinstance(e, RunStarted)]
     assert (started.runtime, started.info["clients"]) == ("deployment", list(HOSPITALS))
     # Bytes: each accepted update's upload as audited, and the model sent to each of the 4 clients.

@@ -125,7 +125,7 @@ def test_single_run_report(tmp_path: Path) -> None:
     out = tmp_path / "out" / "nested"
     report = write_report([run_dir], out)
 
-    assert report.paths == (out / "accuracy.png", out / "loss.png", out / "summary.md")
+    assert report.paths == (out / "accuracy.png", out / "loss.png", out / "summary.md", out / "report.html")
     for png in report.paths[:2]:
         _assert_png(png)
     (run,) = report.runs

@@ -202,10 +202,18 @@ def simulate(
 
 @app.command("report")
 def report_cmd(
-    run_dirs: Annotated[list[Path], typer.Argument(help="One or more run directories.")],
+    run_dirs: Annotated[
+        list[Path],
+        typer.Argument(help="Run directories: `fedloom simulate` runs or `fedloom server --state-dir`s."),
+    ],
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output directory.")] = None,
 ) -> None:
-    """Write accuracy/loss plots (runs overlaid) and summary.md."""
+    """Write plots (PNG), summary.md and a self-contained report.html of runs, finished or running.
+
+    Per run: accuracy and loss, per-site curves and their distribution across sites, epsilon
+    spent against the budget, accepted/rejected/dropped clients per round with the reasons, and
+    bytes per round, wherever the run recorded them.
+    """
     from fedloom.results.report import write_report
 
     target = out if out is not None else (run_dirs[0] if len(run_dirs) == 1 else Path("report"))

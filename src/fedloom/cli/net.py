@@ -155,6 +155,15 @@ def client(
             "'FILE.py:ARG' / 'module:ARG'.",
         ),
     ] = "task",
+    eval_data: Annotated[
+        str,
+        typer.Option(
+            "--eval-data",
+            help="This site's test split for evaluation rounds: 'auto' (with --data task the task's own "
+            "split for this client; with a loader FILE.py:ARG its load_eval(ARG) if defined), 'task', "
+            "'none', or a loader 'FILE.py:ARG' / 'module:ARG' (its load_eval).",
+        ),
+    ] = "auto",
     client_id: Annotated[
         str | None, typer.Option("--client-id", help="This client's name in deploy.clients.")
     ] = None,
@@ -197,7 +206,7 @@ def client(
 
     from fedloom.net.auth import Credentials
     from fedloom.net.client import ClientOptions, NetClient
-    from fedloom.net.datasources import load_client_data, task_client_data
+    from fedloom.net.datasources import client_test_data, load_client_data, task_client_data
     from fedloom.net.logs import JsonLog
     from fedloom.net.memory import keep_freed_buffers
 
@@ -240,7 +249,18 @@ def client(
                 return task_client_data(task, cfg, name=name, partition_client=partition_client)
             return load_client_data(data, cfg, data_dir=data_dir, partition_client=partition_client)
 
-        code = NetClient(opts, log, load_data=load).serve()
+        def load_test(cfg: ExperimentConfig, task: Task) -> ArrayDataset | None:
+            return client_test_data(
+                eval_data,
+                data,
+                task,
+                cfg,
+                name=name,
+                data_dir=data_dir,
+                partition_client=partition_client,
+            )
+
+        code = NetClient(opts, log, load_data=load, load_test=load_test).serve()
     except FedloomError as exc:
         raise _fail(exc) from None
     raise typer.Exit(code=code)

@@ -228,7 +228,12 @@ class SamplingConfig(_Section):
 
 
 class EvalConfig(_Section):
-    every: int = Field(1, ge=1, description="Evaluate on the test set every N rounds (and on the last).")
+    every: int = Field(
+        1,
+        ge=1,
+        description="Evaluate every N rounds (and on the last): on the central test set, on each client's "
+        "own test split where clients have one (in deployment: each selected site, on its own data).",
+    )
     target_accuracy: float = Field(
         0.95, ge=0, le=1, description="Stop once test accuracy reaches this value (0 = run all rounds)."
     )

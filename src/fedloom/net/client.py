@@ -28,6 +28,12 @@ The client runs only code its own operator configured: a server config that name
 (``ClientOptions.local_config``), else the client refuses to join with exit code 5 before
 importing anything (see :mod:`fedloom.net.trust`).
 
+Evaluation rounds (an ``EVALUATE`` task, see :mod:`fedloom.net.evaluation`): the client
+downloads the round's global model, evaluates it with its task's loss and metrics on its own
+test split (``load_test``; the split never leaves the site) and answers with the ``Evaluate`` RPC:
+the loss, each metric (an undefined one, e.g. AUC on a split with one class, listed as such) and
+the number of examples. A client without a test split answers that it has none.
+
 When the task carries SecAgg parameters (``secagg.enabled``) the update is never
 uploaded: the client takes part in the four SecAgg stages instead (see
 :mod:`fedloom.net.secure`), sending its masked ``flatten_weighted`` vector and, in
@@ -37,6 +43,7 @@ the clear, only the update's metadata (weight, counts, train loss, compute time)
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 import tomllib
@@ -81,6 +88,7 @@ from fedloom.net.wire import (
     update_pieces,
 )
 from fedloom.sim.build import build_algorithm, build_pipeline, check_fits, task_for
+from fedloom.sim.evaluate import evaluate
 from fedloom.sim.privacy_plan import plan_privacy
 from fedloom.tasks.task import Task, check_task, task_workspace
 from fedloom.transforms.pipeline import Pipeline
@@ -238,14 +246,20 @@ class NetClient:
         *,
         load_data: Callable[[ExperimentConfig, Task], ArrayDataset] | None = None,
         work: Callable[[ExperimentConfig], Work] | None = None,
+        load_test: Callable[[ExperimentConfig, Task], ArrayDataset | None] | None = None,
     ) -> None:
+        """``load_data``: this site's training data (fedloom trains); ``work``: a custom trainer instead;
+        ``load_test``: this site's test split for evaluation rounds (``None``, or returning ``None``: none)."""
         if load_data is None and work is None:
             raise ValueError("NetClient needs load_data (real training) or work (a custom trainer)")
         self.o = options
         self.log = log
         self._load_data = load_data
         self._make_work = work
+        self._load_test = load_test
         self._work: Work | None = None
+        # (the workspace, the test split) evaluation rounds use; None: this site has no test split
+        self._evaluation: tuple[Workspace, ArrayDataset] | None = None
         self._run_id = ""
         self._cfg: ExperimentConfig | None = None
         self._states: ClientStateStore | None = None
@@ -276,7 +290,13 @@ class NetClient:
             self._work = algorithm_work(
                 build_algorithm(cfg), pipeline, workspace, data, secure=cfg.secagg.enabled
             )
-            self.log("data_loaded", examples=len(data), task=task.name)
+            test = self._load_test(cfg, task) if self._load_test is not None else None
+            if test is not None and len(test) > 0:
+                check_task(task, workspace, test, "this client's test data")
+                self._evaluation = (workspace, test)
+            self.log(
+                "data_loaded", examples=len(data), test_examples=len(test) if test else 0, task=task.name
+            )
         if self.o.state_dir is not None:
             self._states = ClientStateStore(self.o.state_dir, reply.run_id)
 
@@ -352,6 +372,8 @@ class NetClient:
                     said = task.message
                     if task.kind == pb.TRAIN:
                         self._round(stub, raw, task, inline, reply, chunk_size_for(max_msg))
+                    elif task.kind == pb.EVALUATE:
+                        self._evaluate(stub, task)
             except grpc.RpcError as exc:
                 code = exc.code() if hasattr(exc, "code") else None
                 if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
@@ -474,6 +496,41 @@ class NetClient:
             self.log("update_accepted", round=r, bytes=size, compute_s=round(compute, 4), transfer=transfer)
         else:
             self.log("update_rejected", level="warning", round=r, reason=reply.error)
+
+    def _evaluate(self, stub: pbg.CoordinatorStub, task: pb.TaskReply) -> None:
+        """Evaluate round ``task.round``'s global model on this site's test split and report it."""
+        if self._cfg is None:
+            raise RunStateError("a task arrived before the client joined")
+        r = task.round
+        report = pb.EvalReport(round=r, model_digest=task.broadcast_digest)
+        if self._evaluation is None:
+            report.unavailable = "this site has no test split"
+        else:
+            workspace, test = self._evaluation
+            try:
+                request = pb.DownloadRequest(round=r, broadcast_digest=task.broadcast_digest)
+                timeout = max(30.0, task.deadline_in_s)
+                blob = b"".join(c.data for c in stub.Download(request, metadata=self._md, timeout=timeout))
+                if fingerprint(blob) != task.broadcast_xxh3:
+                    raise RunStateError(f"round {r}: the downloaded model does not match its XXH3 checksum")
+                params = decode_broadcast(blob, r).params
+                ev = evaluate(workspace, params, test, batch_size=self._cfg.eval.batch_size)
+            except FedloomError as exc:
+                report.unavailable = f"error: {exc}"
+                self.log("evaluation_failed", level="warning", round=r, reason=str(exc))
+            else:
+                report.num_examples = ev.num_examples
+                report.loss = ev.loss
+                for name, value in ev.metrics.items():
+                    if math.isfinite(value):
+                        report.metrics[name] = value
+                    else:
+                        report.undefined.append(name)
+        reply = stub.Evaluate(report, metadata=self._md, timeout=30)
+        if reply.accepted:
+            self.log("evaluated", round=r, examples=report.num_examples, metrics=dict(report.metrics))
+        else:
+            self.log("evaluation_refused", level="warning", round=r, reason=reply.error)
 
     def _secure(
         self,

@@ -11,7 +11,14 @@ A data spec is one of::
 
 A loader module defines ``load_client(arg, data_dir) -> ArrayDataset`` (a client's
 training data) and may define ``load_eval(arg, data_dir) -> ArrayDataset`` (a test
-set for the server). The data stays where it is; nothing is copied.
+set: the server's central one, or a site's own for evaluation rounds). The data stays
+where it is; nothing is copied.
+
+A client's test split for evaluation rounds (``fedloom client --eval-data``,
+:func:`client_test_data`): ``auto`` (the default) is the task's own test split of this
+client with ``--data task`` (per-client test data, e.g. FLamby's per-hospital splits), the
+loader's ``load_eval(ARG)`` with ``--data FILE.py:ARG`` when the loader defines it, else
+none; ``none`` turns it off; ``task`` or a loader spec names it explicitly.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ from fedloom.data.federated import FederatedDataset
 from fedloom.sim.build import split_for, task_for
 from fedloom.tasks.task import ClientData, Task, load_data, materialise
 
-__all__ = ["load_client_data", "load_eval_data", "task_client_data"]
+__all__ = ["client_test_data", "load_client_data", "load_eval_data", "task_client_data", "task_client_test"]
 
 
 def _loader(spec: str) -> tuple[ModuleType, str]:
@@ -83,6 +90,68 @@ def task_client_data(
     if not 0 <= partition_client < train.num_clients:
         raise DataError(f"--partition-client {partition_client} is outside [0, {train.num_clients})")
     return train.client_data(partition_client)
+
+
+def task_client_test(
+    task: Task, cfg: ExperimentConfig, *, name: str, partition_client: int | None
+) -> ArrayDataset | None:
+    """This client's own test split from its task (by ``name``, or ``partition_client``, among
+    natural per-client data); ``None`` when the task has no per-client test data."""
+    data = load_data(task)
+    if not isinstance(data, ClientData) or data.client_test is None:
+        return None
+    names = list(data.names) if data.names is not None else None
+    if partition_client is not None:
+        idx = partition_client
+    elif names is not None and name in names:
+        idx = names.index(name)
+    else:
+        return None
+    tests = data.client_test
+    count = tests.num_clients if isinstance(tests, FederatedDataset) else len(tests)
+    if not 0 <= idx < count:
+        return None
+    return tests.client_data(idx) if isinstance(tests, FederatedDataset) else tests[idx]
+
+
+def client_test_data(
+    spec: str,
+    train_spec: str,
+    task: Task,
+    cfg: ExperimentConfig,
+    *,
+    name: str,
+    data_dir: Path | None,
+    partition_client: int | None,
+) -> ArrayDataset | None:
+    """The test split the client started with ``--eval-data spec --data train_spec`` evaluates on
+    (see the module docstring); ``None``: this client has none."""
+    if spec == "none":
+        return None
+    if spec == "auto":
+        if train_spec == "task":
+            return task_client_test(task, cfg, name=name, partition_client=partition_client)
+        if train_spec == "config":
+            return None
+        module, arg = _loader(train_spec)
+        fn = getattr(module, "load_eval", None)
+        return _checked(fn(arg, data_dir), train_spec) if fn is not None else None
+    if spec == "task":
+        test = task_client_test(task, cfg, name=name, partition_client=partition_client)
+        if test is None:
+            raise DataError(f"--eval-data task: task {task.name!r} has no test split for client {name!r}")
+        return test
+    module, arg = _loader(spec)
+    fn = getattr(module, "load_eval", None)
+    if fn is None:
+        raise DataError(f"data spec {spec!r}: the loader defines no load_eval(arg, data_dir)")
+    return _checked(fn(arg, data_dir), spec)
+
+
+def _checked(data: object, spec: str) -> ArrayDataset:
+    if not isinstance(data, ArrayDataset):
+        raise DataError(f"data spec {spec!r}: load_eval returned {type(data).__name__}, not ArrayDataset")
+    return data
 
 
 def load_client_data(

@@ -38,6 +38,7 @@ from fedloom.core.rng import numpy_rng
 from fedloom.engine.commit import ThreadedCommitter
 from fedloom.engine.rounds import Attempt, Contribution
 from fedloom.net.coordinator import Closed, Coordinator
+from fedloom.net.evaluation import SiteEvaluation, evaluate_sites
 from fedloom.net.guard import Guarded, guarded_apply
 from fedloom.net.logs import JsonLog
 from fedloom.net.state import NetState
@@ -79,11 +80,13 @@ class DeploymentDriver:
         log: JsonLog,
         committer: ThreadedCommitter,
         *,
+        evals: SiteEvaluation | None = None,
         selected_n: int,
         size: int,
         secret: bytes,
     ) -> None:
         self.cfg, self.coord, self.net, self.log, self.committer = cfg, coord, net, log, committer
+        self.evals = evals
         self.algorithm, self.pipeline, self.privacy = algorithm, pipeline, privacy
         self.selected_n, self.size, self.secret = selected_n, size, secret
         self.population = len(coord.names)
@@ -246,7 +249,13 @@ class DeploymentDriver:
         )
 
     def site_evaluation(self, r: int, state: ServerState, due: bool) -> Mapping[str, Any]:
-        return {}
+        """The round's selected sites evaluate ``state``'s model on their own test splits
+        (:mod:`fedloom.net.evaluation`); its dropouts (likely gone) are not waited for again."""
+        if self.evals is None or not due or self._cohort is None:
+            return {}
+        dropouts = set(self._closed.dropouts) if self._closed is not None else set()
+        asked = [c for c in self._cohort if c not in dropouts]
+        return evaluate_sites(self.evals, self.cfg, r, state.params, asked, self.log)
 
     def committed(self, state: ServerState, metrics: Mapping[str, Any], timing: dict[str, float]) -> None:
         r = state.round

@@ -44,6 +44,7 @@ from fedloom.engine.rounds import PRIVACY_BUDGET, TARGET_REACHED, RoundEngine
 from fedloom.net.auth import TokenBook
 from fedloom.net.coordinator import Coordinator
 from fedloom.net.driver import DeploymentDriver
+from fedloom.net.evaluation import SiteEvaluation
 from fedloom.net.logs import JsonLog
 from fedloom.net.service import Service
 from fedloom.net.serving import AsyncServer, ServerOptions
@@ -140,7 +141,8 @@ def run_server(
             coord.finish(run.history[-1])
         tokens = TokenBook(options.tokens) if options.tokens is not None else None
         mtls = options.tls.ca is not None and options.tls.cert is not None
-        service = Service(coord, cfg, tokens, mtls, net, log, run_id)
+        evals = SiteEvaluation(names, sorted(workspace.metrics), net, log)
+        service = Service(coord, cfg, tokens, mtls, net, log, run_id, evals)
         server = AsyncServer(service, cfg, options)
         port = server.start()
         host = options.listen.rsplit(":", 1)[0]
@@ -167,6 +169,7 @@ def run_server(
                     privacy,
                     log,
                     committer,
+                    evals=evals,
                     selected_n=selected_n,
                     size=size,
                     secret=bytes.fromhex(secret),

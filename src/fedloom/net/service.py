@@ -28,6 +28,7 @@ from fedloom.config.schema import ExperimentConfig
 from fedloom.core.errors import UpdateError
 from fedloom.net.auth import OPERATOR, AuthError, TokenBook
 from fedloom.net.coordinator import Coordinator, Task
+from fedloom.net.evaluation import SiteEvaluation
 from fedloom.net.logs import JsonLog
 from fedloom.net.proto import fedloom_pb2 as pb
 from fedloom.net.proto import fedloom_pb2_grpc as pbg
@@ -52,8 +53,12 @@ class Service:
         state: NetState,
         log: JsonLog,
         run_id: str,
+        evals: SiteEvaluation | None = None,
     ) -> None:
+        """``evals``: the evaluation desk the round engine opens phases on (``None``: one that no phase
+        is ever opened on, so no client is asked to evaluate)."""
         self.coord, self.cfg, self.tokens, self.mtls = coord, cfg, tokens, mtls
+        self.evals = evals if evals is not None else SiteEvaluation(coord.names, (), state, log)
         self.state, self.log, self.run_id = state, log, run_id
         self.chunk = chunk_size_for(cfg.deploy.max_message_bytes)
         self.refusals = RefusalGate()
@@ -68,6 +73,7 @@ class Service:
             max_workers=len(coord.names) + 4, thread_name_prefix="fedloom-blocking"
         )
         coord.watch_tasks(self._tasks_changed)
+        self.evals.watch_tasks(self._tasks_changed)
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop, self._changed = loop, asyncio.Event()
@@ -131,6 +137,7 @@ class Service:
         cid = await self._who(context)
         name = self.coord.names[cid]
         self.state.record_join(cid, name)
+        self.evals.forget(cid)  # it may have test data now
         self.log("join", client=name, id=cid, peer=context.peer())
         unsettled = request.unsettled_round
         return pb.JoinReply(
@@ -151,7 +158,7 @@ class Service:
         cid = await self._who(context)
         assert self.loop is not None
         end = self.loop.time() + max(0.0, min(request.wait_s, 30.0))
-        while (t := self.coord.task_now(cid)) is None:
+        while (t := self.evals.task_now(cid) or self.coord.task_now(cid)) is None:
             left = end - self.loop.time()
             if left <= 0:
                 t = Task("wait")
@@ -162,7 +169,7 @@ class Service:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(left):  # unlike wait_for, no task per wait
                     await changed.wait()
-        kind = {"wait": pb.WAIT, "train": pb.TRAIN, "done": pb.DONE}[t.kind]
+        kind = {"wait": pb.WAIT, "train": pb.TRAIN, "done": pb.DONE, "evaluate": pb.EVALUATE}[t.kind]
         small: bytes = pb.TaskReply(
             kind=kind,
             round=t.round,
@@ -238,13 +245,26 @@ class Service:
         """The open round's broadcast cut into chunks, cut once per round rather than per client."""
         with self._pieces_lock:
             if self._cut[0] != digest:
-                blob = self.coord.broadcast_blob(round, digest)
+                blob = self._blob(round, digest)
                 if blob is None:
                     return None
                 self._cut = (digest, list(iter_chunks(blob, self.chunk)))
-            elif self.coord.broadcast_blob(round, digest) is None:
+            elif self._blob(round, digest) is None:
                 return None  # the same model again, but that round closed
             return self._cut[1]
+
+    def _blob(self, round: int, digest: str) -> bytes | None:
+        """The open round's broadcast, or the model of an open evaluation phase, named ``digest``."""
+        blob = self.coord.broadcast_blob(round, digest)
+        return blob if blob is not None else self.evals.blob(round, digest)
+
+    async def Evaluate(
+        self, request: pb.EvalReport, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.UploadReply:
+        """A site's evaluation report (see :mod:`fedloom.net.evaluation`)."""
+        cid = await self._who(context)
+        error = self.evals.receive(cid, request)
+        return pb.UploadReply(accepted=error is None, error=error or "")
 
     async def Upload(
         self, request_iterator: AsyncIterator[pb.Chunk], context: grpc.aio.ServicerContext[Any, Any]

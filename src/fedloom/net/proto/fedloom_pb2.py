@@ -24,15 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x66\x65\x64loom/net/proto/fedloom.proto\x12\x0e\x66\x65\x64loom.net.v1\";\n\x0bJoinRequest\x12\x13\n\x0b\x63lient_name\x18\x01 \x01(\t\x12\x17\n\x0funsettled_round\x18\x02 \x01(\x05\"\xa3\x01\n\tJoinReply\x12\x11\n\tclient_id\x18\x01 \x01(\x05\x12\x13\n\x0b\x63onfig_toml\x18\x02 \x01(\t\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\x19\n\x11max_message_bytes\x18\x04 \x01(\x03\x12\x13\n\x0bheartbeat_s\x18\x05 \x01(\x01\x12\x12\n\npopulation\x18\x06 \x01(\x05\x12\x1a\n\x12unsettled_accepted\x18\x07 \x01(\x08\"\x1d\n\x0bTaskRequest\x12\x0e\n\x06wait_s\x18\x01 \x01(\x01\"\xe9\x01\n\tTaskReply\x12&\n\x04kind\x18\x01 \x01(\x0e\x32\x18.fedloom.net.v1.TaskKind\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x18\n\x10\x62roadcast_digest\x18\x03 \x01(\t\x12\x17\n\x0f\x62roadcast_bytes\x18\x04 \x01(\x03\x12\x15\n\rdeadline_in_s\x18\x05 \x01(\x01\x12\x0f\n\x07message\x18\x06 \x01(\t\x12\x13\n\x0bsecagg_json\x18\x07 \x01(\t\x12\x16\n\x0e\x62roadcast_xxh3\x18\n \x01(\x06\x12\x11\n\tbroadcast\x18\x0b \x01(\x0cJ\x04\x08\x08\x10\tJ\x04\x08\t\x10\n\":\n\x0f\x44ownloadRequest\x12\r\n\x05round\x18\x01 \x01(\x05\x12\x18\n\x10\x62roadcast_digest\x18\x02 \x01(\t\"C\n\x05\x43hunk\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1c.fedloom.net.v1.UpdateHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"p\n\x0cUpdateHeader\x12\r\n\x05round\x18\x01 \x01(\x05\x12\x18\n\x10\x62roadcast_digest\x18\x02 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x03\x12\x11\n\tmeta_json\x18\x04 \x01(\t\x12\x0f\n\x07\x66\x61ilure\x18\x05 \x01(\t\".\n\x0bUploadReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t\"b\n\rSecAggRequest\x12\r\n\x05round\x18\x01 \x01(\x05\x12\r\n\x05stage\x18\x02 \x01(\x05\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12\x11\n\tmeta_json\x18\x04 \x01(\t\x12\x0f\n\x07session\x18\x05 \x01(\t\"-\n\x0bSecAggReply\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\r\n\x05\x65rror\x18\x02 \x01(\t\"!\n\x10HeartbeatRequest\x12\r\n\x05phase\x18\x01 \x01(\t\"\x1f\n\x0eHeartbeatReply\x12\r\n\x05round\x18\x01 \x01(\x05\"\x0f\n\rStatusRequest\"\x1b\n\x0bStatusReply\x12\x0c\n\x04json\x18\x01 \x01(\t*D\n\x08TaskKind\x12\x19\n\x15TASK_KIND_UNSPECIFIED\x10\x00\x12\x08\n\x04WAIT\x10\x01\x12\t\n\x05TRAIN\x10\x02\x12\x08\n\x04\x44ONE\x10\x03\x32\xad\x04\n\x0b\x43oordinator\x12>\n\x04Join\x12\x1b.fedloom.net.v1.JoinRequest\x1a\x19.fedloom.net.v1.JoinReply\x12\x41\n\x07GetTask\x12\x1b.fedloom.net.v1.TaskRequest\x1a\x19.fedloom.net.v1.TaskReply\x12\x44\n\x08\x44ownload\x12\x1f.fedloom.net.v1.DownloadRequest\x1a\x15.fedloom.net.v1.Chunk0\x01\x12>\n\x06Upload\x12\x15.fedloom.net.v1.Chunk\x1a\x1b.fedloom.net.v1.UploadReply(\x01\x12:\n\x04Push\x12\x15.fedloom.net.v1.Chunk\x1a\x1b.fedloom.net.v1.UploadReply\x12\x44\n\x06SecAgg\x12\x1d.fedloom.net.v1.SecAggRequest\x1a\x1b.fedloom.net.v1.SecAggReply\x12M\n\tHeartbeat\x12 .fedloom.net.v1.HeartbeatRequest\x1a\x1e.fedloom.net.v1.HeartbeatReply\x12\x44\n\x06Status\x12\x1d.fedloom.net.v1.StatusRequest\x1a\x1b.fedloom.net.v1.StatusReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x66\x65\x64loom/net/proto/fedloom.proto\x12\x0e\x66\x65\x64loom.net.v1\";\n\x0bJoinRequest\x12\x13\n\x0b\x63lient_name\x18\x01 \x01(\t\x12\x17\n\x0funsettled_round\x18\x02 \x01(\x05\"\xa3\x01\n\tJoinReply\x12\x11\n\tclient_id\x18\x01 \x01(\x05\x12\x13\n\x0b\x63onfig_toml\x18\x02 \x01(\t\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\x19\n\x11max_message_bytes\x18\x04 \x01(\x03\x12\x13\n\x0bheartbeat_s\x18\x05 \x01(\x01\x12\x12\n\npopulation\x18\x06 \x01(\x05\x12\x1a\n\x12unsettled_accepted\x18\x07 \x01(\x08\"\x1d\n\x0bTaskRequest\x12\x0e\n\x06wait_s\x18\x01 \x01(\x01\"\xe9\x01\n\tTaskReply\x12&\n\x04kind\x18\x01 \x01(\x0e\x32\x18.fedloom.net.v1.TaskKind\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x18\n\x10\x62roadcast_digest\x18\x03 \x01(\t\x12\x17\n\x0f\x62roadcast_bytes\x18\x04 \x01(\x03\x12\x15\n\rdeadline_in_s\x18\x05 \x01(\x01\x12\x0f\n\x07message\x18\x06 \x01(\t\x12\x13\n\x0bsecagg_json\x18\x07 \x01(\t\x12\x16\n\x0e\x62roadcast_xxh3\x18\n \x01(\x06\x12\x11\n\tbroadcast\x18\x0b \x01(\x0cJ\x04\x08\x08\x10\tJ\x04\x08\t\x10\n\":\n\x0f\x44ownloadRequest\x12\r\n\x05round\x18\x01 \x01(\x05\x12\x18\n\x10\x62roadcast_digest\x18\x02 \x01(\t\"C\n\x05\x43hunk\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1c.fedloom.net.v1.UpdateHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"p\n\x0cUpdateHeader\x12\r\n\x05round\x18\x01 \x01(\x05\x12\x18\n\x10\x62roadcast_digest\x18\x02 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x03\x12\x11\n\tmeta_json\x18\x04 \x01(\t\x12\x0f\n\x07\x66\x61ilure\x18\x05 \x01(\t\".\n\x0bUploadReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t\"b\n\rSecAggRequest\x12\r\n\x05round\x18\x01 \x01(\x05\x12\r\n\x05stage\x18\x02 \x01(\x05\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12\x11\n\tmeta_json\x18\x04 \x01(\t\x12\x0f\n\x07session\x18\x05 \x01(\t\"-\n\x0bSecAggReply\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\r\n\x05\x65rror\x18\x02 \x01(\t\"\xe7\x01\n\nEvalReport\x12\r\n\x05round\x18\x01 \x01(\x05\x12\x14\n\x0cmodel_digest\x18\x02 \x01(\t\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x03\x12\x0c\n\x04loss\x18\x04 \x01(\x01\x12\x38\n\x07metrics\x18\x05 \x03(\x0b\x32\'.fedloom.net.v1.EvalReport.MetricsEntry\x12\x11\n\tundefined\x18\x06 \x03(\t\x12\x13\n\x0bunavailable\x18\x07 \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"!\n\x10HeartbeatRequest\x12\r\n\x05phase\x18\x01 \x01(\t\"\x1f\n\x0eHeartbeatReply\x12\r\n\x05round\x18\x01 \x01(\x05\"\x0f\n\rStatusRequest\"\x1b\n\x0bStatusReply\x12\x0c\n\x04json\x18\x01 \x01(\t*R\n\x08TaskKind\x12\x19\n\x15TASK_KIND_UNSPECIFIED\x10\x00\x12\x08\n\x04WAIT\x10\x01\x12\t\n\x05TRAIN\x10\x02\x12\x08\n\x04\x44ONE\x10\x03\x12\x0c\n\x08\x45VALUATE\x10\x04\x32\xf2\x04\n\x0b\x43oordinator\x12>\n\x04Join\x12\x1b.fedloom.net.v1.JoinRequest\x1a\x19.fedloom.net.v1.JoinReply\x12\x41\n\x07GetTask\x12\x1b.fedloom.net.v1.TaskRequest\x1a\x19.fedloom.net.v1.TaskReply\x12\x44\n\x08\x44ownload\x12\x1f.fedloom.net.v1.DownloadRequest\x1a\x15.fedloom.net.v1.Chunk0\x01\x12>\n\x06Upload\x12\x15.fedloom.net.v1.Chunk\x1a\x1b.fedloom.net.v1.UploadReply(\x01\x12:\n\x04Push\x12\x15.fedloom.net.v1.Chunk\x1a\x1b.fedloom.net.v1.UploadReply\x12\x44\n\x06SecAgg\x12\x1d.fedloom.net.v1.SecAggRequest\x1a\x1b.fedloom.net.v1.SecAggReply\x12\x43\n\x08\x45valuate\x12\x1a.fedloom.net.v1.EvalReport\x1a\x1b.fedloom.net.v1.UploadReply\x12M\n\tHeartbeat\x12 .fedloom.net.v1.HeartbeatRequest\x1a\x1e.fedloom.net.v1.HeartbeatReply\x12\x44\n\x06Status\x12\x1d.fedloom.net.v1.StatusRequest\x1a\x1b.fedloom.net.v1.StatusReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fedloom.net.proto.fedloom_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TASKKIND']._serialized_start=1097
-  _globals['_TASKKIND']._serialized_end=1165
+  _globals['_EVALREPORT_METRICSENTRY']._loaded_options = None
+  _globals['_EVALREPORT_METRICSENTRY']._serialized_options = b'8\001'
+  _globals['_TASKKIND']._serialized_start=1331
+  _globals['_TASKKIND']._serialized_end=1413
   _globals['_JOINREQUEST']._serialized_start=51
   _globals['_JOINREQUEST']._serialized_end=110
   _globals['_JOINREPLY']._serialized_start=113
@@ -53,14 +55,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SECAGGREQUEST']._serialized_end=934
   _globals['_SECAGGREPLY']._serialized_start=936
   _globals['_SECAGGREPLY']._serialized_end=981
-  _globals['_HEARTBEATREQUEST']._serialized_start=983
-  _globals['_HEARTBEATREQUEST']._serialized_end=1016
-  _globals['_HEARTBEATREPLY']._serialized_start=1018
-  _globals['_HEARTBEATREPLY']._serialized_end=1049
-  _globals['_STATUSREQUEST']._serialized_start=1051
-  _globals['_STATUSREQUEST']._serialized_end=1066
-  _globals['_STATUSREPLY']._serialized_start=1068
-  _globals['_STATUSREPLY']._serialized_end=1095
-  _globals['_COORDINATOR']._serialized_start=1168
-  _globals['_COORDINATOR']._serialized_end=1725
+  _globals['_EVALREPORT']._serialized_start=984
+  _globals['_EVALREPORT']._serialized_end=1215
+  _globals['_EVALREPORT_METRICSENTRY']._serialized_start=1169
+  _globals['_EVALREPORT_METRICSENTRY']._serialized_end=1215
+  _globals['_HEARTBEATREQUEST']._serialized_start=1217
+  _globals['_HEARTBEATREQUEST']._serialized_end=1250
+  _globals['_HEARTBEATREPLY']._serialized_start=1252
+  _globals['_HEARTBEATREPLY']._serialized_end=1283
+  _globals['_STATUSREQUEST']._serialized_start=1285
+  _globals['_STATUSREQUEST']._serialized_end=1300
+  _globals['_STATUSREPLY']._serialized_start=1302
+  _globals['_STATUSREPLY']._serialized_end=1329
+  _globals['_COORDINATOR']._serialized_start=1416
+  _globals['_COORDINATOR']._serialized_end=2042
 # @@protoc_insertion_point(module_scope)

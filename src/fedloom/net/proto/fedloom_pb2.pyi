@@ -1,7 +1,8 @@
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -12,10 +13,12 @@ class TaskKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     WAIT: _ClassVar[TaskKind]
     TRAIN: _ClassVar[TaskKind]
     DONE: _ClassVar[TaskKind]
+    EVALUATE: _ClassVar[TaskKind]
 TASK_KIND_UNSPECIFIED: TaskKind
 WAIT: TaskKind
 TRAIN: TaskKind
 DONE: TaskKind
+EVALUATE: TaskKind
 
 class JoinRequest(_message.Message):
     __slots__ = ("client_name", "unsettled_round")
@@ -130,6 +133,31 @@ class SecAggReply(_message.Message):
     payload: bytes
     error: str
     def __init__(self, payload: _Optional[bytes] = ..., error: _Optional[str] = ...) -> None: ...
+
+class EvalReport(_message.Message):
+    __slots__ = ("round", "model_digest", "num_examples", "loss", "metrics", "undefined", "unavailable")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    MODEL_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    UNDEFINED_FIELD_NUMBER: _ClassVar[int]
+    UNAVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    model_digest: str
+    num_examples: int
+    loss: float
+    metrics: _containers.ScalarMap[str, float]
+    undefined: _containers.RepeatedScalarFieldContainer[str]
+    unavailable: str
+    def __init__(self, round: _Optional[int] = ..., model_digest: _Optional[str] = ..., num_examples: _Optional[int] = ..., loss: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ..., undefined: _Optional[_Iterable[str]] = ..., unavailable: _Optional[str] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("phase",)

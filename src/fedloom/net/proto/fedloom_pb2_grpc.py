@@ -64,6 +64,11 @@ class CoordinatorStub:
                 request_serializer=fedloom_dot_net_dot_proto_dot_fedloom__pb2.SecAggRequest.SerializeToString,
                 response_deserializer=fedloom_dot_net_dot_proto_dot_fedloom__pb2.SecAggReply.FromString,
                 _registered_method=True)
+        self.Evaluate = channel.unary_unary(
+                '/fedloom.net.v1.Coordinator/Evaluate',
+                request_serializer=fedloom_dot_net_dot_proto_dot_fedloom__pb2.EvalReport.SerializeToString,
+                response_deserializer=fedloom_dot_net_dot_proto_dot_fedloom__pb2.UploadReply.FromString,
+                _registered_method=True)
         self.Heartbeat = channel.unary_unary(
                 '/fedloom.net.v1.Coordinator/Heartbeat',
                 request_serializer=fedloom_dot_net_dot_proto_dot_fedloom__pb2.HeartbeatRequest.SerializeToString,
@@ -126,6 +131,14 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Evaluate(self, request, context):
+        """Answer an EVALUATE task: this site's evaluation of the round's global model on its own test
+        split (or that it has none). The server validates the report before it counts.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Heartbeat(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -171,6 +184,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.SecAgg,
                     request_deserializer=fedloom_dot_net_dot_proto_dot_fedloom__pb2.SecAggRequest.FromString,
                     response_serializer=fedloom_dot_net_dot_proto_dot_fedloom__pb2.SecAggReply.SerializeToString,
+            ),
+            'Evaluate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Evaluate,
+                    request_deserializer=fedloom_dot_net_dot_proto_dot_fedloom__pb2.EvalReport.FromString,
+                    response_serializer=fedloom_dot_net_dot_proto_dot_fedloom__pb2.UploadReply.SerializeToString,
             ),
             'Heartbeat': grpc.unary_unary_rpc_method_handler(
                     servicer.Heartbeat,
@@ -345,6 +363,33 @@ class Coordinator:
             '/fedloom.net.v1.Coordinator/SecAgg',
             fedloom_dot_net_dot_proto_dot_fedloom__pb2.SecAggRequest.SerializeToString,
             fedloom_dot_net_dot_proto_dot_fedloom__pb2.SecAggReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Evaluate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedloom.net.v1.Coordinator/Evaluate',
+            fedloom_dot_net_dot_proto_dot_fedloom__pb2.EvalReport.SerializeToString,
+            fedloom_dot_net_dot_proto_dot_fedloom__pb2.UploadReply.FromString,
             options,
             channel_credentials,
             insecure,
