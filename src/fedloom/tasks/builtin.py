@@ -10,6 +10,7 @@ settings when the file names no ``task`` (:func:`config_task`).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -251,22 +252,17 @@ def heart_disease_task(
 def _user_dataset_task(cfg: ExperimentConfig, search: Sequence[Path]) -> Task:
     d, m = cfg.data, cfg.model
     task = load_dataset_task(d.dataset, d.args, model=m.name, model_kwargs=m.kwargs, search=search)
-    loaded = load_data(task)
-    if isinstance(loaded, ClientData):
-        train = loaded.train
-        found = train.num_clients if not isinstance(train, Sequence) else len(train)
-        _check_clients(d.dataset, found, d.num_clients)
-    # The data is loaded once here; the task carries it so it is not loaded again.
-    return Task(
-        model=task.model,
-        data=loaded,
-        loss=task.loss,
-        optimizer=task.optimizer,
-        metrics=task.metrics,
-        train=task.train,
-        device=task.device,
-        name=task.name,
-    )
+
+    def data() -> CentralData | ClientData:
+        loaded = load_data(task)
+        if isinstance(loaded, ClientData):
+            train = loaded.train
+            _check_clients(
+                d.dataset, len(train) if isinstance(train, Sequence) else train.num_clients, d.num_clients
+            )
+        return loaded
+
+    return replace(task, data=data)
 
 
 def config_task(cfg: ExperimentConfig, *, search: Sequence[Path] = ()) -> Task:
