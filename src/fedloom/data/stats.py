@@ -79,41 +79,50 @@ class PartitionStats:
     clients: tuple[ClientStats, ...]
 
 
-def label_histograms(fed: FederatedDataset, num_classes: int) -> np.ndarray:
-    """int64 ``(num_clients, num_classes)`` label counts (fast path for :class:`PartitionedDataset`).
+def label_histograms(
+    fed: FederatedDataset, num_classes: int, *, clients: np.ndarray | None = None
+) -> np.ndarray:
+    """int64 ``(len(clients), num_classes)`` label counts of ``clients`` (default: every client, in id order).
+
+    Fast path for :class:`PartitionedDataset`; other datasets materialise each listed client once.
 
     Raises:
         DataError: if some client holds a label ``>= num_classes``.
     """
-    if isinstance(fed, PartitionedDataset):
+    if clients is None and isinstance(fed, PartitionedDataset):
         return fed.label_histograms(num_classes)
-    out = np.zeros((fed.num_clients, num_classes), dtype=np.int64)
-    for cid in range(fed.num_clients):
+    ids = np.arange(fed.num_clients) if clients is None else np.asarray(clients, dtype=np.int64)
+    out = np.zeros((len(ids), num_classes), dtype=np.int64)
+    for row, cid in enumerate(ids.tolist()):
         labels = fed.client_data(cid).y.numpy()
         if labels.size and int(labels.max()) >= num_classes:
             raise DataError(f"client {cid} has label {int(labels.max())} but num_classes={num_classes}")
-        out[cid] = np.bincount(labels, minlength=num_classes)
+        out[row] = np.bincount(labels, minlength=num_classes)
     return out
 
 
-def partition_stats(fed: FederatedDataset, num_classes: int) -> PartitionStats:
-    """Compute :class:`PartitionStats` for ``fed``.
+def partition_stats(
+    fed: FederatedDataset, num_classes: int, *, clients: np.ndarray | None = None
+) -> PartitionStats:
+    """Compute :class:`PartitionStats` for ``fed``, or for only the client ids ``clients`` (e.g. a sample).
 
-    Materialises each client once when ``fed`` is not a :class:`PartitionedDataset`.
+    Materialises each client once when ``fed`` is not a :class:`PartitionedDataset`;
+    ``ClientStats.cid`` is the client's id in ``fed``.
 
     Raises:
         DataError: if ``num_classes < 1`` or a label is out of range.
     """
     if num_classes < 1:
         raise DataError(f"num_classes must be >= 1, got {num_classes}")
-    hist = label_histograms(fed, num_classes)  # (clients, classes)
+    ids = np.arange(fed.num_clients) if clients is None else np.asarray(clients, dtype=np.int64)
+    hist = label_histograms(fed, num_classes, clients=clients)  # (clients, classes)
     sizes = hist.sum(axis=1)
     distinct = (hist > 0).sum(axis=1)
     top = hist.argmax(axis=1)
     share = np.divide(hist.max(axis=1), sizes, out=np.zeros(len(sizes)), where=sizes > 0)
-    clients = tuple(
-        ClientStats(cid, int(sizes[cid]), int(distinct[cid]), int(top[cid]), float(share[cid]))
-        for cid in range(len(sizes))
+    rows = tuple(
+        ClientStats(int(ids[i]), int(sizes[i]), int(distinct[i]), int(top[i]), float(share[i]))
+        for i in range(len(sizes))
     )
     return PartitionStats(
         num_clients=len(sizes),
@@ -123,7 +132,7 @@ def partition_stats(fed: FederatedDataset, num_classes: int) -> PartitionStats:
         labels_per_client=SummaryStats.of(distinct),
         top_share=SummaryStats.of(share),
         histogram=hist,
-        clients=clients,
+        clients=rows,
     )
 
 

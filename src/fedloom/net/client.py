@@ -317,6 +317,9 @@ class NetClient:
                     ]
                 )
             return task_for(local, search=self.o.search)
+        if local is not None and ":" in local.data.dataset:
+            # The server's data.dataset equals this one (check_server_config); import it from here.
+            return task_for(local, search=self.o.search)
         return task_for(cfg)
 
     def serve(self) -> int:

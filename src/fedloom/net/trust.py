@@ -35,7 +35,7 @@ __all__ = ["CODE_KEYS", "UntrustedConfigError", "check_server_config", "names_co
 
 # Dotted config keys whose value can name code (an import path or a file). A key that the
 # schema does not have (yet) is skipped, so a new code-naming key is one line here.
-CODE_KEYS: Sequence[str] = ("model.name", "task")
+CODE_KEYS: Sequence[str] = ("model.name", "task", "data.dataset")
 
 
 class UntrustedConfigError(FedloomError):

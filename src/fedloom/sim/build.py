@@ -163,7 +163,7 @@ def task_for(cfg: ExperimentConfig, *, search: Sequence[Path] = ()) -> Task:
     """The experiment's task: ``cfg.task`` by import path, else the built-in one of ``[data]``/``[model]``."""
     if cfg.task:
         return load_task(cfg.task, cfg.task_args, search=search)
-    return config_task(cfg)
+    return config_task(cfg, search=search)
 
 
 def materialise_config(

@@ -5,10 +5,11 @@ from fedloom.tasks.builtin import (
     fashion_mnist_task,
     heart_disease_task,
     mnist_task,
+    population_task,
     shakespeare_task,
     synthetic_task,
 )
-from fedloom.tasks.loading import load_task
+from fedloom.tasks.loading import load_dataset_task, load_task
 from fedloom.tasks.task import (
     CentralData,
     ClientData,
@@ -31,9 +32,11 @@ __all__ = [
     "config_task",
     "fashion_mnist_task",
     "heart_disease_task",
+    "load_dataset_task",
     "load_task",
     "materialise",
     "mnist_task",
+    "population_task",
     "shakespeare_task",
     "synthetic_task",
 ]

@@ -1,13 +1,16 @@
 """fedloom's built-in tasks, written with the public task API.
 
-:func:`mnist_task` and :func:`synthetic_task` are ordinary task factories; the
+:func:`mnist_task`, :func:`fashion_mnist_task`, :func:`shakespeare_task`,
+:func:`heart_disease_task`, :func:`synthetic_task` and :func:`population_task`
+are ordinary task factories; the
 experiment file's ``[data]``, ``[model]`` and ``[client]`` keys are their
 settings when the file names no ``task`` (:func:`config_task`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,17 +25,20 @@ from fedloom.data.fashion_mnist import load_fashion_mnist
 from fedloom.data.heart_disease import HOSPITALS
 from fedloom.data.heart_flamby import all_hospitals
 from fedloom.data.mnist import load_mnist
+from fedloom.data.population import LazyPopulation
 from fedloom.data.shakespeare import load_shakespeare
 from fedloom.data.synthetic import synthetic_fedprox
 from fedloom.metrics import accuracy, auc
 from fedloom.models.zoo import instantiate_model
-from fedloom.tasks.task import CentralData, ClientData, Task
+from fedloom.tasks.loading import load_dataset_task
+from fedloom.tasks.task import CentralData, ClientData, Task, load_data
 
 __all__ = [
     "config_task",
     "fashion_mnist_task",
     "heart_disease_task",
     "mnist_task",
+    "population_task",
     "shakespeare_task",
     "synthetic_task",
 ]
@@ -121,6 +127,45 @@ def synthetic_task(
     return Task(model=lambda: instantiate_model(model, kwargs), data=data, name="synthetic")
 
 
+def population_task(
+    *,
+    num_clients: int,
+    seed: int,
+    dim: int = 60,
+    num_classes: int = 10,
+    min_size: int = 10,
+    max_size: int = 100,
+    test_clients: int = 100,
+    model: str = "logreg",
+    model_kwargs: Mapping[str, Any] | None = None,
+) -> Task:
+    """``num_clients`` clients (a million is fine) whose data is generated on demand.
+
+    The training clients are a :class:`~fedloom.data.population.LazyPopulation`
+    with these parameters, so a run holds only the data of the clients it is
+    training; the central test set pools ``test_clients`` unseen clients of the
+    same generator (none when 0). The model is logistic regression on ``dim``
+    features by default.
+    """
+    kwargs = (
+        dict(model_kwargs) if model_kwargs is not None else {"in_features": dim, "num_classes": num_classes}
+    )
+
+    def data() -> ClientData:
+        pop = LazyPopulation(
+            num_clients, seed=seed, dim=dim, num_classes=num_classes, min_size=min_size, max_size=max_size
+        )
+        test = pop.held_out(test_clients) if test_clients > 0 else None
+        return ClientData(
+            train=pop,
+            test=test,
+            source=f"lazy population of {num_clients} clients ({dim} features, {num_classes} classes, "
+            f"{min_size}-{max_size} examples each)",
+        )
+
+    return Task(model=lambda: instantiate_model(model, kwargs), data=data, name="population")
+
+
 def _check_clients(dataset: str, found: int, configured: int | None) -> None:
     """A naturally federated dataset fixes its client count; a different data.num_clients is a mistake."""
     if configured is not None and found != configured:
@@ -204,9 +249,45 @@ def heart_disease_task(
     )
 
 
-def config_task(cfg: ExperimentConfig) -> Task:
-    """The built-in task an experiment file describes with its ``[data]`` and ``[model]`` keys."""
+def _user_dataset_task(cfg: ExperimentConfig, search: Sequence[Path]) -> Task:
     d, m = cfg.data, cfg.model
+    task = load_dataset_task(d.dataset, d.args, model=m.name, model_kwargs=m.kwargs, search=search)
+
+    def data() -> CentralData | ClientData:
+        loaded = load_data(task)
+        if isinstance(loaded, ClientData):
+            train = loaded.train
+            _check_clients(
+                d.dataset, len(train) if isinstance(train, Sequence) else train.num_clients, d.num_clients
+            )
+        return loaded
+
+    return replace(task, data=data)
+
+
+def config_task(cfg: ExperimentConfig, *, search: Sequence[Path] = ()) -> Task:
+    """The task an experiment file describes with its ``[data]`` and ``[model]`` keys.
+
+    ``data.dataset`` names a built-in dataset or an import path to a user's
+    dataset or task (:func:`~fedloom.tasks.loading.load_dataset_task`, its module
+    looked for in ``search`` too).
+    """
+    d, m = cfg.data, cfg.model
+    if ":" in d.dataset:
+        return _user_dataset_task(cfg, search)
+    if d.dataset == "population":
+        default = m.name == "2nn"  # the schema default means logistic regression on the features
+        return population_task(
+            num_clients=d.num_clients,
+            seed=cfg.seed,
+            dim=d.population_dim,
+            num_classes=d.population_classes,
+            min_size=d.population_min_size,
+            max_size=d.population_max_size,
+            test_clients=d.population_test_clients,
+            model="logreg" if default else m.name,
+            model_kwargs=None if default or (m.name == "logreg" and not m.kwargs) else m.kwargs,
+        )
     if d.dataset == "heart_disease":
         default = m.name == "2nn"  # the schema default means this dataset's standard model
         return heart_disease_task(

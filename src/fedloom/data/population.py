@@ -6,12 +6,18 @@ and holds nothing per client: a client's size and examples are drawn from
 small classification task: ``n_k`` examples (``min_size .. max_size``) of
 ``dim`` Gaussian features around a client-specific shift, labelled by a shared
 random linear model (so one global model can fit everyone). Memory is bounded
-by the clients being trained, never by the population; sampling a cohort
-(:func:`~fedloom.sim.sampling.sample_clients`) costs O(population) once per
-round in NumPy (about 8 bytes per registered client, freed after the draw).
+by the clients being trained, never by the population; drawing a cohort
+(:func:`~fedloom.sim.sampling.sample_clients`) under a fiftieth of the
+population costs O(cohort) (NumPy's set-based draw without replacement).
+
+:meth:`LazyPopulation.held_out` pools the data of clients outside the
+population, drawn by the same generator from the stream
+``numpy_rng(seed, "population-held-out", client=i)``: a test set of unseen
+clients for the experiment file's ``data.dataset = "population"``.
 
 It implements :class:`~fedloom.data.federated.FederatedDataset`; the
-``client_sizes()`` array is the one O(population) method (8 MB for 10^6).
+``client_sizes()`` array is the one O(population) method (8 MB and a Python
+loop for 10^6; nothing in a simulation round calls it).
 """
 
 from __future__ import annotations
@@ -68,11 +74,25 @@ class LazyPopulation:
     def client_sizes(self) -> np.ndarray:
         return np.array([self.client_size(c) for c in range(self._n)], dtype=np.int64)
 
-    def client_data(self, cid: int) -> ArrayDataset:
-        cid = check_client_id(cid, self._n)
-        rng = self._rng(cid)
+    def _generate(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         n = int(rng.integers(self.min_size, self.max_size + 1))  # first draw: the size
         shift = rng.normal(0.0, 1.0, self.dim)  # (dim,) client feature shift
         x = (rng.standard_normal((n, self.dim)) + shift).astype(np.float32)  # (n, dim)
         y = np.argmax(x @ self._w, axis=1).astype(np.int64)  # (n,)
+        return x, y
+
+    def client_data(self, cid: int) -> ArrayDataset:
+        cid = check_client_id(cid, self._n)
+        x, y = self._generate(self._rng(cid))
+        return ArrayDataset(torch.from_numpy(x), torch.from_numpy(y), self.num_classes)
+
+    def held_out(self, num_clients: int) -> ArrayDataset:
+        """The pooled data of ``num_clients`` clients outside the population (a test set of unseen clients)."""
+        if num_clients < 1:
+            raise DataError(f"held_out needs num_clients >= 1, got {num_clients}")
+        parts = [
+            self._generate(numpy_rng(self.seed, "population-held-out", client=i)) for i in range(num_clients)
+        ]
+        x = np.concatenate([p[0] for p in parts])  # (sum n_i, dim)
+        y = np.concatenate([p[1] for p in parts])  # (sum n_i,)
         return ArrayDataset(torch.from_numpy(x), torch.from_numpy(y), self.num_classes)
