@@ -411,7 +411,7 @@ class NetClient:
         # (integrity against an attacker is TLS's job: whoever could alter the blob could alter both).
         if fingerprint(blob) != task.broadcast_xxh3:
             raise RunStateError(f"round {r}: the downloaded model does not match its XXH3 checksum")
-        broadcast = decode_broadcast(blob, r)
+        broadcast = decode_broadcast(blob, r, self._cfg.compression.downlink)
         cs = self._states.load(before=r) if self._states is not None else None
         cctx = ClientContext(seed=self._cfg.seed, round=r, client_id=join.client_id)
         sctx = ServerContext(seed=self._cfg.seed, round=r, population=join.population)

@@ -58,7 +58,7 @@ from fedloom.net.state import NetState, PendingUpdate, blob_checksum
 from fedloom.net.timing import RoundTiming
 from fedloom.net.wire import decode_update, fingerprint
 from fedloom.transforms.adaptive_clip import bind_pipeline
-from fedloom.transforms.pipeline import Pipeline
+from fedloom.transforms.pipeline import Pipeline, bind_model, packs
 
 if TYPE_CHECKING:  # fedloom.net.secure needs the optional 'secure' extra
     from fedloom.net.secure import SecureOutcome, SecureRelay
@@ -152,6 +152,7 @@ class Coordinator:
         self._ids = {n: i for i, n in enumerate(self.names)}
         self._state = state
         self._pipeline = pipeline
+        self._packed = any(packs(s) for s in pipeline.stages)
         self._log = log
         self._max_norm = max_update_norm
         self._offline_after = offline_after_s
@@ -211,7 +212,7 @@ class Coordinator:
         ``algo_state`` binds stateful pipeline stages (adaptive clipping) for this round's decode;
         ``relay`` makes it a secure round (no uploads; ``pending`` must be empty).
         """
-        round_pipeline = bind_pipeline(self._pipeline, algo_state or {})
+        round_pipeline = bind_model(bind_pipeline(self._pipeline, algo_state or {}), broadcast.params)
         rnd = _Round(
             number=broadcast.round,
             attempt=attempt,
@@ -230,8 +231,8 @@ class Coordinator:
         for p in pending:
             try:
                 update, compute = decode_update(p.client_id, p.meta_json, p.blob)
-                update = self._validate(update, rnd, *_one_pass(p.blob))
-                rnd.accepted[p.client_id] = round_pipeline.decode(update, ctx)
+                update = self._validate(round_pipeline.unpack(update, ctx), rnd, *self._blob_pass(p.blob))
+                rnd.accepted[p.client_id] = round_pipeline.decode_unpacked(update, ctx)
                 rnd.compute_s[p.client_id] = compute
                 restored += 1
             except Exception as exc:  # one bad row is that update's rejection, never the round's end
@@ -535,8 +536,9 @@ class Coordinator:
         try:
             held = blob if mapped is None else mapped
             update, compute = decode_update(cid, meta_json, held, copy=mapped is None)
-            update = self._validate(update, rnd, *_one_pass(held))
-            decoded = rnd.pipeline.decode(update, rnd.ctx)
+            # A packed update (a codec) is unpacked first: the checks see the delta it stands for.
+            update = self._validate(rnd.pipeline.unpack(update, rnd.ctx), rnd, *self._blob_pass(held))
+            decoded = rnd.pipeline.decode_unpacked(update, rnd.ctx)
         except Exception as exc:  # whatever breaks on one update rejects it and frees its slot
             self._state.discard(staged)
             return self.reject(cid, round, len(blob), _reason(exc))
@@ -559,6 +561,12 @@ class Coordinator:
             event = "late" if why == "late" else "rejected"
             return self.reject(cid, round, len(blob), why if why != "late" else "late update", event=event)
         return None
+
+    def _blob_pass(self, blob: bytes | memoryview) -> tuple[bool | None, float | None]:
+        """:func:`_one_pass` over a plain update's blob; nothing for a packed one (its codes are no delta)."""
+        if self._packed:
+            return None, None
+        return _one_pass(blob)
 
     def _validate(
         self, update: ClientUpdate, rnd: _Round, finite: bool | None = None, square: float | None = None

@@ -729,7 +729,7 @@ def _loop(
         cohort = net.cohort(r)  # a round resumed after a restart keeps its selection
         t_encode = time.perf_counter()
         broadcast = algorithm.broadcast(state)
-        blob = encode_broadcast(broadcast)
+        blob = encode_broadcast(broadcast, cfg.compression.downlink)
         digest = model_digest(blob)
         encode_s = time.perf_counter() - t_encode
         for attempt in range(1, d.max_round_attempts + 1):

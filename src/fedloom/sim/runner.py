@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import torch
 
-from fedloom.algorithms.api import Aggregate, ClientState, ClientUpdate, ServerContext, ServerState
+from fedloom.algorithms.api import Aggregate, Broadcast, ClientState, ClientUpdate, ServerContext, ServerState
 from fedloom.config.loader import config_differences, config_to_toml
 from fedloom.config.schema import ExperimentConfig
 from fedloom.core.errors import FedloomError, RunStateError, TrainingError
@@ -50,10 +50,12 @@ from fedloom.results.store import RunStore, orphan_artefacts
 from fedloom.sim.auto import make_executor
 from fedloom.sim.build import Components, build_components
 from fedloom.sim.evaluate import EvalResult, evaluate
-from fedloom.sim.executor import ClientFailure, Executor, close_executor
+from fedloom.sim.executor import ClientFailure, Executor, Outcome, close_executor
 from fedloom.sim.reduce import not_reducible
 from fedloom.sim.sampling import draw_cohort
 from fedloom.sim.server_round import SecureSum, apply_updates, finish_round
+from fedloom.transforms.compression.downlink import compress_broadcast, round_trip
+from fedloom.transforms.compression.packed import payload_bytes
 
 __all__ = ["RoundListener", "RunResult", "evaluation_metrics", "run_simulation"]
 
@@ -259,14 +261,15 @@ def _loop(
                     listener.on_round(last)
                 continue
             reduced: Aggregate | None = None
+            # With compression.downlink the clients train from the model as it arrives (widened back).
+            broadcast = round_trip(algorithm.broadcast(state), cfg.compression.downlink)
             if reduce_on_workers:
                 outcomes, reduced = reduce_on_workers(
-                    algorithm, algorithm.broadcast(state), cohort.tolist(), client_states, ctx
+                    algorithm, broadcast, cohort.tolist(), client_states, ctx
                 )
             else:
-                outcomes = executor.run_round(
-                    algorithm, algorithm.broadcast(state), cohort.tolist(), client_states, ctx
-                )
+                outcomes = executor.run_round(algorithm, broadcast, cohort.tolist(), client_states, ctx)
+            wire = _wire_bytes(cfg, algorithm.broadcast(state), outcomes, len(cohort))
             if comps.adversary is not None:
                 outcomes = comps.adversary.apply(outcomes, ctx)
             for o in outcomes:
@@ -294,7 +297,7 @@ def _loop(
             state = new_state
             changed = {u.client_id: u.client_state for u in updates if u.client_state is not None}
             client_states.update(changed)
-            metrics: dict[str, Any] = {**_round_metrics(r, updates, failures), **done.metrics}
+            metrics: dict[str, Any] = {**_round_metrics(r, updates, failures), **wire, **done.metrics}
             if comps.privacy is not None:
                 metrics["epsilon"] = comps.privacy.epsilon_after(r)
             if r % cfg.eval.every == 0 or r == cfg.rounds:
@@ -378,6 +381,20 @@ def _empty_round(
     return new_state, metrics
 
 
+def _wire_bytes(
+    cfg: ExperimentConfig, broadcast: Broadcast, outcomes: Sequence[Outcome], cohort: int
+) -> dict[str, int]:
+    """Tensor bytes the round moves under ``[compression]`` (empty when it is off): ``bytes_up``,
+    summed over the clients' (packed) updates, and ``bytes_down``, the broadcast times the cohort."""
+    c = cfg.compression
+    if c.codec == "none" and c.downlink == "none":
+        return {}
+    packed, marks = compress_broadcast(broadcast, c.downlink)
+    down = packed.params.num_bytes() + marks.num_bytes() + sum(p.num_bytes() for p in packed.extras.values())
+    up = sum(payload_bytes(o) for o in outcomes if isinstance(o, ClientUpdate))
+    return {"bytes_up": up, "bytes_down": down * cohort}
+
+
 def _secure_sum(cfg: ExperimentConfig, comps: Components) -> SecureSum | None:
     """Secure-aggregation settings; the public weight bound W is the largest client size."""
     sa = cfg.secagg
@@ -391,6 +408,7 @@ def _secure_sum(cfg: ExperimentConfig, comps: Components) -> SecureSum | None:
         threshold=sa.threshold,
         bits=sa.bits,
         dropout_after_masking=sa.dropout_after_masking,
+        quant_bits=cfg.compression.bits if cfg.compression.codec == "qsgd" else 0,
     )
 
 
