@@ -212,3 +212,18 @@ def test_a_malformed_packed_upload_is_refused_naming_client_and_field(tmp_path: 
     assert math.isclose(float(coord._round.accepted[0].delta["b"][0]), -0.2, rel_tol=0.2)  # type: ignore[union-attr]
     net.clear_pending(1)
     net.close()
+
+
+def test_the_upload_limit_counts_the_broadcast_at_full_precision(tmp_path: Path) -> None:
+    # With a q8 downlink the broadcast blob is a quarter of the float32 update a client may send.
+    cfg = load_config(None, ['compression.downlink="q8"'])
+    net = NetState(tmp_path / "state.sqlite")
+    coord = Coordinator(["c0"], net, build_pipeline(cfg), JsonLog("t", stream=io.StringIO()))
+    params = Params({"w": torch.ones(1000, 100)})
+    b = Broadcast(round=1, params=params)
+    blob = encode_broadcast(b, "q8")
+    assert len(blob) < params.num_bytes() / 3
+    ctx = ServerContext(seed=0, round=1, population=1)
+    coord.open_round(b, blob, "d", attempt=1, selected=[0], target=1, deadline_s=60.0, ctx=ctx)
+    assert coord.upload_limit(0) == 2 * params.num_bytes() + 65536
+    net.close()

@@ -303,3 +303,14 @@ def test_norm_clip_before_a_codec_clips_again_on_the_server_instead_of_refusing(
         strict.decode(sent, CTX)  # ternary rounding raised the clipped norm
     lenient = bind_model(Pipeline((NormClip(1.0, server_clip=True), Qsgd(2))), _model())
     assert lenient.decode(sent, CTX).delta.l2_norm() <= 1.0 + 1e-6
+
+
+def test_a_dropped_stragglers_answer_spends_nothing_of_the_residual() -> None:
+    from fedloom.algorithms.stragglers import DROPPED
+
+    kept = Params({k: torch.full_like(v, 0.5) for k, v in _model().items()})
+    u = replace(_update(_model(), state=ClientState({RESIDUAL_KEY: kept})), metrics={DROPPED: 1.0})
+    out = Pipeline((Sparsify("topk", 0.1),)).client(u, CTX)
+    assert out.client_state is not None
+    assert out.client_state.values[RESIDUAL_KEY].equal(kept)
+    assert bool((out.extras[CODEC_SLOT]["values"] == 0).all())

@@ -187,6 +187,7 @@ def test_downlink_changes_what_clients_train_from(comps: Components, tmp_path: P
             "same public scale",
         ),
         (("compression.codec=qsgd", "compression.bits=3"), "compression.bits = 3: expected 2, 4 or 8"),
+        (("attack.kind=alie", "attack.fraction=0.2", "compression.codec=qsgd"), "benign deltas in the clear"),
     ],
 )
 def test_the_config_refuses_combinations_that_break_a_guarantee_naming_why(

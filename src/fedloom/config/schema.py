@@ -559,6 +559,11 @@ class ExperimentConfig(_Section):
             problems.append(f"compression.bits = {c.bits}: expected 2, 4 or 8")
         if c.codec == "none":
             return problems
+        if self.attack.kind == "alie":
+            problems.append(
+                f"attack.kind = 'alie' with compression.codec = {c.codec!r}: the ALIE adversary crafts its "
+                "update from the round's benign deltas in the clear, which a codec has packed"
+            )
         if self.privacy.mode == "client_clip":
             problems.append(
                 f"compression.codec = {c.codec!r} with privacy.mode = 'client_clip': the codec runs after the "

@@ -62,6 +62,7 @@ from fedloom.algorithms.local import client_update_with_state
 from fedloom.config.loader import parse_config
 from fedloom.config.schema import ExperimentConfig
 from fedloom.core.errors import ConfigError, FedloomError, RunStateError, TrainingError, UpdateError
+from fedloom.core.rng import numpy_rng
 from fedloom.core.serde import slots_from_bytes, slots_to_bytes
 from fedloom.data.datasets import ArrayDataset
 from fedloom.net.auth import Credentials
@@ -506,7 +507,15 @@ class NetClient:
             return bytes(reply.payload)
 
         try:
-            x = encode(flatten_weighted(update, max_weight=p.max_weight), p.fixed_point())
+            vector = flatten_weighted(update, max_weight=p.max_weight)
+            if p.quant_bits:  # compression.codec = "qsgd": stochastic rounding onto the narrow ring
+                from fedloom.transforms.compression.ring import RING_PURPOSE, quantize_into_ring
+
+                seed = self._cfg.seed if self._cfg is not None else 0
+                rng = numpy_rng(seed, RING_PURPOSE, round=r, client=cid)
+                x = quantize_into_ring(vector, p.fixed_point(), rng)
+            else:
+                x = encode(vector, p.fixed_point())
         except FedloomError as exc:  # e.g. a weight over secagg.max_weight: report, as a failed training
             self.log("secagg_failed", level="warning", round=r, reason=str(exc))
             header = pb.UpdateHeader(round=r, broadcast_digest=task.broadcast_digest, failure=f"error: {exc}")

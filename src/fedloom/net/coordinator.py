@@ -19,7 +19,8 @@ the algorithm requires of an update (its extras, a least step count: see
 :mod:`fedloom.algorithms.requirements`), finiteness, a squared L2 norm that
 float32 can hold (below :data:`~fedloom.net.guard.OVERFLOW_SQUARE`, whatever the configured bound),
 the configured norm bound, the weight cap (``deploy.max_weight``), and the
-pipeline's own ``decode`` checks. Under ``deploy.weighting = "uniform"`` every
+pipeline's own ``decode`` checks (a packed update, from a codec stage, is unpacked first, so
+these checks see the delta it stands for). Under ``deploy.weighting = "uniform"`` every
 accepted update then gets weight 1. A rejected update gets its reason back, a log
 line and an audit row; nothing already accepted is touched. Any exception raised
 while checking one update rejects that update, never more. Accepted updates are
@@ -409,11 +410,21 @@ class Coordinator:
                 self._round.timing.add_download(start, end)
 
     def upload_limit(self, configured: int) -> int:
-        """Largest upload accepted now: ``configured`` or 2 x the broadcast + 64 KiB."""
+        """Largest upload accepted now: ``configured`` or 2 x the broadcast + 64 KiB.
+
+        The broadcast counts at full precision: under ``compression.downlink`` its blob is
+        smaller than the float32 update a client may still send.
+        """
         if configured > 0:
             return configured
         with self._cond:
-            size = len(self._round.blob) if self._round is not None else 0
+            rnd = self._round
+            size = 0
+            if rnd is not None:
+                full = rnd.broadcast.params.num_bytes() + sum(
+                    p.num_bytes() for p in rnd.broadcast.extras.values()
+                )
+                size = max(len(rnd.blob), full)
         return 2 * size + 65536
 
     def reject(self, cid: int, round: int, nbytes: int, reason: str, *, event: str = "rejected") -> str:

@@ -1024,6 +1024,7 @@ def _secure_relay(
         length=broadcast.params.num_elements() + 1,
         clip=max(1.0, cfg.transforms.clip_norm),
         max_weight=sa.max_weight,
+        quant_bits=cfg.compression.bits if cfg.compression.codec == "qsgd" else 0,
     )
     return SecureRelay(
         params,

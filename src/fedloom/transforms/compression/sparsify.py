@@ -32,6 +32,7 @@ from typing import Literal
 import torch
 
 from fedloom.algorithms.api import Aggregate, ClientUpdate, ServerContext
+from fedloom.algorithms.stragglers import DROPPED
 from fedloom.core.errors import UpdateError
 from fedloom.core.params import Params
 from fedloom.core.rng import torch_rng
@@ -90,7 +91,9 @@ class Sparsify:
         n = flat.numel()
         k = kept_count(n, self.fraction)
         residual = residual_of(update) if self.error_feedback else None
-        if residual is not None:
+        # A dropped straggler's answer is never aggregated: nothing of the residual may be spent on it.
+        dropped = update.metrics.get(DROPPED, 0.0) != 0.0
+        if residual is not None and not dropped:
             if list(residual) != list(update.delta) or residual.num_elements() != n:
                 raise UpdateError(
                     f"client {update.client_id}: the kept error-feedback residual does not match the model "
@@ -106,7 +109,7 @@ class Sparsify:
             values = flat[idx] if self.error_feedback else flat[idx] * (n / k)
             tensors = {"values": values}
         out = packed_update(update, tensors, self._meta(n))
-        if self.error_feedback:
+        if self.error_feedback and not dropped:
             rest = flat.clone()
             rest[idx] = 0.0
             out = with_residual(out, unflatten(rest, update.delta))
