@@ -5,6 +5,7 @@ refusals of combinations that would break a guarantee, and quantisation into the
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from pathlib import Path
 
@@ -129,6 +130,12 @@ def test_wire_bytes_per_round_are_the_packed_sizes(comps: Components, tmp_path: 
         assert r.final_metrics["bytes_up"] == cohort * per_client, codec
         down = 4 * d if cfg.compression.downlink == "none" else 2 * d + 4 * t
         assert r.final_metrics["bytes_down"] == cohort * down, codec
+        events = [
+            json.loads(x) for x in (tmp_path / "-".join(codec) / "events.jsonl").read_text().splitlines()
+        ]
+        moved = [e for e in events if e["type"] == "bytes_moved"]
+        assert [(e["up"], e["down"]) for e in moved] == [(cohort * per_client, cohort * down)]
+        assert [e["bytes"] for e in events if e["type"] == "client_accepted"] == [per_client] * cohort
 
 
 def test_downlink_round_trips_and_leaves_non_float_tensors_alone() -> None:

@@ -31,6 +31,7 @@ from fedloom.core.serde import params_to_bytes
 from fedloom.engine.events import (
     EVENTS,
     Aggregated,
+    BytesMoved,
     ClientAccepted,
     ClientRejected,
     ClientsSelected,
@@ -270,6 +271,11 @@ def _loop(
             else:
                 outcomes = executor.run_round(algorithm, broadcast, cohort.tolist(), client_states, ctx)
             wire = _wire_bytes(cfg, algorithm.broadcast(state), outcomes, len(cohort))
+            sizes = (
+                {o.client_id: payload_bytes(o) for o in outcomes if isinstance(o, ClientUpdate)}
+                if wire
+                else {}
+            )
             if comps.adversary is not None:
                 outcomes = comps.adversary.apply(outcomes, ctx)
             for o in outcomes:
@@ -281,7 +287,14 @@ def _loop(
             done = finish_round(algorithm, pipeline, state, outcomes, ctx, secure=secure, precomputed=reduced)
             updates, failures = done.updates, done.failures
             for u in updates:
-                bus.emit(ClientAccepted(round=r, client=name(u.client_id), examples=u.num_examples))
+                bus.emit(
+                    ClientAccepted(
+                        round=r,
+                        client=name(u.client_id),
+                        examples=u.num_examples,
+                        bytes=sizes.get(u.client_id, 0),
+                    )
+                )
             for f in failures:
                 bus.emit(ClientRejected(round=r, client=name(f.client_id), reason=f.reason))
                 if listener is not None:
@@ -307,6 +320,8 @@ def _loop(
             metrics_file.write(json.dumps(metrics) + "\n")
             metrics_file.flush()
             bus.emit(Aggregated(round=r, clients=len(updates), examples=metrics["num_examples"]))
+            if wire:
+                bus.emit(BytesMoved(round=r, down=wire["bytes_down"], up=wire["bytes_up"]))
             _emit_round_end(bus, cfg, comps, r, metrics)
             last = metrics
             if listener is not None:
