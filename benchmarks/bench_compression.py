@@ -141,20 +141,28 @@ def accuracy(args: argparse.Namespace) -> None:
         )
     out = Path(args.out)
     _table(curves, [args.target])
+    _plot(curves, args.target, out)
+
+
+def _plot(curves: dict[str, Any], target: float, out: Path) -> None:
+    """Accuracy against cumulative bytes (log scale), one line per codec."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, c in curves.items():
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    colours = plt.get_cmap("tab20")
+    for i, (label, c) in enumerate(curves.items()):
         xs = [p[1] / 1e6 for p in c["points"]]
         ys = [p[2] for p in c["points"]]
-        ax.plot(xs, ys, label=label, linewidth=1.2)
+        style = "--" if "downlink" in label else "-"
+        ax.plot(xs, ys, style, label=label, linewidth=1.3, color=colours(i % 20))
     ax.set_xscale("log")
+    ax.set_ylim(0.5, 1.0)
     ax.set_xlabel("cumulative bytes, both directions (MB, log scale)")
     ax.set_ylabel("test accuracy")
-    ax.axhline(args.target, color="grey", linestyle=":", linewidth=0.8)
+    ax.axhline(target, color="grey", linestyle=":", linewidth=0.8)
     ax.set_title("MNIST 2NN, Dirichlet(0.3), 100 clients, 10 per round")
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
@@ -177,7 +185,10 @@ def _table(curves: dict[str, Any], targets: list[float]) -> None:
 
 
 def table(args: argparse.Namespace) -> None:
-    _table(json.loads(Path(args.json).read_text()), args.targets)
+    curves = json.loads(Path(args.json).read_text())
+    _table(curves, args.targets)
+    if args.plot:
+        _plot(curves, args.targets[0], Path(args.json).parent)
 
 
 def main() -> None:
@@ -193,6 +204,7 @@ def main() -> None:
     t = sub.add_parser("table", help="the accuracy table for other targets, from the accuracy part's JSON")
     t.add_argument("--json", default="docs/results/compression_accuracy.json")
     t.add_argument("--targets", type=float, nargs="+", default=[0.9, 0.95])
+    t.add_argument("--plot", action="store_true", help="draw the plot again from the JSON")
     args = p.parse_args()
     {"wire": wire, "accuracy": accuracy, "table": table}[args.part](args)
 
