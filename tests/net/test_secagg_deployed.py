@@ -178,3 +178,42 @@ def test_deployed_secagg_matches_the_plain_run_and_never_receives_an_update(
     assert events.count("secagg_masked") == 8
     assert not {"accepted", "rejected", "secagg_refused"} & set(events)
     assert not list((tmp_path / "secure" / "srv").glob("**/r*-c*.safetensors"))
+
+
+def test_deployed_secagg_with_qsgd_quantises_into_a_narrow_ring(heart_dir: Path, tmp_path: Path) -> None:
+    """``compression.codec = "qsgd"`` under SecAgg: each client rounds stochastically onto a ring of
+    ``8 + ceil(log2 4) = 10`` bits, so its masked vector takes 2 bytes a coordinate instead of 4,
+    and the model stays within the quantisation error of the 32-bit secure run."""
+    runs = {
+        "wide": _start(tmp_path / "wide", SECAGG),
+        "q8": _start(tmp_path / "q8", SECAGG + '[compression]\ncodec = "qsgd"\nbits = 8\n'),
+    }
+    try:
+        for name, (srv, _) in runs.items():
+            assert srv.wait(90) == 0, f"{name}: {srv.err.read_text()[-3000:]}"
+    finally:
+        for srv, clients in runs.values():
+            for p in [srv, *clients]:
+                p.stop()
+    sizes = {}
+    for name in runs:
+        with sqlite3.connect(tmp_path / name / "srv" / "state.sqlite") as db:
+            sizes[name] = [b for (b,) in db.execute("SELECT bytes FROM audit WHERE event = 'secagg_masked'")]
+    assert len(sizes["q8"]) == 8
+    for wide, narrow in zip(sizes["wide"], sizes["q8"], strict=True):
+        assert abs(narrow / wide - 0.5) < 0.01, (narrow, wide)  # base64 JSON of 2- vs 4-byte elements
+    with RunStore(tmp_path / "wide" / "srv" / "state.sqlite") as a:
+        start, wide_model = a.load_state(0).params, a.load_state(1).params
+    with RunStore(tmp_path / "q8" / "srv" / "state.sqlite") as b:
+        assert b.load_state(0).params.equal(start)
+        narrow_model = b.load_state(1).params
+    # Stochastic rounding moves each client's weighted coordinate by less than one step 1/s,
+    # s = 2^floor(log2(Q / clip)) with Q = (2^9 - 1) // 4 = 127: s = 64.
+    n, step = len(HOSPITALS), 1 / 64
+    rows = (tmp_path / "wide" / "srv" / "metrics.jsonl").read_text().splitlines()
+    weight_sum = json.loads(rows[0])["num_examples"] / 400.0
+    bound = n * step * 2.0 / (weight_sum - n * step) + 1e-5
+    assert not all(torch.equal(narrow_model[k], wide_model[k]) for k in wide_model)
+    for k in wide_model:
+        err = (narrow_model[k].double() - wide_model[k].double()).abs()
+        assert bool((err <= bound).all()), (k, float(err.max()), bound)

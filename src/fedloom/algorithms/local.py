@@ -48,12 +48,14 @@ from fedloom.data.datasets import ArrayDataset
 
 __all__ = [
     "OPTIMIZER_STATE",
+    "TRANSFORM_STATE_PREFIX",
     "GradCorrection",
     "LocalOptimizer",
     "LocalResult",
     "LocalSGD",
     "TrainContext",
     "TrainFn",
+    "carry_transform_state",
     "client_update_with_state",
     "load_params",
     "local_sgd",
@@ -124,6 +126,8 @@ class LocalOptimizer:
 
 
 OPTIMIZER_STATE = "optimizer"
+# Client-state entries of pipeline stages (fedloom.transforms.compression.packed.TRANSFORM_STATE_PREFIX).
+TRANSFORM_STATE_PREFIX = "transform."
 
 
 def optimizer_state(opt: torch.optim.Optimizer) -> Params:
@@ -156,17 +160,37 @@ def client_update_with_state(
 
     Every runtime calls this instead of ``client_update`` directly, so an algorithm never
     sees the optimiser's entry and a task that keeps optimiser state works with every one.
+    Entries named ``transform.*`` belong to the update pipeline (e.g. an error-feedback
+    residual): the algorithm does not see them either, and they come back in the update's
+    client state for the pipeline's client side to read and replace (:func:`carry_transform_state`).
     """
     values = dict(client_state.values) if client_state is not None else {}
     kept = values.pop(OPTIMIZER_STATE, None)
+    values = {k: v for k, v in values.items() if not k.startswith(TRANSFORM_STATE_PREFIX)}
     own = ClientState(values=values) if values else None
     cctx = ClientContext(seed=ctx.seed, round=ctx.round, client_id=ctx.client_id, optimizer_state=kept)
     update = algorithm.client_update(workspace, broadcast, own, data, cctx)
     new = cctx.outbox.get(OPTIMIZER_STATE)
-    if new is None:
+    if new is not None:
+        merged = dict(update.client_state.values) if update.client_state is not None else {}
+        merged[OPTIMIZER_STATE] = new
+        update = replace(update, client_state=ClientState(values=merged))
+    return carry_transform_state(update, client_state)
+
+
+def carry_transform_state(update: ClientUpdate, previous: ClientState | None) -> ClientUpdate:
+    """``update`` with the ``transform.*`` entries of ``previous`` put back into its client state.
+
+    The pipeline's client side runs after the algorithm and sees only the update; this is how
+    a stage reads what it kept in the client's previous round.
+    """
+    if previous is None:
+        return update
+    carried = {k: v for k, v in previous.values.items() if k.startswith(TRANSFORM_STATE_PREFIX)}
+    if not carried:
         return update
     merged = dict(update.client_state.values) if update.client_state is not None else {}
-    merged[OPTIMIZER_STATE] = new
+    merged.update(carried)
     return replace(update, client_state=ClientState(values=merged))
 
 

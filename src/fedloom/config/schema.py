@@ -17,6 +17,7 @@ __all__ = [
     "AttackConfig",
     "CheckpointConfig",
     "ClientConfig",
+    "CompressionConfig",
     "DataConfig",
     "DeployConfig",
     "EvalConfig",
@@ -295,6 +296,34 @@ class TransformsConfig(_Section):
     clip_norm: float = Field(0.0, ge=0, description="Clip each client's delta to this L2 norm (0 = off).")
 
 
+class CompressionConfig(_Section):
+    """Compression of updates (uplink) and broadcasts (downlink); see docs/compression.md."""
+
+    codec: Literal["none", "fp16", "bf16", "qsgd", "topk", "randk"] = Field(
+        "none",
+        description="Update codec: 'fp16'/'bf16' casts, 'qsgd' (stochastic unbiased `bits`-bit "
+        "quantisation), 'topk'/'randk' (send `fraction` of the coordinates, with error feedback), "
+        "or 'none'. The packed bytes are what a deployed client sends.",
+    )
+    bits: int = Field(8, description="qsgd: bits per coordinate, 2, 4 or 8.")
+    block: int = Field(
+        0, ge=0, description="qsgd: coordinates per scale (0 = one scale per parameter tensor)."
+    )
+    fraction: float = Field(
+        0.01, gt=0, le=1, description="topk/randk: fraction of the coordinates sent each round."
+    )
+    error_feedback: bool = Field(
+        True,
+        description="topk/randk: keep what was not sent in the client's state and add it next round "
+        "(off: dropped; randk then scales by 1/fraction to stay unbiased).",
+    )
+    downlink: Literal["none", "fp16", "bf16", "q8"] = Field(
+        "none",
+        description="Broadcast encoding: 'fp16'/'bf16' casts or 'q8' (8 bits per coordinate, one scale "
+        "per tensor); clients train from the widened model, the server keeps full precision.",
+    )
+
+
 class CheckpointConfig(_Section):
     keep: int = Field(
         3,
@@ -518,6 +547,7 @@ class ExperimentConfig(_Section):
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     transforms: TransformsConfig = Field(default_factory=TransformsConfig)
+    compression: CompressionConfig = Field(default_factory=CompressionConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     deploy: DeployConfig = Field(default_factory=DeployConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
@@ -615,6 +645,7 @@ class ExperimentConfig(_Section):
                     f"secagg.enabled with privacy.mode = {self.privacy.mode!r}: central DP clips each update on "
                     "the server, which secure aggregation hides; use 'client_clip' or 'local'"
                 )
+        problems += self._compression_checks()
         if self.attack.kind != "none" and self.attack.fraction == 0:
             problems.append(f"attack.kind = {self.attack.kind!r} needs attack.fraction > 0")
         if problems:
@@ -625,3 +656,39 @@ class ExperimentConfig(_Section):
                 f"{self.data.num_clients}"
             )
         return self
+
+    def _compression_checks(self) -> list[str]:
+        """Refuse compression settings that would break DP's or secure aggregation's guarantee."""
+        c, problems = self.compression, []
+        if c.bits not in (2, 4, 8):
+            problems.append(f"compression.bits = {c.bits}: expected 2, 4 or 8")
+        if c.codec == "none":
+            return problems
+        if self.attack.kind == "alie":
+            problems.append(
+                f"attack.kind = 'alie' with compression.codec = {c.codec!r}: the ALIE adversary crafts its "
+                "update from the round's benign deltas in the clear, which a codec has packed"
+            )
+        if self.privacy.mode == "client_clip":
+            problems.append(
+                f"compression.codec = {c.codec!r} with privacy.mode = 'client_clip': the codec runs after the "
+                "client's clip and can raise the norm above privacy.clip_norm (stochastic rounding, the "
+                "error-feedback residual, a cast's rounding), so the server's sensitivity check would refuse "
+                "honest clients or the noise would no longer cover the sensitivity; use privacy.mode = "
+                "'central' (the server clips after decoding) or 'local' (compressing a noised update is "
+                "post-processing)"
+            )
+        if self.secagg.enabled:
+            if c.codec != "qsgd":
+                problems.append(
+                    f"compression.codec = {c.codec!r} with secagg.enabled: the masks are dense and uniform over "
+                    "the ring, so a cast or a sparse update saves nothing on the wire (and a top-k index list "
+                    "would show the server which coordinates each client changed); use codec = 'qsgd', "
+                    "which quantises into the ring"
+                )
+            elif c.block != 0:
+                problems.append(
+                    "compression.block must be 0 with secagg.enabled: under secure aggregation every client "
+                    "quantises on the same public scale (transforms.clip_norm), or the sum could not be decoded"
+                )
+        return problems

@@ -69,6 +69,7 @@ from fedloom.algorithms.local import client_update_with_state
 from fedloom.config.loader import parse_config
 from fedloom.config.schema import ExperimentConfig
 from fedloom.core.errors import ConfigError, FedloomError, RunStateError, TrainingError, UpdateError
+from fedloom.core.rng import numpy_rng
 from fedloom.core.serde import slots_from_bytes, slots_to_bytes
 from fedloom.data.datasets import ArrayDataset
 from fedloom.net.auth import Credentials
@@ -451,7 +452,7 @@ class NetClient:
         # (integrity against an attacker is TLS's job: whoever could alter the blob could alter both).
         if fingerprint(blob) != task.broadcast_xxh3:
             raise RunStateError(f"round {r}: the downloaded model does not match its XXH3 checksum")
-        broadcast = decode_broadcast(blob, r)
+        broadcast = decode_broadcast(blob, r, self._cfg.compression.downlink)
         cs = self._states.load(before=r) if self._states is not None else None
         cctx = ClientContext(seed=self._cfg.seed, round=r, client_id=join.client_id)
         sctx = ServerContext(seed=self._cfg.seed, round=r, population=join.population)
@@ -581,7 +582,15 @@ class NetClient:
             return bytes(reply.payload)
 
         try:
-            x = encode(flatten_weighted(update, max_weight=p.max_weight), p.fixed_point())
+            vector = flatten_weighted(update, max_weight=p.max_weight)
+            if p.quant_bits:  # compression.codec = "qsgd": stochastic rounding onto the narrow ring
+                from fedloom.transforms.compression.ring import RING_PURPOSE, quantize_into_ring
+
+                seed = self._cfg.seed if self._cfg is not None else 0
+                rng = numpy_rng(seed, RING_PURPOSE, round=r, client=cid)
+                x = quantize_into_ring(vector, p.fixed_point(), rng)
+            else:
+                x = encode(vector, p.fixed_point())
         except FedloomError as exc:  # e.g. a weight over secagg.max_weight: report, as a failed training
             self.log("secagg_failed", level="warning", round=r, reason=str(exc))
             header = pb.UpdateHeader(round=r, broadcast_digest=task.broadcast_digest, failure=f"error: {exc}")

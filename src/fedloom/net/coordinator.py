@@ -15,7 +15,8 @@ Every incoming update is validated before it counts: the round it names (an
 older round is *late* if its sender was selected then, else a *replay*; a future
 round is refused), the sender's selection, duplicates, the broadcast it was
 trained on, that it parses, then :func:`~fedloom.net.validation.validate_update`
-and the pipeline's own ``decode`` checks. A rejected update gets its reason back, a
+and the pipeline's own ``decode`` checks (a packed update, from a codec stage, is unpacked first,
+so these checks see the delta it stands for). A rejected update gets its reason back, a
 log line and an audit row (and counts among the attempt's rejections, see
 :class:`Closed`); nothing already accepted is touched. Any exception raised while
 checking one update rejects that update, never more. Accepted updates are written to
@@ -51,7 +52,7 @@ from fedloom.net.state import NetState, PendingUpdate, blob_checksum
 from fedloom.net.validation import Limits, cut, one_pass, rejection_reason, validate_update
 from fedloom.net.wire import decode_update, fingerprint
 from fedloom.transforms.adaptive_clip import bind_pipeline
-from fedloom.transforms.pipeline import Pipeline
+from fedloom.transforms.pipeline import Pipeline, bind_model, packs
 
 if TYPE_CHECKING:  # fedloom.net.secure needs the optional 'secure' extra
     from fedloom.net.secure import SecureOutcome, SecureRelay
@@ -89,6 +90,7 @@ class Coordinator:
         self._ids = {n: i for i, n in enumerate(self.names)}
         self._state = state
         self._pipeline = pipeline
+        self._packed = any(packs(s) for s in pipeline.stages)
         self._log = log
         self._offline_after = offline_after_s
         # One lock; the round loop waits on ``_cond`` (answers arriving). Long-polling GetTask
@@ -147,7 +149,7 @@ class Coordinator:
         ``algo_state`` binds stateful pipeline stages (adaptive clipping) for this round's decode;
         ``relay`` makes it a secure round (no uploads; ``pending`` must be empty).
         """
-        round_pipeline = bind_pipeline(self._pipeline, algo_state or {})
+        round_pipeline = bind_model(bind_pipeline(self._pipeline, algo_state or {}), broadcast.params)
         rnd = OpenAttempt(
             number=broadcast.round,
             attempt=attempt,
@@ -166,11 +168,16 @@ class Coordinator:
         for p in pending:
             try:
                 update, compute = decode_update(p.client_id, p.meta_json, p.blob)
-                fin, sq = one_pass(p.blob)
+                fin, sq = self._blob_pass(p.blob)
                 update = validate_update(
-                    update, rnd.broadcast, self._limits, client=self.names[p.client_id], finite=fin, square=sq
+                    round_pipeline.unpack(update, ctx),
+                    rnd.broadcast,
+                    self._limits,
+                    client=self.names[p.client_id],
+                    finite=fin,
+                    square=sq,
                 )
-                rnd.accepted[p.client_id] = round_pipeline.decode(update, ctx)
+                rnd.accepted[p.client_id] = round_pipeline.decode_unpacked(update, ctx)
                 rnd.compute_s[p.client_id] = compute
                 rnd.sizes[p.client_id] = len(p.blob)
                 restored += 1
@@ -367,12 +374,29 @@ class Coordinator:
                 self._round.bytes_down += nbytes
 
     def upload_limit(self, configured: int) -> int:
-        """Largest upload accepted now: ``configured`` or 2 x the broadcast + 64 KiB."""
+        """Largest upload accepted now: ``configured`` or 2 x the broadcast + 64 KiB.
+
+        The broadcast counts at full precision: under ``compression.downlink`` its blob is
+        smaller than the float32 update a client may still send.
+        """
         if configured > 0:
             return configured
         with self._cond:
-            size = len(self._round.blob) if self._round is not None else 0
+            rnd = self._round
+            size = 0
+            if rnd is not None:
+                full = rnd.broadcast.params.num_bytes() + sum(
+                    p.num_bytes() for p in rnd.broadcast.extras.values()
+                )
+                size = max(len(rnd.blob), full)
         return 2 * size + 65536
+
+    def _blob_pass(self, blob: bytes | memoryview) -> tuple[bool | None, float | None]:
+        """:func:`~fedloom.net.validation.one_pass` over a plain update's blob; nothing for a packed
+        one (its codes are no delta)."""
+        if self._packed:
+            return None, None
+        return one_pass(blob)
 
     def reject(self, cid: int, round: int, nbytes: int, reason: str, *, event: str = "rejected") -> str:
         reason = cut(reason)
@@ -497,11 +521,17 @@ class Coordinator:
         try:
             held = blob if mapped is None else mapped
             update, compute = decode_update(cid, meta_json, held, copy=mapped is None)
-            fin, sq = one_pass(held)
+            # A packed update (a codec) is unpacked first: the checks see the delta it stands for.
+            fin, sq = self._blob_pass(held)
             update = validate_update(
-                update, rnd.broadcast, self._limits, client=self.names[cid], finite=fin, square=sq
+                rnd.pipeline.unpack(update, rnd.ctx),
+                rnd.broadcast,
+                self._limits,
+                client=self.names[cid],
+                finite=fin,
+                square=sq,
             )
-            decoded = rnd.pipeline.decode(update, rnd.ctx)
+            decoded = rnd.pipeline.decode_unpacked(update, rnd.ctx)
         except Exception as exc:  # whatever breaks on one update rejects it and frees its slot
             self._state.discard(staged)
             return self.reject(cid, round, len(blob), rejection_reason(exc))

@@ -124,7 +124,7 @@ class DeploymentDriver:
     ) -> _Collected:
         if self._blob[0] != r:
             t_encode = time.perf_counter()
-            blob = encode_broadcast(broadcast)
+            blob = encode_broadcast(broadcast, self.cfg.compression.downlink)
             self._blob = (r, blob, model_digest(blob), 1000 * (time.perf_counter() - t_encode))
         _, blob, digest, encode_ms = self._blob
         self._attempt = attempt
@@ -308,6 +308,7 @@ def _secure_relay(
         length=broadcast.params.num_elements() + 1,
         clip=max(1.0, cfg.update_norm_bound()),
         max_weight=sa.max_weight,
+        quant_bits=cfg.compression.bits if cfg.compression.codec == "qsgd" else 0,
     )
     return SecureRelay(
         params,

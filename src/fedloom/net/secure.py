@@ -81,12 +81,15 @@ class SecureParams:
     clip: float
     max_weight: float
     max_clients: int
+    # compression.codec = "qsgd": the clients round stochastically onto a ring of width
+    # bits = ring_bits(quant_bits, max_clients) with a power-of-two scale (fedloom.transforms.compression.ring).
+    quant_bits: int = 0
 
     def round_params(self) -> RoundParams:
         return RoundParams(session=self.session, threshold=self.threshold, bits=self.bits, length=self.length)
 
     def fixed_point(self) -> FixedPoint:
-        return FixedPoint(self.clip, bits=self.bits, max_clients=self.max_clients)
+        return FixedPoint(self.clip, bits=self.bits, max_clients=self.max_clients, pow2=self.quant_bits > 0)
 
     def to_json(self) -> str:
         return json.dumps({**dataclasses.asdict(self), "session": self.session.hex()})
@@ -104,22 +107,39 @@ class SecureParams:
                 clip=float(raw["clip"]),
                 max_weight=float(raw["max_weight"]),
                 max_clients=int(raw["max_clients"]),
+                quant_bits=int(raw.get("quant_bits", 0)),
             )
         except (ValueError, KeyError, TypeError) as exc:
             raise UpdateError(f"bad secure-aggregation parameters: {exc}") from None
 
     @classmethod
     def fresh(
-        cls, graph: Graph, *, threshold: int, bits: int, length: int, clip: float, max_weight: float
+        cls,
+        graph: Graph,
+        *,
+        threshold: int,
+        bits: int,
+        length: int,
+        clip: float,
+        max_weight: float,
+        quant_bits: int = 0,
     ) -> SecureParams:
-        """New parameters for ``graph`` (``threshold`` 0 = the default for its largest group)."""
+        """New parameters for ``graph`` (``threshold`` 0 = the default for its largest group).
+
+        ``quant_bits > 0`` replaces ``bits`` with the ring width for that many bits per client
+        and this cohort size (:func:`~fedloom.transforms.compression.ring.ring_bits`).
+        """
+        if quant_bits:
+            from fedloom.transforms.compression.ring import ring_bits
+
+            bits = ring_bits(quant_bits, len(graph.ids))
         group = graph.max_degree() + 1
         t = threshold or default_threshold(group)
         if not group / 2 < t <= group:
             raise ConfigError(
                 [f"secagg.threshold must be in ({group / 2}, {group}] for groups of {group}, got {t}"]
             )
-        return cls(os.urandom(16), t, bits, length, clip, max_weight, len(graph.ids))
+        return cls(os.urandom(16), t, bits, length, clip, max_weight, len(graph.ids), quant_bits)
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,12 @@
 """Chunked parameter transfer and the encoding of one client update (no grpc here).
 
-A broadcast is ``slots_to_bytes({"params": ..., "x.<extra>": ...})``; an update is
-``slots_to_bytes({"delta": ..., "x.<extra>": ...})`` plus a JSON header with the
-scalars (weight, example and step counts, metrics). Both are safetensors blobs:
+A broadcast is ``slots_to_bytes({"params": ..., "x.<extra>": ...})`` (with
+``compression.downlink`` the params packed and a ``"dl"`` slot naming them); an
+update is ``slots_to_bytes({"delta": ..., "x.<extra>": ...})`` plus a JSON header
+with the scalars (weight, example and step counts, metrics). A compressed update
+(a codec stage, :mod:`fedloom.transforms.compression`) has an empty ``delta``
+and its packed bytes (b-bit codes and scales, top-k values and indices) in the
+``x.codec`` slot: those bytes are what travels, and the server unpacks them. Both are safetensors blobs:
 raw little-endian tensor buffers behind a small JSON header, never pickle. The blob
 is cut into chunks of at most ``chunk_bytes`` so a model larger than gRPC's message
 limit still travels.
@@ -33,6 +37,12 @@ from fedloom.core.errors import RunStateError, UpdateError
 from fedloom.core.params import Params
 from fedloom.core.serde import slots_from_bytes, slots_to_bytes, slots_to_pieces
 from fedloom.net.proto import fedloom_pb2 as pb
+from fedloom.transforms.compression.downlink import (
+    DOWNLINK_SLOT,
+    Downlink,
+    compress_broadcast,
+    expand_broadcast,
+)
 
 __all__ = [
     "UpdateMeta",
@@ -224,13 +234,19 @@ def _decode_chunk_slow(raw: bytes) -> tuple[pb.UpdateHeader | None, bytes]:
     return (msg.header if msg.HasField("header") else None), msg.data
 
 
-def encode_broadcast(b: Broadcast) -> bytes:
-    slots: dict[str, Params] = {"params": b.params}
+def encode_broadcast(b: Broadcast, downlink: Downlink = "none") -> bytes:
+    """The broadcast blob; ``downlink`` packs the model's floating tensors (see
+    :mod:`fedloom.transforms.compression.downlink`), naming them in a ``dl`` slot."""
+    packed, marks = compress_broadcast(b, downlink)
+    slots: dict[str, Params] = {"params": packed.params}
+    if len(marks):
+        slots[DOWNLINK_SLOT] = marks
     slots.update({_EXTRA + k: v for k, v in b.extras.items()})
     return slots_to_bytes(slots)
 
 
-def decode_broadcast(blob: bytes | memoryview, round: int) -> Broadcast:
+def decode_broadcast(blob: bytes | memoryview, round: int, downlink: Downlink = "none") -> Broadcast:
+    """Inverse of :func:`encode_broadcast` with the same ``downlink`` (packed tensors widened to float32)."""
     try:
         slots = slots_from_bytes(blob)
     except RunStateError as exc:
@@ -238,7 +254,8 @@ def decode_broadcast(blob: bytes | memoryview, round: int) -> Broadcast:
     if "params" not in slots:
         raise UpdateError(f"broadcast of round {round} has no 'params' slot")
     extras = {k[len(_EXTRA) :]: v for k, v in slots.items() if k.startswith(_EXTRA)}
-    return Broadcast(round=round, params=slots["params"], extras=extras)
+    b = Broadcast(round=round, params=slots["params"], extras=extras)
+    return expand_broadcast(b, slots.get(DOWNLINK_SLOT, Params({})), downlink)
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ so reducing with ``& (R - 1)`` at the end is exact.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -58,6 +59,8 @@ class FixedPoint:
     clip: float
     bits: int = 32
     max_clients: int = 1000
+    # A power-of-two scale (the largest not above Q / clip): dividing by it is exact in float arithmetic.
+    pow2: bool = False
 
     def __post_init__(self) -> None:
         problems = []
@@ -85,7 +88,9 @@ class FixedPoint:
 
     @property
     def scale(self) -> float:
-        """``s = Q / clip``: integer steps per unit of the input."""
+        """``s = Q / clip``: integer steps per unit of the input (with ``pow2``, the largest power of two below)."""
+        if self.pow2:
+            return float(2.0 ** math.floor(math.log2(self.levels / self.clip)))
         return self.levels / self.clip
 
 
@@ -132,14 +137,17 @@ def sum_error_bound(fp: FixedPoint, num_clients: int) -> float:
 
 
 def wire_bytes_per_element(bits: int) -> int:
-    """Bytes per coordinate when a Z_{2^bits} vector is sent: 4 up to 32 bits, else 8."""
-    return 4 if bits <= 32 else 8
+    """Bytes per coordinate when a Z_{2^bits} vector is sent: 1 up to 8 bits, 2 up to 16, 4 up to 32, else 8."""
+    return 1 if bits <= 8 else 2 if bits <= 16 else 4 if bits <= 32 else 8
+
+
+def _wire_dtype(bits: int) -> str:
+    return {1: "<u1", 2: "<u2", 4: "<u4", 8: "<u8"}[wire_bytes_per_element(bits)]
 
 
 def to_wire(v: NDArray[np.uint64], bits: int) -> bytes:
     """Little-endian bytes of a Z_{2^bits} vector (see :func:`wire_bytes_per_element`)."""
-    dtype = "<u4" if bits <= 32 else "<u8"
-    return np.asarray(v, dtype=np.uint64).astype(dtype).tobytes()
+    return np.asarray(v, dtype=np.uint64).astype(_wire_dtype(bits)).tobytes()
 
 
 def from_wire(data: bytes, bits: int, length: int) -> NDArray[np.uint64]:
@@ -149,7 +157,7 @@ def from_wire(data: bytes, bits: int, length: int) -> NDArray[np.uint64]:
         raise UpdateError(
             f"a Z_2^{bits} vector of length {length} has {width * length} bytes, got {len(data)}"
         )
-    v = np.frombuffer(data, dtype="<u4" if bits <= 32 else "<u8").astype(np.uint64)
-    if bits not in (32, 64) and np.any(v >> np.uint64(bits)):
+    v = np.frombuffer(data, dtype=_wire_dtype(bits)).astype(np.uint64)
+    if bits not in (8, 16, 32, 64) and np.any(v >> np.uint64(bits)):
         raise UpdateError(f"vector holds values outside Z_2^{bits}")
     return v

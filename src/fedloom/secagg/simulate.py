@@ -98,6 +98,8 @@ def simulate_secure_sum(
     dropouts_after_masking: Collection[int] = (),
     seed: int = 0,
     round: int = 0,
+    fixed_point: FixedPoint | None = None,
+    encoded: Sequence[NDArray[np.uint64]] | None = None,
 ) -> SecureSumResult:
     """Securely sum ``vectors`` (client ``i`` holds ``vectors[i]``) in one simulated round.
 
@@ -105,7 +107,9 @@ def simulate_secure_sum(
     :func:`default_threshold` of the largest group); ``graph="harary"`` selects
     SecAgg+ with ``degree`` (default :func:`secagg_plus_degree`). Raises
     :class:`ConfigError` for invalid arguments and :class:`SecAggAbort` when too
-    many clients drop out.
+    many clients drop out. ``fixed_point`` and ``encoded`` replace the default encoding: the
+    clients' inputs already in the ring (e.g. :func:`fedloom.transforms.compression.ring.quantize_into_ring`),
+    decoded with ``fixed_point`` (whose ``bits`` must equal ``bits``).
     """
     n = len(vectors)
     length = int(np.asarray(vectors[0]).size) if n else 0
@@ -117,7 +121,7 @@ def simulate_secure_sum(
         problems.append("dropouts must be disjoint sets of client indices in [0, len(vectors))")
     if problems:
         raise ConfigError(problems)
-    fp = FixedPoint(clip, bits=bits, max_clients=n if max_clients is None else max_clients)
+    fp = fixed_point or FixedPoint(clip, bits=bits, max_clients=n if max_clients is None else max_clients)
     g = _build_graph(n, graph, degree, seed, round)
     group = g.max_degree() + 1
     t = default_threshold(group) if threshold is None else threshold
@@ -133,7 +137,8 @@ def simulate_secure_sum(
 
     # Round 0: advertise keys.
     t0 = clock()
-    encoded = [encode(np.asarray(v), fp) for v in vectors]
+    if encoded is None:
+        encoded = [encode(np.asarray(v), fp) for v in vectors]
     k_states, adverts = zip(*(client.advertise_keys(params, i) for i in range(n)), strict=True)
     t1 = clock()
     s_keys, rosters = server.collect_keys(params, g, list(adverts))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from fedloom.aggregators.registry import make_aggregator
 from fedloom.algorithms.aggregate import Weighting
@@ -26,11 +27,15 @@ from fedloom.sim.privacy_plan import PrivacyPlan, plan_privacy
 from fedloom.tasks.builtin import config_task
 from fedloom.tasks.loading import load_task
 from fedloom.tasks.task import Materialised, PartitionSpec, Task, materialise
+from fedloom.transforms.compression.cast import HalfCast
+from fedloom.transforms.compression.qsgd import Qsgd
+from fedloom.transforms.compression.sparsify import Sparsify
 from fedloom.transforms.pipeline import NormClip, Pipeline, UpdateTransform
 
 __all__ = [
     "Components",
     "build_algorithm",
+    "build_codec",
     "build_components",
     "build_pipeline",
     "check_fits",
@@ -98,14 +103,19 @@ def build_algorithm(cfg: ExperimentConfig) -> Algorithm:
 
 
 def build_pipeline(cfg: ExperimentConfig, privacy: PrivacyPlan | None = None) -> Pipeline:
-    """Client-side clipping, then the DP stage, then a simulated attack (malicious clients only).
+    """Client-side clipping, then the DP stage, then a simulated attack (malicious clients only),
+    then the codec (``[compression]``).
 
     The attack runs after the honest stages on the client, so a malicious client
     sends whatever it likes; server-side checks (DP clipping, norm bounds) still apply.
+    The codec comes last on the client, so its decode is the server's first step:
+    central DP clips the decoded update, and under local DP the codec compresses
+    the noised update (post-processing); see docs/compression.md.
     """
     stages: list[UpdateTransform] = []
+    codec = build_codec(cfg)
     if cfg.transforms.clip_norm > 0:
-        stages.append(NormClip(cfg.transforms.clip_norm))
+        stages.append(NormClip(cfg.transforms.clip_norm, server_clip=codec is not None))
     plan = privacy if privacy is not None else plan_privacy(cfg)
     if plan is not None:
         stages.append(plan.stage)
@@ -120,7 +130,26 @@ def build_pipeline(cfg: ExperimentConfig, privacy: PrivacyPlan | None = None) ->
         else:
             attack = GaussianAttack(bad, std=at.std)
         stages.append(attack)
+    if codec is not None:
+        stages.append(codec)
     return Pipeline(tuple(stages))
+
+
+def build_codec(cfg: ExperimentConfig) -> UpdateTransform | None:
+    """The configured update codec, the last client stage (after clipping, DP noise and any attack).
+
+    Under secure aggregation ``qsgd`` is not a stage: it is the secure sum's own quantisation into
+    the ring (:class:`~fedloom.sim.server_round.SecureSum`), so no codec stage is returned.
+    """
+    c = cfg.compression
+    if c.codec == "none" or cfg.secagg.enabled:
+        return None
+    if c.codec == "fp16" or c.codec == "bf16":
+        return HalfCast(c.codec)
+    if c.codec == "qsgd":
+        return Qsgd(bits=c.bits, block=c.block)
+    kind: Literal["topk", "randk"] = "topk" if c.codec == "topk" else "randk"
+    return Sparsify(kind, fraction=c.fraction, error_feedback=c.error_feedback)
 
 
 _SCHEMES = {"quantity": "quantity_skew"}

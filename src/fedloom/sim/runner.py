@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from fedloom.algorithms.api import Aggregate, Broadcast, ClientState, ServerContext, ServerState
+from fedloom.algorithms.api import Aggregate, Broadcast, ClientState, ClientUpdate, ServerContext, ServerState
 from fedloom.config.loader import config_to_toml
 from fedloom.config.schema import ExperimentConfig
 from fedloom.core.errors import TrainingError
@@ -36,6 +36,8 @@ from fedloom.sim.reduce import not_reducible
 from fedloom.sim.sampling import draw_cohort
 from fedloom.sim.server_round import SecureSum, finish_round
 from fedloom.trackers import check_tracking_extras
+from fedloom.transforms.compression.downlink import compress_broadcast, round_trip
+from fedloom.transforms.compression.packed import payload_bytes
 
 __all__ = ["RoundListener", "RunResult", "evaluation_metrics", "run_simulation"]
 
@@ -142,6 +144,8 @@ def _run(
 class _Collected:
     outcomes: list[Outcome]
     reduced: Aggregate | None
+    wire: dict[str, int]  # bytes_up / bytes_down under [compression] (empty when it is off)
+    sizes: dict[int, int]  # each client's (packed) update bytes under [compression]
 
 
 class SimDriver:
@@ -197,13 +201,19 @@ class SimDriver:
     ) -> _Collected:
         algorithm = self.comps.algorithm
         reduced: Aggregate | None = None
+        # With compression.downlink the clients train from the model as it arrives (widened back).
+        received = round_trip(broadcast, self.cfg.compression.downlink)
         if self._reduce is not None:
-            outcomes, reduced = self._reduce(algorithm, broadcast, cohort, self.client_states, ctx)
+            outcomes, reduced = self._reduce(algorithm, received, cohort, self.client_states, ctx)
         else:
-            outcomes = self.executor.run_round(algorithm, broadcast, cohort, self.client_states, ctx)
+            outcomes = self.executor.run_round(algorithm, received, cohort, self.client_states, ctx)
+        wire = _wire_bytes(self.cfg, broadcast, outcomes, len(cohort))
+        sizes = (
+            {o.client_id: payload_bytes(o) for o in outcomes if isinstance(o, ClientUpdate)} if wire else {}
+        )
         if self.comps.adversary is not None:
             outcomes = self.comps.adversary.apply(outcomes, ctx)
-        return _Collected(list(outcomes), reduced)
+        return _Collected(list(outcomes), reduced, wire, sizes)
 
     def aggregate(self, state: ServerState, collected: _Collected, ctx: ServerContext) -> Attempt:
         r = ctx.round
@@ -238,13 +248,20 @@ class SimDriver:
         return Attempt(
             state=done.state,
             contributions=[
-                Contribution(u.client_id, u.num_examples, u.metrics.get("train_loss"))
+                Contribution(
+                    u.client_id,
+                    u.num_examples,
+                    u.metrics.get("train_loss"),
+                    collected.sizes.get(u.client_id, 0),
+                )
                 for u in sorted(updates, key=lambda u: u.client_id)
             ],
             rejected=[(f.client_id, f.reason) for f in failures],
             failed=len(failures),
             client_states=changed,
-            metrics=dict(done.metrics),
+            metrics={**collected.wire, **done.metrics},
+            bytes_down=collected.wire.get("bytes_down", 0),
+            bytes_up=collected.wire.get("bytes_up", 0),
         )
 
     def aborted(self, r: int, attempt: int, outcome: Attempt) -> None:
@@ -274,6 +291,20 @@ def evaluation_metrics(cfg: ExperimentConfig, comps: Components, params: Params,
     return _evaluation_metrics(cfg, _eval_data(comps), params, r)
 
 
+def _wire_bytes(
+    cfg: ExperimentConfig, broadcast: Broadcast, outcomes: Sequence[Outcome], cohort: int
+) -> dict[str, int]:
+    """Tensor bytes the round moves under ``[compression]`` (empty when it is off): ``bytes_up``,
+    summed over the clients' (packed) updates, and ``bytes_down``, the broadcast times the cohort."""
+    c = cfg.compression
+    if c.codec == "none" and c.downlink == "none":
+        return {}
+    packed, marks = compress_broadcast(broadcast, c.downlink)
+    down = packed.params.num_bytes() + marks.num_bytes() + sum(p.num_bytes() for p in packed.extras.values())
+    up = sum(payload_bytes(o) for o in outcomes if isinstance(o, ClientUpdate))
+    return {"bytes_up": up, "bytes_down": down * cohort}
+
+
 def _secure_sum(cfg: ExperimentConfig, comps: Components) -> SecureSum | None:
     """Secure-aggregation settings; the public weight bound W is the largest client size."""
     sa = cfg.secagg
@@ -287,4 +318,5 @@ def _secure_sum(cfg: ExperimentConfig, comps: Components) -> SecureSum | None:
         threshold=sa.threshold,
         bits=sa.bits,
         dropout_after_masking=sa.dropout_after_masking,
+        quant_bits=cfg.compression.bits if cfg.compression.codec == "qsgd" else 0,
     )

@@ -19,7 +19,7 @@ from fedloom.algorithms.api import Aggregate, Algorithm, ClientUpdate, ServerCon
 from fedloom.core.errors import FedloomError
 from fedloom.sim.executor import ClientFailure, Outcome
 from fedloom.transforms.adaptive_clip import advance_pipeline, bind_pipeline
-from fedloom.transforms.pipeline import Pipeline
+from fedloom.transforms.pipeline import Pipeline, bind_model
 
 __all__ = ["RoundResult", "SecureSum", "apply_updates", "decode_outcomes", "finish_round"]
 
@@ -35,6 +35,8 @@ class SecureSum:
     threshold: int = 0
     bits: int = 32
     dropout_after_masking: float = 0.0
+    # compression.codec = "qsgd": quantise stochastically into a ring of width ring_bits(quant_bits, n).
+    quant_bits: int = 0
 
     def aggregate(
         self, updates: Sequence[ClientUpdate], ctx: ServerContext
@@ -44,27 +46,40 @@ class SecureSum:
         from fedloom.core.rng import numpy_rng
         from fedloom.secagg.simulate import simulate_secure_sum
         from fedloom.secagg.updates import aggregate_from_sum, flatten_weighted
+        from fedloom.transforms.compression.ring import RING_PURPOSE, quantize_into_ring, ring_fixed_point
 
         kept = accepted(updates)
         vectors = [flatten_weighted(u, max_weight=self.max_weight) for u in kept]
         n = len(vectors)
         k = int(self.dropout_after_masking * n)
         dropped = numpy_rng(ctx.seed, "secagg-dropout", round=ctx.round).choice(n, size=k, replace=False)
+        fp, encoded, bits = None, None, self.bits
+        if self.quant_bits:
+            fp = ring_fixed_point(self.clip, self.quant_bits, n)
+            bits = fp.bits
+            encoded = [
+                quantize_into_ring(
+                    v, fp, numpy_rng(ctx.seed, RING_PURPOSE, round=ctx.round, client=u.client_id)
+                )
+                for v, u in zip(vectors, kept, strict=True)
+            ]
         result = simulate_secure_sum(
             vectors,
             clip=self.clip,
             threshold=self.threshold or None,
             graph="harary" if self.graph == "harary" else "complete",
             degree=self.degree or None,
-            bits=self.bits,
+            bits=bits,
             dropouts_after_masking=[int(i) for i in dropped],
             seed=ctx.seed,
             round=ctx.round,
+            fixed_point=fp,
+            encoded=encoded,
         )
         agg = aggregate_from_sum(
             result.total, kept[0].delta, max_weight=self.max_weight, num_clients=len(result.included)
         )
-        return agg, {"secagg_bytes_up": result.max_bytes_up, "secagg_dropouts": k}
+        return agg, {"secagg_bytes_up": result.max_bytes_up, "secagg_dropouts": k, "secagg_ring_bits": bits}
 
 
 @dataclass(frozen=True)
@@ -78,8 +93,11 @@ class RoundResult:
 def decode_outcomes(
     pipeline: Pipeline, state: ServerState, outcomes: Sequence[Outcome], ctx: ServerContext
 ) -> tuple[list[ClientUpdate], list[ClientFailure]]:
-    """Run the (state-bound) pipeline's ``decode`` on each update; rejections become failures."""
-    bound = bind_pipeline(pipeline, state.algo_state)
+    """Run the (state-bound) pipeline's ``decode`` on each update; rejections become failures.
+
+    Codec stages unpack against ``state.params`` (see :func:`~fedloom.transforms.pipeline.bind_model`).
+    """
+    bound = bind_model(bind_pipeline(pipeline, state.algo_state), state.params)
     updates: list[ClientUpdate] = []
     failures: list[ClientFailure] = []
     for o in outcomes:

@@ -60,7 +60,13 @@ from fedloom.algorithms.api import (
     ServerContext,
     Workspace,
 )
-from fedloom.algorithms.local import GradCorrection, LocalOptimizer, LocalResult, LocalSGD
+from fedloom.algorithms.local import (
+    GradCorrection,
+    LocalOptimizer,
+    LocalResult,
+    LocalSGD,
+    carry_transform_state,
+)
 from fedloom.algorithms.plan import LocalPlan, PlannedAlgorithm
 from fedloom.algorithms.stragglers import dropped_update
 from fedloom.core.errors import TrainingError
@@ -219,6 +225,7 @@ class VectorizedExecutor:
         self.block = block
         self.budget_bytes = budget_bytes
         self._sequential = SequentialExecutor(workspace, data, pipeline)
+        self._round_states: Mapping[int, ClientState] = {}
         self._fallback_logged: set[str] = set()
         self._broken: str | None = None  # set once torch.func refused the model: stay sequential
         # The runner evaluates with workspace.module on the CPU, so a GPU gets its own copy.
@@ -246,6 +253,7 @@ class VectorizedExecutor:
         client_states: Mapping[int, ClientState],
         ctx: ServerContext,
     ) -> list[Outcome]:
+        self._round_states = client_states  # the pipeline's client side reads its kept entries
         reason = self._broken or unsupported_reason(self.workspace, algorithm)
         rule = sgd_rule(self.workspace.optimizer)
         # unsupported_reason names every case of the last two conditions (they narrow the types)
@@ -325,6 +333,7 @@ class VectorizedExecutor:
 
     def _finish(self, update: ClientUpdate, ctx: ServerContext) -> Outcome:
         try:
+            update = carry_transform_state(update, self._round_states.get(update.client_id))
             return self.pipeline.client(update, ctx)
         except Exception as exc:  # as run_client: the client's failure, not the round's
             return client_failure(update.client_id, ctx.round, exc)

@@ -12,6 +12,13 @@ A stage has three hooks (pfl-research's postprocessor shape):
 A :class:`Pipeline` applies the client hooks in order and the server hooks in
 reverse order, so each stage undoes its own encoding after the later stages
 have undone theirs.
+
+Codecs (:mod:`fedloom.transforms.compression`) are stages that *pack* the delta
+(their class attribute ``packs`` is true) and need the model's names and shapes
+to unpack it: :func:`bind_model` hands them the global model, and
+:meth:`Pipeline.unpack` runs the decode of the trailing codec stages alone, so a
+server can check the rebuilt delta (names, shapes, finiteness, norm bounds)
+before the other stages' decode, as it does for a plain update.
 """
 
 from __future__ import annotations
@@ -22,8 +29,9 @@ from typing import Protocol
 
 from fedloom.algorithms.api import Aggregate, ClientUpdate, ServerContext
 from fedloom.core.errors import UpdateError
+from fedloom.core.params import Params
 
-__all__ = ["Identity", "NormClip", "Pipeline", "UpdateTransform"]
+__all__ = ["Identity", "NormClip", "Pipeline", "UpdateTransform", "bind_model", "packs"]
 
 
 class UpdateTransform(Protocol):
@@ -55,10 +63,14 @@ class NormClip:
     """Scale each client's delta so its global L2 norm is at most ``max_norm``.
 
     ``delta <- delta * min(1, max_norm / ||delta||_2)``; the pre-clip norm is
-    reported as the ``update_norm`` metric.
+    reported as the ``update_norm`` metric. The server's ``decode`` refuses a
+    larger norm (a tampered client), or with ``server_clip`` clips it again: a
+    lossy codec after the clip (quantisation, error feedback) can raise an honest
+    client's norm a little, and the bound must still hold for the aggregate.
     """
 
     max_norm: float
+    server_clip: bool = False
 
     def __post_init__(self) -> None:
         if not self.max_norm > 0:
@@ -72,6 +84,12 @@ class NormClip:
 
     def decode(self, update: ClientUpdate, ctx: ServerContext) -> ClientUpdate:
         norm = update.delta.l2_norm()
+        if self.server_clip:
+            return (
+                update
+                if norm <= self.max_norm
+                else replace(update, delta=update.delta * (self.max_norm / norm))
+            )
         # Honest clients already clipped; a larger norm means a tampered or buggy client.
         if norm > self.max_norm * (1 + 1e-5):
             raise UpdateError(
@@ -99,7 +117,42 @@ class Pipeline:
             update = stage.decode(update, ctx)
         return update
 
+    def _codec_tail(self) -> int:
+        """How many stages at the end of the pipeline are codecs."""
+        n = 0
+        for stage in reversed(self.stages):
+            if not packs(stage):
+                break
+            n += 1
+        return n
+
+    def unpack(self, update: ClientUpdate, ctx: ServerContext) -> ClientUpdate:
+        """The decode of the trailing codec stages only: a packed update back to a plain delta."""
+        tail = self._codec_tail()
+        for stage in reversed(self.stages[len(self.stages) - tail :]):
+            update = stage.decode(update, ctx)
+        return update
+
+    def decode_unpacked(self, update: ClientUpdate, ctx: ServerContext) -> ClientUpdate:
+        """The decode of every stage before the trailing codecs (``decode == decode_unpacked . unpack``)."""
+        for stage in reversed(self.stages[: len(self.stages) - self._codec_tail()]):
+            update = stage.decode(update, ctx)
+        return update
+
     def server(self, aggregate: Aggregate, ctx: ServerContext) -> Aggregate:
         for stage in reversed(self.stages):
             aggregate = stage.server(aggregate, ctx)
         return aggregate
+
+
+def packs(stage: object) -> bool:
+    """Whether ``stage`` is a codec: its client side replaces the delta with a packed form."""
+    return bool(getattr(stage, "packs", False))
+
+
+def bind_model(pipeline: Pipeline, params: Params) -> Pipeline:
+    """``pipeline`` with every codec stage given ``params`` (the model whose deltas it unpacks)."""
+    if not any(packs(s) for s in pipeline.stages):
+        return pipeline
+    stages = [s.with_model(params) if packs(s) else s for s in pipeline.stages]  # type: ignore[attr-defined]
+    return Pipeline(tuple(stages))
