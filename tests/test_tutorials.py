@@ -135,7 +135,7 @@ def test_own_task_tutorial(tmp_path: Path) -> None:
         assert rows[-1]["test_accuracy"] == pytest.approx(acc, abs=1e-12)
     assert "partition: dirichlet; clients: 20" in result.stdout
     summary = (tmp_path / "compare" / "summary.md").read_text(encoding="utf-8")
-    assert all(f"`runs/{a}`" in summary for a in ("fedavg", "fedprox", "scaffold"))
+    assert all(f"runs/{a}" in summary for a in ("fedavg", "fedprox", "scaffold"))
     assert (tmp_path / "compare" / "accuracy.png").stat().st_size > 0
     # The script's FedAvg run is the CLI's FedAvg run: same seed, same settings.
     fedavg_line = next(line for line in result.stdout.splitlines() if line.startswith("fedavg ["))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -82,33 +83,37 @@ def test_vectorized_matches_to_float_tolerance(
             assert err <= DELTA_ATOL, (r, k, err)
 
 
+@pytest.fixture(scope="module")
+def ray_session() -> Iterator[None]:
+    """One local Ray instance for this file's Ray tests (starting Ray costs seconds each time)."""
+    import ray
+
+    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@pytest.mark.usefixtures("ray_session")
 def test_ray_is_bit_identical(
     mnist_2nn: tuple[ExperimentConfig, Components], reference: Params, tmp_path: Path
 ) -> None:
-    pytest.importorskip("ray")
-    import ray
-
     from fedloom.sim.ray_executor import RayExecutor
 
     cfg, comps = mnist_2nn
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ex = RayExecutor(comps.workspace, comps.train, comps.pipeline, workers=2)
     try:
-        ex = RayExecutor(comps.workspace, comps.train, comps.pipeline, workers=2)
-        try:
-            got = _final(cfg, comps, ex, tmp_path / "run")
-        finally:
-            ex.close()
+        got = _final(cfg, comps, ex, tmp_path / "run")
     finally:
-        ray.shutdown()
+        ex.close()
     assert got.equal(reference)
 
 
 @pytest.mark.parametrize("weighting", ["examples", "uniform"])
+@pytest.mark.usefixtures("ray_session")
 def test_ray_reduces_the_weighted_mean_on_its_workers_bit_identically(mnist_dir: str, weighting: str) -> None:
     """The driver gets one aggregate, not the updates, and it is FedAvg.aggregate's to the bit."""
-    pytest.importorskip("ray")
-    import ray
-
     from fedloom.algorithms.api import ClientUpdate, ServerContext
     from fedloom.sim.ray_executor import RayExecutor
 
@@ -127,29 +132,25 @@ def test_ray_reduces_the_weighted_mean_on_its_workers_bit_identically(mnist_dir:
     alg = comps.algorithm
     state = alg.server_init(comps.initial_params)
     seq = SequentialExecutor(comps.workspace, comps.train, comps.pipeline, threads=1)
-    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+    ex = RayExecutor(comps.workspace, comps.train, comps.pipeline, workers=3)
     try:
-        ex = RayExecutor(comps.workspace, comps.train, comps.pipeline, workers=3)
-        try:
-            for r in (1, 2):
-                ctx = ServerContext(cfg.seed, r, comps.train.num_clients)
-                cohort = [3, 4, 7, 8, 11, 15, 16, 20, 21, 25, 28, 29]
-                want_out = seq.run_round(alg, alg.broadcast(state), cohort, {}, ctx)
-                want = alg.aggregate([o for o in want_out if isinstance(o, ClientUpdate)], ctx)
-                got_out, got = ex.run_round_reduced(alg, alg.broadcast(state), cohort, {}, ctx)
-                assert got is not None
-                assert [o.client_id for o in got_out] == [o.client_id for o in want_out]
-                assert all(isinstance(o, ClientUpdate) and not o.delta for o in got_out)  # no delta came back
-                assert sum(1 for o in want_out if o.metrics.get("dropped")) > 0, "no straggler was dropped"
-                assert got.delta.equal(want.delta)
-                weights = {o.weight for o in want_out if isinstance(o, ClientUpdate) and o.weight > 0}
-                assert (weights == {1.0}) == (weighting == "uniform"), weights
-                assert (got.num_clients, got.total_weight) == (want.num_clients, want.total_weight)
-                state = alg.server_update(state, want, ctx)
-        finally:
-            ex.close()
+        for r in (1, 2):
+            ctx = ServerContext(cfg.seed, r, comps.train.num_clients)
+            cohort = [3, 4, 7, 8, 11, 15, 16, 20, 21, 25, 28, 29]
+            want_out = seq.run_round(alg, alg.broadcast(state), cohort, {}, ctx)
+            want = alg.aggregate([o for o in want_out if isinstance(o, ClientUpdate)], ctx)
+            got_out, got = ex.run_round_reduced(alg, alg.broadcast(state), cohort, {}, ctx)
+            assert got is not None
+            assert [o.client_id for o in got_out] == [o.client_id for o in want_out]
+            assert all(isinstance(o, ClientUpdate) and not o.delta for o in got_out)  # no delta came back
+            assert sum(1 for o in want_out if o.metrics.get("dropped")) > 0, "no straggler was dropped"
+            assert got.delta.equal(want.delta)
+            weights = {o.weight for o in want_out if isinstance(o, ClientUpdate) and o.weight > 0}
+            assert (weights == {1.0}) == (weighting == "uniform"), weights
+            assert (got.num_clients, got.total_weight) == (want.num_clients, want.total_weight)
+            state = alg.server_update(state, want, ctx)
     finally:
-        ray.shutdown()
+        ex.close()
 
 
 def test_scaffold_client_states_flow_through_workers(mnist_dir: str, tmp_path: Path) -> None:
