@@ -15,7 +15,6 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from tests.net.helpers import (
@@ -34,7 +33,7 @@ from fedloom.algorithms.api import Broadcast, ClientUpdate, ServerContext, Works
 from fedloom.config.loader import load_config
 from fedloom.core.params import Params
 from fedloom.core.serde import params_from_bytes, slots_from_bytes
-from fedloom.data.datasets import ArrayDataset
+from fedloom.data.federated import NaturalDataset
 from fedloom.models.zoo import build_model
 from fedloom.net.coordinator import Coordinator
 from fedloom.net.datasources import load_client_data, load_eval_data
@@ -57,26 +56,6 @@ TOPK = (
     BASE_TOML.replace('name = "scaffold"', 'name = "fedavg"')
     + '\n[compression]\ncodec = "topk"\nfraction = 0.05\ndownlink = "bf16"\n'
 )
-
-
-class _Hospitals:
-    """The four hospitals as a FederatedDataset (client id = index in deploy.clients)."""
-
-    def __init__(self, parts: list[ArrayDataset]) -> None:
-        self.parts = parts
-
-    @property
-    def num_clients(self) -> int:
-        return len(self.parts)
-
-    def client_size(self, cid: int) -> int:
-        return len(self.parts[cid])
-
-    def client_sizes(self) -> np.ndarray:
-        return np.array([len(p) for p in self.parts], dtype=np.int64)
-
-    def client_data(self, cid: int) -> ArrayDataset:
-        return self.parts[cid]
 
 
 def _model(run: Path) -> Params:
@@ -128,7 +107,7 @@ def test_the_deployed_8bit_run_ends_on_the_simulations_model(
     comps = Components(
         algorithm=build_algorithm(cfg),
         pipeline=build_pipeline(cfg),
-        train=_Hospitals(parts),
+        train=NaturalDataset(parts),
         test=load_eval_data(f"{LOADER}:all", cfg, data_dir=heart_dir),
         workspace=Workspace(module),
         initial_params=Params.from_module(module),

@@ -9,7 +9,6 @@ import shutil
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from tests.net.helpers import (
@@ -31,7 +30,7 @@ from fedloom.algorithms.api import Broadcast, Workspace
 from fedloom.config.loader import load_config
 from fedloom.core.params import Params
 from fedloom.core.serde import params_from_bytes
-from fedloom.data.datasets import ArrayDataset
+from fedloom.data.federated import NaturalDataset
 from fedloom.engine import BytesMoved, ClientAccepted, RunStarted, comparable, read_events
 from fedloom.models.zoo import build_model
 from fedloom.net.client import ClientOptions, NetClient
@@ -44,26 +43,6 @@ from fedloom.sim.executor import SequentialExecutor
 from fedloom.sim.runner import run_simulation
 
 pytestmark = pytest.mark.slow
-
-
-class _Hospitals:
-    """The four hospitals as a FederatedDataset (client id = index in deploy.clients)."""
-
-    def __init__(self, parts: list[ArrayDataset]) -> None:
-        self.parts = parts
-
-    @property
-    def num_clients(self) -> int:
-        return len(self.parts)
-
-    def client_size(self, cid: int) -> int:
-        return len(self.parts[cid])
-
-    def client_sizes(self) -> np.ndarray:
-        return np.array([len(p) for p in self.parts], dtype=np.int64)
-
-    def client_data(self, cid: int) -> ArrayDataset:
-        return self.parts[cid]
 
 
 def _model(run: Path) -> Params:
@@ -97,14 +76,16 @@ def test_deployed_run_completes_audits_and_matches_simulation(
     comps = Components(
         algorithm=build_algorithm(cfg),
         pipeline=build_pipeline(cfg),
-        train=_Hospitals(parts),
+        train=NaturalDataset(parts),
         test=load_eval_data(f"{LOADER}:all", cfg, data_dir=heart_dir),
         workspace=Workspace(module),
         initial_params=Params.from_module(module),
         data_source="heart",
         client_names=tuple(HOSPITALS),
         # each site's own test split, as its client process evaluates on (the loader's load_eval)
-        client_test=_Hospitals([load_eval_data(f"{LOADER}:{h}", cfg, data_dir=heart_dir) for h in HOSPITALS]),
+        client_test=NaturalDataset(
+            [load_eval_data(f"{LOADER}:{h}", cfg, data_dir=heart_dir) for h in HOSPITALS]
+        ),
     )
     executor = SequentialExecutor(comps.workspace, comps.train, comps.pipeline)
     with torch.random.fork_rng(devices=[]):
