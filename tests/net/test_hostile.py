@@ -94,7 +94,7 @@ def test_hostile_uploads_are_clean_rejections_and_the_round_goes_on(
         assert "already sent an accepted update" in twice.error
         # The round still waits for switzerland: its update counts, it is not turned away as late.
         assert m.send(1, d, meta, blob, as_client="switzerland").accepted
-        m.channel.close()
+        m.finish("va", "switzerland")
         assert srv.wait(120) == 0, srv.err.read_text()[-3000:]
         for c in honest:
             assert c.wait(30) == 0, c.err.read_text()[-2000:]
@@ -265,7 +265,7 @@ def test_an_update_that_makes_the_aggregate_overflow_is_left_out_and_the_round_g
         assert m.send_update(1, t.broadcast_digest, poisoned).accepted  # alone it is a valid update
         t2, b2 = m.task(2)  # asked for round 2 as usual
         assert m.send_update(2, t2.broadcast_digest, m.train(b2)).accepted
-        m.channel.close()
+        m.finish()
         assert srv.wait(120) == 0, srv.err.read_text()[-3000:]
         for c in honest:
             assert c.wait(30) == 0, c.err.read_text()[-2000:]
@@ -335,7 +335,7 @@ def test_an_attempt_without_a_usable_model_is_aborted_and_every_client_asked_aga
         meta, blob = encode_update(good)
         for name in ("va", "switzerland"):
             assert m.send(1, again.broadcast_digest, meta, blob, as_client=name).accepted
-        m.channel.close()
+        m.finish("va", "switzerland")
         assert srv.wait(120) == 0, srv.err.read_text()[-3000:]
         for c in honest:
             assert c.wait(30) == 0, c.err.read_text()[-2000:]
