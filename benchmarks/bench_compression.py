@@ -10,16 +10,25 @@ the same messages without compression, encoded in the same run. gRPC/HTTP2 frami
 see bench_net.py) is not included. Targets: <= 0.26x at 8 bits, <= 0.14x at 4 bits, <= 0.03x for
 top-1% with indices.
 
-Part ``accuracy``: MNIST 2NN, 100 clients with Dirichlet(0.3) label skew, 10 clients a round,
-one local epoch of batch 10 at lr 0.05; every codec runs the same rounds from the same seed in the
-sequential simulation, which counts ``bytes_up`` and ``bytes_down`` per round from the packed
-tensors (headers excluded). Prints rounds and cumulative bytes (both directions) to the target
-accuracy, writes a JSON of the curves and a plot of accuracy against cumulative bytes.
+Part ``accuracy``: every codec runs the same rounds from the same seed in the sequential
+simulation, which counts ``bytes_up`` and ``bytes_down`` per round from the packed tensors
+(headers excluded). Prints rounds and cumulative bytes (both directions) to the target accuracy,
+writes a JSON of the curves and a plot of accuracy against cumulative bytes. Workloads
+(``--workload``):
+
+* ``mnist``: MNIST 2NN, 100 clients with Dirichlet(0.3) label skew, 10 clients a round, one
+  local epoch of batch 10 at lr 0.05; central test accuracy;
+* ``shakespeare``: LEAF's Shakespeare (850 roles) with its stacked LSTM (819,920 parameters),
+  FedAvg with 10 roles a round, 20 local steps of batch 10 at lr 1.47 (the reduced setting of
+  ``repro_shakespeare.py``); per-role next-character accuracy on 3 test windows a role,
+  example-weighted (``site_accuracy``).
 
 Run::
 
     PYTHONPATH=src nice -n 19 .venv/bin/python benchmarks/bench_compression.py wire
     PYTHONPATH=src nice -n 19 .venv/bin/python benchmarks/bench_compression.py accuracy --rounds 40 --target 0.9
+    PYTHONPATH=src nice -n 19 .venv/bin/python benchmarks/bench_compression.py accuracy --workload shakespeare \
+        --rounds 30 --every 5 --target 0.25
     PYTHONPATH=src .venv/bin/python benchmarks/bench_compression.py table --targets 0.9 0.95
 """
 
@@ -105,18 +114,65 @@ ACC_CODECS: dict[str, list[str]] = {
     "qsgd 8-bit, downlink q8": ["compression.codec=qsgd", "compression.bits=8", "compression.downlink=q8"],
     "qsgd 4-bit, downlink q8": ["compression.codec=qsgd", "compression.bits=4", "compression.downlink=q8"],
 }
+SHAKESPEARE_BASE = (
+    "data.dataset=shakespeare",
+    "data.num_clients=850",
+    "data.test_subset=3",
+    "algorithm.name=fedavg",
+    "client.lr=1.47",
+    "client.batch_size=10",
+    "client.steps=20",
+    f"sampling.fraction={10 / 850}",
+    "sampling.min_clients=10",
+    "eval.target_accuracy=0",
+    "checkpoint.keep=1",
+    "executor=sequential",
+    "seed=0",
+)
+# Each Shakespeare run costs minutes of CPU: a subset of the codecs, the ones MNIST separates.
+SHAKESPEARE_CODECS = [
+    "fp32 (none)",
+    "fp16",
+    "qsgd 8-bit",
+    "qsgd 4-bit",
+    "qsgd 2-bit",
+    "top-1% + EF",
+    "top-10% + EF",
+    "qsgd 4-bit, downlink q8",
+]
+WORKLOADS: dict[str, dict[str, Any]] = {
+    "mnist": {
+        "base": ACC_BASE,
+        "codecs": list(ACC_CODECS),
+        "metric": "test_accuracy",
+        "json": "compression_accuracy.json",
+        "title": "MNIST 2NN, Dirichlet(0.3), 100 clients, 10 per round",
+        "ylim": (0.5, 1.0),
+    },
+    "shakespeare": {
+        "base": SHAKESPEARE_BASE,
+        "codecs": SHAKESPEARE_CODECS,
+        "metric": "site_accuracy",
+        "json": "compression_accuracy_shakespeare.json",
+        "title": "Shakespeare (LEAF, 850 roles), LSTM, 10 roles per round",
+        "ylim": (0.0, 0.5),
+    },
+}
 
 
 def accuracy(args: argparse.Namespace) -> None:
-    base_cfg = load_config(None, [*ACC_BASE, f"rounds={args.rounds}", f"eval.every={args.every}"])
-    mat = materialise_config(base_cfg)
+    work = WORKLOADS[args.workload]
+    torch.set_num_threads(1)  # a shared machine: one core, the same for every codec
+    base = [*work["base"], f"rounds={args.rounds}", f"eval.every={args.every}"]
+    mat = materialise_config(load_config(None, base))
     fp32_bytes = Params.from_module(mat.workspace.module).num_bytes()
     curves: dict[str, Any] = {}
     only = set(args.only) if args.only else None
-    for label, sets in ACC_CODECS.items():
+    out = Path(args.out)
+    for label in work["codecs"]:
         if only and label not in only:
             continue
-        cfg = load_config(None, [*ACC_BASE, *sets, f"rounds={args.rounds}", f"eval.every={args.every}"])
+        cfg = load_config(None, [*base, *ACC_CODECS[label]])
         comps = build_components(cfg, materialised=mat)
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
@@ -127,25 +183,23 @@ def accuracy(args: argparse.Namespace) -> None:
             up = m.get("bytes_up", fp32_bytes * m["num_clients"])
             down = m.get("bytes_down", fp32_bytes * m["num_clients"])
             cum += up + down
-            if m.get("test_accuracy") is not None:
-                points.append((m["round"], cum, m["test_accuracy"]))
+            if m.get(work["metric"]) is not None:
+                points.append((m["round"], cum, m[work["metric"]]))
         hit = next((p for p in points if p[2] >= args.target), None)
         curves[label] = {"points": points, "to_target": hit, "seconds": time.perf_counter() - t0}
-        out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "compression_accuracy.json").write_text(json.dumps(curves, indent=1))  # after every codec
+        (out / work["json"]).write_text(json.dumps(curves, indent=1))  # after every codec
         reach = f"round {hit[0]}, {hit[1] / 1e6:.1f} MB" if hit else "not reached"
         print(
             f"{label}: final accuracy {points[-1][2]:.4f}, {points[-1][1] / 1e6:.1f} MB total; target: {reach}",
             flush=True,
         )
-    out = Path(args.out)
     _table(curves, [args.target])
-    _plot(curves, args.target, out)
+    _plot(curves, args.target, out / work["json"], work)
 
 
-def _plot(curves: dict[str, Any], target: float, out: Path) -> None:
-    """Accuracy against cumulative bytes (log scale), one line per codec."""
+def _plot(curves: dict[str, Any], target: float, json_path: Path, work: dict[str, Any]) -> None:
+    """Accuracy against cumulative bytes (log scale), one line per codec, next to the JSON."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -159,15 +213,16 @@ def _plot(curves: dict[str, Any], target: float, out: Path) -> None:
         style = "--" if "downlink" in label else "-"
         ax.plot(xs, ys, style, label=label, linewidth=1.3, color=colours(i % 20))
     ax.set_xscale("log")
-    ax.set_ylim(0.5, 1.0)
+    ax.set_ylim(*work["ylim"])
     ax.set_xlabel("cumulative bytes, both directions (MB, log scale)")
     ax.set_ylabel("test accuracy")
     ax.axhline(target, color="grey", linestyle=":", linewidth=0.8)
-    ax.set_title("MNIST 2NN, Dirichlet(0.3), 100 clients, 10 per round")
+    ax.set_title(work["title"])
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(out / "compression_accuracy.png", dpi=120)
-    print(f"wrote {out / 'compression_accuracy.png'}")
+    png = json_path.with_suffix(".png")
+    fig.savefig(png, dpi=120)
+    print(f"wrote {png}")
 
 
 def _table(curves: dict[str, Any], targets: list[float]) -> None:
@@ -185,10 +240,12 @@ def _table(curves: dict[str, Any], targets: list[float]) -> None:
 
 
 def table(args: argparse.Namespace) -> None:
-    curves = json.loads(Path(args.json).read_text())
+    work = WORKLOADS[args.workload]
+    path = Path(args.json or Path("docs/results") / work["json"])
+    curves = json.loads(path.read_text())
     _table(curves, args.targets)
     if args.plot:
-        _plot(curves, args.targets[0], Path(args.json).parent)
+        _plot(curves, args.targets[0], path, work)
 
 
 def main() -> None:
@@ -196,13 +253,17 @@ def main() -> None:
     sub = p.add_subparsers(dest="part", required=True)
     sub.add_parser("wire")
     a = sub.add_parser("accuracy")
+    a.add_argument("--workload", choices=sorted(WORKLOADS), default="mnist")
     a.add_argument("--rounds", type=int, default=60)
     a.add_argument("--every", type=int, default=2)
     a.add_argument("--target", type=float, default=0.9)
     a.add_argument("--only", nargs="*", default=None)
     a.add_argument("--out", default="docs/results")
     t = sub.add_parser("table", help="the accuracy table for other targets, from the accuracy part's JSON")
-    t.add_argument("--json", default="docs/results/compression_accuracy.json")
+    t.add_argument("--workload", choices=sorted(WORKLOADS), default="mnist")
+    t.add_argument(
+        "--json", default="", help="the accuracy part's JSON (default: the workload's in docs/results)"
+    )
     t.add_argument("--targets", type=float, nargs="+", default=[0.9, 0.95])
     t.add_argument("--plot", action="store_true", help="draw the plot again from the JSON")
     args = p.parse_args()
