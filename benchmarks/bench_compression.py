@@ -47,9 +47,10 @@ from fedloom.algorithms.api import Broadcast, ClientUpdate, ServerContext
 from fedloom.config import load_config
 from fedloom.core.params import Params
 from fedloom.models.zoo import build_model
-from fedloom.net.wire import encode_broadcast, encode_update
+from fedloom.net.wire import encode_broadcast, encode_patch, encode_update
 from fedloom.sim.build import build_components, build_pipeline, materialise_config
 from fedloom.sim.runner import run_simulation
+from fedloom.transforms.pipeline import bind_model
 
 UPLINK = {
     "fp32 (none)": [],
@@ -70,7 +71,8 @@ MODELS = {"2nn": 200, "2nn-large": 3000}
 def wire(args: argparse.Namespace) -> None:
     print("| model | parameters | uplink codec | bytes up / client / round | ratio |")
     print("|---|---|---|---|---|")
-    down_rows = []
+    down_rows: list[str] = []
+    patch_rows: list[str] = []
     for name, hidden in MODELS.items():
         module = build_model("2nn", {"hidden": hidden}, seed=0)
         params = Params.from_module(module)
@@ -91,9 +93,39 @@ def wire(args: argparse.Namespace) -> None:
         for mode in DOWNLINK:
             size = len(encode_broadcast(b, mode))  # type: ignore[arg-type]
             down_rows.append(f"| {name} | {mode} | {size:,} | {size / fp32:.4f} |")
+        patch_rows += _patch_rows(name, params, ctx)
     print("\n| model | downlink | bytes down / client / round | ratio |")
     print("|---|---|---|---|")
     print("\n".join(down_rows))
+    print(
+        "\n| model | round's aggregate | downlink | patch bytes to a client holding the last broadcast | ratio |"
+    )
+    print("|---|---|---|---|---|")
+    print("\n".join(patch_rows))
+
+
+def _patch_rows(name: str, params: Params, ctx: ServerContext) -> list[str]:
+    """``compression.downlink_patch``: the next broadcast as a patch against this one, after a round
+    whose aggregate is the mean of 10 clients' top-1% updates (random deltas of scale 1e-3), or of
+    10 dense updates; against the whole next broadcast of the same encoding (no patch: 1.0)."""
+    rows = []
+    gen = torch.Generator().manual_seed(2)
+    pipeline = bind_model(build_pipeline(load_config(None, UPLINK["top-1% + EF"])), params)
+    sparse, dense = params.zeros_like(), params.zeros_like()
+    for cid in range(10):
+        delta = Params({k: torch.randn(v.shape, generator=gen) * 1e-3 for k, v in params.items()})
+        dense = dense.add_scaled(delta, 0.1)
+        sent = pipeline.client(ClientUpdate(cid, delta, 1.0, 1, 1), ctx)
+        sparse = sparse.add_scaled(pipeline.decode(sent, ctx).delta, 0.1)
+    for label, agg in (("10 x top-1%", sparse), ("10 x dense", dense)):
+        after = params.add_scaled(agg, 1.0)
+        for mode in DOWNLINK:
+            held = encode_broadcast(Broadcast(round=1, params=params), mode)  # type: ignore[arg-type]
+            whole = encode_broadcast(Broadcast(round=2, params=after), mode)  # type: ignore[arg-type]
+            patch = encode_patch(whole, held)
+            size = len(patch) if patch is not None else len(whole)
+            rows.append(f"| {name} | {label} | {mode} | {size:,} | {size / len(whole):.4f} |")
+    return rows
 
 
 ACC_BASE = (

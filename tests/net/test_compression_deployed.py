@@ -34,15 +34,17 @@ from fedloom.config.loader import load_config
 from fedloom.core.params import Params
 from fedloom.core.serde import params_from_bytes, slots_from_bytes
 from fedloom.data.federated import NaturalDataset
+from fedloom.engine import BytesMoved, read_events
 from fedloom.models.zoo import build_model
 from fedloom.net.coordinator import Coordinator
 from fedloom.net.datasources import load_client_data, load_eval_data
 from fedloom.net.logs import JsonLog
 from fedloom.net.state import NetState
 from fedloom.net.wire import encode_broadcast, encode_update
+from fedloom.results.store import RunStore
 from fedloom.sim.build import Components, build_algorithm, build_pipeline
 from fedloom.sim.executor import SequentialExecutor
-from fedloom.sim.runner import run_simulation
+from fedloom.sim.runner import RunResult, run_simulation
 from fedloom.transforms.compression.packed import CODEC_SLOT, RESIDUAL_KEY
 
 pytestmark = pytest.mark.slow
@@ -52,9 +54,11 @@ COMPRESSED = (
     BASE_TOML.replace("hidden = 100", f"hidden = {HIDDEN}").replace('name = "scaffold"', 'name = "fedavg"')
     + '\n[compression]\ncodec = "qsgd"\nbits = 8\ndownlink = "q8"\n'
 )
+# With patches: every hospital trains every round, so from round 2 on each holds the last broadcast
 TOPK = (
     BASE_TOML.replace('name = "scaffold"', 'name = "fedavg"')
-    + '\n[compression]\ncodec = "topk"\nfraction = 0.05\ndownlink = "bf16"\n'
+    + '\n[compression]\ncodec = "topk"\nfraction = 0.05\ndownlink = "bf16"\ndownlink_patch = true\n'
+    + "[checkpoint]\nkeep = 0\n"
 )
 
 
@@ -96,10 +100,9 @@ def test_the_server_receives_the_packed_bytes_within_one_percent_of_the_hand_com
         assert got <= 0.26 * fp32
 
 
-def test_the_deployed_8bit_run_ends_on_the_simulations_model(
-    q8_run: Path, heart_dir: Path, tmp_path: Path
-) -> None:
-    cfg = load_config(q8_run / "exp.toml")
+def _simulate(run: Path, heart_dir: Path, tmp_path: Path) -> RunResult:
+    """The simulation of the deployed ``run``'s experiment on the same hospitals' data."""
+    cfg = load_config(run / "exp.toml")
     parts = [
         load_client_data(f"{LOADER}:{h}", cfg, data_dir=heart_dir, partition_client=None) for h in HOSPITALS
     ]
@@ -115,7 +118,13 @@ def test_the_deployed_8bit_run_ends_on_the_simulations_model(
     )
     executor = SequentialExecutor(comps.workspace, comps.train, comps.pipeline)
     with torch.random.fork_rng(devices=[]):
-        sim = run_simulation(cfg, tmp_path / "sim", components=comps, executor=executor)
+        return run_simulation(cfg, tmp_path / "sim", components=comps, executor=executor)
+
+
+def test_the_deployed_8bit_run_ends_on_the_simulations_model(
+    q8_run: Path, heart_dir: Path, tmp_path: Path
+) -> None:
+    sim = _simulate(q8_run, heart_dir, tmp_path)
     deployed = _model(q8_run)
     assert list(sim.state.params) == list(deployed)
     for k in deployed:
@@ -126,6 +135,40 @@ def test_the_deployed_8bit_run_ends_on_the_simulations_model(
     assert sim.final_metrics["bytes_down"] == 4 * (d + 6 * 4)
 
 
+def test_clients_holding_the_last_broadcast_get_a_patch_and_end_on_the_simulations_model(
+    topk_run: Path, heart_dir: Path, tmp_path: Path
+) -> None:
+    # Each hospital rebuilt rounds 2-4's broadcasts from patches (checked against the model's digest).
+    for h in HOSPITALS:
+        lines = (topk_run / f"{h}.err").read_text(encoding="utf-8").splitlines()
+        events = [json.loads(x) for x in lines if x.startswith("{")]
+        assert [e["round"] for e in events if e["event"] == "broadcast_patched"] == [2, 3, 4], h
+        assert not [e for e in events if e["event"] == "patch_refused"], h
+    # The bytes sent: round 1 whole; then the patch, whose tensors are, per tensor, 2 + 4 bytes for
+    # each bfloat16 coordinate that changed between the two models saved (or the tensor whole, 2
+    # bytes a coordinate, where that is less), plus the patch's header.
+    with RunStore(topk_run / "srv" / "state.sqlite") as store:
+        models = [store.load_state(r).params for r in (0, 1, 2, 3)]
+    down = [e.down for e in read_events(topk_run / "srv" / "events.jsonl") if isinstance(e, BytesMoved)]
+    whole = len(encode_broadcast(Broadcast(round=1, params=models[0]), "bf16"))
+    assert down[0] == 4 * whole
+    for r in (2, 3, 4):
+        before, now = models[r - 2], models[r - 1]
+        tensors = 0
+        for k in now:
+            a, b = (m[k].to(torch.bfloat16).view(torch.int16) for m in (before, now))
+            tensors += min(6 * int((a != b).sum()), 2 * a.numel())
+        per_client = down[r - 1] / 4
+        assert tensors < per_client <= tensors + 2048, (r, per_client, tensors)
+        assert per_client < 0.5 * whole
+    # Lossless: the simulation (where clients always hold the whole broadcast) ends on the same model.
+    sim = _simulate(topk_run, heart_dir, tmp_path)
+    deployed = _model(topk_run)
+    assert list(sim.state.params) == list(deployed)
+    for k in deployed:
+        assert torch.equal(sim.state.params[k], deployed[k]), k
+
+
 def test_a_topk_client_sigkilled_and_restarted_resumes_from_its_residual_on_disk(
     topk_run: Path, tmp_path: Path
 ) -> None:
@@ -133,7 +176,10 @@ def test_a_topk_client_sigkilled_and_restarted_resumes_from_its_residual_on_disk
     assert saved
     residual = slots_from_bytes(saved[-1].read_bytes())[RESIDUAL_KEY]
     assert residual.l2_norm() > 0
-    cfg = write_config(tmp_path / "exp.toml", base=TOPK)
+    # Here the broadcasts (and patches) fit one message and come with the task, not streamed.
+    cfg = write_config(
+        tmp_path / "exp.toml", base=TOPK.replace("max_message_bytes = 4096", "max_message_bytes = 1048576")
+    )
     port = free_port()
     srv = server(tmp_path, cfg, port)
     procs = {h: client(tmp_path, h, port) for h in HOSPITALS}
@@ -153,6 +199,10 @@ def test_a_topk_client_sigkilled_and_restarted_resumes_from_its_residual_on_disk
     assert accepted
     assert min(accepted) >= 3
     assert _model(tmp_path).equal(_model(topk_run))
+    # The restarted client held no broadcast: its first round came whole, the later ones as patches.
+    assert [e["round"] for e in va2.events("broadcast_patched")] == accepted[1:]
+    for h in HOSPITALS[:3]:
+        assert [e["round"] for e in procs[h].events("broadcast_patched")] == [2, 3, 4], h
 
 
 def test_a_malformed_packed_upload_is_refused_naming_client_and_field(tmp_path: Path) -> None:

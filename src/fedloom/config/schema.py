@@ -322,6 +322,12 @@ class CompressionConfig(_Section):
         description="Broadcast encoding: 'fp16'/'bf16' casts or 'q8' (8 bits per coordinate, one scale "
         "per tensor); clients train from the widened model, the server keeps full precision.",
     )
+    downlink_patch: bool = Field(
+        False,
+        description="A client holding the previous round's broadcast receives only the coordinates that "
+        "changed (positions and new values) where that is smaller than the whole broadcast; lossless: "
+        "it rebuilds the broadcast bit for bit, checked against its digest.",
+    )
 
 
 class CheckpointConfig(_Section):

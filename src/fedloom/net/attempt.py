@@ -27,6 +27,8 @@ class Task:
     deadline_in_s: float = 0.0
     secagg_json: str = ""
     message: str = ""
+    # non-empty: size and xxh3 are those of a patch against the broadcast of this digest
+    base: str = ""
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,10 @@ class OpenAttempt:
     rejected: list[tuple[int, str]] = field(default_factory=list)
     sizes: dict[int, int] = field(default_factory=dict)
     bytes_down: int = 0
+    # compression.downlink_patch: the broadcast as a patch against the one of digest patch_base
+    patch: bytes | None = None
+    patch_base: str = ""
+    patch_xxh3: int = 0
 
     def answered(self) -> bool:
         """Enough answers to close: the target of accepted updates, or every selected client heard."""

@@ -84,6 +84,8 @@ from fedloom.net.wire import (
     encode_chunk,
     fingerprint,
     iter_chunks,
+    model_digest,
+    patched_broadcast,
     pieces_size,
     split_bytes_field,
     update_pieces,
@@ -265,6 +267,8 @@ class NetClient:
         self._cfg: ExperimentConfig | None = None
         self._states: ClientStateStore | None = None
         self._md = (("fedloom-client", options.name), ("fedloom-token", options.token))
+        # compression.downlink_patch: (digest, blob) of the last broadcast trained on, for patches
+        self._held: tuple[str, bytes] | None = None
         self._offset = 1.0 + (zlib.crc32(options.name.encode()) % 100) / 200.0
         self.rounds_done: list[int] = []
 
@@ -363,8 +367,11 @@ class NetClient:
                 hb.start()
                 raw = _RawCalls(channel)
                 while True:
+                    held = self._held[0] if self._held is not None else ""
                     task, inline = raw.task(
-                        pb.TaskRequest(wait_s=self.o.poll_s), metadata=self._md, timeout=self.o.poll_s + 15
+                        pb.TaskRequest(wait_s=self.o.poll_s, held_digest=held),
+                        metadata=self._md,
+                        timeout=self.o.poll_s + 15,
                     )
                     last_contact = time.monotonic()
                     if task.kind == pb.DONE:
@@ -441,18 +448,17 @@ class NetClient:
         if self._cfg is None or self._work is None:
             raise RunStateError("a task arrived before the client joined")
         r = task.round
-        blob: bytes | memoryview
-        if inline is not None:
-            blob = inline
-        else:
-            request = pb.DownloadRequest(round=r, broadcast_digest=task.broadcast_digest)
-            timeout = max(30.0, task.deadline_in_s)
-            blob = b"".join(c.data for c in stub.Download(request, metadata=self._md, timeout=timeout))
+        base = task.patch_base_digest
+        blob: bytes | memoryview = inline if inline is not None else self._download(stub, task, base)
         # The digest names the model; XXH3-64 catches a damaged download at a twentieth of SHA-256's cost
         # (integrity against an attacker is TLS's job: whoever could alter the blob could alter both).
         if fingerprint(blob) != task.broadcast_xxh3:
             raise RunStateError(f"round {r}: the downloaded model does not match its XXH3 checksum")
+        if base:
+            blob = self._patched(stub, task, blob)
         broadcast = decode_broadcast(blob, r, self._cfg.compression.downlink)
+        if self._cfg.compression.downlink_patch:
+            self._held = (task.broadcast_digest, bytes(blob))
         cs = self._states.load(before=r) if self._states is not None else None
         cctx = ClientContext(seed=self._cfg.seed, round=r, client_id=join.client_id)
         sctx = ServerContext(seed=self._cfg.seed, round=r, population=join.population)
@@ -500,6 +506,37 @@ class NetClient:
             self.log("update_accepted", round=r, bytes=size, compute_s=round(compute, 4), transfer=transfer)
         else:
             self.log("update_rejected", level="warning", round=r, reason=reply.error)
+
+    def _download(self, stub: pbg.CoordinatorStub, task: pb.TaskReply, base: str = "") -> bytes:
+        """Stream round ``task.round``'s broadcast (with ``base``: its patch against that broadcast)."""
+        request = pb.DownloadRequest(
+            round=task.round, broadcast_digest=task.broadcast_digest, patch_base_digest=base
+        )
+        timeout = max(30.0, task.deadline_in_s)
+        return b"".join(c.data for c in stub.Download(request, metadata=self._md, timeout=timeout))
+
+    def _patched(self, stub: pbg.CoordinatorStub, task: pb.TaskReply, patch: bytes | memoryview) -> bytes:
+        """The broadcast that ``patch`` makes of the held one, checked against ``task.broadcast_digest``.
+
+        A patch that does not fit (not the held broadcast, or it rebuilds another model) is logged and
+        the whole broadcast downloaded instead, checked against the same digest.
+        """
+        r = task.round
+        try:
+            if self._held is None or self._held[0] != task.patch_base_digest:
+                raise UpdateError(f"round {r}: a patch against a broadcast this client does not hold")
+            blob = patched_broadcast(self._held[1], patch, task.broadcast_digest, r)
+        except UpdateError as exc:
+            self.log("patch_refused", level="warning", round=r, reason=str(exc))
+            self._held = None
+            blob = self._download(stub, task)
+            if model_digest(blob) != task.broadcast_digest:
+                raise RunStateError(
+                    f"round {r}: the downloaded model is not the one named {task.broadcast_digest[:12]}"
+                ) from None
+            return blob
+        self.log("broadcast_patched", round=r, bytes=len(patch), whole=len(blob))
+        return blob
 
     def _evaluate(self, stub: pbg.CoordinatorStub, task: pb.TaskReply) -> None:
         """Evaluate round ``task.round``'s global model on this site's test split and report it."""

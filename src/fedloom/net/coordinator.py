@@ -143,11 +143,14 @@ class Coordinator:
         pending: Sequence[PendingUpdate] = (),
         algo_state: Mapping[str, Params] | None = None,
         relay: SecureRelay | None = None,
+        patch: tuple[str, bytes] | None = None,
     ) -> None:
         """Open round ``broadcast.round`` for ``selected``; ``pending`` were accepted before a restart.
 
         ``algo_state`` binds stateful pipeline stages (adaptive clipping) for this round's decode;
-        ``relay`` makes it a secure round (no uploads; ``pending`` must be empty).
+        ``relay`` makes it a secure round (no uploads; ``pending`` must be empty); ``patch`` is
+        ``(digest of an earlier broadcast, this broadcast as a patch against it)``, sent instead
+        of ``blob`` to the clients that hold that earlier broadcast.
         """
         round_pipeline = bind_model(bind_pipeline(self._pipeline, algo_state or {}), broadcast.params)
         rnd = OpenAttempt(
@@ -164,6 +167,9 @@ class Coordinator:
             relay=relay,
             xxh3=fingerprint(blob),
         )
+        if patch is not None:
+            rnd.patch_base, rnd.patch = patch
+            rnd.patch_xxh3 = fingerprint(rnd.patch)
         restored = 0
         for p in pending:
             try:
@@ -315,10 +321,12 @@ class Coordinator:
         return set(self.online()) <= self._told_done
 
     # ---- RPC side ----------------------------------------------------------
-    def task_now(self, cid: int) -> Task | None:
+    def task_now(self, cid: int, held: str = "") -> Task | None:
         """``cid``'s task if there is one now ("train" or "done"), else ``None`` (it should wait).
 
-        Never blocks: the server's long-poll waits for :meth:`watch_tasks` to fire between tries.
+        ``held``: the digest of the broadcast the client holds; where the round has a patch against
+        it, the task names the patch (``Task.base``). Never blocks: the server's long-poll waits for
+        :meth:`watch_tasks` to fire between tries.
         """
         with self._cond:
             self._last_seen[cid] = time.monotonic()
@@ -337,12 +345,14 @@ class Coordinator:
                 or (rnd.relay is not None and rnd.relay.joined(cid))
             ):
                 return None
+            patched = rnd.patch is not None and held == rnd.patch_base
             return Task(
                 "train",
                 round=rnd.number,
                 digest=rnd.digest,
-                size=len(rnd.blob),
-                xxh3=rnd.xxh3,
+                size=len(rnd.patch) if rnd.patch is not None and patched else len(rnd.blob),
+                xxh3=rnd.patch_xxh3 if patched else rnd.xxh3,
+                base=rnd.patch_base if patched else "",
                 # in whole tenths, rounded down: the replies of one round's clients are
                 # then mostly byte-identical and the server encodes the reply once
                 deadline_in_s=max(0.0, math.floor(10 * (rnd.deadline - time.monotonic())) / 10),
@@ -359,11 +369,15 @@ class Coordinator:
         for callback in self._task_watchers:
             callback()
 
-    def broadcast_blob(self, round: int, digest: str) -> bytes | None:
+    def broadcast_blob(self, round: int, digest: str, base: str = "") -> bytes | None:
+        """The open round's broadcast named ``digest`` (with ``base``: its patch against that earlier
+        broadcast), or ``None`` if no such round or patch is open."""
         with self._cond:
             rnd = self._round
             if rnd is None or rnd.number != round or rnd.digest != digest:
                 return None
+            if base:
+                return rnd.patch if base == rnd.patch_base else None
             return rnd.blob
 
     def note_download(self, round: int, start: float, end: float, nbytes: int = 0) -> None:

@@ -42,7 +42,7 @@ from fedloom.net.evaluation import SiteEvaluation, evaluate_sites
 from fedloom.net.guard import Guarded, guarded_apply
 from fedloom.net.logs import JsonLog
 from fedloom.net.state import NetState
-from fedloom.net.wire import encode_broadcast, model_digest
+from fedloom.net.wire import encode_broadcast, encode_patch, model_digest
 from fedloom.sim.privacy_plan import PrivacyPlan
 from fedloom.sim.sampling import sample_clients, secret_sample
 from fedloom.transforms.pipeline import Pipeline
@@ -93,6 +93,7 @@ class DeploymentDriver:
         self.max_attempts = cfg.deploy.max_round_attempts
         self._cohort: list[int] | None = None
         self._blob: tuple[int, bytes, str, float] = (0, b"", "", 0.0)  # round, blob, digest, encode ms
+        self._patch: tuple[str, bytes] | None = None  # (the last round's digest, the blob as a patch)
         self._cpu_mark: float | None = None
         self._clients: dict[int, list[int]] = {}
         self._attempt = 0
@@ -124,8 +125,16 @@ class DeploymentDriver:
     ) -> _Collected:
         if self._blob[0] != r:
             t_encode = time.perf_counter()
+            held = self._blob
             blob = encode_broadcast(broadcast, self.cfg.compression.downlink)
-            self._blob = (r, blob, model_digest(blob), 1000 * (time.perf_counter() - t_encode))
+            digest = model_digest(blob)
+            # compression.downlink_patch: the clients that hold the last round's broadcast may get
+            # this one as a patch against it (lost with a restart: the first round after sends it whole)
+            self._patch = None
+            if self.cfg.compression.downlink_patch and held[1] and held[2] != digest:
+                patch = encode_patch(blob, held[1])
+                self._patch = (held[2], patch) if patch is not None else None
+            self._blob = (r, blob, digest, 1000 * (time.perf_counter() - t_encode))
         _, blob, digest, encode_ms = self._blob
         self._attempt = attempt
         coord, net = self.coord, self.net
@@ -149,6 +158,7 @@ class DeploymentDriver:
             pending=net.pending(r) if relay is None else (),
             algo_state=state.algo_state,
             relay=relay,
+            patch=self._patch,
         )
         self.committer.flush()  # the previous round's commit, now that this round is open
         secure_error = ""

@@ -63,8 +63,9 @@ class Service:
         self.chunk = chunk_size_for(cfg.deploy.max_message_bytes)
         self.refusals = RefusalGate()
         self._pieces_lock = threading.Lock()
-        self._cut: tuple[str, list[bytes]] = ("", [])
-        self._whole: tuple[str, bytes] = ("", b"")
+        # keyed by (broadcast digest, patch base digest or "")
+        self._cut: tuple[tuple[str, str], list[bytes]] = (("", ""), [])
+        self._whole: tuple[tuple[str, str], bytes] = (("", ""), b"")
         self._reply: tuple[bytes, bytes] = (b"", b"")  # (TaskReply without broadcast, with it)
         # Set by the server once its loop runs: the long-polls' wake-up (see ``_tasks_changed``).
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -158,7 +159,8 @@ class Service:
         cid = await self._who(context)
         assert self.loop is not None
         end = self.loop.time() + max(0.0, min(request.wait_s, 30.0))
-        while (t := self.evals.task_now(cid) or self.coord.task_now(cid)) is None:
+        held = request.held_digest
+        while (t := self.evals.task_now(cid) or self.coord.task_now(cid, held)) is None:
             left = end - self.loop.time()
             if left <= 0:
                 t = Task("wait")
@@ -179,29 +181,31 @@ class Service:
             deadline_in_s=t.deadline_in_s,
             secagg_json=t.secagg_json,
             message=t.message,
+            patch_base_digest=t.base,
         ).SerializeToString()
         if t.kind != "train":
             return small
         start = time.perf_counter()
-        full = self._with_broadcast(small, t.round, t.digest)
+        full = self._with_broadcast(small, t.round, t.digest, t.base)
         if full is None:
             return small  # the client streams it with Download
         self.coord.note_download(t.round, start, time.perf_counter(), t.size)
         return full
 
-    def _with_broadcast(self, small: bytes, round: int, digest: str) -> bytes | None:
-        """``small`` with ``TaskReply.broadcast`` set to the open round's blob (None: closed, or too big).
+    def _with_broadcast(self, small: bytes, round: int, digest: str, base: str = "") -> bytes | None:
+        """``small`` with ``TaskReply.broadcast`` set to the open round's blob, or its patch against
+        the broadcast ``base`` (None: closed, or too big).
 
         Messages concatenate, so this is ``small + encode_bytes_field(...)``. The round's clients
         mostly get byte-identical replies (see ``Task.deadline_in_s``): the last one is kept, so a
         round copies the model once for its replies rather than once per client.
         """
         with self._pieces_lock:
-            blob = self.coord.broadcast_blob(round, digest)
+            blob = self.coord.broadcast_blob(round, digest, base)
             if blob is None:
                 return None
-            if self._whole[0] != digest:
-                self._whole = (digest, encode_bytes_field(_TASK_BROADCAST_FIELD, blob))
+            if self._whole[0] != (digest, base):
+                self._whole = ((digest, base), encode_bytes_field(_TASK_BROADCAST_FIELD, blob))
                 self._reply = (b"", b"")
             if self._reply[0] != small:
                 field = self._whole[1]
@@ -233,7 +237,7 @@ class Service:
     ) -> AsyncIterator[pb.Chunk]:
         await self._who(context)
         start = time.perf_counter()
-        pieces = self._pieces(request.round, request.broadcast_digest)
+        pieces = self._pieces(request.round, request.broadcast_digest, request.patch_base_digest)
         if pieces is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"round {request.round} is not open")
             return
@@ -241,22 +245,24 @@ class Service:
             yield pb.Chunk(data=piece)
         self.coord.note_download(request.round, start, time.perf_counter(), sum(len(p) for p in pieces))
 
-    def _pieces(self, round: int, digest: str) -> list[bytes] | None:
-        """The open round's broadcast cut into chunks, cut once per round rather than per client."""
+    def _pieces(self, round: int, digest: str, base: str = "") -> list[bytes] | None:
+        """The open round's broadcast (or its patch against ``base``) cut into chunks, cut once per
+        round rather than per client."""
         with self._pieces_lock:
-            if self._cut[0] != digest:
-                blob = self._blob(round, digest)
+            if self._cut[0] != (digest, base):
+                blob = self._blob(round, digest, base)
                 if blob is None:
                     return None
-                self._cut = (digest, list(iter_chunks(blob, self.chunk)))
-            elif self._blob(round, digest) is None:
+                self._cut = ((digest, base), list(iter_chunks(blob, self.chunk)))
+            elif self._blob(round, digest, base) is None:
                 return None  # the same model again, but that round closed
             return self._cut[1]
 
-    def _blob(self, round: int, digest: str) -> bytes | None:
-        """The open round's broadcast, or the model of an open evaluation phase, named ``digest``."""
-        blob = self.coord.broadcast_blob(round, digest)
-        return blob if blob is not None else self.evals.blob(round, digest)
+    def _blob(self, round: int, digest: str, base: str = "") -> bytes | None:
+        """The open round's broadcast (or its patch against ``base``), or the model of an open
+        evaluation phase, named ``digest``."""
+        blob = self.coord.broadcast_blob(round, digest, base)
+        return blob if blob is not None or base else self.evals.blob(round, digest)
 
     async def Evaluate(
         self, request: pb.EvalReport, context: grpc.aio.ServicerContext[Any, Any]

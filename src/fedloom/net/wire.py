@@ -39,10 +39,12 @@ from fedloom.core.serde import slots_from_bytes, slots_to_bytes, slots_to_pieces
 from fedloom.net.proto import fedloom_pb2 as pb
 from fedloom.transforms.compression.downlink import (
     DOWNLINK_SLOT,
+    EXTRA_PREFIX,
     Downlink,
-    compress_broadcast,
+    broadcast_slots,
     expand_broadcast,
 )
+from fedloom.transforms.compression.patch import PATCH_SLOT, apply_patch, make_patch
 
 __all__ = [
     "UpdateMeta",
@@ -54,17 +56,19 @@ __all__ = [
     "encode_broadcast",
     "encode_bytes_field",
     "encode_chunk",
+    "encode_patch",
     "encode_secagg",
     "encode_update",
     "fingerprint",
     "iter_chunks",
     "model_digest",
+    "patched_broadcast",
     "pieces_size",
     "split_bytes_field",
     "update_pieces",
 ]
 
-_EXTRA = "x."
+_EXTRA = EXTRA_PREFIX
 # Room left in each gRPC message for the protobuf envelope and the upload header.
 _ENVELOPE = 2048
 
@@ -237,12 +241,37 @@ def _decode_chunk_slow(raw: bytes) -> tuple[pb.UpdateHeader | None, bytes]:
 def encode_broadcast(b: Broadcast, downlink: Downlink = "none") -> bytes:
     """The broadcast blob; ``downlink`` packs the model's floating tensors (see
     :mod:`fedloom.transforms.compression.downlink`), naming them in a ``dl`` slot."""
-    packed, marks = compress_broadcast(b, downlink)
-    slots: dict[str, Params] = {"params": packed.params}
-    if len(marks):
-        slots[DOWNLINK_SLOT] = marks
-    slots.update({_EXTRA + k: v for k, v in b.extras.items()})
-    return slots_to_bytes(slots)
+    return slots_to_bytes(broadcast_slots(b, downlink))
+
+
+def encode_patch(blob: bytes | memoryview, held: bytes | memoryview) -> bytes | None:
+    """The broadcast ``blob`` as a patch against the earlier broadcast ``held`` (see
+    :mod:`fedloom.transforms.compression.patch`), or ``None`` where the patch would not be smaller
+    than ``blob`` itself or the two do not hold the same tensors."""
+    patch = make_patch(slots_from_bytes(blob), slots_from_bytes(held))
+    if patch is None:
+        return None
+    out = slots_to_bytes({PATCH_SLOT: patch})
+    return out if len(out) < len(blob) else None
+
+
+def patched_broadcast(held: bytes | memoryview, patch: bytes | memoryview, digest: str, round: int) -> bytes:
+    """The broadcast blob that ``patch`` makes of the ``held`` one, checked to be the model named
+    ``digest`` (:func:`model_digest`): bit for bit the blob the server would have sent whole.
+
+    Raises :class:`UpdateError` if the patch does not parse, does not fit the held broadcast, or
+    rebuilds another model.
+    """
+    try:
+        slots = slots_from_bytes(patch)
+    except RunStateError as exc:
+        raise UpdateError(f"broadcast patch of round {round} does not parse: {exc}") from exc
+    if list(slots) != [PATCH_SLOT]:
+        raise UpdateError(f"broadcast patch of round {round} has slots {sorted(slots)}, not [{PATCH_SLOT!r}]")
+    blob = slots_to_bytes(apply_patch(slots_from_bytes(held), slots[PATCH_SLOT]))
+    if model_digest(blob) != digest:
+        raise UpdateError(f"round {round}: the patched broadcast is not the model named {digest[:12]}")
+    return blob
 
 
 def decode_broadcast(blob: bytes | memoryview, round: int, downlink: Downlink = "none") -> Broadcast:

@@ -36,8 +36,9 @@ from fedloom.sim.reduce import not_reducible
 from fedloom.sim.sampling import draw_cohort
 from fedloom.sim.server_round import SecureSum, finish_round
 from fedloom.trackers import check_tracking_extras
-from fedloom.transforms.compression.downlink import compress_broadcast, round_trip
+from fedloom.transforms.compression.downlink import broadcast_slots, round_trip
 from fedloom.transforms.compression.packed import payload_bytes
+from fedloom.transforms.compression.patch import make_patch
 
 __all__ = ["RoundListener", "RunResult", "evaluation_metrics", "run_simulation"]
 
@@ -178,6 +179,8 @@ class SimDriver:
         ):
             reduce = None
         self._reduce = reduce
+        # compression.downlink_patch: the last broadcast as it travelled, and who received it
+        self._held: tuple[dict[str, Params], frozenset[int]] | None = None
 
     def client_name(self, cid: int) -> str:
         names = self.comps.client_names
@@ -207,7 +210,7 @@ class SimDriver:
             outcomes, reduced = self._reduce(algorithm, received, cohort, self.client_states, ctx)
         else:
             outcomes = self.executor.run_round(algorithm, received, cohort, self.client_states, ctx)
-        wire = _wire_bytes(self.cfg, broadcast, outcomes, len(cohort))
+        wire, self._held = _wire_bytes(self.cfg, broadcast, outcomes, cohort, self._held)
         sizes = (
             {o.client_id: payload_bytes(o) for o in outcomes if isinstance(o, ClientUpdate)} if wire else {}
         )
@@ -292,17 +295,29 @@ def evaluation_metrics(cfg: ExperimentConfig, comps: Components, params: Params,
 
 
 def _wire_bytes(
-    cfg: ExperimentConfig, broadcast: Broadcast, outcomes: Sequence[Outcome], cohort: int
-) -> dict[str, int]:
+    cfg: ExperimentConfig,
+    broadcast: Broadcast,
+    outcomes: Sequence[Outcome],
+    cohort: Sequence[int],
+    held: tuple[dict[str, Params], frozenset[int]] | None,
+) -> tuple[dict[str, int], tuple[dict[str, Params], frozenset[int]] | None]:
     """Tensor bytes the round moves under ``[compression]`` (empty when it is off): ``bytes_up``,
-    summed over the clients' (packed) updates, and ``bytes_down``, the broadcast times the cohort."""
+    summed over the clients' (packed) updates, and ``bytes_down``, the broadcast to each client of
+    the cohort; under ``downlink_patch``, as a patch to those who received ``held`` (the last
+    broadcast) where that is smaller. Also returns what this round's cohort now holds."""
     c = cfg.compression
-    if c.codec == "none" and c.downlink == "none":
-        return {}
-    packed, marks = compress_broadcast(broadcast, c.downlink)
-    down = packed.params.num_bytes() + marks.num_bytes() + sum(p.num_bytes() for p in packed.extras.values())
+    if c.codec == "none" and c.downlink == "none" and not c.downlink_patch:
+        return {}, None
+    slots = broadcast_slots(broadcast, c.downlink)
+    whole = sum(p.num_bytes() for p in slots.values())
+    patch = make_patch(slots, held[0]) if c.downlink_patch and held is not None else None
+    holders = sum(1 for cid in cohort if held is not None and cid in held[1])
+    if patch is None or patch.num_bytes() >= whole:
+        holders = 0
+    down = whole * (len(cohort) - holders) + (patch.num_bytes() * holders if patch is not None else 0)
     up = sum(payload_bytes(o) for o in outcomes if isinstance(o, ClientUpdate))
-    return {"bytes_up": up, "bytes_down": down * cohort}
+    now = (slots, frozenset(cohort)) if c.downlink_patch else None
+    return {"bytes_up": up, "bytes_down": down}, now
 
 
 def _secure_sum(cfg: ExperimentConfig, comps: Components) -> SecureSum | None:

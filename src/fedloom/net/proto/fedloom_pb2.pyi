@@ -47,13 +47,15 @@ class JoinReply(_message.Message):
     def __init__(self, client_id: _Optional[int] = ..., config_toml: _Optional[str] = ..., run_id: _Optional[str] = ..., max_message_bytes: _Optional[int] = ..., heartbeat_s: _Optional[float] = ..., population: _Optional[int] = ..., unsettled_accepted: _Optional[bool] = ...) -> None: ...
 
 class TaskRequest(_message.Message):
-    __slots__ = ("wait_s",)
+    __slots__ = ("wait_s", "held_digest")
     WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    HELD_DIGEST_FIELD_NUMBER: _ClassVar[int]
     wait_s: float
-    def __init__(self, wait_s: _Optional[float] = ...) -> None: ...
+    held_digest: str
+    def __init__(self, wait_s: _Optional[float] = ..., held_digest: _Optional[str] = ...) -> None: ...
 
 class TaskReply(_message.Message):
-    __slots__ = ("kind", "round", "broadcast_digest", "broadcast_bytes", "deadline_in_s", "message", "secagg_json", "broadcast_xxh3", "broadcast")
+    __slots__ = ("kind", "round", "broadcast_digest", "broadcast_bytes", "deadline_in_s", "message", "secagg_json", "broadcast_xxh3", "patch_base_digest", "broadcast")
     KIND_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     BROADCAST_DIGEST_FIELD_NUMBER: _ClassVar[int]
@@ -62,6 +64,7 @@ class TaskReply(_message.Message):
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     SECAGG_JSON_FIELD_NUMBER: _ClassVar[int]
     BROADCAST_XXH3_FIELD_NUMBER: _ClassVar[int]
+    PATCH_BASE_DIGEST_FIELD_NUMBER: _ClassVar[int]
     BROADCAST_FIELD_NUMBER: _ClassVar[int]
     kind: TaskKind
     round: int
@@ -71,16 +74,19 @@ class TaskReply(_message.Message):
     message: str
     secagg_json: str
     broadcast_xxh3: int
+    patch_base_digest: str
     broadcast: bytes
-    def __init__(self, kind: _Optional[_Union[TaskKind, str]] = ..., round: _Optional[int] = ..., broadcast_digest: _Optional[str] = ..., broadcast_bytes: _Optional[int] = ..., deadline_in_s: _Optional[float] = ..., message: _Optional[str] = ..., secagg_json: _Optional[str] = ..., broadcast_xxh3: _Optional[int] = ..., broadcast: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, kind: _Optional[_Union[TaskKind, str]] = ..., round: _Optional[int] = ..., broadcast_digest: _Optional[str] = ..., broadcast_bytes: _Optional[int] = ..., deadline_in_s: _Optional[float] = ..., message: _Optional[str] = ..., secagg_json: _Optional[str] = ..., broadcast_xxh3: _Optional[int] = ..., patch_base_digest: _Optional[str] = ..., broadcast: _Optional[bytes] = ...) -> None: ...
 
 class DownloadRequest(_message.Message):
-    __slots__ = ("round", "broadcast_digest")
+    __slots__ = ("round", "broadcast_digest", "patch_base_digest")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     BROADCAST_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    PATCH_BASE_DIGEST_FIELD_NUMBER: _ClassVar[int]
     round: int
     broadcast_digest: str
-    def __init__(self, round: _Optional[int] = ..., broadcast_digest: _Optional[str] = ...) -> None: ...
+    patch_base_digest: str
+    def __init__(self, round: _Optional[int] = ..., broadcast_digest: _Optional[str] = ..., patch_base_digest: _Optional[str] = ...) -> None: ...
 
 class Chunk(_message.Message):
     __slots__ = ("header", "data")

@@ -32,10 +32,20 @@ from fedloom.algorithms.api import Broadcast
 from fedloom.core.errors import UpdateError
 from fedloom.core.params import Params
 
-__all__ = ["DOWNLINK_SLOT", "Downlink", "compress_broadcast", "expand_broadcast", "round_trip"]
+__all__ = [
+    "DOWNLINK_SLOT",
+    "EXTRA_PREFIX",
+    "Downlink",
+    "broadcast_slots",
+    "compress_broadcast",
+    "expand_broadcast",
+    "round_trip",
+]
 
 Downlink = Literal["none", "fp16", "bf16", "q8"]
 DOWNLINK_SLOT = "dl"
+#: Slot-name prefix of the algorithm's extras in a broadcast.
+EXTRA_PREFIX = "x."
 _CAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
 _LEVELS = 127
 
@@ -60,6 +70,17 @@ def compress_broadcast(b: Broadcast, mode: Downlink) -> tuple[Broadcast, Params]
             out[k] = v.detach().to(_CAST[mode])
             marks[k] = torch.zeros((), dtype=torch.float32)
     return replace(b, params=Params(out)), Params(marks)
+
+
+def broadcast_slots(b: Broadcast, mode: Downlink) -> dict[str, Params]:
+    """The named tensors a broadcast travels as: ``params`` (packed under ``mode``), the ``dl`` slot
+    when packed, and each extra as ``x.<name>`` (what :func:`fedloom.net.wire.encode_broadcast` encodes)."""
+    packed, marks = compress_broadcast(b, mode)
+    slots: dict[str, Params] = {"params": packed.params}
+    if len(marks):
+        slots[DOWNLINK_SLOT] = marks
+    slots.update({EXTRA_PREFIX + k: v for k, v in b.extras.items()})
+    return slots
 
 
 def expand_broadcast(b: Broadcast, marks: Params, mode: Downlink) -> Broadcast:
