@@ -14,6 +14,7 @@ import torch
 from tests.net.helpers import HOSPITALS, Proc, client, free_port, server, write_config
 
 from fedloom.core.serde import params_from_bytes
+from fedloom.engine import BytesMoved, ClientAccepted, read_events
 from fedloom.net.secure import SecureOutcome, SecureParams, SecureRelay
 from fedloom.net.wire import UpdateMeta, decode_secagg, encode_secagg
 from fedloom.results.store import RunStore
@@ -177,6 +178,18 @@ def test_deployed_secagg_matches_the_plain_run_and_never_receives_an_update(
     # only the 4 masked vectors per round.
     assert events.count("secagg_masked") == 8
     assert not {"accepted", "rejected", "secagg_refused"} & set(events)
+    # The event stream counts a secure round's traffic: each client's SecAgg messages (its masked
+    # vector among them) up, and the replies plus the broadcast down.
+    with sqlite3.connect(tmp_path / "secure" / "srv" / "state.sqlite") as db:
+        masked = db.execute("SELECT round, client, bytes FROM audit WHERE event = 'secagg_masked'").fetchall()
+    stream = list(read_events(tmp_path / "secure" / "srv" / "events.jsonl"))
+    sent = {(e.round, e.client): e.bytes for e in stream if isinstance(e, ClientAccepted)}
+    assert len(sent) == 8
+    for r, name, nbytes in masked:
+        assert sent[(r, name)] > nbytes  # the masked vector and the key exchange's messages
+    for moved in (e for e in stream if isinstance(e, BytesMoved)):
+        assert moved.up == sum(b for (r, _), b in sent.items() if r == moved.round)
+        assert moved.down > 4 * sum(t.numel() * t.element_size() for t in final_plain.values())
     assert not list((tmp_path / "secure" / "srv").glob("**/r*-c*.safetensors"))
 
 

@@ -46,7 +46,8 @@ class Closed:
     secure: SecureOutcome | None = None
     # (client id, reason) of every update refused while the attempt was open, in order
     rejected: list[tuple[int, str]] = field(default_factory=list)
-    # accepted clients' update bytes as uploaded; bytes of the model sent to clients
+    # accepted clients' update bytes as uploaded (secure rounds: the SecAgg messages each client sent,
+    # every stage); bytes sent to the clients (the model; secure rounds: the SecAgg replies too)
     sizes: dict[int, int] = field(default_factory=dict)
     bytes_down: int = 0
 

@@ -262,6 +262,7 @@ class Coordinator:
             rnd.timing.summary(),
             secure=outcome,
             rejected=list(rnd.rejected),
+            sizes=dict(rnd.sizes),
             bytes_down=rnd.bytes_down,
         )
 
@@ -291,8 +292,13 @@ class Coordinator:
             reply, why = relay.exchange(cid, stage, payload, meta_json)
         if why:
             self.reject(cid, round, len(payload), why, event="secagg_refused")
-        elif stage == 2:
+            return reply, why
+        if stage == 2:
             self._state.audit(round, cid, self.names[cid], "secagg_masked", len(payload), "masked input")
+        with self._cond:  # a secure round's traffic: every stage's messages, each way
+            if rnd is not None and self._round is rnd:
+                rnd.sizes[cid] = rnd.sizes.get(cid, 0) + len(payload)
+                rnd.bytes_down += len(reply)
         return reply, why
 
     def finish(self, metrics: Mapping[str, Any]) -> None:

@@ -206,7 +206,7 @@ class DeploymentDriver:
         # (client, examples, train loss): under SecAgg from the metadata sent in the clear at stage 0
         if closed.secure is not None:
             contributed = [
-                Contribution(c, m.num_examples, m.metrics.get("train_loss"))
+                Contribution(c, m.num_examples, m.metrics.get("train_loss"), closed.sizes.get(c, 0))
                 for c, m in sorted(closed.secure.metas.items())
             ]
         else:
