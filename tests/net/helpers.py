@@ -195,9 +195,7 @@ def db_snapshot(state_db: Path) -> tuple[dict[int, list[int]], int]:
                 pending.setdefault(int(r), []).append(int(c))
         latest = -1
         with contextlib.suppress(sqlite3.OperationalError):
-            row = con.execute(
-                "SELECT MAX(round) FROM (SELECT round FROM checkpoint_files UNION SELECT round FROM checkpoints)"
-            ).fetchone()
+            row = con.execute("SELECT MAX(round) FROM checkpoint_files").fetchone()
             latest = -1 if row is None or row[0] is None else int(row[0])
         return pending, latest
     finally:

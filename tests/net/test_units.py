@@ -276,56 +276,30 @@ def test_pending_blobs_survive_the_server_process_being_killed(tmp_path: Path) -
         assert sorted(f.name for f in net.blob_dir.iterdir()) == ["slot-000001.bin", "slot-000002.bin"]
 
 
-def test_pending_blobs_of_an_older_state_dir_are_migrated(tmp_path: Path) -> None:
-    db = tmp_path / "state.sqlite"
-    con = sqlite3.connect(db)
+def test_a_pending_row_whose_file_fails_its_checksum_is_lost_not_restored(tmp_path: Path) -> None:
+    """Rows are checked against the XXH3-64 of their slot file: a torn or stale file, or a checksum
+    in any other form, is a lost update (asked for again), never restored."""
+    with NetState(tmp_path / "state.sqlite") as net:
+        for cid, blob in enumerate((b"good", b"torn", b"stale", b"other")):
+            net.add_pending(5, cid, f"c{cid}", "{}", blob, "attempt 1")
+        rows = net._db.execute(
+            "SELECT client_id, file, checksum FROM pending_updates ORDER BY client_id"
+        ).fetchall()
+        files = {int(c): net.blob_dir / str(f) for c, f, _ in rows}
+        # XXH3-64 of b"good", from the xxhash package's reference implementation
+        assert rows[0][2] == f"xxh3:{xxhash.xxh3_64_intdigest(b'good'):016x}"
+    files[1].write_bytes(b"tor")  # torn
+    files[2].write_bytes(b"state")  # same size, other bytes
+    con = sqlite3.connect(tmp_path / "state.sqlite")
     con.execute(
-        "CREATE TABLE pending (round INTEGER NOT NULL, client_id INTEGER NOT NULL, "
-        "meta_json TEXT NOT NULL, blob BLOB NOT NULL, PRIMARY KEY (round, client_id))"
+        "UPDATE pending_updates SET checksum = ? WHERE client_id = 3",
+        (f"crc32:{zlib.crc32(b'other'):08x}",),
     )
-    con.execute("INSERT INTO pending VALUES (3, 1, '{}', ?)", (b"old",))
     con.commit()
     con.close()
-    with NetState(db) as net:
-        assert [(p.client_id, p.blob) for p in net.pending(3)] == [(1, b"old")]
-    with NetState(db) as net:  # idempotent
-        assert [(p.client_id, p.blob) for p in net.pending(3)] == [(1, b"old")]
-
-
-def test_pending_rows_of_older_versions_keep_their_sha256_and_crc32_checks(tmp_path: Path) -> None:
-    # A state dir of an older version names the column ``sha256`` and holds the blob's SHA-256;
-    # resuming it renames the column and still verifies those rows.
-    db = tmp_path / "state.sqlite"
-    (tmp_path / "pending").mkdir()
-    con = sqlite3.connect(db)
-    con.execute(
-        "CREATE TABLE pending_updates (round INTEGER NOT NULL, client_id INTEGER NOT NULL, "
-        "meta_json TEXT NOT NULL, file TEXT NOT NULL, sha256 TEXT NOT NULL, bytes INTEGER NOT NULL, "
-        "PRIMARY KEY (round, client_id))"
-    )
-    # Rows 0 and 1 as the oldest version wrote them (SHA-256), 3 and 4 as the previous one (CRC-32).
-    rows = (
-        (0, b"good", hashlib.sha256(b"good").hexdigest()),
-        (1, b"torn", hashlib.sha256(b"tor").hexdigest()),
-        (3, b"fine", f"crc32:{zlib.crc32(b'fine'):08x}"),
-        (4, b"stale", f"crc32:{zlib.crc32(b'state'):08x}"),
-    )
-    for cid, blob, recorded in rows:
-        (tmp_path / "pending" / f"slot-00000{cid + 1}.bin").write_bytes(blob)
-        con.execute(
-            "INSERT INTO pending_updates VALUES (5, ?, '{}', ?, ?, ?)",
-            (cid, f"slot-00000{cid + 1}.bin", recorded, len(blob)),
-        )
-    con.commit()
-    con.close()
-    with NetState(db) as net:
-        assert [(p.client_id, p.blob) for p in net.pending(5)] == [(0, b"good"), (3, b"fine")]
-        assert net.lost_pending(5) == [1, 4]
-        net.add_pending(5, 2, "c", "{}", b"new", "attempt 1")
-        (checksum,) = net._db.execute("SELECT checksum FROM pending_updates WHERE client_id = 2").fetchone()
-        # XXH3-64 of b"new", from the xxhash package's reference implementation
-        assert checksum == f"xxh3:{xxhash.xxh3_64_intdigest(b'new'):016x}"
-        assert [p.client_id for p in net.pending(5)] == [0, 2, 3]
+    with NetState(tmp_path / "state.sqlite") as net:
+        assert [(p.client_id, p.blob) for p in net.pending(5)] == [(0, b"good")]
+        assert net.lost_pending(5) == [1, 2, 3]
 
 
 def test_round_timing_reports_arrivals_and_acceptances_since_opening() -> None:

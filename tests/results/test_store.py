@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sqlite3
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,6 @@ import torch
 from fedloom.algorithms.api import ServerState
 from fedloom.core.errors import RunStateError
 from fedloom.core.params import Params
-from fedloom.core.serde import params_to_bytes, slots_to_bytes
 from fedloom.results.store import CHECKPOINT_DIR, RunStore
 
 
@@ -80,33 +78,6 @@ def test_a_damaged_checkpoint_file_is_refused_naming_it(tmp_path: Path) -> None:
         f.unlink()
         with pytest.raises(RunStateError, match="cannot be read"):
             store.load_state(0)
-
-
-def test_checkpoints_written_into_the_database_by_older_versions_still_load(tmp_path: Path) -> None:
-    db = tmp_path / "state.sqlite"
-    con = sqlite3.connect(db)
-    con.execute(
-        "CREATE TABLE checkpoints (round INTEGER PRIMARY KEY, params BLOB NOT NULL, "
-        "opt_state BLOB NOT NULL, algo_state BLOB NOT NULL)"
-    )
-    for r in (3, 4):
-        s = _state(r)
-        con.execute(
-            "INSERT INTO checkpoints VALUES (?, ?, ?, ?)",
-            (r, params_to_bytes(s.params), slots_to_bytes(s.opt_state), slots_to_bytes(s.algo_state)),
-        )
-    con.commit()
-    con.close()
-    with RunStore(db) as store:
-        assert store.latest_round() == 4
-        _same(store.load_state(), _state(4))
-        _same(store.load_state(3), _state(3))
-        store.commit_round(_state(5), {"round": 5}, {}, keep=2)  # prunes round 3, an old row
-        assert store.latest_round() == 5
-        _same(store.load_state(4), _state(4))
-        _same(store.load_state(5), _state(5))
-        with pytest.raises(RunStateError, match="no checkpoint for round 3"):
-            store.load_state(3)
 
 
 def test_a_checkpoint_of_more_pieces_than_one_write_takes(tmp_path: Path) -> None:

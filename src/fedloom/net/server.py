@@ -118,7 +118,7 @@ def run_server(
     with store, NetState(store.path) as net:
         if run.resumed:
             run_id = store.get_meta("run_id") or ""
-            secret = store.get_meta(COHORT_SECRET) or ""  # absent in runs of older versions: seed cohorts
+            secret = store.get_meta(COHORT_SECRET) or ""  # none recorded: cohorts from the seed
             log("resume", round=run.state.round, state_dir=str(state_dir))
         else:
             toml = config_to_toml(cfg)

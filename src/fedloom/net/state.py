@@ -12,8 +12,7 @@ the client is told "accepted", so a server killed mid-round resumes with them an
 no accepted update is lost; rows (and files) of a round are deleted once its
 checkpoint is committed. The tensor blob of a pending update lives in a file
 ``pending/slot-<n>.bin`` beside the database; the row names it and carries its
-checksum (XXH3-64, ``"xxh3:<16 hex>"``; rows of older versions carry ``"crc32:<8 hex>"`` or a bare SHA-256)
-and size. Slot files are reused: once a round's rows are deleted their
+checksum (XXH3-64, ``"xxh3:<16 hex>"``) and size. Slot files are reused: once a round's rows are deleted their
 files return to a free pool and the next round's uploads overwrite them in place. ``audit`` is append-only:
 which client contributed to which round, bytes received, rejections with their
 reason, dropouts, aborted rounds.
@@ -59,7 +58,6 @@ is dropped and the client asked again), ``round_committed``, ``round_aborted``, 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import mmap
 import os
@@ -67,7 +65,6 @@ import re
 import sqlite3
 import threading
 import time
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -140,15 +137,11 @@ class NetState:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
-        columns = {str(r[1]) for r in self._db.execute("PRAGMA table_info(pending_updates)")}
-        if "sha256" in columns:  # a state dir of an older version: same values, new name
-            self._db.execute("ALTER TABLE pending_updates RENAME COLUMN sha256 TO checksum")
         self._pool_lock = threading.Lock()
         self._maps: dict[str, mmap.mmap] = {}  # slot -> its kept shared mapping (see _write)
         self._free: list[str] = []
         self._next_slot = 0
         self._init_pool()
-        self._migrate_blob_table()
 
     def __enter__(self) -> NetState:
         return self
@@ -285,7 +278,7 @@ class NetState:
             self._free.extend(names)
 
     def _init_pool(self) -> None:
-        """Slots named by no row are free; files of older layouts that no row names are removed."""
+        """Slots named by no row are free; other files no row names (temporary files) are removed."""
         with self._lock:
             live = {str(r[0]) for r in self._db.execute("SELECT file FROM pending_updates")}
         for f in sorted(self.blob_dir.iterdir()):
@@ -293,7 +286,7 @@ class NetState:
                 pass
             elif _SLOT.fullmatch(f.name):
                 self._free.append(f.name)
-            else:  # a temporary or per-update file of an older version, never recorded
+            else:  # not a slot, and never recorded
                 f.unlink(missing_ok=True)
         numbers = [int(m.group(1)) for n in [*live, *self._free] if (m := _SLOT.fullmatch(n))]
         self._next_slot = max(numbers, default=0)
@@ -409,25 +402,6 @@ class NetState:
             self._db.execute("DELETE FROM pending_updates WHERE round <= ?", (up_to_round,))
         self._release_slots(freed)
 
-    def _migrate_blob_table(self) -> None:
-        """Move rows of the former in-database ``pending(..., blob)`` table to files (older state dirs)."""
-        with self._lock:
-            old = self._db.execute(
-                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'pending'"
-            ).fetchone()
-            if old is None:
-                return
-            rows = self._db.execute("SELECT round, client_id, meta_json, blob FROM pending").fetchall()
-        for rnd, cid, meta, blob in rows:
-            staged = self.stage(int(rnd), int(cid), bytes(blob))
-            with self._lock:
-                self._db.execute(
-                    "INSERT OR IGNORE INTO pending_updates VALUES (?, ?, ?, ?, ?, ?)",
-                    (staged.round, staged.client_id, str(meta), staged.file, staged.checksum, staged.bytes),
-                )
-        with self._lock:
-            self._db.execute("DROP TABLE pending")
-
     def record_cohort(self, round: int, clients: list[int]) -> None:
         """Record ``round``'s cohort (the latest attempt's): a resumed round reuses it (:meth:`cohort`)."""
         with self._lock:
@@ -490,11 +464,7 @@ def blob_checksum(blob: bytes | memoryview) -> str:
 
 
 def _matches(blob: bytes, recorded: str) -> bool:
-    if recorded.startswith("xxh3:"):
-        return blob_checksum(blob) == recorded
-    if recorded.startswith("crc32:"):  # rows written by the previous version
-        return f"crc32:{zlib.crc32(blob):08x}" == recorded
-    return hashlib.sha256(blob).hexdigest() == recorded  # rows written by older versions
+    return blob_checksum(blob) == recorded
 
 
 def _close_map(m: mmap.mmap) -> None:

@@ -8,7 +8,6 @@ Tables::
 
     meta(key PRIMARY KEY, value)                 config, status, last error
     checkpoint_files(round PRIMARY KEY, file, sizes, checksum)
-    checkpoints(round PRIMARY KEY, params, opt_state, algo_state)   written by older versions
     metrics(round PRIMARY KEY, json)
     client_states(client_id PRIMARY KEY, round, blob)
 
@@ -21,8 +20,7 @@ deleted rows are reused in place (``keep`` + 1 files in all). For the 2NN's 0.8 
 ``synchronous=FULL`` a commit takes about 2.3 ms of wall time and 0.6 ms of CPU, against 7.8
 and 4.4 ms with the blobs inside SQLite, which writes each blob twice (the WAL, then the main
 file) and walks the overflow-page chain of the checkpoint it deletes; the deployed server pays
-this once per round on its critical path. Rows that
-older versions wrote in ``checkpoints`` still load and are pruned by ``keep`` as before.
+this once per round on its critical path.
 """
 
 from __future__ import annotations
@@ -43,15 +41,12 @@ from fedloom.core.serde import slots_from_bytes, slots_to_bytes, slots_to_pieces
 __all__ = ["CHECKPOINT_DIR", "RunStore", "orphan_artefacts"]
 
 CHECKPOINT_DIR = "checkpoints"
-_ROUNDS = "SELECT round FROM checkpoint_files UNION SELECT round FROM checkpoints"
+_ROUNDS = "SELECT round FROM checkpoint_files"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS checkpoint_files (
     round INTEGER PRIMARY KEY, file TEXT NOT NULL, sizes TEXT NOT NULL, checksum TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS checkpoints (
-    round INTEGER PRIMARY KEY, params BLOB NOT NULL, opt_state BLOB NOT NULL, algo_state BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS metrics (round INTEGER PRIMARY KEY, json TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS client_states (client_id INTEGER PRIMARY KEY, round INTEGER NOT NULL, blob BLOB NOT NULL);
@@ -161,7 +156,6 @@ class RunStore:
                 "INSERT OR REPLACE INTO checkpoint_files VALUES (?, ?, ?, ?)",
                 (r, name, ",".join(map(str, sizes)), checksum),
             )
-            self._db.execute("DELETE FROM checkpoints WHERE round = ?", (r,))
             self._db.execute("INSERT OR REPLACE INTO metrics VALUES (?, ?)", (r, json.dumps(dict(metrics))))
             for cid, cs in client_states.items():
                 self._db.execute(
@@ -170,8 +164,7 @@ class RunStore:
                 )
             if keep > 0:
                 newest = f"SELECT round FROM ({_ROUNDS}) ORDER BY round DESC LIMIT ?"
-                for table in ("checkpoint_files", "checkpoints"):
-                    self._db.execute(f"DELETE FROM {table} WHERE round NOT IN ({newest})", (keep,))
+                self._db.execute(f"DELETE FROM checkpoint_files WHERE round NOT IN ({newest})", (keep,))
 
     def _free_file(self) -> str:
         """The first ``ckpt-<n>.bin`` that no row names (with ``keep`` = k, one of the first k + 1)."""
@@ -194,15 +187,9 @@ class RunStore:
         row = self._db.execute(
             "SELECT file, sizes, checksum FROM checkpoint_files WHERE round = ?", (r,)
         ).fetchone()
-        if row is not None:
-            blobs = _read_checked(self.checkpoint_dir / str(row[0]), str(row[1]), str(row[2]), r)
-        else:
-            old = self._db.execute(
-                "SELECT params, opt_state, algo_state FROM checkpoints WHERE round = ?", (r,)
-            ).fetchone()
-            if old is None:
-                raise RunStateError(f"{self.path} has no checkpoint for round {r}")
-            blobs = [memoryview(b) for b in old]
+        if row is None:
+            raise RunStateError(f"{self.path} has no checkpoint for round {r}")
+        blobs = _read_checked(self.checkpoint_dir / str(row[0]), str(row[1]), str(row[2]), r)
         return ServerState(
             round=r,
             params=slots_from_bytes(blobs[0])[""],
@@ -225,7 +212,7 @@ class RunStore:
             raise RunStateError(f"{self.path} keeps no checkpoint of round {round}; kept rounds: {kept}")
         self.load_state(round)  # its file must be intact before anything newer is given up
         with self._transaction():
-            for table in ("checkpoint_files", "checkpoints", "metrics", "client_states"):
+            for table in ("checkpoint_files", "metrics", "client_states"):
                 self._db.execute(f"DELETE FROM {table} WHERE round > ?", (round,))
 
     def metrics(self, up_to: int | None = None) -> list[dict[str, Any]]:
