@@ -34,6 +34,13 @@ Targets: overhead < 50 ms/round at 20 clients; wire bytes <= 1.05x raw each way.
 Run::
 
     PYTHONPATH=src .venv/bin/python benchmarks/bench_net.py --clients 20 --rounds 40 [--procs N] [--repeats 3]
+
+Compression on the wire (``--wire-only``: the relayed run alone; ``--set`` overrides the run's
+config, whose ``[compression]`` the clients apply as ``fedloom client`` does; ``--model 2nn-large``
+is the 784-3000-3000-10 2NN, 11,388,010 parameters)::
+
+    PYTHONPATH=src .venv/bin/python benchmarks/bench_net.py --model 2nn-large --clients 4 --rounds 4 \
+        --wire-only --set compression.codec=qsgd --set compression.bits=8 --set compression.downlink=q8
 """
 
 from __future__ import annotations
@@ -51,6 +58,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -63,8 +71,10 @@ from fedloom.net.client import ClientOptions, NetClient, Work
 from fedloom.net.logs import JsonLog
 from fedloom.net.memory import keep_freed_buffers
 from fedloom.net.wire import encode_broadcast, encode_update
+from fedloom.sim.build import build_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
+MODELS = {"2nn": 200, "2nn-large": 3000}  # the 2NN's hidden width
 
 
 def _cpu_ticks() -> tuple[int, int] | None:
@@ -142,13 +152,17 @@ class Relay:
 
 
 def _fixed_work(cfg: ExperimentConfig) -> Work:
+    """A client that sends the same random delta every round, through the run's uplink codec
+    (``[compression]``, as ``fedloom client`` would)."""
     delta: list[Params] = []
+    pipeline = build_pipeline(cfg)
 
     def work(b: Broadcast, cs: ClientState | None, cctx: ClientContext, sctx: ServerContext) -> ClientUpdate:
         if not delta:
             g = torch.Generator().manual_seed(cctx.client_id)
             delta.append(b.params.map(lambda v: 1e-3 * torch.randn(v.shape, generator=g)))
-        return ClientUpdate(cctx.client_id, delta[0], 10.0, 10, 1, {"train_loss": 1.0})
+        update = ClientUpdate(cctx.client_id, delta[0], 10.0, 10, 1, {"train_loss": 1.0})
+        return pipeline.client(update, sctx) if pipeline.stages else update
 
     return work
 
@@ -323,7 +337,15 @@ def _phases(log: Path) -> list[dict[str, float]]:
     return [r for r in rows if r.get("event") == "round_committed"]
 
 
-def run(clients: int, rounds: int, relay: bool, workdir: Path, procs: int) -> dict[str, float]:
+def run(
+    clients: int,
+    rounds: int,
+    relay: bool,
+    workdir: Path,
+    procs: int,
+    hidden: int = 200,
+    sets: Sequence[str] = (),
+) -> dict[str, float]:
     names = [str(i) for i in range(clients)]
     cfg = workdir / "bench.toml"
     cfg.write_text(
@@ -331,6 +353,7 @@ def run(clients: int, rounds: int, relay: bool, workdir: Path, procs: int) -> di
 rounds = {rounds}
 [model]
 name = "2nn"
+kwargs = {{ hidden = {hidden} }}
 [sampling]
 fraction = 1.0
 min_clients = {clients}
@@ -355,7 +378,7 @@ heartbeat_s = 5.0
     err = (workdir / ("server-relay.log" if relay else "server.log")).open("w")
     srv = subprocess.Popen(
         [sys.executable, "-m", "fedloom", "server", "--config", str(cfg), "--listen", f"127.0.0.1:{port}",
-         "--state-dir", str(state)],
+         "--state-dir", str(state), *(x for kv in sets for x in ("--set", kv))],
         env=env, stdout=subprocess.DEVNULL, stderr=err,
     )  # fmt: skip
     target = port
@@ -390,7 +413,7 @@ heartbeat_s = 5.0
             c["phases"]["round_wall_ms"] - 1000 * c["max_client_compute_s"] if "phases" in c else b
             for c, b in zip(committed[1:], before_ckpt, strict=True)
         ]
-    raw = Params.from_module(build_model("2nn", {}, seed=0)).num_bytes()
+    raw = Params.from_module(build_model("2nn", {"hidden": hidden}, seed=0)).num_bytes()
     out = {
         "rounds": float(len(metrics)),
         "overhead_ms_median": statistics.median(overhead),
@@ -425,6 +448,22 @@ def main() -> None:
     ap.add_argument("--no-floor", action="store_true", help="skip the bare-gRPC baseline")
     ap.add_argument("--no-relay", action="store_true", help="skip the second run that counts wire bytes")
     ap.add_argument(
+        "--model",
+        choices=sorted(MODELS),
+        default="2nn",
+        help="2nn (199,210 parameters) or 2nn-large (11,388,010)",
+    )
+    ap.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        help="a config override for the run, e.g. compression.bits=4",
+    )
+    ap.add_argument(
+        "--wire-only", action="store_true", help="only the run through the relay (bytes on the wire)"
+    )
+    ap.add_argument(
         "--repeats", type=int, default=1, help="fedloom runs, each after a floor run (the machine drifts)"
     )
     ap.add_argument("--worker", nargs=2, metavar=("SERVER", "NAMES"), help=argparse.SUPPRESS)
@@ -443,7 +482,14 @@ def main() -> None:
         floor_worker(*args.floor_worker)
         return
     torch.set_num_threads(1)
-    params = Params.from_module(build_model("2nn", {}, seed=0))
+    hidden = MODELS[args.model]
+    if args.wire_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            relayed = run(args.clients, args.rounds, True, Path(tmp), args.procs, hidden, args.sets)
+        print(json.dumps(relayed), flush=True)
+        _print_wire(args, relayed)
+        return
+    params = Params.from_module(build_model("2nn", {"hidden": hidden}, seed=0))
     down = len(encode_broadcast(Broadcast(round=1, params=params)))
     up = len(encode_update(ClientUpdate(0, params, 10.0, 10, 1, {"train_loss": 1.0}))[1])
     floor_runs: list[tuple[list[float], list[float], float, float]] = []
@@ -456,14 +502,14 @@ def main() -> None:
                 floor_runs.append(run_floor(args.clients, args.rounds, args.procs, down, up))
             workdir = Path(tmp) / f"run{i}"
             workdir.mkdir()
-            directs.append(run(args.clients, args.rounds, relay=False, workdir=workdir, procs=args.procs))
+            directs.append(run(args.clients, args.rounds, False, workdir, args.procs, hidden, args.sets))
             print(json.dumps(directs[-1]), flush=True)
         if not args.no_floor:
             floor_runs.append(run_floor(args.clients, args.rounds, args.procs, down, up))
         relayed = (
             None
             if args.no_relay
-            else run(args.clients, args.rounds, relay=True, workdir=Path(tmp), procs=args.procs)
+            else run(args.clients, args.rounds, True, Path(tmp), args.procs, hidden, args.sets)
         )
         took = time.perf_counter() - t0
     floors = [w for walls, _, _, _ in floor_runs for w in walls]
@@ -478,7 +524,7 @@ def main() -> None:
                 before, after = (1000 * statistics.median(floor_runs[j][0]) for j in (i, i + 1))
                 line += f", floor before/after {before:.1f}/{after:.1f} ms"
             print(line + f", host steal {d['steal_pct']:.1f}%")
-    print(f"2NN ({direct['raw_param_bytes']:.0f} raw parameter bytes), {args.clients} clients in {args.procs} "
+    print(f"{args.model} ({direct['raw_param_bytes']:.0f} raw parameter bytes), {args.clients} clients in {args.procs} "
           f"processes, {args.rounds} rounds, {os.cpu_count()} CPUs, {took:.0f} s")  # fmt: skip
     print(
         f"server overhead per round (direct, median run of {len(directs)}): median "
@@ -518,12 +564,18 @@ def main() -> None:
             print(f"    {key.removeprefix('phase.'):<24} {value:10.2f}")
     if relayed is None:
         return
-    print(
-        f"wire bytes per client per round (relay): down {relayed['down_bytes_per_client_round']:.0f} "
-        f"({relayed['down_ratio']:.4f}x raw), up {relayed['up_bytes_per_client_round']:.0f} "
-        f"({relayed['up_ratio']:.4f}x raw)   [target <= 1.05x]"
-    )
+    _print_wire(args, relayed)
     print(f"overhead through the relay: median {relayed['overhead_ms_median']:.1f} ms")
+
+
+def _print_wire(args: argparse.Namespace, relayed: dict[str, float]) -> None:
+    sets = " ".join(args.sets) or "no compression (target <= 1.05x)"
+    print(
+        f"{args.model} ({relayed['raw_param_bytes']:.0f} raw parameter bytes), {args.clients} clients, "
+        f"{args.rounds} rounds, {sets}: wire bytes per client per round (relay): "
+        f"down {relayed['down_bytes_per_client_round']:.0f} ({relayed['down_ratio']:.4f}x raw), "
+        f"up {relayed['up_bytes_per_client_round']:.0f} ({relayed['up_ratio']:.4f}x raw)"
+    )
 
 
 if __name__ == "__main__":
