@@ -48,38 +48,59 @@ def test_secagg_messages_round_trip_through_the_wire_codec() -> None:
         decode_secagg(encode_secagg(a), Roster)
 
 
-def _party(relay: SecureRelay, cid: int, x: np.ndarray, stop_before: int, out: dict[int, str]) -> None:
-    """One client's four stages against ``relay`` directly; it vanishes before stage ``stop_before``."""
+def _party(
+    relay: SecureRelay,
+    cid: int,
+    x: np.ndarray,
+    stop_before: int,
+    out: dict[int, str],
+    sent: dict[int, list[int]],
+) -> None:
+    """One client's four stages against ``relay`` directly; it vanishes before stage ``stop_before``.
+    ``sent[cid]`` counts the bytes it sent and received."""
     p = relay.params
+    sent[cid] = [0, 0]
+    exchange = relay.exchange
+
+    def counted(cid: int, stage: int, payload: bytes, meta_json: str = "") -> tuple[bytes, str]:
+        reply, err = exchange(cid, stage, payload, meta_json)
+        sent[cid][0] += len(payload)
+        sent[cid][1] += len(reply)
+        return reply, err
+
     meta = UpdateMeta(weight=1.0, num_examples=10, num_steps=1, metrics={}, compute_s=0.0).to_json()
     keys, advert = sa.advertise_keys(p.round_params(), cid)
-    reply, err = relay.exchange(cid, 0, encode_secagg(advert), meta)
+    reply, err = counted(cid, 0, encode_secagg(advert), meta)
     if err or stop_before <= 1:
         out[cid] = err or "left"
         return
     sharing, shares = sa.share_keys(keys, decode_secagg(reply, Roster))
-    reply, err = relay.exchange(cid, 1, encode_secagg(shares))
+    reply, err = counted(cid, 1, encode_secagg(shares))
     if err or stop_before <= 2:
         out[cid] = err or "left"
         return
     masked, y = sa.masked_input(sharing, decode_secagg(reply, ShareInbox), encode(x, p.fixed_point()))
-    reply, err = relay.exchange(cid, 2, encode_secagg(y))
+    reply, err = counted(cid, 2, encode_secagg(y))
     if err or stop_before <= 3:
         out[cid] = err or "left"
         return
     resp: UnmaskResponse = sa.unmask(masked, decode_secagg(reply, UnmaskRequest))
-    out[cid] = relay.exchange(cid, 3, encode_secagg(resp))[1] or "done"
+    out[cid] = counted(cid, 3, encode_secagg(resp))[1] or "done"
 
 
-def _run_relay(n: int, stop_before: dict[int, int], threshold: int) -> tuple[SecureOutcome, np.ndarray]:
+def _run_relay(
+    n: int, stop_before: dict[int, int], threshold: int, sent: dict[int, list[int]] | None = None
+) -> tuple[SecureOutcome, np.ndarray]:
     cohort = list(range(10, 10 + n))
     graph = complete_graph(cohort)
     params = SecureParams.fresh(graph, threshold=threshold, bits=32, length=5, clip=1.0, max_weight=1.0)
     relay = SecureRelay(params, graph, target=n, deadline=time.monotonic() + 10, stage_timeout_s=0.5)
     xs = {c: np.linspace(-0.5, 0.5, 5) * (i + 1) / n for i, c in enumerate(cohort)}
     out: dict[int, str] = {}
+    sent = {} if sent is None else sent
     threads = [
-        threading.Thread(target=_party, args=(relay, c, xs[c], stop_before.get(c, 9), out)) for c in cohort
+        threading.Thread(target=_party, args=(relay, c, xs[c], stop_before.get(c, 9), out, sent))
+        for c in cohort
     ]
     for t in threads:
         t.start()
@@ -95,8 +116,12 @@ def _run_relay(n: int, stop_before: dict[int, int], threshold: int) -> tuple[Sec
 
 def test_relay_recovers_from_dropouts_before_and_after_masking() -> None:
     # 11 drops before masking (left out of the sum), 12 after masking (kept in it).
-    outcome, expected = _run_relay(5, {11: 2, 12: 3}, threshold=3)
+    sent: dict[int, list[int]] = {}
+    outcome, expected = _run_relay(5, {11: 2, 12: 3}, threshold=3, sent=sent)
     assert outcome.included == (10, 12, 13, 14)
+    # The relay's traffic count is what the parties sent and received, byte for byte.
+    assert outcome.bytes_up == {c: up for c, (up, _) in sent.items()}
+    assert outcome.bytes_down == sum(down for _, down in sent.values())
     assert sorted(outcome.metas) == [10, 12, 13, 14]
     np.testing.assert_allclose(outcome.total, expected, atol=outcome.error_bound)
 

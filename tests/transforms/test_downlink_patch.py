@@ -4,18 +4,29 @@ and refused by name when they do not fit the held broadcast; the simulation coun
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from fedloom.algorithms.api import Broadcast
+from fedloom.algorithms.api import Broadcast, ServerContext
 from fedloom.config import load_config
 from fedloom.core.errors import UpdateError
 from fedloom.core.params import Params
 from fedloom.core.serde import slots_from_bytes
-from fedloom.net.wire import encode_broadcast, encode_patch, model_digest, patched_broadcast
+from fedloom.net.coordinator import Coordinator
+from fedloom.net.logs import JsonLog
+from fedloom.net.state import NetState
+from fedloom.net.wire import (
+    EMPTY_PATCH,
+    encode_broadcast,
+    encode_patch,
+    fingerprint,
+    model_digest,
+    patched_broadcast,
+)
 from fedloom.results.store import RunStore
 from fedloom.sim.build import build_algorithm, build_components, build_pipeline
 from fedloom.sim.runner import run_simulation
@@ -216,3 +227,40 @@ def test_the_simulation_counts_patches_to_the_clients_that_hold_the_last_broadca
             expected += min(8 * changed, 4 * now[k].numel())
         assert 0 < expected < whole
         assert rows[r - 1]["bytes_down"] == 8 * expected, r
+
+
+def test_the_coordinator_offers_each_client_the_form_of_the_round_model_it_can_use(tmp_path: Path) -> None:
+    """A real Coordinator: the patch to a client holding the last round's broadcast, an empty patch to
+    one holding this round's (an earlier attempt's), the whole broadcast to anyone else or when
+    patches are off."""
+    last = Params({"w": torch.zeros(1000), "b": torch.zeros(4)})
+    now = Params({"w": torch.zeros(1000), "b": torch.ones(4)})
+    held_blob = encode_broadcast(Broadcast(round=1, params=last))
+    blob = encode_broadcast(Broadcast(round=2, params=now))
+    digest, base = model_digest(blob), model_digest(held_blob)
+    patch = encode_patch(blob, held_blob)
+    assert patch is not None
+    ctx = ServerContext(seed=0, round=2, population=3)
+    for patching in (True, False):
+        with NetState(tmp_path / f"{patching}.sqlite") as net:
+            coord = Coordinator(
+                ["a", "b", "c"],
+                net,
+                build_pipeline(load_config(None, [])),
+                JsonLog("t", stream=io.StringIO()),
+            )
+            coord.open_round(
+                Broadcast(round=2, params=now), blob, digest, attempt=1, selected=[0, 1, 2], target=3,
+                deadline_s=60.0, ctx=ctx, patch=(base, patch) if patching else None,
+            )  # fmt: skip
+            for held, form in ((base, patch), (digest, EMPTY_PATCH), ("f" * 32, blob), ("", blob)):
+                task = coord.task_now(0, held)
+                assert task is not None
+                sent = form if patching else blob
+                assert (task.size, task.xxh3) == (len(sent), fingerprint(sent)), held
+                assert task.base == (held if patching and sent is not blob else "")
+                assert coord.broadcast_blob(2, digest, task.base) == sent
+                if task.base:
+                    known = held_blob if held == base else blob
+                    assert patched_broadcast(known, sent, digest, 2) == blob
+            assert coord.broadcast_blob(2, digest, "f" * 32) is None  # a base nobody offered

@@ -76,7 +76,9 @@ class OpenAttempt:
     rejected: list[tuple[int, str]] = field(default_factory=list)
     sizes: dict[int, int] = field(default_factory=dict)
     bytes_down: int = 0
-    # compression.downlink_patch: the broadcast as a patch against the one of digest patch_base
+    # compression.downlink_patch: on; the broadcast as a patch against the one of digest patch_base
+    # (None: no patch smaller than the broadcast)
+    patching: bool = False
     patch: bytes | None = None
     patch_base: str = ""
     patch_xxh3: int = 0

@@ -50,7 +50,7 @@ from fedloom.net.attempt import Closed, OpenAttempt, Task
 from fedloom.net.logs import JsonLog
 from fedloom.net.state import NetState, PendingUpdate, blob_checksum
 from fedloom.net.validation import Limits, cut, one_pass, rejection_reason, validate_update
-from fedloom.net.wire import decode_update, fingerprint
+from fedloom.net.wire import EMPTY_PATCH, EMPTY_PATCH_XXH3, decode_update, fingerprint
 from fedloom.transforms.adaptive_clip import bind_pipeline
 from fedloom.transforms.pipeline import Pipeline, bind_model, packs
 
@@ -143,14 +143,15 @@ class Coordinator:
         pending: Sequence[PendingUpdate] = (),
         algo_state: Mapping[str, Params] | None = None,
         relay: SecureRelay | None = None,
-        patch: tuple[str, bytes] | None = None,
+        patch: tuple[str, bytes | None] | None = None,
     ) -> None:
         """Open round ``broadcast.round`` for ``selected``; ``pending`` were accepted before a restart.
 
         ``algo_state`` binds stateful pipeline stages (adaptive clipping) for this round's decode;
-        ``relay`` makes it a secure round (no uploads; ``pending`` must be empty); ``patch`` is
-        ``(digest of an earlier broadcast, this broadcast as a patch against it)``, sent instead
-        of ``blob`` to the clients that hold that earlier broadcast.
+        ``relay`` makes it a secure round (no uploads; ``pending`` must be empty); ``patch`` (under
+        ``compression.downlink_patch``) is ``(digest of the last round's broadcast, this broadcast as a
+        patch against it, or None where that is not smaller)``: clients that hold that broadcast get
+        the patch instead of ``blob``, and clients that hold ``blob`` itself an empty patch.
         """
         round_pipeline = bind_model(bind_pipeline(self._pipeline, algo_state or {}), broadcast.params)
         rnd = OpenAttempt(
@@ -168,8 +169,9 @@ class Coordinator:
             xxh3=fingerprint(blob),
         )
         if patch is not None:
+            rnd.patching = True
             rnd.patch_base, rnd.patch = patch
-            rnd.patch_xxh3 = fingerprint(rnd.patch)
+            rnd.patch_xxh3 = fingerprint(rnd.patch) if rnd.patch is not None else 0
         restored = 0
         for p in pending:
             try:
@@ -262,8 +264,9 @@ class Coordinator:
             rnd.timing.summary(),
             secure=outcome,
             rejected=list(rnd.rejected),
-            sizes=dict(rnd.sizes),
-            bytes_down=rnd.bytes_down,
+            # the relay's count of each client's SecAgg messages; the broadcast plus its replies down
+            sizes=dict(outcome.bytes_up) if outcome is not None else {},
+            bytes_down=rnd.bytes_down + (outcome.bytes_down if outcome is not None else 0),
         )
 
     def refuses_plaintext(self) -> bool:
@@ -292,13 +295,8 @@ class Coordinator:
             reply, why = relay.exchange(cid, stage, payload, meta_json)
         if why:
             self.reject(cid, round, len(payload), why, event="secagg_refused")
-            return reply, why
-        if stage == 2:
+        elif stage == 2:
             self._state.audit(round, cid, self.names[cid], "secagg_masked", len(payload), "masked input")
-        with self._cond:  # a secure round's traffic: every stage's messages, each way
-            if rnd is not None and self._round is rnd:
-                rnd.sizes[cid] = rnd.sizes.get(cid, 0) + len(payload)
-                rnd.bytes_down += len(reply)
         return reply, why
 
     def finish(self, metrics: Mapping[str, Any]) -> None:
@@ -351,14 +349,14 @@ class Coordinator:
                 or (rnd.relay is not None and rnd.relay.joined(cid))
             ):
                 return None
-            patched = rnd.patch is not None and held == rnd.patch_base
+            patch = self._patch_for(rnd, held)
             return Task(
                 "train",
                 round=rnd.number,
                 digest=rnd.digest,
-                size=len(rnd.patch) if rnd.patch is not None and patched else len(rnd.blob),
-                xxh3=rnd.patch_xxh3 if patched else rnd.xxh3,
-                base=rnd.patch_base if patched else "",
+                size=len(patch[1]) if patch is not None else len(rnd.blob),
+                xxh3=patch[2] if patch is not None else rnd.xxh3,
+                base=held if patch is not None else "",
                 # in whole tenths, rounded down: the replies of one round's clients are
                 # then mostly byte-identical and the server encodes the reply once
                 deadline_in_s=max(0.0, math.floor(10 * (rnd.deadline - time.monotonic())) / 10),
@@ -383,8 +381,22 @@ class Coordinator:
             if rnd is None or rnd.number != round or rnd.digest != digest:
                 return None
             if base:
-                return rnd.patch if base == rnd.patch_base else None
+                patch = self._patch_for(rnd, base)
+                return patch[1] if patch is not None else None
             return rnd.blob
+
+    @staticmethod
+    def _patch_for(rnd: OpenAttempt, held: str) -> tuple[str, bytes, int] | None:
+        """``(base, patch, its XXH3)`` for a client holding the broadcast ``held`` under
+        ``compression.downlink_patch``: the round's patch against the last round's broadcast, or an
+        empty patch if the client holds this very model (from an earlier attempt of the round)."""
+        if not rnd.patching or not held:
+            return None
+        if held == rnd.digest:
+            return held, EMPTY_PATCH, EMPTY_PATCH_XXH3
+        if held == rnd.patch_base and rnd.patch is not None:
+            return held, rnd.patch, rnd.patch_xxh3
+        return None
 
     def note_download(self, round: int, start: float, end: float, nbytes: int = 0) -> None:
         """Record that a client got ``round``'s broadcast (``nbytes``) in ``start`` .. ``end`` (perf_counter)."""

@@ -93,7 +93,8 @@ class DeploymentDriver:
         self.max_attempts = cfg.deploy.max_round_attempts
         self._cohort: list[int] | None = None
         self._blob: tuple[int, bytes, str, float] = (0, b"", "", 0.0)  # round, blob, digest, encode ms
-        self._patch: tuple[str, bytes] | None = None  # (the last round's digest, the blob as a patch)
+        # compression.downlink_patch: (the last round's digest, this round's blob as a patch against it)
+        self._patch: tuple[str, bytes | None] | None = None
         self._cpu_mark: float | None = None
         self._clients: dict[int, list[int]] = {}
         self._attempt = 0
@@ -131,9 +132,8 @@ class DeploymentDriver:
             # compression.downlink_patch: the clients that hold the last round's broadcast may get
             # this one as a patch against it (lost with a restart: the first round after sends it whole)
             self._patch = None
-            if self.cfg.compression.downlink_patch and held[1] and held[2] != digest:
-                patch = encode_patch(blob, held[1])
-                self._patch = (held[2], patch) if patch is not None else None
+            if self.cfg.compression.downlink_patch:
+                self._patch = (held[2], encode_patch(blob, held[1]) if held[1] else None)
             self._blob = (r, blob, digest, 1000 * (time.perf_counter() - t_encode))
         _, blob, digest, encode_ms = self._blob
         self._attempt = attempt

@@ -41,7 +41,7 @@ import os
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from numpy.typing import NDArray
@@ -150,6 +150,9 @@ class SecureOutcome:
     included: tuple[int, ...]
     metas: dict[int, UpdateMeta]  # stage-0 metadata of the included clients
     error_bound: float
+    # the attempt's traffic: each client's messages taken in (every stage) and all replies sent
+    bytes_up: dict[int, int] = field(default_factory=dict)
+    bytes_down: int = 0
 
 
 class SecureRelay:
@@ -170,6 +173,8 @@ class SecureRelay:
         self._entered: set[int] = set()  # tried stage 0, even if refused: no second training
         self._metas: dict[int, UpdateMeta] = {}
         self._abort: str | None = None
+        self._bytes_up: dict[int, int] = {}
+        self._bytes_down = 0
 
     # ---- RPC side -----------------------------------------------------------
     def joined(self, cid: int) -> bool:
@@ -213,6 +218,7 @@ class SecureRelay:
                     f"{STAGES[stage]}: client {cid} is not expected (dropped, duplicate or not selected)",
                 )
             self._inbox[stage][cid] = message
+            self._bytes_up[cid] = self._bytes_up.get(cid, 0) + len(payload)
             if meta is not None:
                 self._metas[cid] = meta
             self._cond.notify_all()
@@ -254,6 +260,7 @@ class SecureRelay:
     def _publish(self, stage: int, replies: dict[int, bytes]) -> None:
         with self._cond:
             self._replies[stage] = replies
+            self._bytes_down += sum(len(r) for r in replies.values())
             self._expected = set(replies)
             self._open = stage + 1 if stage + 1 < len(STAGES) else None
             self._cond.notify_all()
@@ -282,11 +289,13 @@ class SecureRelay:
         self._publish(3, {r.sender: b"" for r in responses})
         fp = p.fixed_point()
         total = decode_sum(result.encoded, fp, num_clients=len(result.included))
-        with self._cond:
+        with self._cond:  # every stage is closed and published: the counts are final
             metas = {c: self._metas[c] for c in result.included}
+            up, down = dict(self._bytes_up), self._bytes_down
         if not result.included:
             raise SecAggAbort("unmask: no client's input is in the sum", needed=1, available=0)
-        return SecureOutcome(total, result.included, metas, sum_error_bound(fp, len(result.included)))
+        bound = sum_error_bound(fp, len(result.included))
+        return SecureOutcome(total, result.included, metas, bound, bytes_up=up, bytes_down=down)
 
     def _next_deadline(self) -> float:
         return time.monotonic() + self._stage_timeout

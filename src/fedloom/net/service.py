@@ -39,6 +39,8 @@ from fedloom.net.wire import chunk_size_for, decode_chunk, encode_bytes_field, i
 __all__ = ["Service", "handlers"]
 
 _TASK_BROADCAST_FIELD = pb.TaskReply.DESCRIPTOR.fields_by_name["broadcast"].number
+# TaskReplies with the model kept per round: whole and patched, each at a few deadlines (in tenths)
+_REPLIES_KEPT = 4
 
 
 class Service:
@@ -63,10 +65,12 @@ class Service:
         self.chunk = chunk_size_for(cfg.deploy.max_message_bytes)
         self.refusals = RefusalGate()
         self._pieces_lock = threading.Lock()
-        # keyed by (broadcast digest, patch base digest or "")
-        self._cut: tuple[tuple[str, str], list[bytes]] = (("", ""), [])
-        self._whole: tuple[tuple[str, str], bytes] = (("", ""), b"")
-        self._reply: tuple[bytes, bytes] = (b"", b"")  # (TaskReply without broadcast, with it)
+        # The model's forms sent this round, by (broadcast digest, patch base digest or ""): the whole
+        # broadcast and its patch, each cut into chunks, each as an encoded TaskReply field, and the
+        # replies built from them (by TaskReply without the broadcast). Emptied when the model changes.
+        self._cut: dict[tuple[str, str], list[bytes]] = {}
+        self._whole: dict[tuple[str, str], bytes] = {}
+        self._reply: dict[bytes, bytes] = {}
         # Set by the server once its loop runs: the long-polls' wake-up (see ``_tasks_changed``).
         self.loop: asyncio.AbstractEventLoop | None = None
         self._changed: asyncio.Event | None = None
@@ -197,22 +201,28 @@ class Service:
         the broadcast ``base`` (None: closed, or too big).
 
         Messages concatenate, so this is ``small + encode_bytes_field(...)``. The round's clients
-        mostly get byte-identical replies (see ``Task.deadline_in_s``): the last one is kept, so a
-        round copies the model once for its replies rather than once per client.
+        mostly get byte-identical replies (see ``Task.deadline_in_s``): the last few are kept, so a
+        round copies the model (and its patch) once for its replies rather than once per client.
         """
         with self._pieces_lock:
             blob = self.coord.broadcast_blob(round, digest, base)
             if blob is None:
                 return None
-            if self._whole[0] != (digest, base):
-                self._whole = ((digest, base), encode_bytes_field(_TASK_BROADCAST_FIELD, blob))
-                self._reply = (b"", b"")
-            if self._reply[0] != small:
-                field = self._whole[1]
+            key = (digest, base)
+            field = self._whole.get(key)
+            if field is None:
+                if any(d != digest for d, _ in self._whole):
+                    self._whole.clear()
+                    self._reply.clear()
+                field = self._whole[key] = encode_bytes_field(_TASK_BROADCAST_FIELD, blob)
+            full = self._reply.get(small)
+            if full is None:
                 if len(small) + len(field) > self.cfg.deploy.max_message_bytes:
                     return None
-                self._reply = (small, small + field)
-            return self._reply[1]
+                if len(self._reply) >= _REPLIES_KEPT:
+                    del self._reply[next(iter(self._reply))]
+                full = self._reply[small] = small + field
+            return full
 
     async def SecAgg(
         self, request: pb.SecAggRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -248,15 +258,19 @@ class Service:
     def _pieces(self, round: int, digest: str, base: str = "") -> list[bytes] | None:
         """The open round's broadcast (or its patch against ``base``) cut into chunks, cut once per
         round rather than per client."""
+        key = (digest, base)
         with self._pieces_lock:
-            if self._cut[0] != (digest, base):
+            pieces = self._cut.get(key)
+            if pieces is None:
                 blob = self._blob(round, digest, base)
                 if blob is None:
                     return None
-                self._cut = ((digest, base), list(iter_chunks(blob, self.chunk)))
+                if any(d != digest for d, _ in self._cut):
+                    self._cut.clear()
+                pieces = self._cut[key] = list(iter_chunks(blob, self.chunk))
             elif self._blob(round, digest, base) is None:
                 return None  # the same model again, but that round closed
-            return self._cut[1]
+            return pieces
 
     def _blob(self, round: int, digest: str, base: str = "") -> bytes | None:
         """The open round's broadcast (or its patch against ``base``), or the model of an open

@@ -47,6 +47,8 @@ from fedloom.transforms.compression.downlink import (
 from fedloom.transforms.compression.patch import PATCH_SLOT, apply_patch, make_patch
 
 __all__ = [
+    "EMPTY_PATCH",
+    "EMPTY_PATCH_XXH3",
     "UpdateMeta",
     "chunk_size_for",
     "decode_broadcast",
@@ -242,6 +244,11 @@ def encode_broadcast(b: Broadcast, downlink: Downlink = "none") -> bytes:
     """The broadcast blob; ``downlink`` packs the model's floating tensors (see
     :mod:`fedloom.transforms.compression.downlink`), naming them in a ``dl`` slot."""
     return slots_to_bytes(broadcast_slots(b, downlink))
+
+
+#: The patch of a broadcast against itself (for a client that already holds the round's model).
+EMPTY_PATCH = slots_to_bytes({PATCH_SLOT: Params({})})
+EMPTY_PATCH_XXH3 = fingerprint(EMPTY_PATCH)
 
 
 def encode_patch(blob: bytes | memoryview, held: bytes | memoryview) -> bytes | None:

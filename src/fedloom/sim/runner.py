@@ -19,6 +19,7 @@ from fedloom.config.loader import config_to_toml
 from fedloom.config.schema import ExperimentConfig
 from fedloom.core.errors import TrainingError
 from fedloom.core.params import Params
+from fedloom.core.serde import slots_to_bytes
 from fedloom.engine.commit import InlineCommitter
 from fedloom.engine.evaluation import EvalData
 from fedloom.engine.evaluation import evaluation_metrics as _evaluation_metrics
@@ -38,7 +39,7 @@ from fedloom.sim.server_round import SecureSum, finish_round
 from fedloom.trackers import check_tracking_extras
 from fedloom.transforms.compression.downlink import broadcast_slots, round_trip
 from fedloom.transforms.compression.packed import payload_bytes
-from fedloom.transforms.compression.patch import make_patch
+from fedloom.transforms.compression.patch import make_patch, patch_blob_size
 
 __all__ = ["RoundListener", "RunResult", "evaluation_metrics", "run_simulation"]
 
@@ -312,7 +313,8 @@ def _wire_bytes(
     whole = sum(p.num_bytes() for p in slots.values())
     patch = make_patch(slots, held[0]) if c.downlink_patch and held is not None else None
     holders = sum(1 for cid in cohort if held is not None and cid in held[1])
-    if patch is None or patch.num_bytes() >= whole:
+    # the deployment's rule: a patch only where its encoded form is smaller than the broadcast's
+    if patch is None or (len(patch) and patch_blob_size(patch) >= len(slots_to_bytes(slots))):
         holders = 0
     down = whole * (len(cohort) - holders) + (patch.num_bytes() * holders if patch is not None else 0)
     up = sum(payload_bytes(o) for o in outcomes if isinstance(o, ClientUpdate))

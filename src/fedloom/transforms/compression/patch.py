@@ -31,11 +31,13 @@ import torch
 
 from fedloom.core.errors import UpdateError
 from fedloom.core.params import Params
+from fedloom.core.serde import slots_to_bytes
 
-__all__ = ["PATCH_SLOT", "apply_patch", "make_patch"]
+__all__ = ["PATCH_SLOT", "apply_patch", "make_patch", "patch_blob_size"]
 
 PATCH_SLOT = "patch"
 _POSITION_BYTES = 4
+_MAX_POSITION = 2**31 - 1  # positions are int32: a larger tensor is sent whole
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
@@ -65,12 +67,18 @@ def make_patch(new: Mapping[str, Params], old: Mapping[str, Params]) -> Params |
             changed = torch.nonzero(_bits(v) != _bits(w)).reshape(-1)
             if changed.numel() == 0:
                 continue
-            if changed.numel() * (v.element_size() + _POSITION_BYTES) < v.numel() * v.element_size():
+            small = changed.numel() * (v.element_size() + _POSITION_BYTES) < v.numel() * v.element_size()
+            if small and v.numel() <= _MAX_POSITION:
                 out[key + "/i"] = changed.to(torch.int32)
                 out[key + "/v"] = v.detach().contiguous().reshape(-1)[changed]
             else:
                 out[key + "/="] = v.detach().contiguous()
     return Params(out)
+
+
+def patch_blob_size(patch: Params) -> int:
+    """Bytes of ``patch`` as it travels (its slot encoded, header included)."""
+    return len(slots_to_bytes({PATCH_SLOT: patch}))
 
 
 def apply_patch(old: Mapping[str, Params], patch: Params) -> dict[str, Params]:
