@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 from tests.conftest import REPO, cli_env, fedloom_cmd
 
 from fedloom.algorithms.api import (
@@ -24,12 +25,17 @@ from fedloom.algorithms.api import (
     ServerContext,
     Workspace,
 )
+from fedloom.config.loader import load_config
 from fedloom.config.schema import ExperimentConfig
 from fedloom.core.errors import TrainingError
+from fedloom.core.params import Params
+from fedloom.data.federated import NaturalDataset
 from fedloom.data.heart_disease import HOSPITALS, packaged_dir
 from fedloom.models.zoo import build_model
-from fedloom.net.datasources import load_client_data
-from fedloom.sim.build import build_algorithm, build_pipeline
+from fedloom.net.datasources import load_client_data, load_eval_data
+from fedloom.sim.build import Components, build_algorithm, build_pipeline
+from fedloom.sim.executor import SequentialExecutor
+from fedloom.sim.runner import RunResult, run_simulation
 
 if TYPE_CHECKING:  # fedloom.net.client imports grpc, which conftest checks for before any test runs
     from fedloom.net.client import NetClient, Work
@@ -175,6 +181,32 @@ def deployed_run(cwd: Path, cfg: Path) -> list[Proc]:
         for p in [srv, *clients]:
             p.stop()
     return clients
+
+
+def simulate_deployed(run: Path, heart_dir: Path, out: Path) -> RunResult:
+    """The simulation of the deployed ``run``'s experiment (``run/exp.toml``) on the same hospitals'
+    data, each with its own test split, as its client process evaluates on; one torch thread."""
+    cfg = load_config(run / "exp.toml")
+    parts = [
+        load_client_data(f"{LOADER}:{h}", cfg, data_dir=heart_dir, partition_client=None) for h in HOSPITALS
+    ]
+    module = build_model(cfg.model.name, cfg.model.kwargs, seed=cfg.seed)
+    comps = Components(
+        algorithm=build_algorithm(cfg),
+        pipeline=build_pipeline(cfg),
+        train=NaturalDataset(parts),
+        test=load_eval_data(f"{LOADER}:all", cfg, data_dir=heart_dir),
+        workspace=Workspace(module),
+        initial_params=Params.from_module(module),
+        data_source="heart",
+        client_names=tuple(HOSPITALS),
+        client_test=NaturalDataset(
+            [load_eval_data(f"{LOADER}:{h}", cfg, data_dir=heart_dir) for h in HOSPITALS]
+        ),
+    )
+    executor = SequentialExecutor(comps.workspace, comps.train, comps.pipeline)
+    with torch.random.fork_rng(devices=[]):
+        return run_simulation(cfg, out, components=comps, executor=executor)
 
 
 def write_config(path: Path, extra: str = "", base: str = BASE_TOML) -> Path:

@@ -20,31 +20,26 @@ import torch
 from tests.net.helpers import (
     BASE_TOML,
     HOSPITALS,
-    LOADER,
     Proc,
     client,
     deployed_run,
     free_port,
     server,
+    simulate_deployed,
     write_config,
 )
 
-from fedloom.algorithms.api import Broadcast, ClientUpdate, ServerContext, Workspace
+from fedloom.algorithms.api import Broadcast, ClientUpdate, ServerContext
 from fedloom.config.loader import load_config
 from fedloom.core.params import Params
 from fedloom.core.serde import params_from_bytes, slots_from_bytes
-from fedloom.data.federated import NaturalDataset
 from fedloom.engine import BytesMoved, read_events
-from fedloom.models.zoo import build_model
 from fedloom.net.coordinator import Coordinator
-from fedloom.net.datasources import load_client_data, load_eval_data
 from fedloom.net.logs import JsonLog
 from fedloom.net.state import NetState
 from fedloom.net.wire import encode_broadcast, encode_update
 from fedloom.results.store import RunStore
-from fedloom.sim.build import Components, build_algorithm, build_pipeline
-from fedloom.sim.executor import SequentialExecutor
-from fedloom.sim.runner import RunResult, run_simulation
+from fedloom.sim.build import build_pipeline
 from fedloom.transforms.compression.packed import CODEC_SLOT, RESIDUAL_KEY
 
 pytestmark = pytest.mark.slow
@@ -100,31 +95,10 @@ def test_the_server_receives_the_packed_bytes_within_one_percent_of_the_hand_com
         assert got <= 0.26 * fp32
 
 
-def _simulate(run: Path, heart_dir: Path, tmp_path: Path) -> RunResult:
-    """The simulation of the deployed ``run``'s experiment on the same hospitals' data."""
-    cfg = load_config(run / "exp.toml")
-    parts = [
-        load_client_data(f"{LOADER}:{h}", cfg, data_dir=heart_dir, partition_client=None) for h in HOSPITALS
-    ]
-    module = build_model(cfg.model.name, cfg.model.kwargs, seed=cfg.seed)
-    comps = Components(
-        algorithm=build_algorithm(cfg),
-        pipeline=build_pipeline(cfg),
-        train=NaturalDataset(parts),
-        test=load_eval_data(f"{LOADER}:all", cfg, data_dir=heart_dir),
-        workspace=Workspace(module),
-        initial_params=Params.from_module(module),
-        data_source="heart",
-    )
-    executor = SequentialExecutor(comps.workspace, comps.train, comps.pipeline)
-    with torch.random.fork_rng(devices=[]):
-        return run_simulation(cfg, tmp_path / "sim", components=comps, executor=executor)
-
-
 def test_the_deployed_8bit_run_ends_on_the_simulations_model(
     q8_run: Path, heart_dir: Path, tmp_path: Path
 ) -> None:
-    sim = _simulate(q8_run, heart_dir, tmp_path)
+    sim = simulate_deployed(q8_run, heart_dir, tmp_path / "sim")
     deployed = _model(q8_run)
     assert list(sim.state.params) == list(deployed)
     for k in deployed:
@@ -162,7 +136,7 @@ def test_clients_holding_the_last_broadcast_get_a_patch_and_end_on_the_simulatio
         assert tensors < per_client <= tensors + 2048, (r, per_client, tensors)
         assert per_client < 0.5 * whole
     # Lossless: the simulation (where clients always hold the whole broadcast) ends on the same model.
-    sim = _simulate(topk_run, heart_dir, tmp_path)
+    sim = simulate_deployed(topk_run, heart_dir, tmp_path / "sim")
     deployed = _model(topk_run)
     assert list(sim.state.params) == list(deployed)
     for k in deployed:

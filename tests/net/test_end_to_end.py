@@ -14,7 +14,6 @@ import torch
 from tests.net.helpers import (
     BASE_TOML,
     HOSPITALS,
-    LOADER,
     GatedWork,
     Proc,
     client,
@@ -23,24 +22,18 @@ from tests.net.helpers import (
     free_port,
     run_in_thread,
     server,
+    simulate_deployed,
     write_config,
 )
 
-from fedloom.algorithms.api import Broadcast, Workspace
-from fedloom.config.loader import load_config
+from fedloom.algorithms.api import Broadcast
 from fedloom.core.params import Params
 from fedloom.core.serde import params_from_bytes
-from fedloom.data.federated import NaturalDataset
 from fedloom.engine import BytesMoved, ClientAccepted, RunStarted, comparable, read_events
-from fedloom.models.zoo import build_model
 from fedloom.net.client import ClientOptions, NetClient
-from fedloom.net.datasources import load_client_data, load_eval_data
 from fedloom.net.logs import JsonLog
 from fedloom.net.state import NetState
 from fedloom.net.wire import encode_broadcast
-from fedloom.sim.build import Components, build_algorithm, build_pipeline
-from fedloom.sim.executor import SequentialExecutor
-from fedloom.sim.runner import run_simulation
 
 pytestmark = pytest.mark.slow
 
@@ -68,28 +61,7 @@ def test_deployed_run_completes_audits_and_matches_simulation(
     # SCAFFOLD's control variates stayed on the clients, on disk.
     assert list((reference_run / "cstate" / "va").glob("state-r*.safetensors"))
 
-    cfg = load_config(reference_run / "exp.toml")
-    parts = [
-        load_client_data(f"{LOADER}:{h}", cfg, data_dir=heart_dir, partition_client=None) for h in HOSPITALS
-    ]
-    module = build_model(cfg.model.name, cfg.model.kwargs, seed=cfg.seed)
-    comps = Components(
-        algorithm=build_algorithm(cfg),
-        pipeline=build_pipeline(cfg),
-        train=NaturalDataset(parts),
-        test=load_eval_data(f"{LOADER}:all", cfg, data_dir=heart_dir),
-        workspace=Workspace(module),
-        initial_params=Params.from_module(module),
-        data_source="heart",
-        client_names=tuple(HOSPITALS),
-        # each site's own test split, as its client process evaluates on (the loader's load_eval)
-        client_test=NaturalDataset(
-            [load_eval_data(f"{LOADER}:{h}", cfg, data_dir=heart_dir) for h in HOSPITALS]
-        ),
-    )
-    executor = SequentialExecutor(comps.workspace, comps.train, comps.pipeline)
-    with torch.random.fork_rng(devices=[]):
-        sim = run_simulation(cfg, tmp_path / "sim", components=comps, executor=executor)
+    sim = simulate_deployed(reference_run, heart_dir, tmp_path / "sim")
     assert sim.final_round == 4
     # Same algorithm code, same seeds, one torch thread on both sides: the same bits, not just close.
     deployed = _model(reference_run)
