@@ -65,5 +65,6 @@ def test_unequal_steps_golden(
 
 
 def test_coefficients() -> None:
-    assert nova_coefficients([1.0, 2.0], [2, 4]) == pytest.approx([10 / 3 / 3 / 2, 10 / 3 * 2 / 3 / 4])
-    assert nova_coefficients([3.0, 5.0], [7, 7]) == [3 / 8, 5 / 8]
+    # n_i * tau_eff / tau_i with tau_eff = sum_j n_j tau_j / sum_j n_j = 10 / 3
+    assert nova_coefficients([1.0, 2.0], [2, 4]) == pytest.approx([1 * (10 / 3) / 2, 2 * (10 / 3) / 4])
+    assert nova_coefficients([3.0, 5.0], [7, 7]) == [3.0, 5.0]

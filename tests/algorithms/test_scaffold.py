@@ -76,10 +76,14 @@ def test_one_round_golden(
 def test_zero_control_variates_equal_unweighted_fedavg(
     logreg_clients: Callable[[Sequence[int]], list[tuple[Workspace, ArrayDataset]]], logreg_params: Params
 ) -> None:
-    # Equal client sizes make FedAvg's example weights the unweighted mean SCAFFOLD uses.
+    # FedAvg weighting every client 1 is the unweighted mean SCAFFOLD uses.
     local = LocalSGD(lr=0.1, epochs=2, batch_size=4)
     results = []
-    for algo in (FedAvg(local=local), Scaffold(local=local, option="I"), Scaffold(local=local, option="II")):
+    for algo in (
+        FedAvg(local=local, weighting="uniform"),
+        Scaffold(local=local, option="I"),
+        Scaffold(local=local, option="II"),
+    ):
         state = algo.server_init(logreg_params)
         bc = algo.broadcast(state)
         updates = [

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -110,15 +111,13 @@ def test_ray_is_bit_identical(
     assert got.equal(reference)
 
 
-@pytest.mark.parametrize("weighting", ["examples", "uniform"])
-@pytest.mark.usefixtures("ray_session")
-def test_ray_reduces_the_weighted_mean_on_its_workers_bit_identically(mnist_dir: str, weighting: str) -> None:
-    """The driver gets one aggregate, not the updates, and it is FedAvg.aggregate's to the bit."""
+def _check_reduced_rounds(mnist_dir: str, weighting: str, make: Callable[[Components], Any]) -> None:
+    """``make(comps)``'s ``run_round_reduced`` returns one aggregate, not the updates, and it is
+    FedAvg.aggregate's over the sequential executor's updates to the bit."""
     from fedloom.algorithms.api import ClientUpdate, ServerContext
-    from fedloom.sim.ray_executor import RayExecutor
 
-    # Dropped stragglers take no part; 3 workers cut the chain twice; 12 of 30 clients per round;
-    # clients of unequal size, so the two weightings give different means.
+    # Dropped stragglers take no part; 12 of 30 clients per round; clients of unequal size, so the
+    # two weightings give different means.
     cfg = mnist_config(
         mnist_dir,
         "algorithm.straggler_fraction=0.4",
@@ -132,7 +131,7 @@ def test_ray_reduces_the_weighted_mean_on_its_workers_bit_identically(mnist_dir:
     alg = comps.algorithm
     state = alg.server_init(comps.initial_params)
     seq = SequentialExecutor(comps.workspace, comps.train, comps.pipeline, threads=1)
-    ex = RayExecutor(comps.workspace, comps.train, comps.pipeline, workers=3)
+    ex = make(comps)
     try:
         for r in (1, 2):
             ctx = ServerContext(cfg.seed, r, comps.train.num_clients)
@@ -151,6 +150,26 @@ def test_ray_reduces_the_weighted_mean_on_its_workers_bit_identically(mnist_dir:
             state = alg.server_update(state, want, ctx)
     finally:
         ex.close()
+
+
+@pytest.mark.parametrize("weighting", ["examples", "uniform"])
+@pytest.mark.usefixtures("ray_session")
+def test_ray_reduces_the_weighted_mean_on_its_workers_bit_identically(mnist_dir: str, weighting: str) -> None:
+    from fedloom.sim.ray_executor import RayExecutor
+
+    # 3 workers cut the chain twice
+    _check_reduced_rounds(
+        mnist_dir, weighting, lambda c: RayExecutor(c.workspace, c.train, c.pipeline, workers=3)
+    )
+
+
+@pytest.mark.parametrize(("weighting", "workers"), [("examples", 2), ("uniform", 3)])
+def test_parallel_sums_the_weighted_mean_as_outcomes_arrive_bit_identically(
+    mnist_dir: str, weighting: str, workers: int
+) -> None:
+    _check_reduced_rounds(
+        mnist_dir, weighting, lambda c: ParallelExecutor(c.workspace, c.train, c.pipeline, workers=workers)
+    )
 
 
 def test_scaffold_client_states_flow_through_workers(mnist_dir: str, tmp_path: Path) -> None:

@@ -1,19 +1,27 @@
-"""Worker-side reduction: which rounds qualify and how the cohort is cut (fedloom.sim.reduce)."""
+"""Reduced rounds: which qualify, how the cohort is cut, and the chain the parallel executor extends
+(fedloom.sim.reduce)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import pytest
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
 from fedloom.aggregators.registry import make_aggregator
+from fedloom.algorithms.aggregate import weighted_mean
+from fedloom.algorithms.api import ClientUpdate
 from fedloom.algorithms.fedavg import FedAvg
 from fedloom.algorithms.fednova import FedNova
 from fedloom.algorithms.fedprox import FedProx
 from fedloom.algorithms.scaffold import Scaffold
-from fedloom.sim.reduce import contiguous_shares, not_reducible
+from fedloom.config.schema import ExperimentConfig
+from fedloom.core.params import Params
+from fedloom.sim.build import build_algorithm
+from fedloom.sim.executor import ClientFailure
+from fedloom.sim.reduce import Chain, contiguous_shares, not_reducible
 from fedloom.transforms.pipeline import NormClip, Pipeline
 
 
@@ -61,3 +69,62 @@ def test_the_algorithm_declares_whether_its_aggregate_is_the_weighted_mean() -> 
 def test_contiguous_shares_refuses_no_workers() -> None:
     with pytest.raises(ValueError, match="workers must be >= 1"):
         contiguous_shares([1, 2], 0)
+
+
+def _update(cid: int, values: list[float], weight: float, *, dropped: bool = False) -> ClientUpdate:
+    metrics = {"straggler": 1.0, "dropped": 1.0} if dropped else {}
+    n = 0 if dropped else int(weight)
+    delta = Params({"w": torch.tensor(values, dtype=torch.float32)})
+    return ClientUpdate(
+        client_id=cid, delta=delta, weight=weight, num_examples=n, num_steps=1, metrics=metrics
+    )
+
+
+@given(st.permutations(range(7)))
+def test_the_chain_sums_in_cohort_order_whatever_order_outcomes_arrive_in(order: list[int]) -> None:
+    # Weights and values chosen so that the float32 sum depends on its order.
+    outcomes: list[object] = [
+        _update(0, [1e8, 0.1], 3.0),
+        ClientFailure(1, "raised"),
+        _update(2, [1.0, 0.7], 7.0),
+        _update(3, [5.0, 5.0], 0.0, dropped=True),
+        _update(4, [-1e8, 0.3], 3.0),
+        _update(5, [0.5, -0.2], 11.0),
+        _update(6, [3.3, 1e-3], 1.0),
+    ]
+    chain = Chain(len(outcomes), outcomes[0].delta)  # type: ignore[attr-defined]
+    for i in order[:-1]:
+        chain.offer(i, outcomes[i])
+    with pytest.raises(RuntimeError, match="cohort positions"):
+        chain.result()  # not every position is back
+    chain.offer(order[-1], outcomes[order[-1]])
+    got = chain.result()
+    kept = [o for o in outcomes if isinstance(o, ClientUpdate) and not o.metrics.get("dropped")]
+    want, total = weighted_mean(kept)
+    assert got.delta.equal(want)
+    assert (got.num_clients, got.total_weight) == (5, total) == (5, 25.0)
+    # the definition: sum_i w_i * delta_i as one chain in cohort order, divided by sum_i w_i once
+    chained = Params.weighted_sum([u.delta for u in kept], [u.weight for u in kept])
+    assert torch.equal(got.delta["w"], chained["w"] / 25.0)
+    # ... and the order matters for these values, so a chain in arrival order would be caught
+    shuffled = kept[1:] + kept[:1]
+    other = Params.weighted_sum([u.delta for u in shuffled], [u.weight for u in shuffled])
+    assert not torch.equal(other["w"], chained["w"])
+
+
+def test_a_chain_of_only_dropped_stragglers_is_an_empty_round() -> None:
+    like = Params({"w": torch.ones(3)})
+    chain = Chain(2, like)
+    chain.offer(1, _update(1, [1.0, 2.0, 3.0], 0.0, dropped=True))
+    chain.offer(0, ClientFailure(0, "raised"))
+    got = chain.result()
+    assert (got.num_clients, got.total_weight) == (0, 0.0)
+    assert got.delta.equal(like.zeros_like())
+
+
+def test_an_experiment_files_default_aggregation_is_reduced_and_a_robust_one_is_not() -> None:
+    assert not_reducible(build_algorithm(ExperimentConfig()), Pipeline()) is None
+    cfg = ExperimentConfig.model_validate({"algorithm": {"name": "fedprox", "mu": 0.1}})
+    assert not_reducible(build_algorithm(cfg), Pipeline()) is None
+    cfg = ExperimentConfig.model_validate({"robust": {"aggregator": "median"}})
+    assert "robust" in (not_reducible(build_algorithm(cfg), Pipeline()) or "")

@@ -52,9 +52,10 @@ def make_aggregator(name: str, **options: Any) -> Aggregator:
 
 def _bind(fn: Callable[..., tuple[Params, float]]) -> AggregatorFactory:
     def factory(**options: Any) -> Aggregator:
-        bound = functools.partial(fn, **options)
         inspect.signature(fn).bind([], **options)  # a misspelt or missing option fails now, not in round 1
-        return bound
+        # With no options the rule itself, so that code recognising a rule by identity (the plain
+        # weighted mean, which executors may sum as updates arrive: fedloom.sim.reduce) sees it.
+        return functools.partial(fn, **options) if options else fn
 
     return factory
 

@@ -31,14 +31,19 @@ Aggregator = Callable[[Sequence[ClientUpdate]], tuple[Params, float]]
 
 
 def weighted_mean(updates: Sequence[ClientUpdate]) -> tuple[Params, float]:
-    """``sum_i w_i * delta_i / sum_i w_i`` in the order given, and ``sum_i w_i``.
+    """``(sum_i w_i * delta_i) / sum_i w_i`` in the order given, and ``sum_i w_i``.
 
-    The order of ``updates`` fixes the floating-point summation order, so callers
-    pass them sorted by client id for reproducibility.
+    The weighted sum is one left-to-right chain per tensor over the updates in
+    the order given (:meth:`Params.weighted_sum` with the raw weights ``w_i``),
+    divided by the total weight once at the end. Because no coefficient depends on
+    the total, the chain can be extended as each update arrives, and an executor
+    can sum a round while its clients are still training (:mod:`fedloom.sim.reduce`).
+    The order of ``updates`` fixes the floating-point summation order: callers pass
+    them in cohort order for reproducibility.
     """
     if not updates:
         raise UpdateError("cannot aggregate an empty round: no client update was accepted")
     total = float(sum(u.weight for u in updates))
     if not total > 0:
         raise UpdateError(f"total aggregation weight is {total}; every update must have a positive weight")
-    return Params.weighted_sum([u.delta for u in updates], [u.weight / total for u in updates]), total
+    return Params.weighted_sum([u.delta for u in updates], [u.weight for u in updates]).div_(total), total

@@ -11,9 +11,11 @@ the work measure is ``a_i = tau_i``, the number of local steps, so with
     tau_eff = sum_i p_i tau_i
     delta = tau_eff * sum_i p_i d_i            (then the server optimiser, lr 1 = the paper)
 
-When every ``tau_i`` is equal this is FedAvg's ``sum_i p_i delta_i`` exactly: the
-coefficient ``p_i * tau_eff / tau_i`` is computed as ``p_i * (sum_j n_j tau_j) /
-(sum_j n_j * tau_i)``, whose ratio is exactly 1 then. Step counts differ through
+When every ``tau_i`` is equal this is FedAvg's weighted mean exactly: like
+:func:`~fedloom.algorithms.aggregate.weighted_mean` the sum is taken with raw
+weights and divided by ``sum_j n_j`` at the end, and the weight
+``n_i * tau_eff / tau_i`` is computed as ``n_i * ((sum_j n_j tau_j) / (sum_j n_j *
+tau_i))``, whose ratio is exactly 1 then. Step counts differ through
 client sizes (a fixed number of epochs), ``client.steps`` or stragglers' partial work.
 ``weighting = "uniform"`` sets every ``n_i`` to 1 (``p_i = 1 / |S|``).
 """
@@ -48,7 +50,8 @@ __all__ = ["FedNova", "nova_coefficients"]
 
 
 def nova_coefficients(weights: Sequence[float], steps: Sequence[int]) -> list[float]:
-    """``p_i * tau_eff / tau_i`` for each client (see the module docstring)."""
+    """``n_i * tau_eff / tau_i`` for each client, to be summed and divided by ``sum_j n_j``
+    (see the module docstring)."""
     if not weights:
         raise UpdateError("cannot aggregate an empty round: no client update was accepted")
     total = float(sum(weights))
@@ -57,7 +60,7 @@ def nova_coefficients(weights: Sequence[float], steps: Sequence[int]) -> list[fl
     if min(steps) < 1:
         raise UpdateError(f"FedNova needs at least one local step per client, got step counts {list(steps)}")
     work = float(sum(w * t for w, t in zip(weights, steps, strict=True)))  # sum_j n_j tau_j
-    return [(w / total) * (work / (total * t)) for w, t in zip(weights, steps, strict=True)]
+    return [w * (work / (total * t)) for w, t in zip(weights, steps, strict=True)]
 
 
 @dataclass(frozen=True)
@@ -109,8 +112,9 @@ class FedNova:
         if updates and not kept:
             return empty_aggregate(updates)
         coeffs = nova_coefficients([u.weight for u in kept], [u.num_steps for u in kept])
-        delta = Params.weighted_sum([u.delta for u in kept], coeffs)
-        return Aggregate(delta=delta, num_clients=len(kept), total_weight=float(sum(u.weight for u in kept)))
+        total = float(sum(u.weight for u in kept))
+        delta = Params.weighted_sum([u.delta for u in kept], coeffs).div_(total)
+        return Aggregate(delta=delta, num_clients=len(kept), total_weight=total)
 
     def server_update(self, state: ServerState, aggregate: Aggregate, ctx: ServerContext) -> ServerState:
         return apply_round(self.server_optimizer, state, aggregate, ctx)

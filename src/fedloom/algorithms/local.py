@@ -254,9 +254,14 @@ class TrainFn(Protocol):
 
 def load_params(workspace: Workspace, params: Params) -> None:
     """Copy ``params`` into the workspace module's tensors in place."""
+    state = workspace.module.state_dict(keep_vars=True)
+    dst, src = list(state.values()), [params[name] for name in state]
     with torch.no_grad():
-        for name, tensor in workspace.module.state_dict(keep_vars=True).items():
-            tensor.copy_(params[name])
+        if all(a.device == b.device for a, b in zip(dst, src, strict=True)):
+            torch._foreach_copy_(dst, src)
+        else:
+            for a, b in zip(dst, src, strict=True):
+                a.copy_(b)
 
 
 def _order(n: int, batch_size: int, total_steps: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
@@ -394,7 +399,7 @@ def local_sgd(
         step, loss_sum = _plain_sgd(workspace, data, cfg, ctx, correction, total_steps)
     else:
         step, loss_sum = _with_optimizer(workspace, spec, data, cfg, ctx, correction, total_steps)
-    mean_loss = float(loss_sum) / max(step, 1)
+    mean_loss = loss_sum / max(step, 1)
     if not math.isfinite(mean_loss):
         raise TrainingError(
             f"round {ctx.round}, client {ctx.client_id}: training loss became {mean_loss} "
@@ -404,9 +409,11 @@ def local_sgd(
 
 
 def _delta(workspace: Workspace, start: Params) -> Params:
-    return Params(
-        {k: v.detach().to(start[k].device) - start[k] for k, v in workspace.module.state_dict().items()}
-    )
+    state = workspace.module.state_dict()
+    now, base = list(state.values()), [start[k] for k in state]
+    if all(a.device == b.device for a, b in zip(now, base, strict=True)):
+        return Params(dict(zip(state, torch._foreach_sub(now, base), strict=True)))
+    return Params({k: a.to(b.device) - b for k, a, b in zip(state, now, base, strict=True)})
 
 
 def _batch_loss(
@@ -430,7 +437,7 @@ def _plain_sgd(
     ctx: ClientContext,
     correction: GradCorrection | None,
     total_steps: int,
-) -> tuple[int, torch.Tensor]:
+) -> tuple[int, float]:
     """``w <- w - lr * (g + correction)`` by foreach ops (the form the vectorised executor batches)."""
 
     def update(params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
@@ -448,7 +455,7 @@ def _with_optimizer(
     ctx: ClientContext,
     correction: GradCorrection | None,
     total_steps: int,
-) -> tuple[int, torch.Tensor]:
+) -> tuple[int, float]:
     """The task's ``torch.optim`` optimiser (and schedule), fresh for this round unless its state is kept."""
     named = dict(workspace.module.named_parameters())
     opt = spec.build([named[name] for name in workspace.trainable], cfg.lr, ctx.optimizer_state)
@@ -473,14 +480,14 @@ def _loop(
     correction: GradCorrection | None,
     total_steps: int,
     update: Callable[[list[torch.Tensor], list[torch.Tensor]], None],
-) -> tuple[int, torch.Tensor]:
+) -> tuple[int, float]:
     """fedloom's minibatch loop: loss, backward, the algorithm's correction on ``p.grad``, ``update``.
 
-    Returns the number of steps and the float64 sum of the batch losses.
+    Returns the number of steps and the sum of the batch losses, added in step order in float64.
     """
     named = dict(workspace.module.named_parameters())
     params: list[torch.Tensor] = [named[name] for name in workspace.trainable]
-    loss_sum = torch.zeros((), dtype=torch.float64)
+    losses: list[torch.Tensor] = []
     step = 0
     for idx in _order(len(data), cfg.batch_size, total_steps, ctx.rng("local-shuffle")):
         for p in params:
@@ -496,8 +503,11 @@ def _loop(
             if correction is not None:
                 correction([p.detach() for p in params], grads)
         update(params, grads)
-        loss_sum += loss.detach().to("cpu", torch.float64)
+        losses.append(loss.detach())
         step += 1
+    loss_sum = 0.0  # one transfer after the loop, not one per step; then a plain left-to-right sum
+    for value in torch.stack(losses).to("cpu", torch.float64).tolist() if losses else ():
+        loss_sum += value
     return step, loss_sum
 
 

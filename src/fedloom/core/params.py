@@ -126,6 +126,12 @@ class Params(Mapping[str, torch.Tensor]):
     def __neg__(self) -> Params:
         return self.map(torch.neg)
 
+    def div_(self, scalar: float) -> Params:
+        """Divide every tensor by ``scalar`` in place; returns ``self``."""
+        for v in self._data.values():
+            v.div_(scalar)
+        return self
+
     def add_scaled(self, other: Params, alpha: float) -> Params:
         """``self + alpha * other`` in one pass per tensor."""
         return self.zip_map(other, lambda a, b: torch.add(a, b, alpha=alpha))
@@ -179,8 +185,9 @@ class Params(Mapping[str, torch.Tensor]):
 
         ``accumulate(accumulate(None, a, wa), b, wb)`` is bit-identical to
         ``weighted_sum(a + b, wa + wb)``: every tensor is one left-to-right chain
-        (``w0 * x0``, then ``add_(x, alpha=w)``), so the chain can be cut between
-        processes -- how the Ray executor reduces a round's updates on its workers.
+        (``w0 * x0``, then ``add_(x, alpha=w)``), so the chain can be extended as
+        items arrive or cut between processes -- how executors sum a round's updates
+        (:mod:`fedloom.sim.reduce`).
         ``acc``'s tensors are updated in place and must belong to the caller.
         """
         if len(items) != len(weights):
@@ -200,8 +207,10 @@ class Params(Mapping[str, torch.Tensor]):
 
     @staticmethod
     def mean(items: Sequence[Params]) -> Params:
+        """The unweighted mean: the sum in item order, divided by the count (as :func:`weighted_mean`
+        divides by the total weight, so this equals it with every weight 1)."""
         n = len(items)
-        return Params.weighted_sum(items, [1.0 / n] * n)
+        return Params.weighted_sum(items, [1.0] * n).div_(n)
 
 
 _NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 import numpy as np
+import torch
 
 from fedloom.core.errors import DataError
 from fedloom.data.datasets import ArrayDataset
@@ -86,6 +87,7 @@ class PartitionedDataset:
         n = len(base)
         problems: list[str] = []
         owned: list[np.ndarray] = []
+        tensors: list[torch.Tensor] = []
         for cid, raw in enumerate(client_indices):
             idx = np.asarray(raw)
             if idx.ndim != 1 or not (np.issubdtype(idx.dtype, np.integer) or idx.size == 0):
@@ -98,13 +100,16 @@ class PartitionedDataset:
                     f"client {cid}: indices span [{int(idx.min())}, {int(idx.max())}] outside [0, {n})"
                 )
                 continue
-            copy = np.array(idx, dtype=np.int64)
+            rows = torch.tensor(idx, dtype=torch.int64)
+            copy = rows.numpy()  # the same memory, read-only through numpy
             copy.flags.writeable = False
             owned.append(copy)
+            tensors.append(rows)
         if problems:
             raise DataError("invalid client_indices:\n" + "\n".join(f"  - {p}" for p in problems))
         self._base = base
         self._indices: tuple[np.ndarray, ...] = tuple(owned)
+        self._rows: tuple[torch.Tensor, ...] = tuple(tensors)  # checked above: ArrayDataset.rows
         self._sizes = np.array([len(i) for i in owned], dtype=np.int64)
         self._sizes.flags.writeable = False
 
@@ -133,7 +138,7 @@ class PartitionedDataset:
         return self._sizes.copy()
 
     def client_data(self, cid: int) -> ArrayDataset:
-        return self._base.subset(self.client_indices(cid))
+        return self._base.rows(self._rows[check_client_id(cid, self.num_clients)])
 
     def label_histograms(self, num_classes: int | None = None) -> np.ndarray:
         """Per-client label counts, int64 of shape ``(num_clients, num_classes)``.

@@ -23,7 +23,14 @@ parallelism with no orchestration overhead. The pool:
   client states, which the runner keeps across rounds, are copied out. Each client is trained by
   :func:`~fedloom.sim.executor.run_client` with 1 torch thread, so its update is
   bit-identical to ``SequentialExecutor(threads=1)``'s; the runner aggregates in
-  cohort order, so the model is too.
+  cohort order, so the model is too;
+* where the round's aggregation is FedAvg's weighted mean on the raw updates
+  (:func:`fedloom.sim.reduce.not_reducible`), the runner calls
+  :meth:`ParallelExecutor.run_round_reduced` instead: the main process extends the
+  weighted sum (:class:`fedloom.sim.reduce.Chain`) with each chunk of outcomes as it
+  arrives, over the longest run of the cohort that is back, so the sum is done
+  while the workers still train rather than after the last one finishes, and the
+  runner receives the aggregate, bit-identical to summing every update afterwards.
 
 A worker that dies (killed, out of memory, segfault) makes the round raise
 :class:`~fedloom.sim.executor.ExecutorError` naming it; the pool is then shut
@@ -49,6 +56,7 @@ from multiprocessing.process import BaseProcess
 import torch
 
 from fedloom.algorithms.api import (
+    Aggregate,
     Algorithm,
     Broadcast,
     ClientState,
@@ -57,7 +65,8 @@ from fedloom.algorithms.api import (
     Workspace,
 )
 from fedloom.data.federated import FederatedDataset
-from fedloom.sim.executor import ExecutorError, Outcome, client_costs, lpt_assign, run_client
+from fedloom.sim.executor import ExecutorError, Outcome, client_costs, lpt_assign, run_client, torch_threads
+from fedloom.sim.reduce import Chain, summary
 from fedloom.sim.transport import Arena, Packed, pack, unpack
 from fedloom.transforms.pipeline import Pipeline
 
@@ -232,7 +241,39 @@ class ParallelExecutor:
         client_states: Mapping[int, ClientState],
         ctx: ServerContext,
     ) -> list[Outcome]:
+        return self._train(algorithm, broadcast, [int(c) for c in cohort], client_states, ctx, None)
+
+    def run_round_reduced(
+        self,
+        algorithm: Algorithm,
+        broadcast: Broadcast,
+        cohort: Sequence[int],
+        client_states: Mapping[int, ClientState],
+        ctx: ServerContext,
+    ) -> tuple[list[Outcome], Aggregate | None]:
+        """Train the cohort and sum its weighted mean as outcomes arrive (see :mod:`fedloom.sim.reduce`).
+
+        Returns the outcomes with every delta removed, in cohort order, and the round's
+        aggregate (``None`` when no update came back).
+        """
         cids = [int(c) for c in cohort]
+        chain = Chain(len(cids), broadcast.params)
+        # The main process sums while both workers train: one torch thread keeps it off their cores.
+        with torch_threads(1):
+            results = self._train(algorithm, broadcast, cids, client_states, ctx, chain)
+        if not any(isinstance(o, ClientUpdate) for o in results):
+            return results, None
+        return [summary(o) if isinstance(o, ClientUpdate) else o for o in results], chain.result()
+
+    def _train(
+        self,
+        algorithm: Algorithm,
+        broadcast: Broadcast,
+        cids: list[int],
+        client_states: Mapping[int, ClientState],
+        ctx: ServerContext,
+        chain: Chain | None,
+    ) -> list[Outcome]:
         if not cids:
             return []
         self.start(len(cids))
@@ -250,7 +291,7 @@ class ParallelExecutor:
         results: list[Outcome | None] = [None] * len(cids)
         done = dict.fromkeys(pending, 0)  # outcomes received so far, per worker
         while pending:
-            self._collect(pending, done, results, ctx)
+            self._collect(pending, done, results, ctx, chain)
         return [_own_client_state(r) for r in results if r is not None]
 
     def _send(self, w: int, msg: Packed, ctx: ServerContext) -> None:
@@ -265,6 +306,7 @@ class ParallelExecutor:
         done: dict[int, int],
         results: list[Outcome | None],
         ctx: ServerContext,
+        chain: Chain | None,
     ) -> None:
         conns = {self._conns[w]: w for w in pending}
         sentinels = {self._procs[w].sentinel: w for w in pending}
@@ -283,6 +325,8 @@ class ParallelExecutor:
                 positions = pending[w][done[w] : done[w] + len(outcomes)]
                 for pos, outcome in zip(positions, outcomes, strict=True):
                     results[pos] = outcome
+                    if chain is not None:
+                        chain.offer(pos, outcome)
                 done[w] += len(outcomes)
                 if done[w] == len(pending[w]):
                     del pending[w]

@@ -43,7 +43,7 @@ from fedloom.algorithms.api import (
 from fedloom.core.params import Params
 from fedloom.data.federated import FederatedDataset
 from fedloom.sim.executor import ExecutorError, Outcome, client_costs, lpt_assign, run_client
-from fedloom.sim.reduce import coefficients, contiguous_shares, finished, summary
+from fedloom.sim.reduce import contiguous_shares, finished, summary, weights
 from fedloom.transforms.pipeline import Pipeline
 
 __all__ = ["RayExecutor"]
@@ -86,13 +86,13 @@ class _ClientWorker:
         self.held = {o.client_id: o.delta for o in outcomes if isinstance(o, ClientUpdate)}
         return [summary(o) if isinstance(o, ClientUpdate) else o for o in outcomes]
 
-    def reduce(self, coeffs: list[tuple[int, float]], acc: Params | None) -> Params | None:
+    def reduce(self, pairs: list[tuple[int, float]], acc: Params | None) -> Params | None:
         """Continue the round's weighted sum over this worker's kept clients (in cohort order)."""
         held, self.held = self.held, {}
-        if not coeffs:
+        if not pairs:
             return acc
         start = acc.map(torch.clone) if acc is not None else None  # the object store's copy is read-only
-        return Params.accumulate(start, [held[c] for c, _ in coeffs], [w for _, w in coeffs])
+        return Params.accumulate(start, [held[c] for c, _ in pairs], [w for _, w in pairs])
 
 
 class RayExecutor:
@@ -201,13 +201,13 @@ class RayExecutor:
         updates = [o for o in results if isinstance(o, ClientUpdate)]
         if not updates:
             return results, None
-        coeff, total = coefficients(updates)
+        weight_of, total = weights(updates)
         acc: Any = None
         for positions, actor, _ in calls:
-            pairs = [(cids[i], coeff[cids[i]]) for i in positions if cids[i] in coeff]
+            pairs = [(cids[i], weight_of[cids[i]]) for i in positions if cids[i] in weight_of]
             acc = actor.reduce.remote(pairs, acc)
-        delta = self._get(acc, ctx) if coeff else None
-        return results, finished(delta, broadcast.params.zeros_like(), len(coeff), total)
+        delta = self._get(acc, ctx) if weight_of else None
+        return results, finished(delta, broadcast.params.zeros_like(), len(weight_of), total)
 
     def close(self) -> None:
         """Stop the actors, and the local Ray instance if this executor started it."""

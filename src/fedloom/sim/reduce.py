@@ -1,14 +1,23 @@
-"""Worker-side reduction of a round's updates, bit-identical to aggregating them in one place.
+"""Summing a round's updates where they are, bit-identical to aggregating them in one place.
 
-FedAvg's weighted mean is one left-to-right chain per tensor over the accepted
-updates in cohort order (:meth:`~fedloom.core.params.Params.weighted_sum`). An
-executor whose workers hold *contiguous* runs of the cohort can cut that chain
-between them (:meth:`~fedloom.core.params.Params.accumulate`): worker 1 starts it
-over its updates, worker 2 continues it from worker 1's partial sum, and so on,
-and only the last partial sum -- one model's worth of bytes -- reaches the
-driver. The coefficients ``w_i / sum_j w_j`` are those :func:`weighted_mean`
-uses, known once every worker has reported its clients' weights. The result is
-the ``Aggregate`` that ``FedAvg.aggregate`` would have returned, bit for bit.
+FedAvg's weighted mean (:func:`~fedloom.algorithms.aggregate.weighted_mean`) is
+one left-to-right chain per tensor over the accepted updates in cohort order,
+``sum_i w_i * delta_i`` with each update's raw weight ``w_i``
+(:meth:`~fedloom.core.params.Params.accumulate`), divided by the total weight
+``W`` once at the end. No coefficient depends on ``W``, so an executor can run
+that chain while the round is still training, and hand the runner the finished
+``Aggregate`` instead of every delta:
+
+* the parallel executor extends the chain in its main process as each client's
+  outcome arrives, over the longest run of the cohort that has come back, so the
+  sum overlaps the workers' training instead of following it;
+* the Ray executor's actors train *contiguous* runs of the cohort and cut the
+  chain between them: actor 1 starts it over its updates, actor 2 continues it
+  from actor 1's partial sum, and only the last partial sum -- one model's worth
+  of bytes -- reaches the driver.
+
+Either way the result is the ``Aggregate`` that ``FedAvg.aggregate`` would have
+returned, bit for bit.
 
 This applies when the round's aggregation is exactly that weighted mean on the
 updates as the clients produced them. The algorithm declares it: a method
@@ -35,7 +44,7 @@ from fedloom.core.errors import UpdateError
 from fedloom.core.params import Params
 from fedloom.transforms.pipeline import Pipeline
 
-__all__ = ["coefficients", "contiguous_shares", "finished", "not_reducible", "summary"]
+__all__ = ["Chain", "contiguous_shares", "finished", "not_reducible", "summary", "weights"]
 
 
 def not_reducible(algorithm: Algorithm, pipeline: Pipeline) -> str | None:
@@ -65,22 +74,63 @@ def summary(update: ClientUpdate) -> ClientUpdate:
     )
 
 
-def coefficients(updates: Sequence[ClientUpdate]) -> tuple[dict[int, float], float]:
-    """``({client: w_i / W}, W)`` over the accepted updates, as :func:`weighted_mean` computes them."""
+def weights(updates: Sequence[ClientUpdate]) -> tuple[dict[int, float], float]:
+    """``({client: w_i}, W)`` over the accepted updates, as :func:`weighted_mean` reads them."""
     kept = accepted(updates)
     if not kept:
         return {}, 0.0
-    total = float(sum(u.weight for u in kept))
+    return {u.client_id: u.weight for u in kept}, _total([u.weight for u in kept])
+
+
+def _total(ws: Sequence[float]) -> float:
+    total = float(sum(ws))
     if not total > 0:
         raise UpdateError(f"total aggregation weight is {total}; every update must have a positive weight")
-    return {u.client_id: u.weight / total for u in kept}, total
+    return total
 
 
 def finished(delta: Params | None, zeros: Params, num_clients: int, total: float) -> Aggregate:
-    """The round's ``Aggregate`` from the reduced sum (``None``: every update was a dropped straggler)."""
+    """The round's ``Aggregate`` from the chained sum ``sum_i w_i * delta_i`` (``None``: every
+    update was a dropped straggler), divided by ``total``."""
     if delta is None:
         return Aggregate(delta=zeros, num_clients=0, total_weight=0.0)
-    return Aggregate(delta=delta, num_clients=num_clients, total_weight=total)
+    return Aggregate(delta=delta / total, num_clients=num_clients, total_weight=total)
+
+
+class Chain:
+    """The weighted sum of a round's updates, extended in cohort order as outcomes arrive.
+
+    :meth:`offer` places the outcome of cohort position ``i`` (an update or a
+    failure, in any order); every time the next position in cohort order is
+    present, its update joins the chain (a failure or a dropped straggler is
+    skipped). :meth:`result` is the round's ``Aggregate`` once every position was
+    offered (``like``, the broadcast, gives the shape of an empty round's zeros).
+    The sum is this object's own memory: an offered delta may be overwritten once
+    the chain has passed its position.
+    """
+
+    def __init__(self, size: int, like: Params) -> None:
+        self._pending: dict[int, ClientUpdate | None] = {}
+        self._next, self._size, self._like = 0, size, like
+        self._acc: Params | None = None
+        self._weights: list[float] = []
+
+    def offer(self, position: int, outcome: object) -> None:
+        self._pending[position] = outcome if isinstance(outcome, ClientUpdate) else None
+        while self._next in self._pending:
+            update = self._pending.pop(self._next)
+            self._next += 1
+            if update is None or not accepted([update]):
+                continue
+            self._acc = Params.accumulate(self._acc, [update.delta], [update.weight])
+            self._weights.append(update.weight)
+
+    def result(self) -> Aggregate:
+        if self._next != self._size:
+            raise RuntimeError(f"the chain holds {self._next} of {self._size} cohort positions")
+        if self._acc is None:
+            return finished(None, self._like.zeros_like(), 0, 0.0)
+        return finished(self._acc, self._like, len(self._weights), _total(self._weights))
 
 
 def contiguous_shares(costs: Sequence[int], workers: int) -> list[list[int]]:
