@@ -65,6 +65,34 @@ def test_reset_reuses_the_region() -> None:
     assert torch.equal(unpack(first, arena)["x"], torch.full((4,), 2.0))  # old views see new data
 
 
+def test_a_tensor_already_in_the_arena_travels_as_its_place_not_a_copy() -> None:
+    arena = Arena(1 << 16)
+    inside = arena.empty(torch.empty(2, 3))  # e.g. an update written there by its computation
+    inside.copy_(torch.arange(6, dtype=torch.float32).reshape(2, 3))
+    outside = torch.tensor([3, -1, 7], dtype=torch.int64)
+    used = arena.holds(inside)
+    assert used is not None
+    assert used.numel == 6
+    assert arena.holds(outside) is None
+    assert arena.holds(inside.t()) is None  # not contiguous: copied like any other tensor
+    packed = pack({"delta": inside, "ints": outside}, arena)
+    assert packed.buffers[0] == used  # referenced where it lies...
+    assert len(packed.buffers) == 2  # ...and only the int64s were copied, into a slice of their own
+    got = unpack(packed, arena)
+    assert torch.equal(got["delta"], torch.arange(6, dtype=torch.float32).reshape(2, 3))
+    assert torch.equal(got["ints"], outside)
+    inside.fill_(-1.0)  # the receiver's view is the same memory: nothing was copied
+    assert torch.equal(got["delta"], torch.full((2, 3), -1.0))
+
+
+def test_an_arena_hands_out_fresh_memory_once_full() -> None:
+    arena = Arena(64)
+    assert arena.holds(arena.empty(torch.empty(16))) is not None  # 64 bytes: fits
+    spill = arena.empty(torch.empty(4))
+    assert arena.holds(spill) is None
+    assert spill.shape == (4,)
+
+
 def _child(arena: Arena, conn: Any) -> None:
     conn.send(pack({"delta": torch.linspace(0, 1, 1000), "n": 12}, arena))
     conn.close()

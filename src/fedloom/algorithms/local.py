@@ -35,7 +35,9 @@ learning-rate schedule, if any, runs over one round's local steps.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -57,6 +59,7 @@ __all__ = [
     "TrainFn",
     "carry_transform_state",
     "client_update_with_state",
+    "delta_buffers",
     "load_params",
     "local_sgd",
     "optimizer_state",
@@ -408,12 +411,40 @@ def local_sgd(
     return LocalResult(delta=_delta(workspace, start), num_steps=step, mean_loss=mean_loss)
 
 
+#: Where :func:`_delta` writes an update: ``buffers(like)`` returns one empty tensor per tensor of
+#: ``like`` (same shape and dtype). Unset, the update gets fresh memory.
+DeltaBuffers = Callable[[Sequence[torch.Tensor]], list[torch.Tensor]]
+_DELTA_BUFFERS: ContextVar[DeltaBuffers | None] = ContextVar("fedloom_delta_buffers", default=None)
+
+
+@contextmanager
+def delta_buffers(buffers: DeltaBuffers) -> Iterator[None]:
+    """Write the updates computed inside the block into ``buffers(like)``'s tensors.
+
+    A parallel worker passes slices of the shared memory it returns outcomes through,
+    so an update is written once, where the main process reads it, instead of being
+    computed in private memory and copied there.
+    """
+    token = _DELTA_BUFFERS.set(buffers)
+    try:
+        yield
+    finally:
+        _DELTA_BUFFERS.reset(token)
+
+
 def _delta(workspace: Workspace, start: Params) -> Params:
+    """``trained - start`` for every entry of the module's state (on ``start``'s devices)."""
     state = workspace.module.state_dict()
     now, base = list(state.values()), [start[k] for k in state]
-    if all(a.device == b.device for a, b in zip(now, base, strict=True)):
+    if any(a.device != b.device for a, b in zip(now, base, strict=True)):
+        return Params({k: a.to(b.device) - b for k, a, b in zip(state, now, base, strict=True)})
+    buffers = _DELTA_BUFFERS.get()
+    if buffers is None:
         return Params(dict(zip(state, torch._foreach_sub(now, base), strict=True)))
-    return Params({k: a.to(b.device) - b for k, a, b in zip(state, now, base, strict=True)})
+    out = buffers(base)
+    for o, a, b in zip(out, now, base, strict=True):
+        torch.sub(a, b, out=o)
+    return Params(dict(zip(state, out, strict=True)))
 
 
 def _batch_loss(

@@ -196,14 +196,16 @@ class Params(Mapping[str, torch.Tensor]):
             if acc is None:
                 raise ValueError("accumulate needs an accumulator or at least one item")
             return acc
-        out: dict[str, torch.Tensor] = {}
-        first = items[0]
-        for k, v in first._data.items():
-            t = v * weights[0] if acc is None else acc._data[k].add_(v, alpha=weights[0])
-            for item, w in zip(items[1:], weights[1:], strict=True):
-                t.add_(item._data[k], alpha=w)
-            out[k] = t
-        return Params(out)
+        names = list(items[0]._data)
+        if acc is None:
+            sums = list(torch._foreach_mul([items[0]._data[k] for k in names], weights[0]))
+        else:
+            sums = [acc._data[k] for k in names]
+            torch._foreach_add_(sums, [items[0]._data[k] for k in names], alpha=weights[0])
+        # foreach ops are the per-tensor kernels in one call: the same chain, tensor by tensor
+        for item, w in zip(items[1:], weights[1:], strict=True):
+            torch._foreach_add_(sums, [item._data[k] for k in names], alpha=w)
+        return Params(dict(zip(names, sums, strict=True)))
 
     @staticmethod
     def mean(items: Sequence[Params]) -> Params:

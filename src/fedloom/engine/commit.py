@@ -2,9 +2,11 @@
 
 A committer runs a round's commit job (the checkpoint in the state database, the
 ``metrics.jsonl`` line, the driver's own bookkeeping, the ``round_committed``
-event). :class:`InlineCommitter` runs it at once (simulation);
-:class:`ThreadedCommitter` runs it on a thread of its own while the next round
-runs (deployment, where clients would otherwise sit idle through two fsyncs).
+event). :class:`InlineCommitter` runs it at once (a simulation that trains in its own
+process); :class:`ThreadedCommitter` runs it on a thread of its own while the
+next round runs (deployment, where clients would otherwise sit idle through two
+fsyncs, and a simulation whose clients train in worker processes or Ray actors,
+where this process only waits for them then).
 
 :class:`Sequencer` keeps the event stream in round order either way: from the
 moment a commit is handed over until it is durable, later events are held back,

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import heapq
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
@@ -53,6 +53,7 @@ from fedloom.transforms.pipeline import Pipeline
 
 __all__ = [
     "ClientFailure",
+    "Dispatching",
     "Executor",
     "ExecutorError",
     "Outcome",
@@ -90,6 +91,17 @@ class Executor(Protocol):
         client_states: Mapping[int, ClientState],
         ctx: ServerContext,
     ) -> list[Outcome]: ...
+
+
+class Dispatching(Protocol):
+    """An executor whose clients train outside this process.
+
+    It calls ``on_dispatch`` (when set) once a round's work is handed out, so the
+    runner can commit the previous round on a thread of its own while the clients
+    train: this process only waits for them then.
+    """
+
+    on_dispatch: Callable[[], None] | None
 
 
 class SequentialExecutor:

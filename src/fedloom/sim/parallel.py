@@ -48,7 +48,7 @@ import contextlib
 import gc
 import multiprocessing as mp
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
@@ -64,6 +64,7 @@ from fedloom.algorithms.api import (
     ServerContext,
     Workspace,
 )
+from fedloom.algorithms.local import delta_buffers
 from fedloom.data.federated import FederatedDataset
 from fedloom.sim.executor import ExecutorError, Outcome, client_costs, lpt_assign, run_client, torch_threads
 from fedloom.sim.reduce import Chain, summary
@@ -99,6 +100,10 @@ def _worker_main(
     the previous round's outcomes by then).
     """
     torch.set_num_threads(1)
+
+    def in_arena(like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return [up.empty(t) for t in like]
+
     for other in siblings:  # the parent's ends of its own and earlier workers' pipes, inherited by the fork:
         other.close()  # close them so a dead parent shows up as EOF in every worker at once
     try:
@@ -115,11 +120,13 @@ def _worker_main(
                 up.reset()
                 chunk: list[Outcome] = []
                 for i, cid in enumerate(cids):
-                    chunk.append(
-                        run_client(workspace, data, pipeline, algorithm, broadcast, cid, states, ctx)
-                    )
+                    with delta_buffers(in_arena):  # each update is written where the parent reads it
+                        outcome = run_client(
+                            workspace, data, pipeline, algorithm, broadcast, cid, states, ctx
+                        )
+                    chunk.append(outcome)
                     if len(chunk) == CHUNK or i == len(cids) - 1:
-                        conn.send(("ok", pack(chunk, up)))
+                        conn.send(("ok", pack(chunk, up)))  # what lies in ``up`` already is not copied
                         chunk = []
                 del broadcast, states
             except Exception as exc:
@@ -172,6 +179,7 @@ class ParallelExecutor:
         self._procs: list[BaseProcess] = []
         self._conns: list[Connection] = []
         self._arenas: list[tuple[Arena, Arena]] = []  # (down, up) per worker
+        self.on_dispatch: Callable[[], None] | None = None  # see fedloom.sim.executor.Dispatching
 
     # ---- lifecycle ------------------------------------------------------
     def start(self, cohort_size: int = 1) -> None:
@@ -288,6 +296,8 @@ class ParallelExecutor:
             down.reset()  # the worker finished reading last round's message before replying
             self._send(w, pack((algorithm, broadcast, mine, states, ctx), down), ctx)
             pending[w] = positions
+        if self.on_dispatch is not None:
+            self.on_dispatch()
         results: list[Outcome | None] = [None] * len(cids)
         done = dict.fromkeys(pending, 0)  # outcomes received so far, per worker
         while pending:

@@ -25,7 +25,7 @@ actor that dies raises :class:`~fedloom.sim.executor.ExecutorError`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import ray
@@ -117,6 +117,7 @@ class RayExecutor:
             self._started_ray = True
         self.data = data
         self.workers = workers
+        self.on_dispatch: Callable[[], None] | None = None  # see fedloom.sim.executor.Dispatching
         actor_cls: Any = ray.remote(num_cpus=1)(_ClientWorker)
         refs = ray.put(workspace), ray.put(data), ray.put(pipeline)
         self._actors: list[Any] = [actor_cls.remote(*refs) for _ in range(workers)]
@@ -164,6 +165,8 @@ class RayExecutor:
                 mine = [cids[i] for i in positions]
                 states = {c: client_states[c] for c in mine if c in client_states}
                 calls.append((positions, actor, getattr(actor, method).remote(aref, bref, mine, states, ctx)))
+        if self.on_dispatch is not None:
+            self.on_dispatch()
         return calls
 
     def _get(self, refs: Any, ctx: ServerContext) -> Any:

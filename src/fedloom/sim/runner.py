@@ -10,9 +10,10 @@ to extend the run, unless it calibrated the DP noise.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from fedloom.algorithms.api import Aggregate, Broadcast, ClientState, ClientUpdate, ServerContext, ServerState
 from fedloom.config.loader import config_to_toml
@@ -20,7 +21,7 @@ from fedloom.config.schema import ExperimentConfig
 from fedloom.core.errors import TrainingError
 from fedloom.core.params import Params
 from fedloom.core.serde import slots_to_bytes
-from fedloom.engine.commit import InlineCommitter
+from fedloom.engine.commit import InlineCommitter, ThreadedCommitter
 from fedloom.engine.evaluation import EvalData
 from fedloom.engine.evaluation import evaluation_metrics as _evaluation_metrics
 from fedloom.engine.events import Observer
@@ -32,7 +33,7 @@ from fedloom.engine.resume import open_run
 from fedloom.engine.rounds import Attempt, Contribution, RoundEngine
 from fedloom.sim.auto import make_executor
 from fedloom.sim.build import Components, build_components
-from fedloom.sim.executor import ClientFailure, Executor, Outcome, close_executor
+from fedloom.sim.executor import ClientFailure, Dispatching, Executor, Outcome, close_executor
 from fedloom.sim.reduce import not_reducible
 from fedloom.sim.sampling import draw_cohort
 from fedloom.sim.server_round import SecureSum, finish_round
@@ -112,7 +113,11 @@ def _run(
         resume=resume,
         extendable=extendable,
     )
-    with run.store:
+    # Clients training in other processes leave this one waiting: the previous round's commit
+    # (checkpoint, metrics line, events) runs on a thread then, started once the round is out.
+    elsewhere = hasattr(execu, "on_dispatch")
+    committer = ThreadedCommitter() if elsewhere else InlineCommitter()
+    with run.store, committer if isinstance(committer, ThreadedCommitter) else nullcontext():
         if not run.resumed:
             (run_dir / CONFIG).write_text(config_to_toml(cfg), encoding="utf-8")
         driver = SimDriver(cfg, comps, execu, run.client_states, listener, db=run.store.path)
@@ -124,7 +129,7 @@ def _run(
             pipeline=comps.pipeline,
             privacy=comps.privacy,
             evaluation=_eval_data(comps),
-            committer=InlineCommitter(),
+            committer=committer,
             observers=observers,
             info={"data": comps.data_source},
         )
@@ -132,7 +137,13 @@ def _run(
             listener.on_start(
                 run.state.round + 1, cfg.rounds, {"data": comps.data_source, "run_dir": str(run_dir)}
             )
-        done = engine.run()
+        if elsewhere:
+            cast(Dispatching, execu).on_dispatch = committer.flush
+        try:
+            done = engine.run()
+        finally:
+            if elsewhere:
+                cast(Dispatching, execu).on_dispatch = None
     return RunResult(
         run_dir=run_dir,
         final_round=done.state.round,

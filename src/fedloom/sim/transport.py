@@ -61,6 +61,7 @@ class Arena:
         self.nbytes = nbytes
         self._mm = mmap.mmap(-1, nbytes)  # MAP_SHARED | MAP_ANONYMOUS: inherited by fork
         self._top = 0
+        self._base = torch.frombuffer(self._mm, dtype=torch.uint8).data_ptr()
 
     def reset(self) -> None:
         self._top = 0
@@ -73,6 +74,22 @@ class Arena:
         self._top = start + size
         where = ArenaSlice(offset=start, numel=n, dtype=dtype)
         return where, self.view(where)
+
+    def empty(self, like: torch.Tensor) -> torch.Tensor:
+        """An uninitialised tensor shaped like ``like`` in the arena (fresh memory when it is full)."""
+        placed = self.alloc(like.numel(), like.dtype)
+        if placed is None:
+            return torch.empty_like(like, memory_format=torch.contiguous_format)
+        return placed[1].view(like.shape)
+
+    def holds(self, t: torch.Tensor) -> ArenaSlice | None:
+        """Where ``t`` lies in this arena, if it is a contiguous CPU tensor inside it (else ``None``)."""
+        if t.device.type != "cpu" or not t.is_contiguous() or t.numel() == 0:
+            return None
+        offset = t.data_ptr() - self._base
+        if offset >= 0 and offset + t.numel() * t.element_size() <= self.nbytes:
+            return ArenaSlice(offset=offset, numel=t.numel(), dtype=t.dtype)
+        return None
 
     def view(self, where: ArenaSlice) -> torch.Tensor:
         """The tensor at ``where`` (a view of the shared pages, no copy)."""
@@ -130,15 +147,25 @@ def pack(obj: Any, arena: Arena | None = None) -> Packed:
     dtypes: list[torch.dtype] = []
     totals: list[int] = []
     refs: list[_Ref] = []
-    for t in pickler.tensors:
+    buffers: list[torch.Tensor | ArenaSlice] = []
+    placed_refs: dict[int, _Ref] = {}  # tensors already in the arena travel as their place there
+    for i, t in enumerate(pickler.tensors):
+        where = arena.holds(t) if arena is not None else None
+        if where is not None:
+            placed_refs[i] = (len(buffers), 0, tuple(t.shape))
+            buffers.append(where)
+    first_flat = len(buffers)
+    for i, t in enumerate(pickler.tensors):
+        if i in placed_refs:
+            refs.append(placed_refs[i])
+            continue
         if t.dtype not in dtypes:
             dtypes.append(t.dtype)
             totals.append(0)
         b = dtypes.index(t.dtype)
-        refs.append((b, totals[b], tuple(t.shape)))
+        refs.append((first_flat + b, totals[b], tuple(t.shape)))
         totals[b] += t.numel()
     flats: list[torch.Tensor] = []
-    buffers: list[torch.Tensor | ArenaSlice] = []
     for d, n in zip(dtypes, totals, strict=True):
         placed = arena.alloc(n, d) if arena is not None else None
         if placed is None:
@@ -147,8 +174,9 @@ def pack(obj: Any, arena: Arena | None = None) -> Packed:
         else:
             buffers.append(placed[0])
             flats.append(placed[1])
-    for t, (b, off, _) in zip(pickler.tensors, refs, strict=True):
-        flats[b][off : off + t.numel()].copy_(t.reshape(-1))
+    for i, (t, (b, off, _)) in enumerate(zip(pickler.tensors, refs, strict=True)):
+        if i not in placed_refs:
+            flats[b - first_flat][off : off + t.numel()].copy_(t.reshape(-1))
     header = pickle.dumps(refs, protocol=pickle.HIGHEST_PROTOCOL)
     return Packed(payload=len(header).to_bytes(8, "little") + header + buf.getvalue(), buffers=tuple(buffers))
 
