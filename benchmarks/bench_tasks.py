@@ -21,7 +21,10 @@ they arrive. Per run it records:
   first 100 test examples, about a millisecond);
 * start-up: from spawning the process to the end of round 1;
 * peak PSS of the process tree (main process plus workers, sampled every 0.1 s
-  from ``/proc/PID/smaps_rollup``).
+  from ``/proc/PID/smaps_rollup``), in runs of their own (``--memory-repeats``,
+  after the timed ones): reading a process's ``smaps_rollup`` costs 3-6 ms of
+  CPU and holds its memory-map lock, so sampling slows the run it samples, and
+  fedloom's three processes more than the single loop's one.
 
 The variants alternate (``bare, floor, fedloom``, then rotated by one each
 repeat) and each record is the median over repeats of the ratio (or, for
@@ -52,6 +55,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -98,6 +102,7 @@ class Run:
 @dataclass
 class Records:
     runs: dict[str, list[Run]] = field(default_factory=dict)
+    memory: dict[str, list[float]] = field(default_factory=dict)  # peak PSS (MB) of the memory runs
 
     def add(self, variant: str, run: Run) -> None:
         self.runs.setdefault(variant, []).append(run)
@@ -185,8 +190,11 @@ def resolve_data_dir(given: str, tmp: Path) -> str:
     return str(tmp)
 
 
-def measure(cmd: Sequence[str], rounds: int, log: Path, metrics: Path | None = None) -> Run:
-    """Spawn ``cmd``; time its ``round N`` lines from the spawn; sample its tree's PSS.
+def measure(
+    cmd: Sequence[str], rounds: int, log: Path, metrics: Path | None = None, *, memory: bool = False
+) -> Run:
+    """Spawn ``cmd``; time its ``round N`` lines from the spawn; with ``memory``, sample its tree's PSS
+    (``peak_mb`` is 0 otherwise).
 
     The examples trained per round come from the ``round N examples M`` lines,
     or from fedloom's ``metrics`` file.
@@ -196,7 +204,7 @@ def measure(cmd: Sequence[str], rounds: int, log: Path, metrics: Path | None = N
     with log.open("w") as err:
         t0 = time.perf_counter()
         proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=err, text=True, env=env(), cwd=ROOT)
-        with PeakPss(proc.pid, every=0.1) as peak:
+        with PeakPss(proc.pid, every=0.1) if memory else nullcontext(None) as peak:
             assert proc.stdout is not None
             for line in proc.stdout:
                 m = ROUND_LINE.match(line)
@@ -216,7 +224,7 @@ def measure(cmd: Sequence[str], rounds: int, log: Path, metrics: Path | None = N
     return Run(
         (stamps[rounds] - stamps[1]) / (rounds - 1),
         stamps[1] - t0,
-        peak.peak_mb,
+        peak.peak_mb if peak is not None else 0.0,
         [examples.get(r, -1) for r in range(1, rounds + 1)],
     )
 
@@ -278,11 +286,15 @@ def report(name: str, rec: Records, family: str, args: argparse.Namespace) -> No
         f"{statistics.median(r.startup for r in floor):.2f} s; fedloom minus loop {statistics.median(diffs):+.2f} s "
         f"(target <= +1 s: {verdict(statistics.median(diffs) <= 1.0)}) [{', '.join(f'{d:+.2f}' for d in diffs)}]"
     )
-    p_bare, all_p = median_ratio(fed, bare, "peak_mb")
+    mem = rec.memory
+    if not mem:
+        return
+    all_p = [f / b for f, b in zip(mem["fedloom"], mem["bare"], strict=True)]
+    p_bare = statistics.median(all_p)
     print(
-        f"{name} {family} peak PSS (median): fedloom {statistics.median(r.peak_mb for r in fed):.0f} MB, "
-        f"single-process loop {statistics.median(r.peak_mb for r in bare):.0f} MB, floor "
-        f"{statistics.median(r.peak_mb for r in floor):.0f} MB; fedloom / loop {p_bare:.3f} (target <= 1.2: {verdict(p_bare <= 1.2)}) "
+        f"{name} {family} peak PSS ({len(all_p)} runs each, median): fedloom {statistics.median(mem['fedloom']):.0f} MB, "
+        f"single-process loop {statistics.median(mem['bare']):.0f} MB, floor "
+        f"{statistics.median(mem['floor']):.0f} MB; fedloom / loop {p_bare:.3f} (target <= 1.2: {verdict(p_bare <= 1.2)}) "
         f"[{', '.join(f'{x:.3f}' for x in all_p)}]",
         flush=True,
     )
@@ -320,6 +332,12 @@ def main() -> None:
     )
     ap.add_argument("--rounds", type=int, default=0, help="default: 10 (w1), 3 (w2)")
     ap.add_argument("--repeats", type=int, default=5, help="0 with --profile: profile only")
+    ap.add_argument(
+        "--memory-repeats",
+        type=int,
+        default=2,
+        help="runs per variant that sample PSS (after the timed ones)",
+    )
     ap.add_argument("--num-clients", type=int, default=0, help="default: the workload's")
     ap.add_argument(
         "--train-subset", type=int, default=0, help="partition only the first N training examples (0 = all)"
@@ -341,6 +359,7 @@ def main() -> None:
     if args.tiny:
         args.workload, wl = "w1", WORKLOADS["w1"]
         args.rounds, args.repeats, args.num_clients, args.families = 3, 1, 100, "sgd"
+        args.memory_repeats = 1
     args.rounds = args.rounds or wl.rounds
     args.num_clients = args.num_clients or wl.num_clients
     families = [
@@ -374,13 +393,22 @@ def main() -> None:
                     out = tmp / f"run-{family}-{rep}" / "metrics.jsonl" if variant == "fedloom" else None
                     run = measure(cmds[variant], args.rounds, tmp / f"{variant}.log", out)
                     rec.add(variant, run)
-                    line.append(
-                        f"{variant} {run.per_round:.4f} s/round, start {run.startup:.2f} s, {run.peak_mb:.0f} MB"
-                    )
+                    line.append(f"{variant} {run.per_round:.4f} s/round, start {run.startup:.2f} s")
                 print(f"  {family} repeat {rep + 1}: " + "; ".join(line), flush=True)
                 trained = {v: runs[-1].examples for v, runs in rec.runs.items()}
                 if len({tuple(e) for e in trained.values()}) != 1:
                     raise RuntimeError(f"the variants trained different examples per round: {trained}")
+            for rep in range(args.memory_repeats if args.repeats else 0):
+                cmds = commands(toml, plan, wl, family, args, tmp / f"mem-{family}-{rep}")
+                order = ["bare", "floor", "fedloom"]
+                for variant in order[rep % 3 :] + order[: rep % 3]:
+                    run = measure(cmds[variant], args.rounds, tmp / f"{variant}.log", memory=True)
+                    rec.memory.setdefault(variant, []).append(run.peak_mb)
+                print(
+                    f"  {family} memory run {rep + 1}: "
+                    + "; ".join(f"{v} {rec.memory[v][-1]:.0f} MB" for v in ("bare", "floor", "fedloom")),
+                    flush=True,
+                )
             if rec.runs:
                 report(args.workload, rec, family, args)
             if args.profile:
