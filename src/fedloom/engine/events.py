@@ -32,7 +32,7 @@ import json
 import math
 import time as _time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import IO, Any, ClassVar
 
@@ -223,9 +223,19 @@ _KINDS: dict[str, type[Event]] = {
 def event_to_json(event: Event) -> dict[str, Any]:
     """The event as a JSON-ready dict with its ``type``; non-finite floats become ``None``."""
     out: dict[str, Any] = {"type": event.kind}
-    for k, v in asdict(event).items():
-        out[k] = jsonable(v)
+    for name in _field_names(type(event)):  # the fields hold plain values: no deep copy (asdict's)
+        out[name] = jsonable(getattr(event, name))
     return out
+
+
+_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
+def _field_names(cls: type[Event]) -> tuple[str, ...]:
+    names = _FIELDS.get(cls)
+    if names is None:
+        names = _FIELDS[cls] = tuple(f.name for f in fields(cls))
+    return names
 
 
 def event_from_json(obj: Mapping[str, Any]) -> Event:
