@@ -269,9 +269,9 @@ class ParallelExecutor:
         # The main process sums while both workers train: one torch thread keeps it off their cores.
         with torch_threads(1):
             results = self._train(algorithm, broadcast, cids, client_states, ctx, chain)
-        if not any(isinstance(o, ClientUpdate) for o in results):
-            return results, None
-        return [summary(o) if isinstance(o, ClientUpdate) else o for o in results], chain.result()
+            if not any(isinstance(o, ClientUpdate) for o in results):
+                return results, None
+            return [summary(o) if isinstance(o, ClientUpdate) else o for o in results], chain.result()
 
     def _train(
         self,

@@ -17,7 +17,7 @@ from typing import Any
 
 from fedloom.algorithms.api import Aggregate, Algorithm, ClientUpdate, ServerContext, ServerState
 from fedloom.core.errors import FedloomError
-from fedloom.sim.executor import ClientFailure, Outcome
+from fedloom.sim.executor import ClientFailure, Outcome, torch_threads
 from fedloom.transforms.adaptive_clip import advance_pipeline, bind_pipeline
 from fedloom.transforms.pipeline import Pipeline, bind_model
 
@@ -126,7 +126,25 @@ def apply_updates(
     Used by the simulation loop and by the gRPC server alike. ``precomputed`` is an
     aggregate made elsewhere (the deployed secure sum, where the server holds no
     individual update): it replaces aggregation, and ``updates`` may then be empty.
+
+    It runs with one torch thread, like every client, so that the new model does not
+    depend on how torch shares a kernel's elements between threads: with the default
+    threads, a seeded FedAdam run on a loaded machine ended on one of two models that
+    differ in their last bits, from one run to the next; with one thread, on one.
     """
+    with torch_threads(1):
+        return _apply_updates(algorithm, pipeline, state, updates, ctx, secure, precomputed)
+
+
+def _apply_updates(
+    algorithm: Algorithm,
+    pipeline: Pipeline,
+    state: ServerState,
+    updates: Sequence[ClientUpdate],
+    ctx: ServerContext,
+    secure: SecureSum | None,
+    precomputed: Aggregate | None,
+) -> tuple[ServerState, dict[str, Any]]:
     bound = bind_pipeline(pipeline, state.algo_state)
     metrics: dict[str, Any] = {}
     if precomputed is not None:
