@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import pytest
@@ -12,7 +13,7 @@ from hypothesis import strategies as st
 
 from fedloom.aggregators.registry import make_aggregator
 from fedloom.algorithms.aggregate import weighted_mean
-from fedloom.algorithms.api import ClientUpdate
+from fedloom.algorithms.api import ClientUpdate, ServerContext
 from fedloom.algorithms.fedavg import FedAvg
 from fedloom.algorithms.fednova import FedNova
 from fedloom.algorithms.fedprox import FedProx
@@ -20,8 +21,9 @@ from fedloom.algorithms.scaffold import Scaffold
 from fedloom.config.schema import ExperimentConfig
 from fedloom.core.params import Params
 from fedloom.sim.build import build_algorithm
-from fedloom.sim.executor import ClientFailure
+from fedloom.sim.executor import ClientFailure, torch_threads
 from fedloom.sim.reduce import Chain, contiguous_shares, not_reducible
+from fedloom.sim.server_round import apply_updates
 from fedloom.transforms.pipeline import NormClip, Pipeline
 
 
@@ -128,3 +130,33 @@ def test_an_experiment_files_default_aggregation_is_reduced_and_a_robust_one_is_
     assert not_reducible(build_algorithm(cfg), Pipeline()) is None
     cfg = ExperimentConfig.model_validate({"robust": {"aggregator": "median"}})
     assert "robust" in (not_reducible(build_algorithm(cfg), Pipeline()) or "")
+
+
+@dataclass(frozen=True)
+class _ThreadsSeen:
+    """A server optimiser (plain ``params + delta``) that records torch's thread count when it steps."""
+
+    seen: list[int]
+
+    def init(self, params: Params) -> dict[str, Params]:
+        return {}
+
+    def step(
+        self, params: Params, delta: Params, slots: Mapping[str, Params], round: int
+    ) -> tuple[Params, Mapping[str, Params]]:
+        self.seen.append(torch.get_num_threads())
+        return params + delta, slots
+
+
+def test_the_server_side_of_a_round_runs_with_one_torch_thread() -> None:
+    seen: list[int] = []
+    algorithm = FedAvg(server_optimizer=_ThreadsSeen(seen))
+    state = algorithm.server_init(Params({"w": torch.zeros(3)}))
+    update = _update(0, [1.0, 2.0, 4.0], 2.0)
+    before = torch.get_num_threads()
+    with torch_threads(2):
+        new, _ = apply_updates(algorithm, Pipeline(), state, [update], ServerContext(0, 1, 1))
+        assert torch.get_num_threads() == 2  # restored afterwards
+    assert seen == [1]
+    assert torch.equal(new.params["w"], torch.tensor([1.0, 2.0, 4.0]))
+    assert torch.get_num_threads() == before
