@@ -6,7 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+from torch import nn
 
+from fedloom import ArrayDataset, ClientData, Task
 from fedloom.config import load_config
 from fedloom.config.schema import ExperimentConfig
 from fedloom.core.errors import ConfigError
@@ -113,3 +116,26 @@ def test_incompatible_combinations_are_rejected() -> None:
         _cfg("attack.kind=sign_flip")
     with pytest.raises(ConfigError, match="aggregator 'krum': bad options"):
         build_components(_cfg("robust.aggregator=krum", "robust.options={nope = 1}"))
+
+
+def test_a_tasks_natural_clients_are_the_population_the_accountant_assumes(tmp_path: Path) -> None:
+    # Four natural clients while data.num_clients keeps its default of 100: cohorts of 2 are drawn
+    # from the task's 4 clients, so epsilon is that of sampling 2 of 4, not 25 of 100.
+    gen = torch.Generator().manual_seed(0)
+    clients = [
+        ArrayDataset(torch.randn(8, 3, generator=gen), torch.randint(0, 2, (8,), generator=gen))
+        for _ in range(4)
+    ]
+    task = Task(model=lambda: nn.Linear(3, 2), data=lambda: ClientData(train=clients), name="four-sites")
+    cfg = load_config(None, ["sampling.fraction=0.25", "sampling.min_clients=2", "rounds=2", "executor=sequential",
+                             "eval.target_accuracy=0", "privacy.mode=central", "privacy.noise_multiplier=1.0",
+                             "privacy.clip_norm=0.5"])  # fmt: skip
+    assert cfg.data.num_clients == 100
+    comps = build_components(cfg, task=task)
+    assert comps.privacy is not None
+    assert (comps.privacy.population, comps.privacy.cohort) == (4, 2)
+    run_simulation(cfg, tmp_path / "run", components=comps)
+    rows = _metrics(tmp_path / "run")
+    assert [r["num_clients"] for r in rows] == [2, 2]
+    expected = [epsilon(1.0, FixedSizeSampling(2, 4), r, 1e-5) for r in (1, 2)]
+    assert [r["epsilon"] for r in rows] == pytest.approx(expected)

@@ -102,9 +102,14 @@ def build_algorithm(cfg: ExperimentConfig) -> Algorithm:
     )
 
 
-def build_pipeline(cfg: ExperimentConfig, privacy: PrivacyPlan | None = None) -> Pipeline:
+def build_pipeline(
+    cfg: ExperimentConfig, privacy: PrivacyPlan | None = None, *, population: int | None = None
+) -> Pipeline:
     """Client-side clipping, then the DP stage, then a simulated attack (malicious clients only),
     then the codec (``[compression]``).
+
+    ``population`` is the number of clients the malicious ones are drawn from (default
+    ``data.num_clients``; a simulation passes its data's own count).
 
     The attack runs after the honest stages on the client, so a malicious client
     sends whatever it likes; server-side checks (DP clipping, norm bounds) still apply.
@@ -121,7 +126,7 @@ def build_pipeline(cfg: ExperimentConfig, privacy: PrivacyPlan | None = None) ->
         stages.append(plan.stage)
     at = cfg.attack
     if at.kind in ("sign_flip", "scaling", "gaussian"):
-        bad = malicious_clients(cfg.seed, cfg.data.num_clients, at.fraction)
+        bad = malicious_clients(cfg.seed, population or cfg.data.num_clients, at.fraction)
         attack: UpdateTransform
         if at.kind == "sign_flip":
             attack = SignFlip(bad, scale=at.scale)
@@ -249,12 +254,14 @@ def build_components(
         train = LabelFlippedDataset(train, malicious_clients(cfg.seed, train.num_clients, at.fraction))
     elif at.kind == "alie":
         adversary = ALIE(malicious_clients(cfg.seed, train.num_clients, at.fraction), z=at.z or None)
-    privacy = plan_privacy(cfg)
+    # The data's own client count, not data.num_clients: a task's natural clients are what
+    # cohorts are drawn from, so that is the population the accountant must assume.
+    privacy = plan_privacy(cfg, population=train.num_clients)
     return Components(
         privacy=privacy,
         adversary=adversary,
         algorithm=build_algorithm(cfg),
-        pipeline=build_pipeline(cfg, privacy),
+        pipeline=build_pipeline(cfg, privacy, population=train.num_clients),
         train=train,
         test=m.test,
         workspace=m.workspace,
