@@ -238,6 +238,72 @@ def test_fedprox_term_is_applied_to_the_custom_loop() -> None:
     assert not prox.equal(plain)  # without the hook the two would be the same
 
 
+def _scheduled(algorithm: FedProx, train_fn: object) -> list[Params]:
+    """``_update`` with a task whose optimiser has momentum and a step schedule."""
+    spec = LocalOptimizer(
+        torch.optim.SGD, {"momentum": 0.9}, schedule=lambda o, n: torch.optim.lr_scheduler.StepLR(o, 2, 0.5)
+    )
+    task = Task(
+        model=lambda: nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3)),
+        data=ClientData(train=[_classification_data(1)]),
+        optimizer=spec,
+        train=train_fn,  # type: ignore[arg-type]
+    )
+    m = materialise(task, seed=3, split=PartitionSpec())
+    b = algorithm.broadcast(algorithm.server_init(m.initial_params))
+    return [
+        algorithm.client_update(m.workspace, b, None, m.train.client_data(0), ClientContext(3, 1, 0)).delta
+    ]
+
+
+@pytest.mark.filterwarnings("error")  # torch warns when a schedule steps before the optimiser it wraps
+def test_a_custom_loop_with_a_schedule_and_later_hooks_equals_the_declarative_path() -> None:
+    seen: list[int] = []
+
+    def scheduled(model: nn.Module, data: ArrayDataset, ctx: TrainContext) -> None:
+        opt = ctx.optimizer()
+        sched = ctx.schedule(opt)
+        for xb, yb in ctx.batches():
+            opt.zero_grad()
+            ctx.loss_fn(model(xb), yb).backward()
+            opt.step()
+            sched.step()
+
+    def hooked(model: nn.Module, data: ArrayDataset, ctx: TrainContext) -> None:
+        opt = ctx.optimizer()
+        opt.register_step_post_hook(lambda o, a, k: seen.append(ctx.num_steps))  # a hook of the user's own
+        sched = ctx.schedule(opt)
+        for xb, yb in ctx.batches():
+            opt.zero_grad()
+            ctx.loss_fn(model(xb), yb).backward()
+            opt.step()
+            sched.step()
+
+    prox = FedProx(local=LOCAL, mu=0.5)
+    declarative = _scheduled(prox, None)[0]
+    assert _scheduled(prox, scheduled)[0].equal(declarative)
+    assert _scheduled(prox, hooked)[0].equal(declarative)
+    assert seen == list(range(1, 11))  # 23 examples, batches of 5, two epochs: 10 steps, each counted first
+    plain = _scheduled(FedAvg(local=LOCAL), scheduled)[0]
+    assert not plain.equal(declarative)  # the proximal term was applied on the direct path too
+
+
+def test_an_optimizer_kept_past_its_round_steps_as_plain_torch() -> None:
+    kept: list[torch.optim.Optimizer] = []
+
+    def keep(model: nn.Module, data: ArrayDataset, ctx: TrainContext) -> None:
+        _loop(model, data, ctx)
+        kept.append(ctx.optimizer())
+
+    _update(FedProx(local=LOCAL, mu=0.5), keep, rounds=1)
+    opt = kept[0]
+    p = opt.param_groups[0]["params"][0]
+    p.grad = torch.ones_like(p)
+    before = p.detach().clone()
+    opt.step()  # the round's context is closed: no proximal term, no count
+    assert torch.equal(p.detach(), before - LOCAL.lr * torch.ones_like(p))
+
+
 def test_an_unattached_optimizer_is_refused_where_the_algorithm_needs_the_hook() -> None:
     def manual(model: nn.Module, data: ArrayDataset, ctx: TrainContext) -> None:
         opt = torch.optim.SGD(model.parameters(), lr=ctx.lr)  # built by hand, never attached

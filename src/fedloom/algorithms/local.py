@@ -34,7 +34,9 @@ learning-rate schedule, if any, runs over one round's local steps.
 
 from __future__ import annotations
 
+import inspect
 import math
+import types
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -309,6 +311,7 @@ class TrainContext:
         self._ctx, self._data, self._workspace = ctx, data, workspace
         self._correction = correction
         self._handles: list[Any] = []
+        self._closed = False
         self._kept: torch.optim.Optimizer | None = None
         named = dict(workspace.module.named_parameters())
         self._params = [named[name] for name in workspace.trainable]
@@ -335,7 +338,13 @@ class TrainContext:
         )
         if spec.keep_state and self._kept is None:
             self._kept = opt  # the optimiser whose state this client keeps for its next round
-        return self.attach(opt)
+        rule = direct_rule(opt)
+        if rule is None:
+            return self.attach(opt)
+        # An optimiser this context built and owns: its step counts, corrects and runs the rule
+        # directly (see direct_step); bound to the instance, so a schedule can wrap it as usual.
+        opt.step = types.MethodType(self._direct(rule), opt)  # type: ignore[method-assign]
+        return opt
 
     def schedule(self, optimizer: torch.optim.Optimizer) -> Any:
         """The task's learning-rate schedule over this round's ``max_steps``, or ``None``."""
@@ -353,6 +362,18 @@ class TrainContext:
         self._handles.append(optimizer.register_step_pre_hook(self._before_step))
         return optimizer
 
+    def _direct(self, rule: Callable[..., Any]) -> Callable[..., Any]:
+        def step(opt: torch.optim.Optimizer, closure: Callable[[], Any] | None = None) -> Any:
+            if self._closed:  # the round is over: a plain torch optimiser again
+                return type(opt).step(opt, closure)
+            self._before_step(opt, (), {})
+            if not _unhooked(opt):  # hooks registered since: torch's own step runs them
+                return type(opt).step(opt, closure)
+            with torch.no_grad():
+                return rule(opt, closure)
+
+        return step
+
     def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self.num_steps += 1
         if self._correction is None:
@@ -365,6 +386,7 @@ class TrainContext:
             self._correction([p.detach() for p in self._params], grads)
 
     def _close(self) -> None:
+        self._closed = True
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -492,8 +514,11 @@ def _with_optimizer(
     opt = spec.build([named[name] for name in workspace.trainable], cfg.lr, ctx.optimizer_state)
     sched = spec.schedule(opt, total_steps) if spec.schedule is not None else None
 
+    # A schedule checks that opt.step ran through the wrapper it installs: keep that path then.
+    step = (direct_step(opt) if sched is None else None) or opt.step
+
     def update(params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
-        opt.step()  # on p.grad, which holds the corrected gradient
+        step()  # on p.grad, which holds the corrected gradient
         if sched is not None:
             sched.step()
 
@@ -501,6 +526,51 @@ def _with_optimizer(
     if spec.keep_state:
         ctx.outbox[OPTIMIZER_STATE] = optimizer_state(opt)
     return result
+
+
+# Optimisers whose ``step`` is their update rule under torch's two wrappers and nothing else.
+_DIRECT = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
+
+
+def _unhooked(opt: torch.optim.Optimizer) -> bool:
+    """No step hook is registered on ``opt`` or globally."""
+    from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
+
+    return not (
+        opt._optimizer_step_pre_hooks
+        or opt._optimizer_step_post_hooks
+        or _global_optimizer_pre_hooks
+        or _global_optimizer_post_hooks
+    )
+
+
+def direct_rule(opt: torch.optim.Optimizer) -> Callable[..., Any] | None:
+    """The update rule under ``type(opt).step``'s wrappers, or None where they may matter.
+
+    ``Optimizer.step`` runs the update rule inside a profiler range, a loop over
+    step hooks and a grad-mode switch. For torch's SGD, Adam and AdamW, not
+    ``differentiable`` and with no hook registered (on ``opt`` or globally), the
+    rule itself may be called under ``torch.no_grad()``: the same arithmetic, for
+    about 0.1 ms less per step on a CPU, where a local step of a small model
+    takes about 0.5 ms.
+    """
+    if type(opt) not in _DIRECT or opt.defaults.get("differentiable", False) or not _unhooked(opt):
+        return None
+    rule: Callable[..., Any] = inspect.unwrap(type(opt).step)
+    return rule
+
+
+def direct_step(opt: torch.optim.Optimizer) -> Callable[[], None] | None:
+    """``opt.step()`` by its update rule alone (:func:`direct_rule`), or None."""
+    rule = direct_rule(opt)
+    if rule is None:
+        return None
+
+    def step() -> None:
+        with torch.no_grad():
+            rule(opt)
+
+    return step
 
 
 def _loop(
