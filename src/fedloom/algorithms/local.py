@@ -17,10 +17,12 @@ Algorithms that change local training (FedProx's proximal term, SCAFFOLD's
 control-variate correction) pass a :class:`GradCorrection` that adjusts the
 gradients in place before each optimiser step (one that can also act on a block
 of clients' stacked tensors has ``stack``; see :mod:`fedloom.algorithms.plan`). The declarative loop calls it
-directly; for a training function it runs as a step pre-hook of every optimiser
-created with :meth:`TrainContext.optimizer` (or registered with
-:meth:`TrainContext.attach`), which also counts the local steps that FedNova and
-SCAFFOLD need. A training function whose algorithm needs that hook but whose
+directly; for a training function it runs before every step of an optimiser
+created with :meth:`TrainContext.optimizer` (torch's SGD, Adam and AdamW get a step
+bound to the instance that runs it and then their update rule, see
+:func:`direct_rule`; any other optimiser, and one registered with
+:meth:`TrainContext.attach`, a step pre-hook), which also counts the local steps
+that FedNova and SCAFFOLD need. A training function whose algorithm needs that hook but whose
 optimiser was never attached is refused with a message saying so.
 
 Optimiser state (momentum buffers, Adam's moments) starts fresh at every round by
