@@ -138,3 +138,31 @@ def test_a_failing_observer_is_dropped_when_asked_and_raises_otherwise() -> None
     strict.subscribe(broken)
     with pytest.raises(RuntimeError):
         strict.emit(RoundOpened(round=1))
+
+
+def test_a_rounds_closing_events_go_out_with_its_commit_and_survive_a_failed_one() -> None:
+    from fedloom.engine.commit import Sequencer
+
+    def run(fail: bool) -> list[tuple[str, int]]:
+        seen: list[object] = []
+        bus = EventBus()
+        bus.subscribe(seen.append)
+        seq = Sequencer(bus)
+        seq.emit(RoundOpened(round=1))
+        seq.hold([Aggregated(round=1, clients=2, examples=9), BytesMoved(round=1, down=1, up=2)])
+        seq.emit(RoundOpened(round=2))  # the next round opened before round 1 is durable
+        seq.hold([Aggregated(round=2, clients=1, examples=4)])
+        seq.emit(RoundOpened(round=3))
+        assert len(seen) == 1  # nothing of round 1's close before its commit is durable
+        if fail:
+            seq.drain()  # round 1's commit failed: everything comes out, still in round order
+        else:
+            seq.release(RoundCommitted(round=1, metrics={}))
+            seq.release(RoundCommitted(round=2, metrics={}))
+        return [(type(e).__name__, e.round) for e in seen]  # type: ignore[attr-defined]
+
+    opened = [("RoundOpened", 1)]
+    first = [("Aggregated", 1), ("BytesMoved", 1)]
+    assert run(False) == [*opened, *first, ("RoundCommitted", 1), ("RoundOpened", 2), ("Aggregated", 2),
+                          ("RoundCommitted", 2), ("RoundOpened", 3)]  # fmt: skip
+    assert run(True) == [*opened, *first, ("RoundOpened", 2), ("Aggregated", 2), ("RoundOpened", 3)]

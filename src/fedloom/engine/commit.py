@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Protocol
 
@@ -110,16 +110,19 @@ _MARK = object()
 class Sequencer:
     """Emits events to ``bus`` in round order while commits complete on another thread.
 
-    :meth:`hold` (when a commit is handed over) holds back the events emitted after it;
-    :meth:`release` (when that commit is durable) emits its ``round_committed`` event, then the
-    events held back up to the next :meth:`hold`. Observers are called under one lock, so they
-    never run concurrently.
+    :meth:`hold` (when a commit is handed over, with the round's own closing events) holds back
+    the events emitted after it; :meth:`release` (when that commit is durable) emits the round's
+    closing events and its ``round_committed`` event, then the events held back up to the next
+    :meth:`hold`. Observers are called under one lock, so they never run concurrently. Handing
+    the closing events over instead of emitting them keeps their serialisation (the
+    ``events.jsonl`` line, every observer) off the step between two rounds.
     """
 
     def __init__(self, bus: EventBus) -> None:
         self.bus = bus
         self._lock = threading.Lock()
         self._held: list[object] = []
+        self._closing: list[list[Event]] = []  # per hold not yet released, its closing events
         self._inflight = 0
 
     def emit(self, event: Event) -> None:
@@ -129,14 +132,17 @@ class Sequencer:
             else:
                 self.bus.emit(event)
 
-    def hold(self) -> None:
+    def hold(self, closing: Sequence[Event] = ()) -> None:
         with self._lock:
             if self._inflight:
                 self._held.append(_MARK)
             self._inflight += 1
+            self._closing.append(list(closing))
 
     def release(self, event: Event) -> None:
         with self._lock:
+            for first in self._closing.pop(0):
+                self.bus.emit(first)
             self.bus.emit(event)
             self._inflight -= 1
             while self._held:
@@ -147,9 +153,15 @@ class Sequencer:
                 self.bus.emit(item)
 
     def drain(self) -> None:
-        """Emit whatever is held back (a commit failed and will never release it)."""
+        """Emit whatever is held back (a commit failed and will never release it), in order."""
         with self._lock:
             held, self._held, self._inflight = self._held, [], 0
+            closing, self._closing = self._closing, []
+            for first in closing.pop(0) if closing else ():
+                self.bus.emit(first)
             for item in held:
-                if isinstance(item, Event):
+                if item is _MARK:
+                    for later in closing.pop(0) if closing else ():
+                        self.bus.emit(later)
+                elif isinstance(item, Event):
                     self.bus.emit(item)

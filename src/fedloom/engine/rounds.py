@@ -297,7 +297,9 @@ class RoundEngine(Generic[C]):
                 f"good checkpoint (round {state.round}) is intact in {self.run_.store.path}; restart to retry"
             )
         assert outcome.state is not None
-        self._emit_clients(r, outcome)
+        # The round's closing events go out with its commit (see Sequencer), in this order.
+        closing: list[Event] = []
+        self._emit_clients(r, outcome, closing.append)
         new_state = outcome.state
         metrics: dict[str, Any] = {
             **_round_metrics(r, outcome.contributions, outcome.failed),
@@ -313,10 +315,12 @@ class RoundEngine(Generic[C]):
         outcome.timing["evaluate_ms"] = round(1000 * (time.perf_counter() - t_eval), 2)
         opened = outcome.opened_at or t0
         metrics["seconds"] = time.perf_counter() - opened
-        emit(Aggregated(round=r, clients=len(outcome.contributions), examples=metrics["num_examples"]))
-        self._emit_evaluations(r, metrics)
+        closing.append(
+            Aggregated(round=r, clients=len(outcome.contributions), examples=metrics["num_examples"])
+        )
+        self._emit_evaluations(r, metrics, closing.append)
         if self.privacy is not None:
-            emit(
+            closing.append(
                 EpsilonSpent(
                     round=r,
                     epsilon=float(metrics["epsilon"]),
@@ -324,10 +328,10 @@ class RoundEngine(Generic[C]):
                     budget=cfg.privacy.budget_epsilon or cfg.privacy.target_epsilon,
                 )
             )
-        emit(BytesMoved(round=r, down=outcome.bytes_down, up=outcome.bytes_up))
+        closing.append(BytesMoved(round=r, down=outcome.bytes_down, up=outcome.bytes_up))
         outcome.timing["opened_at_s"] = round(opened, 6)
         outcome.timing["round_wall_ms"] = round(1000 * (time.perf_counter() - opened), 2)
-        self._commit(new_state, metrics, outcome.client_states, outcome.timing)
+        self._commit(new_state, metrics, outcome.client_states, outcome.timing, closing)
         return new_state, metrics
 
     def _empty_round(self, state: ServerState, ctx: ServerContext) -> Attempt:
@@ -345,9 +349,9 @@ class RoundEngine(Generic[C]):
             new_state = replace(state, round=ctx.round)
         return Attempt(state=new_state)
 
-    def _emit_clients(self, r: int, outcome: Attempt) -> None:
+    def _emit_clients(self, r: int, outcome: Attempt, emit: Callable[[Event], None] | None = None) -> None:
         """An attempt's per-client events: accepted (an aborted attempt has none), rejected, dropped."""
-        name, emit = self.driver.client_name, self.events.emit
+        name, emit = self.driver.client_name, emit or self.events.emit
         if outcome.state is not None:
             for u in outcome.contributions:
                 emit(ClientAccepted(round=r, client=name(u.client), examples=u.examples, bytes=u.bytes))
@@ -356,9 +360,8 @@ class RoundEngine(Generic[C]):
         for c, why in outcome.dropped:
             emit(ClientDropped(round=r, client=name(c), reason=why))
 
-    def _emit_evaluations(self, r: int, metrics: Mapping[str, Any]) -> None:
+    def _emit_evaluations(self, r: int, metrics: Mapping[str, Any], emit: Callable[[Event], None]) -> None:
         """The ``evaluated`` events read off the round's metrics row."""
-        emit: Callable[[Event], None] = self.events.emit
         for scope, prefix in (("central", "test_"), ("sites", "site_"), ("federated", "fed_")):
             values = {
                 k[len(prefix) :]: jsonable(float(v))
@@ -391,8 +394,10 @@ class RoundEngine(Generic[C]):
         metrics: dict[str, Any],
         client_states: dict[int, ClientState],
         timing: dict[str, float],
+        closing: Sequence[Event] = (),
     ) -> None:
-        """Hand round ``state.round`` to the committer; its ``round_committed`` event follows durability."""
+        """Hand round ``state.round`` to the committer; its ``closing`` events and then its
+        ``round_committed`` event follow durability."""
         store, keep, driver, events = self.run_.store, self.cfg.checkpoint.keep, self.driver, self.events
         path = self.run_dir / METRICS
 
@@ -406,7 +411,7 @@ class RoundEngine(Generic[C]):
             driver.committed(state, metrics, timing)
             events.release(RoundCommitted(round=state.round, metrics=jsonable(metrics)))
 
-        events.hold()
+        events.hold(closing)
         self.committer.defer(job)
 
 

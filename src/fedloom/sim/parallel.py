@@ -271,7 +271,7 @@ class ParallelExecutor:
             results = self._train(algorithm, broadcast, cids, client_states, ctx, chain)
             if not any(isinstance(o, ClientUpdate) for o in results):
                 return results, None
-            return [summary(o) if isinstance(o, ClientUpdate) else o for o in results], chain.result()
+            return results, chain.result()  # the outcomes lost their deltas as they arrived
 
     def _train(
         self,
@@ -302,7 +302,7 @@ class ParallelExecutor:
         done = dict.fromkeys(pending, 0)  # outcomes received so far, per worker
         while pending:
             self._collect(pending, done, results, ctx, chain)
-        return [_own_client_state(r) for r in results if r is not None]
+        return [r for r in results if r is not None]
 
     def _send(self, w: int, msg: Packed, ctx: ServerContext) -> None:
         try:
@@ -333,10 +333,14 @@ class ParallelExecutor:
                     raise ExecutorError(f"round {ctx.round}: worker {w} failed:\n{body}")
                 outcomes: list[Outcome] = unpack(body, self._arenas[w][1])
                 positions = pending[w][done[w] : done[w] + len(outcomes)]
+                # Per outcome, while the workers still train: the chain takes the delta (and keeps
+                # it while earlier positions are out), the result keeps its own copy of the state.
                 for pos, outcome in zip(positions, outcomes, strict=True):
-                    results[pos] = outcome
                     if chain is not None:
                         chain.offer(pos, outcome)
+                        if isinstance(outcome, ClientUpdate):
+                            outcome = summary(outcome)
+                    results[pos] = _own_client_state(outcome)
                 done[w] += len(outcomes)
                 if done[w] == len(pending[w]):
                     del pending[w]
