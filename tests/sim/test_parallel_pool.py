@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 
 import pytest
 from tests.sim.conftest import mnist_config
@@ -87,6 +88,37 @@ class _Buggy(FedAvg):
         if ctx.client_id == 0:
             raise ZeroDivisionError("bug in client code")
         return super().client_update(workspace, broadcast, client_state, data, ctx)
+
+
+@dataclass(frozen=True)
+class _Slow(FedAvg):
+    """FedAvg whose client 0 takes a second; every update names the process that trained it."""
+
+    def client_update(self, workspace, broadcast, client_state, data, ctx) -> ClientUpdate:  # type: ignore[no-untyped-def]
+        if ctx.client_id == 0:
+            time.sleep(1.0)
+        u = super().client_update(workspace, broadcast, client_state, data, ctx)
+        return replace(u, metrics={**u.metrics, "pid": float(os.getpid())})
+
+
+def test_a_free_worker_takes_the_next_client(mnist_2nn: tuple[ExperimentConfig, Components]) -> None:
+    # Equal clients split evenly in advance would leave 5 of the 11 quick ones waiting behind client 0.
+    _, comps = mnist_2nn
+    algo = _Slow()
+    ctx = ServerContext(seed=0, round=1, population=comps.train.num_clients)
+    bc = algo.broadcast(algo.server_init(comps.initial_params))
+    cohort = list(range(12))
+    with ParallelExecutor(comps.workspace, comps.train, comps.pipeline, workers=2) as ex:
+        got = ex.run_round(algo, bc, cohort, {}, ctx)
+    assert [o.client_id for o in got] == cohort
+    pids = [o.metrics["pid"] for o in got if isinstance(o, ClientUpdate)]
+    assert len(pids) == 12
+    assert pids.count(pids[0]) == 1  # the worker on client 0 was busy while the other took all the rest
+    reference = SequentialExecutor(comps.workspace, comps.train, comps.pipeline, threads=1)
+    for ours, theirs in zip(got, reference.run_round(algo, bc, cohort, {}, ctx), strict=True):
+        assert isinstance(ours, ClientUpdate)
+        assert isinstance(theirs, ClientUpdate)
+        assert ours.delta.equal(theirs.delta)
 
 
 def test_worker_death_is_a_clear_error(mnist_2nn: tuple[ExperimentConfig, Components]) -> None:

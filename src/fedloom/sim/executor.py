@@ -15,8 +15,9 @@ traceback at debug level). Only :class:`BaseException` s that are not
 
 Executors that hold resources (worker processes, Ray actors) have a ``close()``
 method; :func:`close_executor` calls it when present. The helpers here
-(:func:`client_costs`, :func:`lpt_assign`) are shared by the multi-worker
-executors so every one of them splits a cohort the same deterministic way.
+(:func:`client_costs`, :func:`lpt_assign`) split a cohort over Ray's actors in
+advance, deterministically; the parallel executor's workers claim clients as
+they go instead (see :mod:`fedloom.sim.parallel`).
 
 Bit-identity and threads: a client's update is bit-identical across executors
 when it is computed with the same number of torch intra-op threads (matrix

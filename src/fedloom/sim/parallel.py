@@ -8,16 +8,21 @@ parallelism with no orchestration overhead. The pool:
   pipeline copy-on-write, so the data is never pickled (``gc.freeze()`` before
   the fork keeps the garbage collector from touching, and so copying, the
   parent's objects);
-* splits each cohort into disjoint shares balanced by estimated work (greedy
-  LPT over :func:`~fedloom.sim.executor.client_costs`, deterministic);
-* sends each worker one message per round -- the algorithm, the broadcast, its
-  client ids and their states -- and gets its outcomes back in chunks of
-  ``CHUNK`` clients as they finish (so a worker never holds more than a chunk of
-  deltas), both through shared memory (:mod:`fedloom.sim.transport`): two
-  :class:`~fedloom.sim.transport.Arena` regions per worker, one each way, mapped
-  before the fork and reused every round, so a round creates no shared-memory
-  segment and passes no file descriptor (making a fresh segment per chunk cost
-  about a sixth of a 2NN worker's time);
+* packs each round's message -- the algorithm, the broadcast, the cohort and its
+  clients' states -- once, into a region every worker reads, and sends it to all;
+* lets the workers claim the cohort's positions one at a time, in cohort order,
+  from a shared counter, so a worker that is ahead takes the next client (an
+  estimate of each client's work, split in advance, left one worker idle for
+  several clients' time at the end of a W1 round, about 5% of it); which worker
+  trains a client changes nothing in its update;
+* gets the outcomes back with their positions in chunks of ``CHUNK`` clients as
+  they finish (so a worker never holds more than a chunk of deltas), and one by
+  one for the last ``TAIL`` positions, through shared memory
+  (:mod:`fedloom.sim.transport`): :class:`~fedloom.sim.transport.Arena` regions
+  mapped before the fork and reused every round (one for the message, one per
+  worker for its outcomes), so a round creates no shared-memory segment and
+  passes no file descriptor (making a fresh segment per chunk cost about a sixth
+  of a 2NN worker's time);
 * returns the outcomes in cohort order. Their deltas are views of the pool's
   memory, valid until the next round (the runner is done with them by then);
   client states, which the runner keeps across rounds, are copied out. Each client is trained by
@@ -52,6 +57,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
+from multiprocessing.sharedctypes import Synchronized
 
 import torch
 
@@ -66,7 +72,7 @@ from fedloom.algorithms.api import (
 )
 from fedloom.algorithms.local import delta_buffers
 from fedloom.data.federated import FederatedDataset
-from fedloom.sim.executor import ExecutorError, Outcome, client_costs, lpt_assign, run_client, torch_threads
+from fedloom.sim.executor import ExecutorError, Outcome, run_client, torch_threads
 from fedloom.sim.reduce import Chain, summary
 from fedloom.sim.transport import Arena, Packed, pack, unpack
 from fedloom.transforms.pipeline import Pipeline
@@ -77,6 +83,9 @@ _STOP = None
 # Outcomes per reply: a worker holds at most this many private deltas before handing them over,
 # so its memory does not grow with its share of the cohort.
 CHUNK = 8
+# The last this many cohort positions go back one by one, so the parent's sum is nearly done
+# when the last client finishes.
+TAIL = CHUNK
 # Arena sizing: room for this many model-sized tensors per cohort member (delta, an
 # algorithm's extras, a client state), within a per-arena cap. Only pages written are
 # ever backed by memory; what does not fit goes through a fresh shared segment.
@@ -92,12 +101,17 @@ def _worker_main(
     siblings: list[Connection],
     down: Arena,
     up: Arena,
+    claim: Synchronized[int],
 ) -> None:
-    """A worker's loop: receive a round's share, train it, send the outcomes back.
+    """A worker's loop: receive a round's message, claim and train clients, send their outcomes.
 
-    ``down`` holds what the parent sends, ``up`` what this worker returns; the
-    worker resets ``up`` when a round's message arrives (the parent is done with
-    the previous round's outcomes by then).
+    ``down`` holds the round's message (one region every worker reads), ``up`` what this
+    worker returns; the worker resets ``up`` when a round's message arrives (the parent is
+    done with the previous round's outcomes by then). ``claim`` is the round's next unclaimed
+    cohort position, shared by every worker: each takes one position at a time, so a worker
+    that is ahead takes more. Outcomes go back in chunks of ``CHUNK`` with their positions,
+    and one by one near the end of the cohort; the last message of a round says the worker
+    is done with it (it will claim nothing more).
     """
     torch.set_num_threads(1)
 
@@ -118,16 +132,27 @@ def _worker_main(
                 algorithm, broadcast, cids, states, ctx = unpack(msg, down)
                 del msg
                 up.reset()
+                n = len(cids)
                 chunk: list[Outcome] = []
-                for i, cid in enumerate(cids):
+                positions: list[int] = []
+                while True:
+                    with claim.get_lock():
+                        pos = claim.value
+                        claim.value = pos + 1
+                    if pos >= n:
+                        break
                     with delta_buffers(in_arena):  # each update is written where the parent reads it
                         outcome = run_client(
-                            workspace, data, pipeline, algorithm, broadcast, cid, states, ctx
+                            workspace, data, pipeline, algorithm, broadcast, cids[pos], states, ctx
                         )
                     chunk.append(outcome)
-                    if len(chunk) == CHUNK or i == len(cids) - 1:
-                        conn.send(("ok", pack(chunk, up)))  # what lies in ``up`` already is not copied
-                        chunk = []
+                    positions.append(pos)
+                    if len(chunk) == CHUNK or pos >= n - TAIL:
+                        conn.send(
+                            ("ok", positions, pack(chunk, up), False)
+                        )  # what lies in ``up`` is not copied
+                        chunk, positions = [], []
+                conn.send(("ok", positions, pack(chunk, up), True))
                 del broadcast, states
             except Exception as exc:
                 conn.send(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
@@ -178,7 +203,9 @@ class ParallelExecutor:
         self.workers = workers
         self._procs: list[BaseProcess] = []
         self._conns: list[Connection] = []
-        self._arenas: list[tuple[Arena, Arena]] = []  # (down, up) per worker
+        self._down: Arena | None = None  # the round's message, read by every worker
+        self._ups: list[Arena] = []  # what each worker returns
+        self._claim: Synchronized[int] | None = None  # the round's next unclaimed cohort position
         self.on_dispatch: Callable[[], None] | None = None  # see fedloom.sim.executor.Dispatching
 
     # ---- lifecycle ------------------------------------------------------
@@ -194,17 +221,27 @@ class ParallelExecutor:
         nbytes = min(ARENA_CAP, (max(cohort_size, 1) * TENSORS_PER_CLIENT + 4) * model_bytes + (1 << 20))
         ctx = mp.get_context("fork")
         _warm_optimizer(self.workspace)
+        self._down, self._claim = _arena(nbytes), ctx.Value("q", 0)
         gc.collect()
         gc.freeze()  # objects alive now stay out of the GC's reach, so children share their pages
         try:
             for i in range(self.workers):
                 parent, child = ctx.Pipe(duplex=True)
-                arenas = (_arena(nbytes), _arena(nbytes))
+                up = _arena(nbytes)
                 proc = ctx.Process(
                     target=_worker_main,
                     # The child also inherits the parent's end of its own pipe: it must close that
                     # too, or it never sees EOF when the parent dies and lives on as an orphan.
-                    args=(child, self.workspace, self.data, self.pipeline, [*self._conns, parent], *arenas),
+                    args=(
+                        child,
+                        self.workspace,
+                        self.data,
+                        self.pipeline,
+                        [*self._conns, parent],
+                        self._down,
+                        up,
+                        self._claim,
+                    ),
                     name=f"fedloom-worker-{i}",
                     daemon=True,
                 )
@@ -212,7 +249,7 @@ class ParallelExecutor:
                 child.close()
                 self._procs.append(proc)
                 self._conns.append(parent)
-                self._arenas.append(arenas)
+                self._ups.append(up)
         finally:
             gc.unfreeze()
 
@@ -228,7 +265,7 @@ class ParallelExecutor:
                 proc.join(timeout=5)
         for conn in self._conns:
             conn.close()
-        self._procs, self._conns, self._arenas = [], [], []
+        self._procs, self._conns, self._ups, self._down, self._claim = [], [], [], None, None
 
     def __enter__(self) -> ParallelExecutor:
         return self
@@ -285,23 +322,25 @@ class ParallelExecutor:
         if not cids:
             return []
         self.start(len(cids))
-        shares = lpt_assign(client_costs(algorithm, self.data, cids), self.workers)
-        pending: dict[int, list[int]] = {}
-        for w, positions in enumerate(shares):
-            if not positions:
-                continue
-            mine = [cids[i] for i in positions]
-            states = {c: client_states[c] for c in mine if c in client_states}
-            down = self._arenas[w][0]
-            down.reset()  # the worker finished reading last round's message before replying
-            self._send(w, pack((algorithm, broadcast, mine, states, ctx), down), ctx)
-            pending[w] = positions
+        assert self._down is not None
+        assert self._claim is not None
+        states = {c: client_states[c] for c in cids if c in client_states}
+        # Every worker finished reading the last round's message before it said it was done.
+        self._down.reset()
+        msg = pack((algorithm, broadcast, cids, states, ctx), self._down)
+        with self._claim.get_lock():
+            self._claim.value = 0
+        for w in range(self.workers):
+            self._send(w, msg, ctx)
         if self.on_dispatch is not None:
             self.on_dispatch()
         results: list[Outcome | None] = [None] * len(cids)
-        done = dict.fromkeys(pending, 0)  # outcomes received so far, per worker
-        while pending:
-            self._collect(pending, done, results, ctx, chain)
+        busy = set(range(self.workers))  # workers that have not said they are done with the round
+        while busy:
+            self._collect(busy, results, ctx, chain)
+        missing = [cids[i] for i, r in enumerate(results) if r is None]
+        if missing:  # every position is claimed once and its outcome sent before the claimant is done
+            raise ExecutorError(f"round {ctx.round}: no outcome came back for clients {missing}")
         return [r for r in results if r is not None]
 
     def _send(self, w: int, msg: Packed, ctx: ServerContext) -> None:
@@ -312,27 +351,26 @@ class ParallelExecutor:
 
     def _collect(
         self,
-        pending: dict[int, list[int]],
-        done: dict[int, int],
+        busy: set[int],
         results: list[Outcome | None],
         ctx: ServerContext,
         chain: Chain | None,
     ) -> None:
-        conns = {self._conns[w]: w for w in pending}
-        sentinels = {self._procs[w].sentinel: w for w in pending}
+        conns = {self._conns[w]: w for w in busy}
+        sentinels = {self._procs[w].sentinel: w for w in busy}
         ready = wait([*conns, *sentinels])
         for obj in ready:
             if isinstance(obj, Connection):
                 w = conns[obj]
                 try:
-                    kind, body = obj.recv()
+                    reply = obj.recv()
                 except (EOFError, OSError) as exc:
                     raise self._died(w, ctx) from exc
-                if kind != "ok":
+                if reply[0] != "ok":
                     self.close()
-                    raise ExecutorError(f"round {ctx.round}: worker {w} failed:\n{body}")
-                outcomes: list[Outcome] = unpack(body, self._arenas[w][1])
-                positions = pending[w][done[w] : done[w] + len(outcomes)]
+                    raise ExecutorError(f"round {ctx.round}: worker {w} failed:\n{reply[1]}")
+                _, positions, body, done = reply
+                outcomes: list[Outcome] = unpack(body, self._ups[w])
                 # Per outcome, while the workers still train: the chain takes the delta (and keeps
                 # it while earlier positions are out), the result keeps its own copy of the state.
                 for pos, outcome in zip(positions, outcomes, strict=True):
@@ -341,13 +379,12 @@ class ParallelExecutor:
                         if isinstance(outcome, ClientUpdate):
                             outcome = summary(outcome)
                     results[pos] = _own_client_state(outcome)
-                done[w] += len(outcomes)
-                if done[w] == len(pending[w]):
-                    del pending[w]
+                if done:
+                    busy.discard(w)
         for obj in ready:
             if isinstance(obj, int) and obj in sentinels:
                 w = sentinels[obj]
-                if w in pending and not self._conns[w].poll():
+                if w in busy and not self._conns[w].poll():
                     raise self._died(w, ctx)
 
     def _died(self, w: int, ctx: ServerContext) -> ExecutorError:
