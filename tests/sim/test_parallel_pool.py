@@ -121,6 +121,30 @@ def test_a_free_worker_takes_the_next_client(mnist_2nn: tuple[ExperimentConfig, 
         assert ours.delta.equal(theirs.delta)
 
 
+def test_a_reduced_round_never_reuses_memory_the_sum_still_reads(
+    mnist_2nn: tuple[ExperimentConfig, Components],
+) -> None:
+    # Client 0 holds the chain at position 0 for a second while the other worker sends every other
+    # client: none of those deltas may be overwritten before the sum passes them, so that worker
+    # fills its region's slots and then spills to fresh memory. The sum must still be the reference.
+    _, comps = mnist_2nn
+    algo = _Slow()
+    ctx = ServerContext(seed=0, round=1, population=comps.train.num_clients)
+    bc = algo.broadcast(algo.server_init(comps.initial_params))
+    cohort = list(range(comps.train.num_clients))
+    reference = SequentialExecutor(comps.workspace, comps.train, comps.pipeline, threads=1)
+    want = algo.aggregate(
+        [o for o in reference.run_round(algo, bc, cohort, {}, ctx) if isinstance(o, ClientUpdate)], ctx
+    )
+    with ParallelExecutor(comps.workspace, comps.train, comps.pipeline, workers=2) as ex:
+        for _ in range(2):  # the second round reuses the slots the first one filled
+            outcomes, got = ex.run_round_reduced(algo, bc, cohort, {}, ctx)
+            assert got is not None
+            assert got.delta.equal(want.delta)
+            pids = [o.metrics["pid"] for o in outcomes if isinstance(o, ClientUpdate)]
+            assert pids.count(pids[0]) == 1  # one worker sent the other 29 while position 0 was out
+
+
 def test_worker_death_is_a_clear_error(mnist_2nn: tuple[ExperimentConfig, Components]) -> None:
     _, comps = mnist_2nn
     algo = _Killer()

@@ -49,7 +49,9 @@ sequential executor.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
+import ctypes
 import gc
 import multiprocessing as mp
 import traceback
@@ -57,7 +59,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
-from multiprocessing.sharedctypes import Synchronized
+from multiprocessing.sharedctypes import RawArray, Synchronized
 
 import torch
 
@@ -102,6 +104,9 @@ def _worker_main(
     down: Arena,
     up: Arena,
     claim: Synchronized[int],
+    index: int,
+    consumed: Sequence[int],
+    slot: int,
 ) -> None:
     """A worker's loop: receive a round's message, claim and train clients, send their outcomes.
 
@@ -112,6 +117,13 @@ def _worker_main(
     that is ahead takes more. Outcomes go back in chunks of ``CHUNK`` with their positions,
     and one by one near the end of the cohort; the last message of a round says the worker
     is done with it (it will claim nothing more).
+
+    In a reduced round (the parent sums the deltas as they arrive) ``up`` is cut into slots of
+    ``slot`` bytes, one chunk each: a chunk goes to the lowest slot whose last chunk the parent
+    is done with (``consumed[index]`` counts this worker's outcomes the sum has passed; both
+    sides touch it under ``claim``'s lock), so ``up`` holds the few chunks in flight rather
+    than the worker's whole share. A chunk that outgrows its slot, or finds none free, spills
+    to fresh shared memory (slower, never wrong).
     """
     torch.set_num_threads(1)
 
@@ -129,18 +141,29 @@ def _worker_main(
             if msg is _STOP:
                 return
             try:
-                algorithm, broadcast, cids, states, ctx = unpack(msg, down)
+                algorithm, broadcast, cids, states, ctx, recycle = unpack(msg, down)
                 del msg
                 up.reset()
-                n = len(cids)
+                n, sent = len(cids), 0
                 chunk: list[Outcome] = []
                 positions: list[int] = []
+                # Per slot, the outcomes this worker had sent once its chunk there went out (0: free).
+                slots = [0] * max(up.nbytes // slot, 1)
+                current = -1
                 while True:
                     with claim.get_lock():
                         pos = claim.value
                         claim.value = pos + 1
+                        done_with = consumed[index]
                     if pos >= n:
                         break
+                    if recycle and not chunk:  # a new chunk: the lowest slot the parent is done with
+                        current = next((j for j, c in enumerate(slots) if c <= done_with), -1)
+                        if current >= 0:
+                            slots[current] = n + 1  # taken until this chunk is sent
+                            up.reset(current * slot, (current + 1) * slot)
+                        else:
+                            up.reset(0, 0)  # every slot is still read: spill
                     with delta_buffers(in_arena):  # each update is written where the parent reads it
                         outcome = run_client(
                             workspace, data, pipeline, algorithm, broadcast, cids[pos], states, ctx
@@ -148,9 +171,11 @@ def _worker_main(
                     chunk.append(outcome)
                     positions.append(pos)
                     if len(chunk) == CHUNK or pos >= n - TAIL:
-                        conn.send(
-                            ("ok", positions, pack(chunk, up), False)
-                        )  # what lies in ``up`` is not copied
+                        # What lies in ``up`` already is not copied.
+                        conn.send(("ok", positions, pack(chunk, up), False))
+                        sent += len(chunk)
+                        if current >= 0:
+                            slots[current] = sent
                         chunk, positions = [], []
                 conn.send(("ok", positions, pack(chunk, up), True))
                 del broadcast, states
@@ -206,6 +231,7 @@ class ParallelExecutor:
         self._down: Arena | None = None  # the round's message, read by every worker
         self._ups: list[Arena] = []  # what each worker returns
         self._claim: Synchronized[int] | None = None  # the round's next unclaimed cohort position
+        self._consumed: ctypes.Array[ctypes.c_int64] | None = None  # per worker, what the sum is done with
         self.on_dispatch: Callable[[], None] | None = None  # see fedloom.sim.executor.Dispatching
 
     # ---- lifecycle ------------------------------------------------------
@@ -219,9 +245,12 @@ class ParallelExecutor:
             return
         model_bytes = sum(t.numel() * t.element_size() for t in self.workspace.module.state_dict().values())
         nbytes = min(ARENA_CAP, (max(cohort_size, 1) * TENSORS_PER_CLIENT + 4) * model_bytes + (1 << 20))
+        # A chunk's room in a worker's region when the round is reduced (see _worker_main).
+        slot = min(nbytes, CHUNK * TENSORS_PER_CLIENT * model_bytes + (1 << 16))
         ctx = mp.get_context("fork")
         _warm_optimizer(self.workspace)
         self._down, self._claim = _arena(nbytes), ctx.Value("q", 0)
+        self._consumed = RawArray(ctypes.c_int64, self.workers)  # guarded by the claim's lock
         gc.collect()
         gc.freeze()  # objects alive now stay out of the GC's reach, so children share their pages
         try:
@@ -241,6 +270,9 @@ class ParallelExecutor:
                         self._down,
                         up,
                         self._claim,
+                        i,
+                        self._consumed,
+                        slot,
                     ),
                     name=f"fedloom-worker-{i}",
                     daemon=True,
@@ -266,6 +298,7 @@ class ParallelExecutor:
         for conn in self._conns:
             conn.close()
         self._procs, self._conns, self._ups, self._down, self._claim = [], [], [], None, None
+        self._consumed = None
 
     def __enter__(self) -> ParallelExecutor:
         return self
@@ -327,17 +360,21 @@ class ParallelExecutor:
         states = {c: client_states[c] for c in cids if c in client_states}
         # Every worker finished reading the last round's message before it said it was done.
         self._down.reset()
-        msg = pack((algorithm, broadcast, cids, states, ctx), self._down)
+        msg = pack((algorithm, broadcast, cids, states, ctx, chain is not None), self._down)
+        assert self._consumed is not None
         with self._claim.get_lock():
             self._claim.value = 0
+            for w in range(self.workers):
+                self._consumed[w] = 0
         for w in range(self.workers):
             self._send(w, msg, ctx)
         if self.on_dispatch is not None:
             self.on_dispatch()
         results: list[Outcome | None] = [None] * len(cids)
         busy = set(range(self.workers))  # workers that have not said they are done with the round
+        sent: list[list[int]] = [[] for _ in range(self.workers)]  # per worker, positions received
         while busy:
-            self._collect(busy, results, ctx, chain)
+            self._collect(busy, results, ctx, chain, sent)
         missing = [cids[i] for i, r in enumerate(results) if r is None]
         if missing:  # every position is claimed once and its outcome sent before the claimant is done
             raise ExecutorError(f"round {ctx.round}: no outcome came back for clients {missing}")
@@ -355,6 +392,7 @@ class ParallelExecutor:
         results: list[Outcome | None],
         ctx: ServerContext,
         chain: Chain | None,
+        sent: list[list[int]],
     ) -> None:
         conns = {self._conns[w]: w for w in busy}
         sentinels = {self._procs[w].sentinel: w for w in busy}
@@ -379,6 +417,9 @@ class ParallelExecutor:
                         if isinstance(outcome, ClientUpdate):
                             outcome = summary(outcome)
                     results[pos] = _own_client_state(outcome)
+                sent[w].extend(positions)
+                if chain is not None:
+                    self._release(sent, chain.passed)
                 if done:
                     busy.discard(w)
         for obj in ready:
@@ -386,6 +427,14 @@ class ParallelExecutor:
                 w = sentinels[obj]
                 if w in busy and not self._conns[w].poll():
                     raise self._died(w, ctx)
+
+    def _release(self, sent: list[list[int]], passed: int) -> None:
+        """Tell each worker how many of its outcomes the chain has passed (the rest it still reads)."""
+        assert self._claim is not None
+        assert self._consumed is not None
+        with self._claim.get_lock():
+            for w, positions in enumerate(sent):  # each worker's positions arrive in ascending order
+                self._consumed[w] = bisect.bisect_left(positions, passed)
 
     def _died(self, w: int, ctx: ServerContext) -> ExecutorError:
         proc = self._procs[w]

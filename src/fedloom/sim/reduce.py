@@ -125,6 +125,11 @@ class Chain:
             self._acc = Params.accumulate(self._acc, [update.delta], [update.weight])
             self._weights.append(update.weight)
 
+    @property
+    def passed(self) -> int:
+        """How many positions from the start of the cohort the chain has passed (their deltas are free)."""
+        return self._next
+
     def result(self) -> Aggregate:
         if self._next != self._size:
             raise RuntimeError(f"the chain holds {self._next} of {self._size} cohort positions")
