@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 import pytest
 from tests.sim.conftest import mnist_config
 
-from fedloom.algorithms.api import ClientUpdate, ServerContext
+from fedloom.algorithms.api import Broadcast, ClientUpdate, ServerContext
 from fedloom.algorithms.fedavg import FedAvg
 from fedloom.config import load_config
 from fedloom.config.schema import ExperimentConfig
@@ -101,20 +101,26 @@ class _Slow(FedAvg):
         return replace(u, metrics={**u.metrics, "pid": float(os.getpid())})
 
 
+def _slow_round(
+    comps: Components, size: int
+) -> tuple[_Slow, ServerContext, Broadcast, list[int], SequentialExecutor]:
+    """A first round of ``_Slow`` over clients ``0..size-1``, and the sequential reference executor."""
+    algo = _Slow()
+    ctx = ServerContext(seed=0, round=1, population=comps.train.num_clients)
+    reference = SequentialExecutor(comps.workspace, comps.train, comps.pipeline, threads=1)
+    return algo, ctx, algo.broadcast(algo.server_init(comps.initial_params)), list(range(size)), reference
+
+
 def test_a_free_worker_takes_the_next_client(mnist_2nn: tuple[ExperimentConfig, Components]) -> None:
     # Equal clients split evenly in advance would leave 5 of the 11 quick ones waiting behind client 0.
     _, comps = mnist_2nn
-    algo = _Slow()
-    ctx = ServerContext(seed=0, round=1, population=comps.train.num_clients)
-    bc = algo.broadcast(algo.server_init(comps.initial_params))
-    cohort = list(range(12))
+    algo, ctx, bc, cohort, reference = _slow_round(comps, 12)
     with ParallelExecutor(comps.workspace, comps.train, comps.pipeline, workers=2) as ex:
         got = ex.run_round(algo, bc, cohort, {}, ctx)
     assert [o.client_id for o in got] == cohort
     pids = [o.metrics["pid"] for o in got if isinstance(o, ClientUpdate)]
     assert len(pids) == 12
     assert pids.count(pids[0]) == 1  # the worker on client 0 was busy while the other took all the rest
-    reference = SequentialExecutor(comps.workspace, comps.train, comps.pipeline, threads=1)
     for ours, theirs in zip(got, reference.run_round(algo, bc, cohort, {}, ctx), strict=True):
         assert isinstance(ours, ClientUpdate)
         assert isinstance(theirs, ClientUpdate)
@@ -128,11 +134,7 @@ def test_a_reduced_round_never_reuses_memory_the_sum_still_reads(
     # client: none of those deltas may be overwritten before the sum passes them, so that worker
     # fills its region's slots and then spills to fresh memory. The sum must still be the reference.
     _, comps = mnist_2nn
-    algo = _Slow()
-    ctx = ServerContext(seed=0, round=1, population=comps.train.num_clients)
-    bc = algo.broadcast(algo.server_init(comps.initial_params))
-    cohort = list(range(comps.train.num_clients))
-    reference = SequentialExecutor(comps.workspace, comps.train, comps.pipeline, threads=1)
+    algo, ctx, bc, cohort, reference = _slow_round(comps, comps.train.num_clients)
     want = algo.aggregate(
         [o for o in reference.run_round(algo, bc, cohort, {}, ctx) if isinstance(o, ClientUpdate)], ctx
     )

@@ -260,8 +260,10 @@ def _scheduled(algorithm: FedProx, train_fn: object) -> list[Params]:
 def test_a_custom_loop_with_a_schedule_and_later_hooks_equals_the_declarative_path() -> None:
     seen: list[int] = []
 
-    def scheduled(model: nn.Module, data: ArrayDataset, ctx: TrainContext) -> None:
+    def scheduled(model: nn.Module, data: ArrayDataset, ctx: TrainContext, hook: bool = False) -> None:
         opt = ctx.optimizer()
+        if hook:  # a hook of the user's own, registered after fedloom built the optimiser
+            opt.register_step_post_hook(lambda o, a, k: seen.append(ctx.num_steps))
         sched = ctx.schedule(opt)
         for xb, yb in ctx.batches():
             opt.zero_grad()
@@ -270,14 +272,7 @@ def test_a_custom_loop_with_a_schedule_and_later_hooks_equals_the_declarative_pa
             sched.step()
 
     def hooked(model: nn.Module, data: ArrayDataset, ctx: TrainContext) -> None:
-        opt = ctx.optimizer()
-        opt.register_step_post_hook(lambda o, a, k: seen.append(ctx.num_steps))  # a hook of the user's own
-        sched = ctx.schedule(opt)
-        for xb, yb in ctx.batches():
-            opt.zero_grad()
-            ctx.loss_fn(model(xb), yb).backward()
-            opt.step()
-            sched.step()
+        scheduled(model, data, ctx, hook=True)
 
     prox = FedProx(local=LOCAL, mu=0.5)
     declarative = _scheduled(prox, None)[0]
