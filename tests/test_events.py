@@ -166,3 +166,17 @@ def test_a_rounds_closing_events_go_out_with_its_commit_and_survive_a_failed_one
     assert run(False) == [*opened, *first, ("RoundCommitted", 1), ("RoundOpened", 2), ("Aggregated", 2),
                           ("RoundCommitted", 2), ("RoundOpened", 3)]  # fmt: skip
     assert run(True) == [*opened, *first, ("RoundOpened", 2), ("Aggregated", 2), ("RoundOpened", 3)]
+
+
+def test_a_commit_released_after_a_drain_still_goes_out() -> None:
+    from fedloom.engine.commit import Sequencer
+
+    seen: list[object] = []
+    bus = EventBus()
+    bus.subscribe(seen.append)
+    seq = Sequencer(bus)
+    seq.hold([Aggregated(round=1, clients=1, examples=1)])
+    seq.drain()  # the run failed while round 1's commit was on its thread
+    seq.release(RoundCommitted(round=1, metrics={}))  # which then finished
+    seq.emit(RoundOpened(round=2))
+    assert [type(e).__name__ for e in seen] == ["Aggregated", "RoundCommitted", "RoundOpened"]

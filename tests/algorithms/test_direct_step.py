@@ -64,3 +64,19 @@ def test_the_direct_step_steps_aside_where_torchs_wrappers_matter() -> None:
     finally:
         handle.remove()
     assert direct_step(torch.optim.SGD([p], lr=0.1)) is not None
+
+
+def test_a_hook_registered_after_the_direct_step_was_made_still_runs() -> None:
+    p = torch.zeros(3, requires_grad=True)
+    opt = torch.optim.SGD([p], lr=0.1)
+    step = direct_step(opt)
+    assert step is not None
+    calls: list[int] = []
+    handle = register_optimizer_step_post_hook(lambda *_: calls.append(1))
+    try:
+        p.grad = torch.ones(3)
+        step()
+    finally:
+        handle.remove()
+    assert calls == [1]
+    assert torch.equal(p.detach(), torch.full((3,), -0.1))

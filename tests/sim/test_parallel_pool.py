@@ -161,6 +161,60 @@ def test_worker_death_is_a_clear_error(mnist_2nn: tuple[ExperimentConfig, Compon
     assert not ex._procs
 
 
+def test_a_round_the_main_process_abandons_takes_the_pool_with_it(
+    mnist_2nn: tuple[ExperimentConfig, Components],
+) -> None:
+    # Workers left inside a round would read the next round's message region with this round's work.
+    _, comps = mnist_2nn
+    algo = FedAvg()
+    ctx = ServerContext(seed=0, round=1, population=comps.train.num_clients)
+    bc = algo.broadcast(algo.server_init(comps.initial_params))
+
+    def fail() -> None:
+        raise RuntimeError("the previous round's commit failed")
+
+    with ParallelExecutor(comps.workspace, comps.train, comps.pipeline, workers=2) as ex:
+        ex.on_dispatch = fail
+        with pytest.raises(RuntimeError, match="commit failed"):
+            ex.run_round(algo, bc, [0, 1, 2, 3], {}, ctx)
+        assert not ex._procs  # the pool was shut down
+        ex.on_dispatch = None
+        got = ex.run_round(algo, bc, [0, 1, 2, 3], {}, ctx)  # a fresh pool serves the next round
+    want = SequentialExecutor(comps.workspace, comps.train, comps.pipeline, threads=1).run_round(
+        algo, bc, [0, 1, 2, 3], {}, ctx
+    )
+    for ours, theirs in zip(got, want, strict=True):
+        assert isinstance(ours, ClientUpdate)
+        assert isinstance(theirs, ClientUpdate)
+        assert ours.delta.equal(theirs.delta)
+
+
+def test_a_worker_that_died_holding_the_shared_lock_is_named_not_waited_for(
+    mnist_2nn: tuple[ExperimentConfig, Components],
+) -> None:
+    import multiprocessing as mp
+
+    _, comps = mnist_2nn
+    ctx = ServerContext(seed=0, round=1, population=comps.train.num_clients)
+    with ParallelExecutor(comps.workspace, comps.train, comps.pipeline, workers=2) as ex:
+        ex.start(4)
+        assert ex._claim is not None
+        lock = ex._claim.get_lock()
+        # A process that takes the lock and never gives it back, as a worker killed inside it would.
+        holder = mp.get_context("fork").Process(target=lambda: (lock.acquire(), time.sleep(60)), daemon=True)
+        holder.start()
+        time.sleep(0.5)
+        victim = ex._procs[0].pid
+        assert victim is not None
+        os.kill(victim, signal.SIGKILL)
+        try:
+            with pytest.raises(ExecutorError, match=r"worker 0 .*died .*signal 9"):
+                ex._release([[], []], 0, ctx)
+        finally:
+            holder.kill()
+            holder.join()
+
+
 def test_an_exception_in_client_code_fails_that_client_only(
     mnist_2nn: tuple[ExperimentConfig, Components],
 ) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import itertools
+import weakref
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -426,3 +428,22 @@ def test_a_metric_that_fails_mid_run_stops_it_naming_the_metric_and_keeps_what_w
     with RunStore(tmp_path / "run" / "state.sqlite", create=False) as store:
         assert store.latest_round() == 1
         assert store.get_meta("status") == "failed"
+
+
+def test_a_rounds_optimiser_and_its_state_go_with_the_round() -> None:
+    # The step fedloom binds to an optimiser refers back to it; the round's end must undo that, or
+    # every client's optimiser state would wait for the garbage collector instead of being freed.
+    refs: list[weakref.ref[torch.optim.Optimizer]] = []
+
+    def loop(model: nn.Module, data: ArrayDataset, ctx: TrainContext) -> Mapping[str, float]:
+        result = _loop(model, data, ctx)
+        refs.append(weakref.ref(ctx.optimizer()))
+        return result
+
+    gc.disable()
+    try:
+        _update(FedAvg(local=LOCAL), loop, rounds=1)
+        assert refs
+        assert refs[0]() is None
+    finally:
+        gc.enable()

@@ -313,6 +313,7 @@ class TrainContext:
         self._ctx, self._data, self._workspace = ctx, data, workspace
         self._correction = correction
         self._handles: list[Any] = []
+        self._bound: list[torch.optim.Optimizer] = []  # optimisers given a step of this context's
         self._closed = False
         self._kept: torch.optim.Optimizer | None = None
         named = dict(workspace.module.named_parameters())
@@ -346,6 +347,7 @@ class TrainContext:
         # An optimiser this context built and owns: its step counts, corrects and runs the rule
         # directly (see direct_step); bound to the instance, so a schedule can wrap it as usual.
         opt.step = types.MethodType(self._direct(rule), opt)  # type: ignore[method-assign]
+        self._bound.append(opt)
         return opt
 
     def schedule(self, optimizer: torch.optim.Optimizer) -> Any:
@@ -392,6 +394,9 @@ class TrainContext:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        for opt in self._bound:  # back to the class's step; and no optimiser -> step -> optimiser cycle
+            vars(opt).pop("step", None)  # (a schedule's wrapper of it included) keeps its state alive
+        self._bound.clear()
 
 
 def local_sgd(
@@ -569,6 +574,9 @@ def direct_step(opt: torch.optim.Optimizer) -> Callable[[], None] | None:
         return None
 
     def step() -> None:
+        if not _unhooked(opt):  # a hook registered since (a global one, say): torch's step runs it
+            opt.step()
+            return
         with torch.no_grad():
             rule(opt)
 

@@ -141,10 +141,11 @@ class Sequencer:
 
     def release(self, event: Event) -> None:
         with self._lock:
-            for first in self._closing.pop(0):
+            closing = self._closing.pop(0) if self._closing else []  # empty once drained
+            self._inflight = max(self._inflight - 1, 0)
+            for first in closing:
                 self.bus.emit(first)
             self.bus.emit(event)
-            self._inflight -= 1
             while self._held:
                 item = self._held.pop(0)
                 if item is _MARK:

@@ -29,6 +29,7 @@ is over, so the stream does not depend on the order in which clients answered.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -241,6 +242,12 @@ class RoundEngine(Generic[C]):
                 run.store.set_meta("status", "failed")
                 run.store.set_meta("error", str(exc))
                 self.events.emit(RunStopped(round=self.round, reason=str(exc), failed=True))
+                raise
+            except BaseException:
+                # Anything else (a database error, an interrupt): what was held back still goes out,
+                # without letting an observer's own error replace this one.
+                with contextlib.suppress(Exception):
+                    self.events.drain()
                 raise
             self.events.emit(RunStopped(round=done.state.round, reason=done.reason))
             finish_run(run, done.state, done.reason)

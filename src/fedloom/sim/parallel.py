@@ -55,7 +55,7 @@ import ctypes
 import gc
 import multiprocessing as mp
 import traceback
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
@@ -93,6 +93,8 @@ TAIL = CHUNK
 # ever backed by memory; what does not fit goes through a fresh shared segment.
 TENSORS_PER_CLIENT = 3
 ARENA_CAP = 1 << 30
+# How often the main process, waiting for the workers' shared lock, checks that they are alive.
+LOCK_CHECK_S = 1.0
 
 
 def _worker_main(
@@ -272,7 +274,7 @@ class ParallelExecutor:
                         self._claim,
                         i,
                         self._consumed,
-                        slot,
+                        min(slot, up.nbytes),  # the OS may have granted a smaller region
                     ),
                     name=f"fedloom-worker-{i}",
                     daemon=True,
@@ -362,19 +364,25 @@ class ParallelExecutor:
         self._down.reset()
         msg = pack((algorithm, broadcast, cids, states, ctx, chain is not None), self._down)
         assert self._consumed is not None
-        with self._claim.get_lock():
+        with self._shared(ctx):
             self._claim.value = 0
             for w in range(self.workers):
                 self._consumed[w] = 0
-        for w in range(self.workers):
-            self._send(w, msg, ctx)
-        if self.on_dispatch is not None:
-            self.on_dispatch()
         results: list[Outcome | None] = [None] * len(cids)
         busy = set(range(self.workers))  # workers that have not said they are done with the round
         sent: list[list[int]] = [[] for _ in range(self.workers)]  # per worker, positions received
-        while busy:
-            self._collect(busy, results, ctx, chain, sent)
+        try:
+            for w in range(self.workers):
+                self._send(w, msg, ctx)
+            if self.on_dispatch is not None:
+                self.on_dispatch()
+            while busy:
+                self._collect(busy, results, ctx, chain, sent)
+        except BaseException:
+            # Workers left inside this round would read a next round's message region and claim its
+            # positions with this round's work: a round that did not finish takes the pool with it.
+            self.close()
+            raise
         missing = [cids[i] for i, r in enumerate(results) if r is None]
         if missing:  # every position is claimed once and its outcome sent before the claimant is done
             raise ExecutorError(f"round {ctx.round}: no outcome came back for clients {missing}")
@@ -419,7 +427,7 @@ class ParallelExecutor:
                     results[pos] = _own_client_state(outcome)
                 sent[w].extend(positions)
                 if chain is not None:
-                    self._release(sent, chain.passed)
+                    self._release(sent, chain.passed, ctx)
                 if done:
                     busy.discard(w)
         for obj in ready:
@@ -428,13 +436,30 @@ class ParallelExecutor:
                 if w in busy and not self._conns[w].poll():
                     raise self._died(w, ctx)
 
-    def _release(self, sent: list[list[int]], passed: int) -> None:
+    def _release(self, sent: list[list[int]], passed: int, ctx: ServerContext) -> None:
         """Tell each worker how many of its outcomes the chain has passed (the rest it still reads)."""
-        assert self._claim is not None
         assert self._consumed is not None
-        with self._claim.get_lock():
+        with self._shared(ctx):
             for w, positions in enumerate(sent):  # each worker's positions arrive in ascending order
                 self._consumed[w] = bisect.bisect_left(positions, passed)
+
+    @contextlib.contextmanager
+    def _shared(self, ctx: ServerContext) -> Iterator[None]:
+        """Hold the lock of the claim counter and the consumed counts.
+
+        A worker holds it for a few microseconds; one that died holding it (killed, out of
+        memory) would hold it forever, so waiting checks that every worker is alive.
+        """
+        assert self._claim is not None
+        lock = self._claim.get_lock()
+        while not lock.acquire(timeout=LOCK_CHECK_S):
+            for w, proc in enumerate(self._procs):
+                if not proc.is_alive():
+                    raise self._died(w, ctx)
+        try:
+            yield
+        finally:
+            lock.release()
 
     def _died(self, w: int, ctx: ServerContext) -> ExecutorError:
         proc = self._procs[w]
