@@ -11,10 +11,10 @@ parallelism with no orchestration overhead. The pool:
 * packs each round's message -- the algorithm, the broadcast, the cohort and its
   clients' states -- once, into a region every worker reads, and sends it to all;
 * lets the workers claim the cohort's positions one at a time, in cohort order,
-  from a shared counter, so a worker that is ahead takes the next client (an
-  estimate of each client's work, split in advance, left one worker idle for
-  several clients' time at the end of a W1 round, about 5% of it); which worker
-  trains a client changes nothing in its update;
+  from a shared counter, so a worker that is ahead takes the next client and
+  neither waits at the end of a round for the other (a split made in advance
+  from estimated work misses each client's fixed costs); which worker trains a
+  client changes nothing in its update;
 * gets the outcomes back with their positions in chunks of ``CHUNK`` clients as
   they finish (so a worker never holds more than a chunk of deltas), and one by
   one for the last ``TAIL`` positions, through shared memory
