@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import pytest
@@ -111,6 +112,14 @@ def _slow_round(
     return algo, ctx, algo.broadcast(algo.server_init(comps.initial_params)), list(range(size)), reference
 
 
+def _assert_same_updates(got: Sequence[object], want: Sequence[object]) -> None:
+    """Every outcome is an update, and each delta equals the reference's bit for bit."""
+    for ours, theirs in zip(got, want, strict=True):
+        assert isinstance(ours, ClientUpdate)
+        assert isinstance(theirs, ClientUpdate)
+        assert ours.delta.equal(theirs.delta)
+
+
 def test_a_free_worker_takes_the_next_client(mnist_2nn: tuple[ExperimentConfig, Components]) -> None:
     # Equal clients split evenly in advance would leave 5 of the 11 quick ones waiting behind client 0.
     _, comps = mnist_2nn
@@ -121,10 +130,7 @@ def test_a_free_worker_takes_the_next_client(mnist_2nn: tuple[ExperimentConfig, 
     pids = [o.metrics["pid"] for o in got if isinstance(o, ClientUpdate)]
     assert len(pids) == 12
     assert pids.count(pids[0]) == 1  # the worker on client 0 was busy while the other took all the rest
-    for ours, theirs in zip(got, reference.run_round(algo, bc, cohort, {}, ctx), strict=True):
-        assert isinstance(ours, ClientUpdate)
-        assert isinstance(theirs, ClientUpdate)
-        assert ours.delta.equal(theirs.delta)
+    _assert_same_updates(got, reference.run_round(algo, bc, cohort, {}, ctx))
 
 
 def test_a_reduced_round_never_reuses_memory_the_sum_still_reads(
@@ -183,10 +189,7 @@ def test_a_round_the_main_process_abandons_takes_the_pool_with_it(
     want = SequentialExecutor(comps.workspace, comps.train, comps.pipeline, threads=1).run_round(
         algo, bc, [0, 1, 2, 3], {}, ctx
     )
-    for ours, theirs in zip(got, want, strict=True):
-        assert isinstance(ours, ClientUpdate)
-        assert isinstance(theirs, ClientUpdate)
-        assert ours.delta.equal(theirs.delta)
+    _assert_same_updates(got, want)
 
 
 def test_a_worker_that_died_holding_the_shared_lock_is_named_not_waited_for(
