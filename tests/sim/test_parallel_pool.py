@@ -133,12 +133,12 @@ def test_a_free_worker_takes_the_next_client(mnist_2nn: tuple[ExperimentConfig, 
     _assert_same_updates(got, reference.run_round(algo, bc, cohort, {}, ctx))
 
 
-def test_a_reduced_round_never_reuses_memory_the_sum_still_reads(
+def test_a_reduced_round_parks_what_finishes_early_and_sums_in_cohort_order(
     mnist_2nn: tuple[ExperimentConfig, Components],
 ) -> None:
-    # Client 0 holds the chain at position 0 for a second while the other worker sends every other
-    # client: none of those deltas may be overwritten before the sum passes them, so that worker
-    # fills its region's slots and then spills to fresh memory. The sum must still be the reference.
+    # Client 0 holds the chain at position 0 for a second while the other worker trains every other
+    # client: each of those updates is parked in its own slot of the ledger until the chain reaches
+    # it, and nothing makes that worker wait. The sum must still be the reference, bit for bit.
     _, comps = mnist_2nn
     algo, ctx, bc, cohort, reference = _slow_round(comps, comps.train.num_clients)
     want = algo.aggregate(
@@ -149,8 +149,35 @@ def test_a_reduced_round_never_reuses_memory_the_sum_still_reads(
             outcomes, got = ex.run_round_reduced(algo, bc, cohort, {}, ctx)
             assert got is not None
             assert got.delta.equal(want.delta)
+            assert (got.num_clients, got.total_weight) == (want.num_clients, want.total_weight)
             pids = [o.metrics["pid"] for o in outcomes if isinstance(o, ClientUpdate)]
-            assert pids.count(pids[0]) == 1  # one worker sent the other 29 while position 0 was out
+            assert pids.count(pids[0]) == 1  # one worker trained the other 29 while position 0 was out
+            assert all(not isinstance(o, ClientUpdate) or not o.delta for o in outcomes)  # no delta came back
+
+
+def test_a_reduced_round_with_too_few_slots_waits_for_the_chain_and_stays_exact(
+    mnist_2nn: tuple[ExperimentConfig, Components], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A pool sized for a cohort of 1 has one slot and (with a table of 2) parks within two positions
+    # of the chain: while client 0 trains for a second, the other worker has nowhere to park and
+    # waits, and the ring table is reused many times over. The sum must still be the reference.
+    import fedloom.sim.parallel as parallel
+
+    monkeypatch.setattr(parallel, "MIN_TABLE", 2)
+    _, comps = mnist_2nn
+    algo, ctx, bc, cohort, reference = _slow_round(comps, comps.train.num_clients)
+    want = algo.aggregate(
+        [o for o in reference.run_round(algo, bc, cohort, {}, ctx) if isinstance(o, ClientUpdate)], ctx
+    )
+    with ParallelExecutor(comps.workspace, comps.train, comps.pipeline, workers=2) as ex:
+        ex.start(1)
+        assert ex._ledger is not None
+        assert (ex._ledger.slots, ex._ledger.table) == (1, 2)
+        outcomes, got = ex.run_round_reduced(algo, bc, cohort, {}, ctx)
+    assert got is not None
+    assert got.delta.equal(want.delta)
+    pids = [o.metrics["pid"] for o in outcomes if isinstance(o, ClientUpdate)]
+    assert pids.count(pids[0]) > 1  # the worker on client 0 took more once the other one had waited
 
 
 def test_worker_death_is_a_clear_error(mnist_2nn: tuple[ExperimentConfig, Components]) -> None:
@@ -211,8 +238,8 @@ def test_a_worker_that_died_holding_the_shared_lock_is_named_not_waited_for(
         assert victim is not None
         os.kill(victim, signal.SIGKILL)
         try:
-            with pytest.raises(ExecutorError, match=r"worker 0 .*died .*signal 9"):
-                ex._release([[], []], 0, ctx)
+            with pytest.raises(ExecutorError, match=r"worker 0 .*died .*signal 9"), ex._shared(ctx):
+                pass
         finally:
             holder.kill()
             holder.join()

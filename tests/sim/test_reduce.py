@@ -1,8 +1,9 @@
-"""Reduced rounds: which qualify, how the cohort is cut, and the chain the parallel executor extends
-(fedloom.sim.reduce)."""
+"""Reduced rounds: which qualify, how the cohort is cut, and the ledger the parallel executor's workers
+extend (fedloom.sim.reduce)."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -22,7 +23,7 @@ from fedloom.config.schema import ExperimentConfig
 from fedloom.core.params import Params
 from fedloom.sim.build import build_algorithm
 from fedloom.sim.executor import ClientFailure, torch_threads
-from fedloom.sim.reduce import Chain, contiguous_shares, not_reducible
+from fedloom.sim.reduce import Ledger, contiguous_shares, not_reducible, slot_size
 from fedloom.sim.server_round import apply_updates
 from fedloom.transforms.pipeline import NormClip, Pipeline
 
@@ -82,8 +83,22 @@ def _update(cid: int, values: list[float], weight: float, *, dropped: bool = Fal
     )
 
 
+def _ledger(*, slots: int, table: int) -> tuple[Ledger, list[torch.Tensor], list[str]]:
+    like = [torch.zeros(2)]
+    ledger = Ledger(slots, slot_size(like), table, threading.RLock())
+    ledger.begin()
+    return ledger, like, ["w"]
+
+
+def _settle_in(ledger: Ledger, order: list[int], outcomes: list[object], like: list[torch.Tensor]) -> None:
+    for i in order:
+        with ledger.lock:
+            slot = ledger.take()
+        ledger.settle(i, slot, outcomes[i], like, ["w"])
+
+
 @given(st.permutations(range(7)))
-def test_the_chain_sums_in_cohort_order_whatever_order_outcomes_arrive_in(order: list[int]) -> None:
+def test_the_ledger_sums_in_cohort_order_whatever_order_outcomes_settle_in(order: list[int]) -> None:
     # Weights and values chosen so that the float32 sum depends on its order.
     outcomes: list[object] = [
         _update(0, [1e8, 0.1], 3.0),
@@ -94,13 +109,12 @@ def test_the_chain_sums_in_cohort_order_whatever_order_outcomes_arrive_in(order:
         _update(5, [0.5, -0.2], 11.0),
         _update(6, [3.3, 1e-3], 1.0),
     ]
-    chain = Chain(len(outcomes), outcomes[0].delta)  # type: ignore[attr-defined]
-    for i in order[:-1]:
-        chain.offer(i, outcomes[i])
-    with pytest.raises(RuntimeError, match="cohort positions"):
-        chain.result()  # not every position is back
-    chain.offer(order[-1], outcomes[order[-1]])
-    got = chain.result()
+    ledger, like, names = _ledger(slots=7, table=7)
+    _settle_in(ledger, order[:-1], outcomes, like)
+    with pytest.raises(RuntimeError, match=r"passed [0-6] of 7 cohort positions"):
+        ledger.result(outcomes, like, names)  # not every position is settled
+    _settle_in(ledger, order[-1:], outcomes, like)
+    got = ledger.result(outcomes, like, names)
     kept = [o for o in outcomes if isinstance(o, ClientUpdate) and not o.metrics.get("dropped")]
     want, total = weighted_mean(kept)
     assert got.delta.equal(want)
@@ -108,20 +122,39 @@ def test_the_chain_sums_in_cohort_order_whatever_order_outcomes_arrive_in(order:
     # the definition: sum_i w_i * delta_i as one chain in cohort order, divided by sum_i w_i once
     chained = Params.weighted_sum([u.delta for u in kept], [u.weight for u in kept])
     assert torch.equal(got.delta["w"], chained["w"] / 25.0)
-    # ... and the order matters for these values, so a chain in arrival order would be caught
+    # ... and the order matters for these values, so a chain in settling order would be caught
     shuffled = kept[1:] + kept[:1]
     other = Params.weighted_sum([u.delta for u in shuffled], [u.weight for u in shuffled])
     assert not torch.equal(other["w"], chained["w"])
+    assert not any(ledger._busy)  # every slot is free once the chain has passed it
 
 
-def test_a_chain_of_only_dropped_stragglers_is_an_empty_round() -> None:
-    like = Params({"w": torch.ones(3)})
-    chain = Chain(2, like)
-    chain.offer(1, _update(1, [1.0, 2.0, 3.0], 0.0, dropped=True))
-    chain.offer(0, ClientFailure(0, "raised"))
-    got = chain.result()
+def test_a_ledger_of_only_failures_and_dropped_stragglers_is_an_empty_round() -> None:
+    outcomes: list[object] = [ClientFailure(0, "raised"), _update(1, [1.0, 2.0], 0.0, dropped=True)]
+    ledger, like, names = _ledger(slots=2, table=2)
+    _settle_in(ledger, [1, 0], outcomes, like)
+    got = ledger.result(outcomes, like, names)
     assert (got.num_clients, got.total_weight) == (0, 0.0)
-    assert got.delta.equal(like.zeros_like())
+    assert torch.equal(got.delta["w"], torch.zeros(2))
+
+
+def test_an_update_with_no_slot_waits_for_the_chain_and_the_table_is_a_ring() -> None:
+    # One slot and a two-entry table: position 2 cannot park while 0 is out (2 >= 0 + 2), and
+    # position 1's update takes the only slot. Position 2 waits in another thread until position 0
+    # settles; the chain then adds 0 and the parked 1, and position 2 adds itself.
+    outcomes: list[object] = [_update(i, [1e8 if i == 0 else 1.0, i], 1.0 + i) for i in range(3)]
+    ledger, like, names = _ledger(slots=1, table=2)
+    _settle_in(ledger, [1], outcomes, like)
+    waiting = threading.Thread(target=lambda: ledger.settle(2, -1, outcomes[2], like, ["w"]))
+    waiting.start()
+    waiting.join(0.2)
+    assert waiting.is_alive()  # no slot, and outside the table: it waits
+    ledger.settle(0, -1, outcomes[0], like, ["w"])
+    waiting.join(5)
+    assert not waiting.is_alive()
+    got = ledger.result(outcomes, like, names)
+    want, _ = weighted_mean([o for o in outcomes if isinstance(o, ClientUpdate)])
+    assert got.delta.equal(want)
 
 
 def test_an_experiment_files_default_aggregation_is_reduced_and_a_robust_one_is_not() -> None:

@@ -49,9 +49,7 @@ sequential executor.
 
 from __future__ import annotations
 
-import bisect
 import contextlib
-import ctypes
 import gc
 import multiprocessing as mp
 import traceback
@@ -59,7 +57,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
-from multiprocessing.sharedctypes import RawArray, Synchronized
+from multiprocessing.sharedctypes import Synchronized
 
 import torch
 
@@ -74,8 +72,8 @@ from fedloom.algorithms.api import (
 )
 from fedloom.algorithms.local import delta_buffers
 from fedloom.data.federated import FederatedDataset
-from fedloom.sim.executor import ExecutorError, Outcome, run_client, torch_threads
-from fedloom.sim.reduce import Chain, summary
+from fedloom.sim.executor import ExecutorError, Outcome, run_client
+from fedloom.sim.reduce import Ledger, slot_size, summary
 from fedloom.sim.transport import Arena, Packed, pack, unpack
 from fedloom.transforms.pipeline import Pipeline
 
@@ -93,6 +91,8 @@ TAIL = CHUNK
 # ever backed by memory; what does not fit goes through a fresh shared segment.
 TENSORS_PER_CLIENT = 3
 ARENA_CAP = 1 << 30
+# The least number of entries in a ledger's table of parked positions.
+MIN_TABLE = 64
 # How often the main process, waiting for the workers' shared lock, checks that they are alive.
 LOCK_CHECK_S = 1.0
 
@@ -106,9 +106,7 @@ def _worker_main(
     down: Arena,
     up: Arena,
     claim: Synchronized[int],
-    index: int,
-    consumed: Sequence[int],
-    slot: int,
+    ledger: Ledger,
 ) -> None:
     """A worker's loop: receive a round's message, claim and train clients, send their outcomes.
 
@@ -120,12 +118,10 @@ def _worker_main(
     and one by one near the end of the cohort; the last message of a round says the worker
     is done with it (it will claim nothing more).
 
-    In a reduced round (the parent sums the deltas as they arrive) ``up`` is cut into slots of
-    ``slot`` bytes, one chunk each: a chunk goes to the lowest slot whose last chunk the parent
-    is done with (``consumed[index]`` counts this worker's outcomes the sum has passed; both
-    sides touch it under ``claim``'s lock), so ``up`` holds the few chunks in flight rather
-    than the worker's whole share. A chunk that outgrows its slot, or finds none free, spills
-    to fresh shared memory (slower, never wrong).
+    In a reduced round each update is trained into a slot of the shared ``ledger`` (taken
+    with the position, under ``claim``'s lock) and settled there: added to the round's sum
+    when the sum has reached its position, parked for whoever reaches it otherwise (see
+    :class:`~fedloom.sim.reduce.Ledger`). The outcomes sent back carry no delta.
     """
     torch.set_num_threads(1)
 
@@ -143,48 +139,56 @@ def _worker_main(
             if msg is _STOP:
                 return
             try:
-                algorithm, broadcast, cids, states, ctx, recycle = unpack(msg, down)
+                algorithm, broadcast, cids, states, ctx, reduced = unpack(msg, down)
                 del msg
                 up.reset()
-                n, sent = len(cids), 0
+                n = len(cids)
+                names = list(workspace.module.state_dict()) if reduced else []
+                like = [broadcast.params[k] for k in names]
                 chunk: list[Outcome] = []
                 positions: list[int] = []
-                # Per slot, the outcomes this worker had sent once its chunk there went out (0: free).
-                slots = [0] * max(up.nbytes // slot, 1)
-                current = -1
                 while True:
                     with claim.get_lock():
                         pos = claim.value
                         claim.value = pos + 1
-                        done_with = consumed[index]
+                        slot = ledger.take() if reduced and pos < n else -1
                     if pos >= n:
                         break
-                    if recycle and not chunk:  # a new chunk: the lowest slot the parent is done with
-                        current = next((j for j, c in enumerate(slots) if c <= done_with), -1)
-                        if current >= 0:
-                            slots[current] = n + 1  # taken until this chunk is sent
-                            up.reset(current * slot, (current + 1) * slot)
-                        else:
-                            up.reset(0, 0)  # every slot is still read: spill
-                    with delta_buffers(in_arena):  # each update is written where the parent reads it
+                    room = ledger.views(slot, like) if slot >= 0 else None
+                    with delta_buffers(in_arena if room is None else _into(room)):
+                        # each update is written where it is read: the parent's region, or the ledger's slot
                         outcome = run_client(
                             workspace, data, pipeline, algorithm, broadcast, cids[pos], states, ctx
                         )
+                    if reduced:
+                        ledger.settle(pos, slot, outcome, like, names)
+                        if isinstance(outcome, ClientUpdate):
+                            outcome = summary(outcome)
                     chunk.append(outcome)
                     positions.append(pos)
                     if len(chunk) == CHUNK or pos >= n - TAIL:
                         # What lies in ``up`` already is not copied.
                         conn.send(("ok", positions, pack(chunk, up), False))
-                        sent += len(chunk)
-                        if current >= 0:
-                            slots[current] = sent
                         chunk, positions = [], []
                 conn.send(("ok", positions, pack(chunk, up), True))
-                del broadcast, states
+                del broadcast, states, like
             except Exception as exc:
                 conn.send(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
     except KeyboardInterrupt:
         return
+
+
+def _into(room: list[torch.Tensor]) -> Callable[[Sequence[torch.Tensor]], list[torch.Tensor]]:
+    """Delta buffers that are ``room`` (a ledger slot) when the update has its layout, else fresh."""
+
+    def buffers(like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        if len(like) == len(room) and all(
+            a.shape == b.shape and a.dtype == b.dtype for a, b in zip(like, room, strict=True)
+        ):
+            return room
+        return [torch.empty_like(t, memory_format=torch.contiguous_format) for t in like]
+
+    return buffers
 
 
 def _warm_optimizer(workspace: Workspace) -> None:
@@ -233,7 +237,7 @@ class ParallelExecutor:
         self._down: Arena | None = None  # the round's message, read by every worker
         self._ups: list[Arena] = []  # what each worker returns
         self._claim: Synchronized[int] | None = None  # the round's next unclaimed cohort position
-        self._consumed: ctypes.Array[ctypes.c_int64] | None = None  # per worker, what the sum is done with
+        self._ledger: Ledger | None = None  # a reduced round's sum, extended by the workers
         self.on_dispatch: Callable[[], None] | None = None  # see fedloom.sim.executor.Dispatching
 
     # ---- lifecycle ------------------------------------------------------
@@ -245,14 +249,16 @@ class ParallelExecutor:
         """
         if self._procs:
             return
-        model_bytes = sum(t.numel() * t.element_size() for t in self.workspace.module.state_dict().values())
+        state = list(self.workspace.module.state_dict().values())
+        model_bytes = sum(t.numel() * t.element_size() for t in state)
         nbytes = min(ARENA_CAP, (max(cohort_size, 1) * TENSORS_PER_CLIENT + 4) * model_bytes + (1 << 20))
-        # A chunk's room in a worker's region when the round is reduced (see _worker_main).
-        slot = min(nbytes, CHUNK * TENSORS_PER_CLIENT * model_bytes + (1 << 16))
         ctx = mp.get_context("fork")
         _warm_optimizer(self.workspace)
         self._down, self._claim = _arena(nbytes), ctx.Value("q", 0)
-        self._consumed = RawArray(ctypes.c_int64, self.workers)  # guarded by the claim's lock
+        # Room to park up to a cohort's updates (only the slots written are ever backed by memory).
+        slot = slot_size(state)
+        slots = max(min(cohort_size, ARENA_CAP // slot - 1), 1)
+        self._ledger = Ledger(slots, slot, max(cohort_size, slots, MIN_TABLE), self._claim.get_lock())
         gc.collect()
         gc.freeze()  # objects alive now stay out of the GC's reach, so children share their pages
         try:
@@ -272,9 +278,7 @@ class ParallelExecutor:
                         self._down,
                         up,
                         self._claim,
-                        i,
-                        self._consumed,
-                        min(slot, up.nbytes),  # the OS may have granted a smaller region
+                        self._ledger,
                     ),
                     name=f"fedloom-worker-{i}",
                     daemon=True,
@@ -300,7 +304,7 @@ class ParallelExecutor:
         for conn in self._conns:
             conn.close()
         self._procs, self._conns, self._ups, self._down, self._claim = [], [], [], None, None
-        self._consumed = None
+        self._ledger = None
 
     def __enter__(self) -> ParallelExecutor:
         return self
@@ -321,7 +325,7 @@ class ParallelExecutor:
         client_states: Mapping[int, ClientState],
         ctx: ServerContext,
     ) -> list[Outcome]:
-        return self._train(algorithm, broadcast, [int(c) for c in cohort], client_states, ctx, None)
+        return self._train(algorithm, broadcast, [int(c) for c in cohort], client_states, ctx, reduced=False)
 
     def run_round_reduced(
         self,
@@ -337,13 +341,15 @@ class ParallelExecutor:
         aggregate (``None`` when no update came back).
         """
         cids = [int(c) for c in cohort]
-        chain = Chain(len(cids), broadcast.params)
-        # The main process sums while both workers train: one torch thread keeps it off their cores.
-        with torch_threads(1):
-            results = self._train(algorithm, broadcast, cids, client_states, ctx, chain)
-            if not any(isinstance(o, ClientUpdate) for o in results):
-                return results, None
-            return results, chain.result()  # the outcomes lost their deltas as they arrived
+        results = self._train(algorithm, broadcast, cids, client_states, ctx, reduced=True)
+        if not any(isinstance(o, ClientUpdate) for o in results):
+            return results, None
+        assert self._ledger is not None
+        names = list(self.workspace.module.state_dict())
+        try:
+            return results, self._ledger.result(results, [broadcast.params[k] for k in names], names)
+        except RuntimeError as exc:  # every worker said it was done: the chain must be complete
+            raise ExecutorError(f"round {ctx.round}: {exc}") from exc
 
     def _train(
         self,
@@ -352,7 +358,8 @@ class ParallelExecutor:
         cids: list[int],
         client_states: Mapping[int, ClientState],
         ctx: ServerContext,
-        chain: Chain | None,
+        *,
+        reduced: bool,
     ) -> list[Outcome]:
         if not cids:
             return []
@@ -362,22 +369,20 @@ class ParallelExecutor:
         states = {c: client_states[c] for c in cids if c in client_states}
         # Every worker finished reading the last round's message before it said it was done.
         self._down.reset()
-        msg = pack((algorithm, broadcast, cids, states, ctx, chain is not None), self._down)
-        assert self._consumed is not None
+        msg = pack((algorithm, broadcast, cids, states, ctx, reduced), self._down)
+        assert self._ledger is not None
         with self._shared(ctx):
             self._claim.value = 0
-            for w in range(self.workers):
-                self._consumed[w] = 0
+            self._ledger.begin()
         results: list[Outcome | None] = [None] * len(cids)
         busy = set(range(self.workers))  # workers that have not said they are done with the round
-        sent: list[list[int]] = [[] for _ in range(self.workers)]  # per worker, positions received
         try:
             for w in range(self.workers):
                 self._send(w, msg, ctx)
             if self.on_dispatch is not None:
                 self.on_dispatch()
             while busy:
-                self._collect(busy, results, ctx, chain, sent)
+                self._collect(busy, results, ctx)
         except BaseException:
             # Workers left inside this round would read a next round's message region and claim its
             # positions with this round's work: a round that did not finish takes the pool with it.
@@ -399,8 +404,6 @@ class ParallelExecutor:
         busy: set[int],
         results: list[Outcome | None],
         ctx: ServerContext,
-        chain: Chain | None,
-        sent: list[list[int]],
     ) -> None:
         conns = {self._conns[w]: w for w in busy}
         sentinels = {self._procs[w].sentinel: w for w in busy}
@@ -417,17 +420,9 @@ class ParallelExecutor:
                     raise ExecutorError(f"round {ctx.round}: worker {w} failed:\n{reply[1]}")
                 _, positions, body, done = reply
                 outcomes: list[Outcome] = unpack(body, self._ups[w])
-                # Per outcome, while the workers still train: the chain takes the delta (and keeps
-                # it while earlier positions are out), the result keeps its own copy of the state.
+                # Per outcome, while the workers still train: the result keeps its own copy of the state.
                 for pos, outcome in zip(positions, outcomes, strict=True):
-                    if chain is not None:
-                        chain.offer(pos, outcome)
-                        if isinstance(outcome, ClientUpdate):
-                            outcome = summary(outcome)
                     results[pos] = _own_client_state(outcome)
-                sent[w].extend(positions)
-                if chain is not None:
-                    self._release(sent, chain.passed, ctx)
                 if done:
                     busy.discard(w)
         for obj in ready:
@@ -436,16 +431,9 @@ class ParallelExecutor:
                 if w in busy and not self._conns[w].poll():
                     raise self._died(w, ctx)
 
-    def _release(self, sent: list[list[int]], passed: int, ctx: ServerContext) -> None:
-        """Tell each worker how many of its outcomes the chain has passed (the rest it still reads)."""
-        assert self._consumed is not None
-        with self._shared(ctx):
-            for w, positions in enumerate(sent):  # each worker's positions arrive in ascending order
-                self._consumed[w] = bisect.bisect_left(positions, passed)
-
     @contextlib.contextmanager
     def _shared(self, ctx: ServerContext) -> Iterator[None]:
-        """Hold the lock of the claim counter and the consumed counts.
+        """Hold the workers' shared lock (the claim counter's, which also guards the ledger).
 
         A worker holds it for a few microseconds; one that died holding it (killed, out of
         memory) would hold it forever, so waiting checks that every worker is alive.

@@ -36,15 +36,26 @@ reduced; such rounds return every update.
 
 from __future__ import annotations
 
+import ctypes
+import time
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from multiprocessing.sharedctypes import RawArray
+from typing import Any
+
+import torch
 
 from fedloom.algorithms.api import Aggregate, Algorithm, ClientUpdate
 from fedloom.algorithms.stragglers import accepted
 from fedloom.core.errors import UpdateError
 from fedloom.core.params import Params
+from fedloom.sim.transport import _ALIGN, Arena, ArenaSlice
 from fedloom.transforms.pipeline import Pipeline
 
-__all__ = ["Chain", "contiguous_shares", "finished", "not_reducible", "summary", "weights"]
+__all__ = ["Ledger", "contiguous_shares", "finished", "not_reducible", "slot_size", "summary", "weights"]
+
+# How long a process with an update it cannot park sleeps between looks at the chain.
+WAIT_S = 0.0002
 
 
 def not_reducible(algorithm: Algorithm, pipeline: Pipeline) -> str | None:
@@ -97,45 +108,157 @@ def finished(delta: Params | None, zeros: Params, num_clients: int, total: float
     return Aggregate(delta=delta / total, num_clients=num_clients, total_weight=total)
 
 
-class Chain:
-    """The weighted sum of a round's updates, extended in cohort order as outcomes arrive.
+class Ledger:
+    """A round's weighted sum, extended in cohort order by whichever process completes the next position.
 
-    :meth:`offer` places the outcome of cohort position ``i`` (an update or a
-    failure, in any order); every time the next position in cohort order is
-    present, its update joins the chain (a failure or a dropped straggler is
-    skipped). :meth:`result` is the round's ``Aggregate`` once every position was
-    offered (``like``, the broadcast, gives the shape of an empty round's zeros).
-    The sum is this object's own memory: an offered delta may be overwritten once
-    the chain has passed its position.
+    The parallel executor's workers share one ledger (created before the fork): shared
+    memory for the sum and for parked updates, and a few shared counters guarded by
+    ``lock``. A worker that completes cohort position ``i``:
+
+    * when ``i`` is the next position of the chain, adds its update itself (an update the
+      chain must skip -- a failure, a dropped straggler -- adds nothing) and goes on with
+      every later position already parked, in order, until it reaches one still training;
+    * otherwise parks the update: it lies in a slot of the ledger's memory (trained there,
+      or copied there) and the ledger records its position, slot and weight; whoever adds
+      the position before it later adds it. With no slot to park in, it waits until the
+      chain reaches ``i`` (the position before ``i`` is always being trained by another
+      process, so the wait ends).
+
+    Each tensor is therefore one left-to-right chain over the accepted updates in cohort
+    order -- ``w0 * x0``, then ``add_(x, alpha=w)``, as :meth:`Params.accumulate` -- whatever
+    order the clients finish in and whichever process adds them, and the sum is done while
+    the round is still training, next to the update in the cache of the core that wrote it.
+    Slots are taken lowest first, so the memory the ledger touches is the few updates
+    parked at once, not the cohort.
+
+    ``slot_bytes`` must hold one update (:func:`slot_size`); the region has ``slots`` slots
+    for parked updates plus one for the sum. The table of parked positions is a ring of
+    ``table`` entries: a position is parked only within ``table`` of the chain's next.
     """
 
-    def __init__(self, size: int, like: Params) -> None:
-        self._pending: dict[int, ClientUpdate | None] = {}
-        self._next, self._size, self._like = 0, size, like
-        self._acc: Params | None = None
-        self._weights: list[float] = []
+    NEXT, ADDED = 0, 1
 
-    def offer(self, position: int, outcome: object) -> None:
-        self._pending[position] = outcome if isinstance(outcome, ClientUpdate) else None
-        while self._next in self._pending:
-            update = self._pending.pop(self._next)
-            self._next += 1
-            if update is None or not accepted([update]):
-                continue
-            self._acc = Params.accumulate(self._acc, [update.delta], [update.weight])
-            self._weights.append(update.weight)
+    def __init__(self, slots: int, slot_bytes: int, table: int, lock: AbstractContextManager[Any]) -> None:
+        if slots < 0 or table < 1:
+            raise ValueError(f"a ledger needs slots >= 0 and table >= 1, got {slots} and {table}")
+        self.region = Arena(max(slot_bytes * (slots + 1), 1 << 12))
+        slots = min(slots, self.region.nbytes // slot_bytes - 1)  # the OS may grant less
+        self.slots, self.slot_bytes, self.table, self.lock = max(slots, 0), slot_bytes, table, lock
+        self._counters = RawArray(ctypes.c_int64, 2)
+        self._busy = RawArray(ctypes.c_int8, max(self.slots, 1))
+        self._pos = RawArray(ctypes.c_int64, table)
+        self._slot = RawArray(ctypes.c_int64, table)
+        self._weight = RawArray(ctypes.c_double, table)
+        self._views: dict[
+            tuple[int, tuple[tuple[tuple[int, ...], torch.dtype], ...]], list[torch.Tensor]
+        ] = {}
 
-    @property
-    def passed(self) -> int:
-        """How many positions from the start of the cohort the chain has passed (their deltas are free)."""
-        return self._next
+    # ---- the main process, between rounds -----------------------------------
+    def begin(self) -> None:
+        """Start a round's chain (caller holds ``lock``; no process is inside the round)."""
+        ctypes.memset(self._counters, 0, ctypes.sizeof(self._counters))
+        ctypes.memset(self._busy, 0, ctypes.sizeof(self._busy))
+        ctypes.memset(self._pos, 0xFF, ctypes.sizeof(self._pos))  # -1: no position parked there
 
-    def result(self) -> Aggregate:
-        if self._next != self._size:
-            raise RuntimeError(f"the chain holds {self._next} of {self._size} cohort positions")
-        if self._acc is None:
-            return finished(None, self._like.zeros_like(), 0, 0.0)
-        return finished(self._acc, self._like, len(self._weights), _total(self._weights))
+    def result(
+        self, outcomes: Sequence[object], like: Sequence[torch.Tensor], names: Sequence[str]
+    ) -> Aggregate:
+        """The round's ``Aggregate`` once every position was settled (``like``: the broadcast,
+        ``names`` its keys, in the order of the updates' tensors)."""
+        kept = accepted([o for o in outcomes if isinstance(o, ClientUpdate)])
+        if self._counters[self.NEXT] != len(outcomes) or self._counters[self.ADDED] != len(kept):
+            raise RuntimeError(
+                f"the ledger passed {self._counters[self.NEXT]} of {len(outcomes)} cohort positions "
+                f"and added {self._counters[self.ADDED]} of {len(kept)} accepted updates"
+            )
+        zeros = Params({k: torch.zeros_like(t) for k, t in zip(names, like, strict=True)})
+        if not kept:
+            return finished(None, zeros, 0, 0.0)
+        acc = Params(dict(zip(names, self.views(self.slots, like), strict=True)))
+        return finished(acc, zeros, len(kept), _total([u.weight for u in kept]))
+
+    # ---- a process that trains ---------------------------------------------
+    def take(self) -> int:
+        """A free slot to train the next update into, or -1 (caller holds ``lock``)."""
+        for s in range(self.slots):
+            if not self._busy[s]:
+                self._busy[s] = 1
+                return s
+        return -1
+
+    def views(self, slot: int, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Tensors shaped like ``like`` laid out in ``slot`` (slot ``slots`` is the sum)."""
+        key = (slot, tuple((tuple(t.shape), t.dtype) for t in like))
+        got = self._views.get(key)
+        if got is None:
+            got, offset = [], slot * self.slot_bytes
+            for t in like:
+                offset = -(-offset // _ALIGN) * _ALIGN
+                got.append(self.region.view(ArenaSlice(offset, t.numel(), t.dtype)).view(t.shape))
+                offset += t.numel() * t.element_size()
+            if offset > (slot + 1) * self.slot_bytes:
+                raise ValueError(f"an update of {offset - slot * self.slot_bytes} bytes does not fit a slot")
+            self._views[key] = got
+        return got
+
+    def settle(
+        self, position: int, slot: int, outcome: object, like: Sequence[torch.Tensor], names: Sequence[str]
+    ) -> None:
+        """Add ``outcome`` (of ``position``, trained into ``slot`` or -1) to the chain, or park it."""
+        update = outcome if isinstance(outcome, ClientUpdate) and accepted([outcome]) else None
+        tensors: list[torch.Tensor] | None = None
+        weight = 0.0
+        if update is not None:
+            tensors, weight = [update.delta[k] for k in names], update.weight
+            if slot >= 0:
+                room = self.views(slot, like)
+                if any(a.data_ptr() != b.data_ptr() for a, b in zip(tensors, room, strict=True)):
+                    torch._foreach_copy_(room, tensors)  # trained elsewhere: park a copy
+        elif slot >= 0:  # nothing to add: the slot is free again
+            with self.lock:
+                self._busy[slot] = 0
+            slot = -1
+        parkable = tensors is None or slot >= 0
+        while True:
+            with self.lock:
+                nxt = self._counters[self.NEXT]
+                if nxt == position:
+                    break
+                if parkable and position < nxt + self.table:
+                    i = position % self.table
+                    self._pos[i], self._slot[i], self._weight[i] = position, slot, weight
+                    return
+            time.sleep(WAIT_S)  # no slot to park in: wait for the chain to reach this position
+        while True:  # this process extends the chain until it reaches a position still out
+            if tensors is not None:
+                self._add(tensors, weight)
+            with self.lock:
+                if slot >= 0:
+                    self._busy[slot] = 0
+                position += 1
+                self._counters[self.NEXT] = position
+                i = position % self.table
+                if self._pos[i] != position:
+                    return
+                self._pos[i] = -1
+                slot, weight = self._slot[i], self._weight[i]
+            tensors = self.views(slot, like) if slot >= 0 else None
+
+    def _add(self, tensors: list[torch.Tensor], weight: float) -> None:
+        acc = self.views(self.slots, tensors)
+        if self._counters[self.ADDED] == 0:
+            torch._foreach_copy_(acc, torch._foreach_mul(tensors, weight))
+        else:
+            torch._foreach_add_(acc, tensors, alpha=weight)
+        self._counters[self.ADDED] += 1
+
+
+def slot_size(like: Sequence[torch.Tensor]) -> int:
+    """Bytes of a :class:`Ledger` slot that holds tensors shaped like ``like``."""
+    offset = 0
+    for t in like:
+        offset = -(-offset // _ALIGN) * _ALIGN + t.numel() * t.element_size()
+    return -(-max(offset, 1) // _ALIGN) * _ALIGN
 
 
 def contiguous_shares(costs: Sequence[int], workers: int) -> list[list[int]]:
