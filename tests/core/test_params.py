@@ -48,6 +48,19 @@ def test_all_finite_detects_nan_and_inf() -> None:
     assert _p([1.0, 2.0], [3.0]).all_finite()
     assert not _p([1.0, float("nan")], [3.0]).all_finite()
     assert not _p([1.0, 2.0], [float("inf")]).all_finite()
+    assert not _p([float("inf"), float("-inf")], [3.0]).all_finite()  # their sum is NaN, not a number
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64]
+)
+def test_finite_values_whose_sum_overflows_are_finite(dtype: torch.dtype) -> None:
+    big = torch.finfo(dtype if not dtype.is_complex else torch.float32).max
+    v = torch.tensor([big, big, -1.0], dtype=dtype)
+    assert not torch.isfinite(v.sum()).all()  # the sum overflows...
+    assert Params({"w": v}).all_finite()  # ...but every element is finite
+    v[2] = float("nan")
+    assert not Params({"w": v}).all_finite()
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])

