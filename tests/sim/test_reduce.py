@@ -20,6 +20,7 @@ from fedloom.algorithms.fednova import FedNova
 from fedloom.algorithms.fedprox import FedProx
 from fedloom.algorithms.scaffold import Scaffold
 from fedloom.config.schema import ExperimentConfig
+from fedloom.core.errors import UpdateError
 from fedloom.core.params import Params
 from fedloom.sim.build import build_algorithm
 from fedloom.sim.executor import ClientFailure, torch_threads
@@ -193,3 +194,12 @@ def test_the_server_side_of_a_round_runs_with_one_torch_thread() -> None:
     assert seen == [1]
     assert torch.equal(new.params["w"], torch.tensor([1.0, 2.0, 4.0]))
     assert torch.get_num_threads() == before
+
+
+def test_an_update_that_is_not_the_models_shape_is_refused_by_name() -> None:
+    ledger, like, _ = _ledger(slots=1, table=1)
+    stray = ClientUpdate(
+        client_id=4, delta=Params({"v": torch.zeros(2)}), weight=1.0, num_examples=1, num_steps=1, metrics={}
+    )
+    with pytest.raises(UpdateError, match=r"client 4's update has entries \['v'\], not the model's \['w'\]"):
+        ledger.settle(0, -1, stray, like, ["w"])

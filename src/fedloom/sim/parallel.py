@@ -31,11 +31,13 @@ parallelism with no orchestration overhead. The pool:
   cohort order, so the model is too;
 * where the round's aggregation is FedAvg's weighted mean on the raw updates
   (:func:`fedloom.sim.reduce.not_reducible`), the runner calls
-  :meth:`ParallelExecutor.run_round_reduced` instead: the main process extends the
-  weighted sum (:class:`fedloom.sim.reduce.Chain`) with each chunk of outcomes as it
-  arrives, over the longest run of the cohort that is back, so the sum is done
-  while the workers still train rather than after the last one finishes, and the
-  runner receives the aggregate, bit-identical to summing every update afterwards.
+  :meth:`ParallelExecutor.run_round_reduced` instead: the workers extend the
+  weighted sum in cohort order themselves, through a shared
+  :class:`~fedloom.sim.reduce.Ledger` (a worker trains each update into a slot of
+  its memory; whoever completes the sum's next position adds it and every later
+  one already parked), so the sum is done while the round trains, no delta travels
+  to the main process, and the runner receives the aggregate, bit-identical to
+  summing every update afterwards.
 
 A worker that dies (killed, out of memory, segfault) makes the round raise
 :class:`~fedloom.sim.executor.ExecutorError` naming it; the pool is then shut

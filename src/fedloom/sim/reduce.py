@@ -8,9 +8,11 @@ one left-to-right chain per tensor over the accepted updates in cohort order,
 that chain while the round is still training, and hand the runner the finished
 ``Aggregate`` instead of every delta:
 
-* the parallel executor extends the chain in its main process as each client's
-  outcome arrives, over the longest run of the cohort that has come back, so the
-  sum overlaps the workers' training instead of following it;
+* the parallel executor's workers extend the chain themselves through a shared
+  :class:`Ledger`: whoever completes the chain's next position adds it, and
+  updates that finish early wait in shared memory for it, so the sum is done
+  while the round trains, next to the update in the cache of the core that
+  wrote it, and no delta travels to the main process;
 * the Ray executor's actors train *contiguous* runs of the cohort and cut the
   chain between them: actor 1 starts it over its updates, actor 2 continues it
   from actor 1's partial sum, and only the last partial sum -- one model's worth
@@ -209,6 +211,11 @@ class Ledger:
         tensors: list[torch.Tensor] | None = None
         weight = 0.0
         if update is not None:
+            if list(update.delta) != list(names):
+                raise UpdateError(
+                    f"client {update.client_id}'s update has entries {list(update.delta)}, "
+                    f"not the model's {list(names)}: it cannot join the round's sum"
+                )
             tensors, weight = [update.delta[k] for k in names], update.weight
             if slot >= 0:
                 room = self.views(slot, like)
