@@ -3,9 +3,11 @@ extend (fedloom.sim.reduce)."""
 
 from __future__ import annotations
 
+import random
 import threading
-from collections.abc import Mapping
-from dataclasses import dataclass
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 
 import pytest
 import torch
@@ -203,3 +205,99 @@ def test_an_update_that_is_not_the_models_shape_is_refused_by_name() -> None:
     )
     with pytest.raises(UpdateError, match=r"client 4's update has entries \['v'\], not the model's \['w'\]"):
         ledger.settle(0, -1, stray, like, ["w"])
+
+
+def test_integer_entries_are_summed_in_floating_point_as_params_accumulate_does() -> None:
+    # A model state with an integer buffer (BatchNorm's num_batches_tracked): the sum of w_i * x_i is
+    # a float, exactly what weighted_mean computes; an integer sum would truncate or refuse the alpha.
+    like = [torch.zeros(2), torch.zeros((), dtype=torch.int64)]
+    ledger = Ledger(3, slot_size(like), 3, threading.RLock())
+    ledger.begin()
+    outcomes: list[object] = [
+        ClientUpdate(
+            client_id=i,
+            delta=Params({"w": torch.tensor([0.1 * i, 1.0]), "n": torch.tensor(3 + i)}),
+            weight=w,
+            num_examples=1,
+            num_steps=1,
+            metrics={},
+        )
+        for i, w in enumerate([2.5, 1.25, 7.0])
+    ]
+    for i in (2, 0, 1):
+        with ledger.lock:
+            slot = ledger.take()
+        ledger.settle(i, slot, outcomes[i], like, ["w", "n"])
+    got = ledger.result(outcomes, like, ["w", "n"])
+    want, _ = weighted_mean([o for o in outcomes if isinstance(o, ClientUpdate)])
+    assert got.delta.equal(want)
+    assert got.delta["n"].dtype == torch.float32
+
+
+def test_an_update_whose_entry_has_another_dtype_or_shape_is_refused_by_name() -> None:
+    ledger, like, _ = _ledger(slots=1, table=1)
+    for bad in (torch.zeros(2, dtype=torch.float64), torch.zeros(3)):
+        stray = ClientUpdate(
+            client_id=5, delta=Params({"w": bad}), weight=1.0, num_examples=1, num_steps=1, metrics={}
+        )
+        with pytest.raises(UpdateError, match=r"client 5's update entry 'w' is .*, not the model's"):
+            ledger.settle(0, 0, stray, like, ["w"])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_threads_settling_at_random_moments_sum_in_cohort_order(seed: int) -> None:
+    # Three threads claim positions as workers do, sleep a random while (training) and settle,
+    # with two slots and a table of two: parking, waiting, draining and wrapping interleave.
+    rng = random.Random(seed)
+    n = 40
+    outcomes: list[object] = [
+        ClientFailure(i, "raised") if i % 11 == 5 else _update(i, [1e7 * (-1) ** i + i, 0.5 * i], 1.0 + i % 3)
+        for i in range(n)
+    ]
+    sleeps = [rng.random() * 0.004 for _ in range(n)]
+    like, names = [torch.zeros(2)], ["w"]
+
+    class Poisoning(Ledger):
+        """Fills a slot with NaN the moment it is taken, and reads slowly: a slot freed before the
+        sum has read it would be caught spoiling the sum."""
+
+        def take(self) -> int:
+            slot = super().take()
+            if slot >= 0:
+                self.views(slot, like)[0].fill_(float("nan"))
+            return slot
+
+        def _add(self, tensors: list[torch.Tensor], weight: float, like: Sequence[torch.Tensor]) -> None:
+            time.sleep(0.001)
+            super()._add(tensors, weight, like)
+
+    ledger = Poisoning(2, slot_size(like), 2, threading.RLock())
+    ledger.begin()
+    claim = [0]
+
+    def worker() -> None:
+        while True:
+            with ledger.lock:
+                pos = claim[0]
+                claim[0] += 1
+                slot = ledger.take() if pos < n else -1
+            if pos >= n:
+                return
+            time.sleep(sleeps[pos])
+            outcome = outcomes[pos]
+            if slot >= 0 and isinstance(outcome, ClientUpdate):  # trained into the slot, as in a pool
+                room = ledger.views(slot, like)
+                room[0].copy_(outcome.delta["w"])
+                outcome = replace(outcome, delta=Params({"w": room[0]}))
+            ledger.settle(pos, slot, outcome, like, names)
+
+    threads = [threading.Thread(target=worker) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not any(t.is_alive() for t in threads)
+    got = ledger.result(outcomes, like, names)
+    want, _ = weighted_mean([o for o in outcomes if isinstance(o, ClientUpdate)])
+    assert got.delta.equal(want)
+    assert not any(ledger._busy)

@@ -54,6 +54,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import multiprocessing as mp
+import time
 import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
@@ -73,6 +74,7 @@ from fedloom.algorithms.api import (
     Workspace,
 )
 from fedloom.algorithms.local import delta_buffers
+from fedloom.core.params import Params
 from fedloom.data.federated import FederatedDataset
 from fedloom.sim.executor import ExecutorError, Outcome, run_client
 from fedloom.sim.reduce import Ledger, slot_size, summary
@@ -163,6 +165,8 @@ def _worker_main(
                             workspace, data, pipeline, algorithm, broadcast, cids[pos], states, ctx
                         )
                     if reduced:
+                        if isinstance(outcome, ClientUpdate):  # the slot is reused once the sum passes it
+                            outcome = _state_off(outcome, ledger.region)
                         ledger.settle(pos, slot, outcome, like, names)
                         if isinstance(outcome, ClientUpdate):
                             outcome = summary(outcome)
@@ -181,16 +185,37 @@ def _worker_main(
 
 
 def _into(room: list[torch.Tensor]) -> Callable[[Sequence[torch.Tensor]], list[torch.Tensor]]:
-    """Delta buffers that are ``room`` (a ledger slot) when the update has its layout, else fresh."""
+    """Delta buffers: ``room`` (a ledger slot) for the client's first update of its layout, fresh
+    memory for anything else (a second delta computed by the same client must not share it)."""
+    given = False
 
     def buffers(like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        if len(like) == len(room) and all(
-            a.shape == b.shape and a.dtype == b.dtype for a, b in zip(like, room, strict=True)
+        nonlocal given
+        if (
+            not given
+            and len(like) == len(room)
+            and all(a.shape == b.shape and a.dtype == b.dtype for a, b in zip(like, room, strict=True))
         ):
+            given = True
             return room
         return [torch.empty_like(t, memory_format=torch.contiguous_format) for t in like]
 
     return buffers
+
+
+def _state_off(update: ClientUpdate, region: Arena) -> ClientUpdate:
+    """``update`` with any client state that lies in ``region`` (a ledger slot) copied out."""
+    state = update.client_state
+    if state is None:
+        return update
+
+    def inside(p: Params) -> bool:
+        return any(region.holds(t) is not None for t in p.values())
+
+    if not any(inside(p) for p in state.values.values()):
+        return update
+    values = {k: p.clone() if inside(p) else p for k, p in state.values.items()}
+    return replace(update, client_state=ClientState(values=values))
 
 
 def _warm_optimizer(workspace: Workspace) -> None:
@@ -293,13 +318,19 @@ class ParallelExecutor:
         finally:
             gc.unfreeze()
 
-    def close(self) -> None:
-        """Stop the workers; safe to call more than once."""
+    def close(self, *, now: bool = False) -> None:
+        """Stop the workers; safe to call more than once.
+
+        ``now``: the round was abandoned (an error, a dead worker, an interrupt), so workers may be
+        inside it, waiting for a position that will never be settled: stop them at once rather
+        than asking and waiting.
+        """
         for conn in self._conns:
             with contextlib.suppress(OSError, ValueError):
                 conn.send(_STOP)
+        deadline = time.monotonic() + (0.0 if now else 5.0)
         for proc in self._procs:
-            proc.join(timeout=5)
+            proc.join(timeout=max(deadline - time.monotonic(), 0.0))
             if proc.is_alive():
                 proc.terminate()
                 proc.join(timeout=5)
@@ -388,7 +419,7 @@ class ParallelExecutor:
         except BaseException:
             # Workers left inside this round would read a next round's message region and claim its
             # positions with this round's work: a round that did not finish takes the pool with it.
-            self.close()
+            self.close(now=True)
             raise
         missing = [cids[i] for i, r in enumerate(results) if r is None]
         if missing:  # every position is claimed once and its outcome sent before the claimant is done
@@ -418,7 +449,7 @@ class ParallelExecutor:
                 except (EOFError, OSError) as exc:
                     raise self._died(w, ctx) from exc
                 if reply[0] != "ok":
-                    self.close()
+                    self.close(now=True)
                     raise ExecutorError(f"round {ctx.round}: worker {w} failed:\n{reply[1]}")
                 _, positions, body, done = reply
                 outcomes: list[Outcome] = unpack(body, self._ups[w])
@@ -455,7 +486,7 @@ class ParallelExecutor:
         proc = self._procs[w]
         proc.join(timeout=1)
         code = proc.exitcode
-        self.close()
+        self.close(now=True)
         how = f"exit code {code}" if code is None or code >= 0 else f"signal {-code}"
         return ExecutorError(
             f"round {ctx.round}: parallel worker {w} (pid {proc.pid}) died ({how}); "

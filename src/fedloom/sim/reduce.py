@@ -39,6 +39,7 @@ reduced; such rounds return every update.
 from __future__ import annotations
 
 import ctypes
+import math
 import time
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
@@ -123,8 +124,8 @@ class Ledger:
     * otherwise parks the update: it lies in a slot of the ledger's memory (trained there,
       or copied there) and the ledger records its position, slot and weight; whoever adds
       the position before it later adds it. With no slot to park in, it waits until the
-      chain reaches ``i`` (the position before ``i`` is always being trained by another
-      process, so the wait ends).
+      chain reaches ``i``: the process that holds the chain's next position is never waiting
+      (it adds its own update), so the chain always moves on.
 
     Each tensor is therefore one left-to-right chain over the accepted updates in cohort
     order -- ``w0 * x0``, then ``add_(x, alpha=w)``, as :meth:`Params.accumulate` -- whatever
@@ -143,17 +144,21 @@ class Ledger:
     def __init__(self, slots: int, slot_bytes: int, table: int, lock: AbstractContextManager[Any]) -> None:
         if slots < 0 or table < 1:
             raise ValueError(f"a ledger needs slots >= 0 and table >= 1, got {slots} and {table}")
-        self.region = Arena(max(slot_bytes * (slots + 1), 1 << 12))
-        slots = min(slots, self.region.nbytes // slot_bytes - 1)  # the OS may grant less
-        self.slots, self.slot_bytes, self.table, self.lock = max(slots, 0), slot_bytes, table, lock
+        while True:
+            try:
+                self.region = Arena(max(slot_bytes * (slots + 1), 1 << 12))
+                break
+            except OSError:  # the OS refuses the mapping (strict overcommit): fewer slots
+                if slots == 0:
+                    raise
+                slots //= 2
+        self.slots, self.slot_bytes, self.table, self.lock = slots, slot_bytes, table, lock
         self._counters = RawArray(ctypes.c_int64, 2)
         self._busy = RawArray(ctypes.c_int8, max(self.slots, 1))
         self._pos = RawArray(ctypes.c_int64, table)
         self._slot = RawArray(ctypes.c_int64, table)
         self._weight = RawArray(ctypes.c_double, table)
-        self._views: dict[
-            tuple[int, tuple[tuple[tuple[int, ...], torch.dtype], ...]], list[torch.Tensor]
-        ] = {}
+        self._views: dict[tuple[int, _Layout], list[torch.Tensor]] = {}
 
     # ---- the main process, between rounds -----------------------------------
     def begin(self) -> None:
@@ -176,7 +181,7 @@ class Ledger:
         zeros = Params({k: torch.zeros_like(t) for k, t in zip(names, like, strict=True)})
         if not kept:
             return finished(None, zeros, 0, 0.0)
-        acc = Params(dict(zip(names, self.views(self.slots, like), strict=True)))
+        acc = Params(dict(zip(names, self.sum_views(like), strict=True)))
         return finished(acc, zeros, len(kept), _total([u.weight for u in kept]))
 
     # ---- a process that trains ---------------------------------------------
@@ -189,15 +194,24 @@ class Ledger:
         return -1
 
     def views(self, slot: int, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Tensors shaped like ``like`` laid out in ``slot`` (slot ``slots`` is the sum)."""
-        key = (slot, tuple((tuple(t.shape), t.dtype) for t in like))
+        """Tensors shaped like ``like`` laid out in ``slot`` (see :meth:`sum_views` for the sum)."""
+        return self._laid_out(slot, _layout(like))
+
+    def sum_views(self, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The sum's tensors: shaped like ``like``, in the dtype ``w * x`` has (an integer entry's sum
+        is a float, as in :meth:`Params.accumulate`)."""
+        return self._laid_out(self.slots, _summed(like))
+
+    def _laid_out(self, slot: int, layout: _Layout) -> list[torch.Tensor]:
+        key = (slot, layout)
         got = self._views.get(key)
         if got is None:
             got, offset = [], slot * self.slot_bytes
-            for t in like:
+            for shape, dtype in layout:
                 offset = -(-offset // _ALIGN) * _ALIGN
-                got.append(self.region.view(ArenaSlice(offset, t.numel(), t.dtype)).view(t.shape))
-                offset += t.numel() * t.element_size()
+                numel = math.prod(shape)
+                got.append(self.region.view(ArenaSlice(offset, numel, dtype)).view(shape))
+                offset += numel * dtype.itemsize
             if offset > (slot + 1) * self.slot_bytes:
                 raise ValueError(f"an update of {offset - slot * self.slot_bytes} bytes does not fit a slot")
             self._views[key] = got
@@ -217,6 +231,12 @@ class Ledger:
                     f"not the model's {list(names)}: it cannot join the round's sum"
                 )
             tensors, weight = [update.delta[k] for k in names], update.weight
+            for k, t, m in zip(names, tensors, like, strict=True):
+                if t.shape != m.shape or t.dtype != m.dtype:
+                    raise UpdateError(
+                        f"client {update.client_id}'s update entry {k!r} is {t.dtype} {tuple(t.shape)}, "
+                        f"not the model's {m.dtype} {tuple(m.shape)}: it cannot join the round's sum"
+                    )
             if slot >= 0:
                 room = self.views(slot, like)
                 if any(a.data_ptr() != b.data_ptr() for a, b in zip(tensors, room, strict=True)):
@@ -238,7 +258,7 @@ class Ledger:
             time.sleep(WAIT_S)  # no slot to park in: wait for the chain to reach this position
         while True:  # this process extends the chain until it reaches a position still out
             if tensors is not None:
-                self._add(tensors, weight)
+                self._add(tensors, weight, like)
             with self.lock:
                 if slot >= 0:
                     self._busy[slot] = 0
@@ -251,8 +271,8 @@ class Ledger:
                 slot, weight = self._slot[i], self._weight[i]
             tensors = self.views(slot, like) if slot >= 0 else None
 
-    def _add(self, tensors: list[torch.Tensor], weight: float) -> None:
-        acc = self.views(self.slots, tensors)
+    def _add(self, tensors: list[torch.Tensor], weight: float, like: Sequence[torch.Tensor]) -> None:
+        acc = self.sum_views(like)
         if self._counters[self.ADDED] == 0:
             torch._foreach_copy_(acc, torch._foreach_mul(tensors, weight))
         else:
@@ -261,11 +281,22 @@ class Ledger:
 
 
 def slot_size(like: Sequence[torch.Tensor]) -> int:
-    """Bytes of a :class:`Ledger` slot that holds tensors shaped like ``like``."""
+    """Bytes of a :class:`Ledger` slot that holds tensors shaped like ``like``, or their sum."""
     offset = 0
-    for t in like:
-        offset = -(-offset // _ALIGN) * _ALIGN + t.numel() * t.element_size()
+    for t, (_, dtype) in zip(like, _summed(like), strict=True):
+        offset = -(-offset // _ALIGN) * _ALIGN + t.numel() * max(t.element_size(), dtype.itemsize)
     return -(-max(offset, 1) // _ALIGN) * _ALIGN
+
+
+_Layout = tuple[tuple[tuple[int, ...], torch.dtype], ...]
+
+
+def _layout(like: Sequence[torch.Tensor]) -> _Layout:
+    return tuple((tuple(t.shape), t.dtype) for t in like)
+
+
+def _summed(like: Sequence[torch.Tensor]) -> _Layout:
+    return tuple((tuple(t.shape), torch.result_type(t, 1.0)) for t in like)
 
 
 def contiguous_shares(costs: Sequence[int], workers: int) -> list[list[int]]:
