@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+import numpy as np
 import pytest
+import torch
 from tests.sim.conftest import mnist_config
 
-from fedloom.algorithms.api import Broadcast, ClientUpdate, ServerContext
+from fedloom.algorithms.api import Broadcast, ClientUpdate, ServerContext, Workspace
 from fedloom.algorithms.fedavg import FedAvg
 from fedloom.config import load_config
 from fedloom.config.schema import ExperimentConfig
 from fedloom.core.errors import ConfigError
+from fedloom.core.params import Params
+from fedloom.data.datasets import ArrayDataset
+from fedloom.data.federated import PartitionedDataset
 from fedloom.sim.auto import choose_executor, make_executor
 from fedloom.sim.build import Components
 from fedloom.sim.executor import (
@@ -26,6 +32,7 @@ from fedloom.sim.executor import (
     lpt_assign,
 )
 from fedloom.sim.parallel import ParallelExecutor
+from fedloom.transforms.pipeline import Pipeline
 
 
 def test_lpt_balances_deterministically() -> None:
@@ -316,3 +323,26 @@ def test_the_task_optimisers_machinery_is_imported_once_before_the_fork() -> Non
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
     )
     assert out.stdout.split() == ["False", "True"]
+
+
+def test_a_model_with_an_integer_buffer_is_summed_on_the_pool_as_fedavg_aggregates() -> None:
+    # BatchNorm's num_batches_tracked is an int64 entry of the model's state: the workers' sum takes
+    # it in floating point, as FedAvg.aggregate over the sequential executor's updates does.
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 3))
+    g = torch.Generator().manual_seed(1)
+    base = ArrayDataset(torch.randn(150, 4, generator=g), torch.randint(0, 3, (150,), generator=g), 3)
+    bounds = [0, 12, 30, 41, 60, 84, 97, 120, 150]  # clients of unequal size
+    data = PartitionedDataset(base, [np.arange(a, b) for a, b in itertools.pairwise(bounds)])
+    ws, pipeline, algo = Workspace(module), Pipeline(), FedAvg()
+    assert module.state_dict()["1.num_batches_tracked"].dtype == torch.int64
+    bc = algo.broadcast(algo.server_init(Params.from_module(module)))
+    ctx = ServerContext(seed=0, round=1, population=data.num_clients)
+    cohort = list(range(data.num_clients))
+    updates = SequentialExecutor(ws, data, pipeline, threads=1).run_round(algo, bc, cohort, {}, ctx)
+    want = algo.aggregate([u for u in updates if isinstance(u, ClientUpdate)], ctx)
+    with ParallelExecutor(ws, data, pipeline, workers=2) as ex:
+        _, got = ex.run_round_reduced(algo, bc, cohort, {}, ctx)
+    assert got is not None
+    assert got.delta.equal(want.delta)
+    assert got.delta["1.num_batches_tracked"].dtype == want.delta["1.num_batches_tracked"].dtype
