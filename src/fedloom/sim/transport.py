@@ -52,8 +52,7 @@ class Arena:
     Pages are only backed when first written, so a generous size costs nothing
     until it is used. :meth:`alloc` hands out aligned slices until the region is
     full (then it returns ``None`` and :func:`pack` falls back to a fresh shared
-    buffer); :meth:`reset` makes the whole region free again, or, given a window,
-    hands out only ``[start, end)`` until the next reset.
+    buffer); :meth:`reset` makes the whole region free again.
     """
 
     def __init__(self, nbytes: int) -> None:
@@ -61,20 +60,17 @@ class Arena:
             raise ValueError(f"an arena needs at least {_ALIGN} bytes, got {nbytes}")
         self.nbytes = nbytes
         self._mm = mmap.mmap(-1, nbytes)  # MAP_SHARED | MAP_ANONYMOUS: inherited by fork
-        self._top, self._end = 0, nbytes
+        self._top = 0
         self._base = torch.frombuffer(self._mm, dtype=torch.uint8).data_ptr()
 
-    def reset(self, start: int = 0, end: int | None = None) -> None:
-        """Hand out ``[start, end)`` from now on (the whole region by default)."""
-        end = self.nbytes if end is None else end
-        if not 0 <= start <= end <= self.nbytes:
-            raise ValueError(f"window [{start}, {end}) is not inside an arena of {self.nbytes} bytes")
-        self._top, self._end = start, end
+    def reset(self) -> None:
+        """Hand out the whole region again."""
+        self._top = 0
 
     def alloc(self, n: int, dtype: torch.dtype) -> tuple[ArenaSlice, torch.Tensor] | None:
         size = n * dtype.itemsize
         start = -(-self._top // _ALIGN) * _ALIGN
-        if start + size > self._end:
+        if start + size > self.nbytes:
             return None
         self._top = start + size
         where = ArenaSlice(offset=start, numel=n, dtype=dtype)
