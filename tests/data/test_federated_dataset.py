@@ -87,3 +87,83 @@ def test_bad_indices_are_all_reported() -> None:
 def test_no_clients_is_an_error() -> None:
     with pytest.raises(DataError, match="at least one client"):
         PartitionedDataset(base(), [])
+
+
+def test_client_data_is_a_view_gathered_on_first_read() -> None:
+    data = PartitionedDataset(base(), [np.array([5, 1, 3]), np.array([0])]).client_data(0)
+    assert isinstance(data, ArrayDataset)
+    assert (len(data), data.num_classes, data.is_classification) == (3, 4, True)
+    assert {"x", "y"}.isdisjoint(vars(data))  # nothing gathered yet
+    # A batch is gathered from the base: rows 5, 1, 3 of the base at positions 2, 0, and a slice.
+    xb, yb = data.batch(torch.tensor([2, 0]))
+    assert torch.equal(xb, torch.tensor([[3.0, -3.0], [5.0, -5.0]]))
+    assert torch.equal(yb, torch.tensor([2, 2]))
+    xs, ys = data.batch(slice(1, 3))
+    assert torch.equal(xs, torch.tensor([[1.0, -1.0], [3.0, -3.0]]))
+    assert torch.equal(ys, torch.tensor([0, 2]))
+    assert "x" not in vars(data)
+    assert torch.equal(data.x, torch.tensor([[5.0, -5.0], [1.0, -1.0], [3.0, -3.0]]))
+    assert torch.equal(data.y, torch.tensor([2, 0, 2]))
+    assert data.x is data.x  # gathered once
+    # A plain dataset's batch is the same indexing.
+    px, py = ArrayDataset(data.x, data.y, 4).batch(slice(1, 3))
+    assert torch.equal(px, xs)
+    assert torch.equal(py, ys)
+
+
+def test_a_view_of_a_view_indexes_the_base() -> None:
+    view = base().rows(torch.tensor([6, 5, 4, 3]))
+    inner = view.rows(torch.tensor([3, 0]))  # rows 3 and 6 of the base
+    assert torch.equal(inner.x, torch.tensor([[3.0, -3.0], [6.0, -6.0]]))
+    assert torch.equal(inner.y, torch.tensor([2, 0]))
+
+
+def test_a_pickled_view_carries_its_rows_only() -> None:
+    import pickle
+
+    big = ArrayDataset(torch.zeros(10_000, 8), torch.zeros(10_000, dtype=torch.int64), 2)
+    view = big.rows(torch.tensor([1, 2, 3]))
+    raw = pickle.dumps(view)
+    assert len(raw) < 4_000  # the base is 320 kB
+    back = pickle.loads(raw)
+    assert type(back) is ArrayDataset
+    assert torch.equal(back.x, view.x)
+    assert torch.equal(back.y, view.y)
+    assert back.num_classes == 2
+
+
+def test_unknown_attribute_of_a_view_is_an_attribute_error() -> None:
+    with pytest.raises(AttributeError, match="no attribute 'z'"):
+        _ = fed().client_data(0).z  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("algorithm", ["fedavg", "fedprox", "scaffold-I"])
+def test_training_a_view_equals_training_its_copy_and_gathers_only_batches(algorithm: str) -> None:
+    from torch import nn
+
+    from fedloom.algorithms import ClientContext, FedAvg, FedProx, LocalSGD, Scaffold, Workspace
+    from fedloom.core.params import Params
+
+    gen = torch.Generator().manual_seed(3)
+    pool = ArrayDataset(torch.randn(50, 6, generator=gen), torch.randint(0, 3, (50,), generator=gen), 3)
+    rows = torch.tensor([41, 7, 7, 30, 2, 19, 48, 11, 25, 3, 36])  # unsorted, one repeated
+    local = LocalSGD(lr=0.1, epochs=2, batch_size=4)
+    algo = {
+        "fedavg": FedAvg(local=local),
+        "fedprox": FedProx(local=local, mu=0.5),
+        "scaffold-I": Scaffold(local=local, option="I"),
+    }[algorithm]
+
+    def update(data: ArrayDataset) -> Params:
+        torch.manual_seed(0)
+        ws = Workspace(nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)))
+        bc = algo.broadcast(algo.server_init(Params(ws.module.state_dict()).clone()))
+        return algo.client_update(ws, bc, None, data, ClientContext(seed=1, round=1, client_id=4)).delta
+
+    view = pool.rows(rows)
+    from_view = update(view)
+    assert {"x", "y"}.isdisjoint(vars(view))  # fedloom's loop read batches only
+    copied = ArrayDataset(pool.x.index_select(0, rows), pool.y.index_select(0, rows), 3)
+    from_copy = update(copied)
+    assert list(from_view) == list(from_copy)
+    assert all(torch.equal(from_view[k], from_copy[k]) for k in from_copy)

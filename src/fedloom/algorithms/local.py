@@ -328,7 +328,8 @@ class TrainContext:
         bs = batch_size if batch_size is not None else self.batch_size
         data = self._data
         for idx in _order(len(data), bs, self.max_steps, self._ctx.rng("local-shuffle")):
-            yield data.x[idx].to(self.device), data.y[idx].to(self.device)
+            xb, yb = data.batch(idx)
+            yield xb.to(self.device), yb.to(self.device)
 
     def optimizer(self, params: Any = None) -> torch.optim.Optimizer:
         """The task's local optimiser (plain SGD by default) over ``params``, attached.
@@ -480,7 +481,8 @@ def _batch_loss(
     workspace: Workspace, data: ArrayDataset, idx: torch.Tensor, ctx: ClientContext
 ) -> torch.Tensor:
     dev = workspace.device
-    xb, yb = data.x[idx].to(dev), data.y[idx].to(dev)
+    xb, yb = data.batch(idx)
+    xb, yb = xb.to(dev), yb.to(dev)
     loss = workspace.loss_fn(workspace.module(xb), yb)
     if loss.ndim != 0:
         raise TrainingError(
@@ -598,7 +600,7 @@ def _loop(
     """
     named = dict(workspace.module.named_parameters())
     params: list[torch.Tensor] = [named[name] for name in workspace.trainable]
-    losses: list[torch.Tensor] = []
+    losses: torch.Tensor | None = None
     step = 0
     for idx in _order(len(data), cfg.batch_size, total_steps, ctx.rng("local-shuffle")):
         for p in params:
@@ -614,10 +616,12 @@ def _loop(
             if correction is not None:
                 correction([p.detach() for p in params], grads)
         update(params, grads)
-        losses.append(loss.detach())
+        if losses is None:
+            losses = torch.empty(total_steps, dtype=loss.dtype, device=loss.device)
+        losses[step] = loss.detach()
         step += 1
     loss_sum = 0.0  # one transfer after the loop, not one per step; then a plain left-to-right sum
-    for value in torch.stack(losses).to("cpu", torch.float64).tolist() if losses else ():
+    for value in losses[:step].to("cpu", torch.float64).tolist() if losses is not None else ():
         loss_sum += value
     return step, loss_sum
 

@@ -98,8 +98,8 @@ def full_gradient(workspace: Workspace, at: Params, data: ArrayDataset, batch_si
     for p in params:
         p.grad = None
     for begin in range(0, n, batch_size):
-        xb = data.x[begin : begin + batch_size].to(workspace.device)
-        yb = data.y[begin : begin + batch_size].to(workspace.device)
+        xb, yb = data.batch(slice(begin, begin + batch_size))
+        xb, yb = xb.to(workspace.device), yb.to(workspace.device)
         loss = workspace.loss_fn(module(xb), yb) * (len(yb) / n)
         loss.backward()
     grads = {

@@ -158,14 +158,54 @@ class ArrayDataset:
         t = torch.tensor(idx.astype(np.int64, copy=False), dtype=torch.int64)
         return ArrayDataset(self.x.index_select(0, t), self.y.index_select(0, t), self.num_classes)
 
+    def batch(self, idx: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """The examples at ``idx`` (int64 row numbers, or a slice) as ``(x, y)``."""
+        return self.x[idx], self.y[idx]
+
     def rows(self, rows: torch.Tensor) -> ArrayDataset:
         """The examples at ``rows`` (int64 row numbers the caller has already checked to be in range).
 
-        :meth:`subset` without its checks, for row sets validated once (a partition's clients):
-        no label scan, no range check, so taking a client's data costs the copy alone.
+        :meth:`subset` without its checks, for row sets validated once (a partition's clients).
+        The result is a view: its :meth:`batch` gathers a batch's rows from this dataset, and
+        ``x`` and ``y`` are gathered in full only when first read. A client trained by
+        fedloom's own loop therefore never holds a copy of its data.
         """
-        out = object.__new__(ArrayDataset)
-        object.__setattr__(out, "x", self.x.index_select(0, rows))
-        object.__setattr__(out, "y", self.y.index_select(0, rows))
-        object.__setattr__(out, "num_classes", self.num_classes)
-        return out
+        return _Rows(self, rows)
+
+
+class _Rows(ArrayDataset):
+    """``base``'s examples at ``rows``: an :class:`ArrayDataset` whose ``x`` and ``y`` are gathered
+    on first read, and whose batches are gathered from ``base`` directly (the same values)."""
+
+    _base: ArrayDataset
+    _rows: torch.Tensor
+
+    def __init__(self, base: ArrayDataset, rows: torch.Tensor) -> None:
+        if isinstance(base, _Rows):  # a view of a view indexes the first base
+            rows = base._rows[rows]
+            base = base._base
+        object.__setattr__(self, "_base", base)
+        object.__setattr__(self, "_rows", rows)
+        object.__setattr__(self, "num_classes", base.num_classes)
+
+    def __getattr__(self, name: str) -> Any:
+        # Called only where normal lookup fails: ``x`` or ``y`` before their first read.
+        if name in ("x", "y"):
+            full = getattr(self._base, name).index_select(0, self._rows)
+            object.__setattr__(self, name, full)
+            return full
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __len__(self) -> int:
+        return int(self._rows.shape[0])
+
+    @property
+    def is_classification(self) -> bool:
+        return self._base.is_classification
+
+    def batch(self, idx: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = self._rows[idx]
+        return self._base.x.index_select(0, rows), self._base.y.index_select(0, rows)
+
+    def __reduce__(self) -> tuple[Any, ...]:  # pickled (to another process) as the plain dataset it is
+        return (ArrayDataset, (self.x, self.y, self.num_classes))

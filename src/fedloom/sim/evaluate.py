@@ -42,8 +42,8 @@ def evaluate(workspace: Workspace, params: Params, data: ArrayDataset, *, batch_
     n = len(data)
     with torch.no_grad():
         for begin in range(0, n, batch_size):
-            xb = data.x[begin : begin + batch_size].to(dev)
-            yb = data.y[begin : begin + batch_size].to(dev)
+            xb, yb = data.batch(slice(begin, begin + batch_size))
+            xb, yb = xb.to(dev), yb.to(dev)
             out = module(xb)
             total_loss += workspace.loss_fn(out, yb).to("cpu", torch.float64) * len(yb)
             if workspace.metrics:

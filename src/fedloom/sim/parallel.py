@@ -52,6 +52,7 @@ sequential executor.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import gc
 import multiprocessing as mp
 import time
@@ -97,6 +98,9 @@ TENSORS_PER_CLIENT = 3
 ARENA_CAP = 1 << 30
 # The least number of entries in a ledger's table of parked positions.
 MIN_TABLE = 64
+# A worker hands its heap's free pages back to the system after a client when at least this long
+# has passed since it last did (see _heap_trimmer).
+TRIM_EVERY_S = 0.5
 # How often the main process, waiting for the workers' shared lock, checks that they are alive.
 LOCK_CHECK_S = 1.0
 
@@ -128,6 +132,7 @@ def _worker_main(
     :class:`~fedloom.sim.reduce.Ledger`). The outcomes sent back carry no delta.
     """
     torch.set_num_threads(1)
+    trim = _heap_trimmer(TRIM_EVERY_S)
 
     def in_arena(like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         return [up.empty(t) for t in like]
@@ -172,6 +177,7 @@ def _worker_main(
                             outcome = summary(outcome)
                     chunk.append(outcome)
                     positions.append(pos)
+                    trim()
                     if len(chunk) == CHUNK or pos >= n - TAIL:
                         # What lies in ``up`` already is not copied.
                         conn.send(("ok", positions, pack(chunk, up), False))
@@ -182,6 +188,34 @@ def _worker_main(
                 conn.send(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
     except KeyboardInterrupt:
         return
+
+
+def _heap_trimmer(every_s: float) -> Callable[[], None]:
+    """A call that runs glibc's ``malloc_trim(0)`` when ``every_s`` seconds have passed since it last did.
+
+    A client's training frees what it allocated, but glibc keeps the freed pages of its heap
+    resident, scattered between live blocks, and the next client's allocations land on
+    pages of their own as often as on those: a worker's private memory grows by a client's
+    live set again and again. ``malloc_trim(0)`` returns every free page of the heap. After
+    a client that ran for ``every_s`` or more, its cost (a walk of the free lists and the
+    page faults that map the pages again) is noise; short clients trim once per ``every_s``.
+    Elsewhere than glibc (musl, macOS) the call does nothing.
+    """
+    try:
+        release = ctypes.CDLL(None).malloc_trim
+    except (AttributeError, OSError):
+        return lambda: None
+    release.argtypes = [ctypes.c_size_t]
+    last = time.monotonic()
+
+    def trim() -> None:
+        nonlocal last
+        now = time.monotonic()
+        if now - last >= every_s:
+            release(0)
+            last = time.monotonic()
+
+    return trim
 
 
 def _into(room: list[torch.Tensor]) -> Callable[[Sequence[torch.Tensor]], list[torch.Tensor]]:

@@ -286,7 +286,8 @@ def check_task(task: Task, workspace: Workspace, data: ArrayDataset, what: str) 
     n = min(len(data), 4)
     if n == 0:
         return
-    xb, yb = data.x[:n].to(workspace.device), data.y[:n].to(workspace.device)
+    xb, yb = data.batch(slice(0, n))
+    xb, yb = xb.to(workspace.device), yb.to(workspace.device)
     module = workspace.module
     was_training = module.training
     module.eval()
