@@ -8,8 +8,10 @@ they are training, so memory stays bounded by the cohort, not the federation.
 
 :class:`PartitionedDataset` is the usual implementation: one shared base
 :class:`~fedloom.data.datasets.ArrayDataset` plus an index array per client (as
-produced by :mod:`fedloom.data.partition`). It caches nothing; every
-``client_data`` call gathers that client's rows afresh.
+produced by :mod:`fedloom.data.partition`). It caches nothing; ``client_data``
+returns a view of the client's rows (:meth:`~fedloom.data.datasets.ArrayDataset.rows`):
+training reads it batch by batch through ``batch(idx)``, which gathers only that
+batch's rows from the base, and ``x``/``y`` are gathered when first read.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ class FederatedDataset(Protocol):
         ...
 
     def client_data(self, cid: int) -> ArrayDataset:
-        """The examples of client ``cid`` as a fresh dataset."""
+        """The examples of client ``cid`` as a dataset of its own (changing it leaves the federation's unchanged)."""
         ...
 
 

@@ -190,29 +190,35 @@ def _worker_main(
         return
 
 
-def _heap_trimmer(every_s: float) -> Callable[[], None]:
-    """A call that runs glibc's ``malloc_trim(0)`` when ``every_s`` seconds have passed since it last did.
-
-    A client's training frees what it allocated, but glibc keeps the freed pages of its heap
-    resident, scattered between live blocks, and the next client's allocations land on
-    pages of their own as often as on those: a worker's private memory grows by a client's
-    live set again and again. ``malloc_trim(0)`` returns every free page of the heap. After
-    a client that ran for ``every_s`` or more, its cost (a walk of the free lists and the
-    page faults that map the pages again) is noise; short clients trim once per ``every_s``.
-    Elsewhere than glibc (musl, macOS) the call does nothing.
-    """
+def _malloc_trim() -> Callable[[], object]:
+    """glibc's ``malloc_trim(0)``, which hands every free page of the heap back to the system;
+    elsewhere (musl, macOS) a call that does nothing."""
     try:
         release = ctypes.CDLL(None).malloc_trim
     except (AttributeError, OSError):
         return lambda: None
     release.argtypes = [ctypes.c_size_t]
+    return lambda: release(0)
+
+
+def _heap_trimmer(every_s: float) -> Callable[[], None]:
+    """A call that runs :func:`_malloc_trim` when ``every_s`` seconds have passed since it last did.
+
+    A client's training frees what it allocated, but glibc keeps the freed pages of its heap
+    resident, scattered between live blocks, and the next client's allocations land on
+    pages of their own as often as on those: left alone, a worker's private memory creeps
+    up from client to client. After a client that ran for ``every_s`` or more, a trim's
+    cost (about a millisecond, and the page faults that map the pages again) is noise;
+    short clients trim once per ``every_s``.
+    """
+    release = _malloc_trim()
     last = time.monotonic()
 
     def trim() -> None:
         nonlocal last
         now = time.monotonic()
         if now - last >= every_s:
-            release(0)
+            release()
             last = time.monotonic()
 
     return trim
@@ -322,6 +328,7 @@ class ParallelExecutor:
         self._ledger = Ledger(slots, slot, max(cohort_size, slots, MIN_TABLE), self._claim.get_lock())
         gc.collect()
         gc.freeze()  # objects alive now stay out of the GC's reach, so children share their pages
+        _malloc_trim()()  # and free heap pages are not inherited, to be held by every worker
         try:
             for i in range(self.workers):
                 parent, child = ctx.Pipe(duplex=True)
