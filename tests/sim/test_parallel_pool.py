@@ -349,35 +349,36 @@ def test_a_model_with_an_integer_buffer_is_summed_on_the_pool_as_fedavg_aggregat
 
 
 _FRAGMENTED_HEAP = """
-import sys
+import time
 import torch
-from fedloom.sim.parallel import _heap_trimmer
+from fedloom.sim.parallel import _after_long_clients
 
 def resident_mb():
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) // 1024 for line in f if line.startswith("RssAnon"))
 
-lazy, eager = _heap_trimmer(3600.0), _heap_trimmer(0.0)
 blocks = [torch.ones(15_000) for _ in range(3_000)]  # 180 MB in 60 kB blocks: heap, not mmap
 pin = torch.ones(300)  # a live block above them keeps the heap's top from shrinking by itself
 held = resident_mb()
 del blocks
 freed = resident_mb()
-lazy()  # its interval has not passed: nothing is trimmed
-after_lazy = resident_mb()
-eager()
-print(held, freed, after_lazy, resident_mb())
+after_long = _after_long_clients(0.3)
+after_long()  # a short "client": nothing is trimmed
+after_short = resident_mb()
+time.sleep(0.4)
+after_long()  # a long one: the heap's free pages go back
+print(held, freed, after_short, resident_mb())
 """
 
 
-def test_heap_trimmer_returns_freed_heap_pages_once_its_interval_has_passed() -> None:
+def test_worker_trim_returns_freed_heap_pages_after_a_long_client_only() -> None:
     import subprocess
     import sys
 
     out = subprocess.run(
         [sys.executable, "-c", _FRAGMENTED_HEAP], capture_output=True, text=True, check=True, timeout=120
     )
-    held, freed, after_lazy, after_trim = map(int, out.stdout.split())
+    held, freed, after_short, after_trim = map(int, out.stdout.split())
     assert freed > held - 20  # glibc kept the freed blocks' pages
-    assert after_lazy > held - 20
+    assert after_short > held - 20
     assert after_trim < held - 150  # malloc_trim returned them

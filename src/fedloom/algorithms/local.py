@@ -600,6 +600,10 @@ def _loop(
     """
     named = dict(workspace.module.named_parameters())
     params: list[torch.Tensor] = [named[name] for name in workspace.trainable]
+    # The step losses are summed left to right in float64: on the CPU as they come; elsewhere
+    # from one buffer read after the loop (one transfer, not one per step). One buffer, not a
+    # tensor kept per step: those small blocks, left between a step's large ones, fragment the heap.
+    loss_sum = 0.0
     losses: torch.Tensor | None = None
     step = 0
     for idx in _order(len(data), cfg.batch_size, total_steps, ctx.rng("local-shuffle")):
@@ -616,11 +620,13 @@ def _loop(
             if correction is not None:
                 correction([p.detach() for p in params], grads)
         update(params, grads)
-        if losses is None:
-            losses = torch.empty(total_steps, dtype=loss.dtype, device=loss.device)
-        losses[step] = loss.detach()
+        if loss.device.type == "cpu":
+            loss_sum += loss.item()
+        else:
+            if losses is None:
+                losses = torch.empty(total_steps, dtype=loss.dtype, device=loss.device)
+            losses[step] = loss.detach()
         step += 1
-    loss_sum = 0.0  # one transfer after the loop, not one per step; then a plain left-to-right sum
     for value in losses[:step].to("cpu", torch.float64).tolist() if losses is not None else ():
         loss_sum += value
     return step, loss_sum

@@ -98,9 +98,9 @@ TENSORS_PER_CLIENT = 3
 ARENA_CAP = 1 << 30
 # The least number of entries in a ledger's table of parked positions.
 MIN_TABLE = 64
-# A worker hands its heap's free pages back to the system after a client when at least this long
-# has passed since it last did (see _heap_trimmer).
-TRIM_EVERY_S = 0.5
+# A worker hands its heap's free pages back to the system after a client that took at least this
+# long (see _after_long_clients).
+TRIM_AFTER_S = 0.5
 # How often the main process, waiting for the workers' shared lock, checks that they are alive.
 LOCK_CHECK_S = 1.0
 
@@ -132,7 +132,7 @@ def _worker_main(
     :class:`~fedloom.sim.reduce.Ledger`). The outcomes sent back carry no delta.
     """
     torch.set_num_threads(1)
-    trim = _heap_trimmer(TRIM_EVERY_S)
+    trim = _after_long_clients(TRIM_AFTER_S)
 
     def in_arena(like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         return [up.empty(t) for t in like]
@@ -201,15 +201,16 @@ def _malloc_trim() -> Callable[[], object]:
     return lambda: release(0)
 
 
-def _heap_trimmer(every_s: float) -> Callable[[], None]:
-    """A call that runs :func:`_malloc_trim` when ``every_s`` seconds have passed since it last did.
+def _after_long_clients(at_least_s: float) -> Callable[[], None]:
+    """A call, made after each client, that runs :func:`_malloc_trim` when that client (the time
+    since the previous call) took ``at_least_s`` or more.
 
     A client's training frees what it allocated, but glibc keeps the freed pages of its heap
     resident, scattered between live blocks, and the next client's allocations land on
     pages of their own as often as on those: left alone, a worker's private memory creeps
-    up from client to client. After a client that ran for ``every_s`` or more, a trim's
-    cost (about a millisecond, and the page faults that map the pages again) is noise;
-    short clients trim once per ``every_s``.
+    up from client to client. After a long client a trim's cost (about a millisecond, and
+    the page faults that map the pages again) is noise; short clients have small live sets
+    and are not trimmed after.
     """
     release = _malloc_trim()
     last = time.monotonic()
@@ -217,9 +218,10 @@ def _heap_trimmer(every_s: float) -> Callable[[], None]:
     def trim() -> None:
         nonlocal last
         now = time.monotonic()
-        if now - last >= every_s:
+        if now - last >= at_least_s:
             release()
-            last = time.monotonic()
+            now = time.monotonic()
+        last = now
 
     return trim
 
