@@ -97,3 +97,30 @@ def test_server_momentum_accumulates() -> None:
     p2, _ = opt.step(p1, d, slots, 2)
     assert float(p1["w"]) == pytest.approx(1.0)
     assert float(p2["w"]) == pytest.approx(2.9)
+
+
+def test_mean_training_loss_is_the_step_losses_summed_in_float64() -> None:
+    from fedloom.algorithms import local_sgd
+
+    # Two examples in one full batch: the batch mean and its gradient do not depend on the
+    # shuffle, so a hand replay of plain SGD gives the same three step losses.
+    x, y = torch.tensor([[1.0], [3.0]]), torch.tensor([[2.0], [-1.0]])
+    model = nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(0.3)
+    start = Params({"weight": model.weight.detach().clone()})
+    replay: list[float] = []
+    w = torch.tensor([[0.3]], requires_grad=True)
+    for _ in range(3):
+        loss = torch.mean((x @ w.T - y) ** 2)
+        (g,) = torch.autograd.grad(loss, [w])
+        with torch.no_grad():
+            w -= 0.05 * g
+        replay.append(loss.item())
+    assert len(set(replay)) == 3  # three different float32 losses
+    ws = Workspace(model, loss_fn=nn.MSELoss())
+    result = local_sgd(
+        ws, start, ArrayDataset(x, y), LocalSGD(lr=0.05, epochs=3, batch_size=2), ClientContext(0, 1, 0)
+    )
+    assert result.num_steps == 3
+    assert result.mean_loss == (replay[0] + replay[1] + replay[2]) / 3

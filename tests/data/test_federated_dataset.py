@@ -154,16 +154,52 @@ def test_training_a_view_equals_training_its_copy_and_gathers_only_batches(algor
         "scaffold-I": Scaffold(local=local, option="I"),
     }[algorithm]
 
-    def update(data: ArrayDataset) -> Params:
+    def update(data: ArrayDataset) -> tuple[Params, dict[str, float]]:
         torch.manual_seed(0)
         ws = Workspace(nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)))
         bc = algo.broadcast(algo.server_init(Params(ws.module.state_dict()).clone()))
-        return algo.client_update(ws, bc, None, data, ClientContext(seed=1, round=1, client_id=4)).delta
+        upd = algo.client_update(ws, bc, None, data, ClientContext(seed=1, round=1, client_id=4))
+        return upd.delta, dict(upd.metrics)
 
     view = pool.rows(rows)
-    from_view = update(view)
+    from_view, view_metrics = update(view)
     assert {"x", "y"}.isdisjoint(vars(view))  # fedloom's loop read batches only
     copied = ArrayDataset(pool.x.index_select(0, rows), pool.y.index_select(0, rows), 3)
-    from_copy = update(copied)
+    from_copy, copy_metrics = update(copied)
+    assert view_metrics == copy_metrics
+    assert view_metrics["train_loss"] > 0
     assert list(from_view) == list(from_copy)
     assert all(torch.equal(from_view[k], from_copy[k]) for k in from_copy)
+
+
+def test_a_view_is_frozen_and_replace_gives_a_plain_dataset() -> None:
+    import dataclasses
+
+    view = base().rows(torch.tensor([4, 0]))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        view.x = torch.zeros(2, 2)  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        view.extra = 1  # type: ignore[attr-defined]
+    flipped = dataclasses.replace(view, y=torch.tensor([0, 2]))
+    assert type(flipped) is ArrayDataset
+    assert torch.equal(flipped.x, torch.tensor([[4.0, -4.0], [0.0, 0.0]]))
+    assert torch.equal(flipped.y, torch.tensor([0, 2]))
+
+
+def test_batch_takes_the_same_shapes_from_a_view_as_from_a_plain_dataset() -> None:
+    view = base().rows(torch.tensor([6, 2, 5]))
+    plain = ArrayDataset(view.x, view.y, 4)
+    for idx in (1, torch.tensor(2), torch.tensor([2, 0]), slice(0, 2)):
+        for got, want in zip(view.batch(idx), plain.batch(idx), strict=True):
+            assert got.shape == want.shape
+            assert torch.equal(got, want)
+
+
+def test_compact_keeps_only_the_views_rows() -> None:
+    pool = base()
+    view = pool.rows(torch.tensor([3, 1]))
+    own = view.compact()
+    assert type(own) is ArrayDataset
+    assert torch.equal(own.x, torch.tensor([[3.0, -3.0], [1.0, -1.0]]))
+    assert own.x.untyped_storage().nbytes() == own.x.numel() * 4  # not a view of the pool's storage
+    assert pool.compact() is pool

@@ -601,10 +601,12 @@ def _loop(
     named = dict(workspace.module.named_parameters())
     params: list[torch.Tensor] = [named[name] for name in workspace.trainable]
     # The step losses are summed left to right in float64: on the CPU as they come; elsewhere
-    # from one buffer read after the loop (one transfer, not one per step). One buffer, not a
-    # tensor kept per step: those small blocks, left between a step's large ones, fragment the heap.
+    # from one float64 buffer read after the loop (one transfer, not one per step). One buffer,
+    # not a tensor kept per step: those small blocks, left between a step's large ones, fragment
+    # the heap. The device is the model's, so the first step decides for all.
     loss_sum = 0.0
     losses: torch.Tensor | None = None
+    on_cpu: bool | None = None
     step = 0
     for idx in _order(len(data), cfg.batch_size, total_steps, ctx.rng("local-shuffle")):
         for p in params:
@@ -620,11 +622,14 @@ def _loop(
             if correction is not None:
                 correction([p.detach() for p in params], grads)
         update(params, grads)
-        if loss.device.type == "cpu":
+        if on_cpu is None:
+            on_cpu = loss.device.type == "cpu"
+            if not on_cpu:  # float64 holds any float loss exactly (MPS has no float64)
+                wide = torch.float32 if loss.device.type == "mps" else torch.float64
+                losses = torch.empty(total_steps, dtype=wide, device=loss.device)
+        if losses is None:
             loss_sum += loss.item()
         else:
-            if losses is None:
-                losses = torch.empty(total_steps, dtype=loss.dtype, device=loss.device)
             losses[step] = loss.detach()
         step += 1
     for value in losses[:step].to("cpu", torch.float64).tolist() if losses is not None else ():

@@ -13,7 +13,7 @@ that split by label need such labels; everything else works on any targets.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import FrozenInstanceError, dataclass
 from typing import Any
 
 import numpy as np
@@ -162,6 +162,11 @@ class ArrayDataset:
         """The examples at ``idx`` (int64 row numbers, or a slice) as ``(x, y)``."""
         return self.x[idx], self.y[idx]
 
+    def compact(self) -> ArrayDataset:
+        """This dataset in tensors of its own: a view (see :meth:`rows`) is gathered and no longer
+        keeps the dataset it was taken from alive; any other dataset is returned as it is."""
+        return self
+
     def rows(self, rows: torch.Tensor) -> ArrayDataset:
         """The examples at ``rows`` (int64 row numbers the caller has already checked to be in range).
 
@@ -180,6 +185,13 @@ class _Rows(ArrayDataset):
     _base: ArrayDataset
     _rows: torch.Tensor
 
+    def __new__(
+        cls, base: ArrayDataset | None = None, rows: torch.Tensor | None = None, **fields: Any
+    ) -> Any:
+        if fields:  # dataclasses.replace(view, ...) builds the plain dataset it describes
+            return ArrayDataset(**fields)
+        return super().__new__(cls)
+
     def __init__(self, base: ArrayDataset, rows: torch.Tensor) -> None:
         if isinstance(base, _Rows):  # a view of a view indexes the first base
             rows = base._rows[rows]
@@ -196,6 +208,12 @@ class _Rows(ArrayDataset):
             return full
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise FrozenInstanceError(f"cannot assign to field {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise FrozenInstanceError(f"cannot delete field {name!r}")
+
     def __len__(self) -> int:
         return int(self._rows.shape[0])
 
@@ -205,7 +223,10 @@ class _Rows(ArrayDataset):
 
     def batch(self, idx: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor]:
         rows = self._rows[idx]
-        return self._base.x.index_select(0, rows), self._base.y.index_select(0, rows)
+        return self._base.x[rows], self._base.y[rows]
+
+    def compact(self) -> ArrayDataset:
+        return ArrayDataset(self.x, self.y, self.num_classes)
 
     def __reduce__(self) -> tuple[Any, ...]:  # pickled (to another process) as the plain dataset it is
         return (ArrayDataset, (self.x, self.y, self.num_classes))

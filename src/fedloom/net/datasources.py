@@ -81,7 +81,8 @@ def task_client_data(
         count = clients.num_clients if isinstance(clients, FederatedDataset) else len(clients)
         if not 0 <= idx < count:
             raise DataError(f"task {task.name!r}: client index {idx} is outside [0, {count})")
-        return clients.client_data(idx) if isinstance(clients, FederatedDataset) else clients[idx]
+        # compact: a long-lived client process keeps its own rows, not the data they were taken from
+        return clients.client_data(idx).compact() if isinstance(clients, FederatedDataset) else clients[idx]
     if partition_client is None:
         raise DataError(
             f"task {task.name!r} has one central dataset: pass --partition-client K (which partition is this client's)"
@@ -89,7 +90,7 @@ def task_client_data(
     train = materialise(task, seed=cfg.seed, split=split_for(cfg)).train
     if not 0 <= partition_client < train.num_clients:
         raise DataError(f"--partition-client {partition_client} is outside [0, {train.num_clients})")
-    return train.client_data(partition_client)
+    return train.client_data(partition_client).compact()
 
 
 def task_client_test(
@@ -111,7 +112,7 @@ def task_client_test(
     count = tests.num_clients if isinstance(tests, FederatedDataset) else len(tests)
     if not 0 <= idx < count:
         return None
-    return tests.client_data(idx) if isinstance(tests, FederatedDataset) else tests[idx]
+    return tests.client_data(idx).compact() if isinstance(tests, FederatedDataset) else tests[idx]
 
 
 def client_test_data(
@@ -166,7 +167,7 @@ def load_client_data(
         train = materialise_config(cfg).train
         if not 0 <= partition_client < train.num_clients:
             raise DataError(f"--partition-client {partition_client} is outside [0, {train.num_clients})")
-        return train.client_data(partition_client)
+        return train.client_data(partition_client).compact()
     module, arg = _loader(spec)
     fn = getattr(module, "load_client", None)
     if fn is None:

@@ -98,8 +98,8 @@ TENSORS_PER_CLIENT = 3
 ARENA_CAP = 1 << 30
 # The least number of entries in a ledger's table of parked positions.
 MIN_TABLE = 64
-# A worker hands its heap's free pages back to the system after a client that took at least this
-# long (see _after_long_clients).
+# A worker hands its heap's free pages back to the system after a client that trained at least
+# this long (see _malloc_trim).
 TRIM_AFTER_S = 0.5
 # How often the main process, waiting for the workers' shared lock, checks that they are alive.
 LOCK_CHECK_S = 1.0
@@ -132,7 +132,7 @@ def _worker_main(
     :class:`~fedloom.sim.reduce.Ledger`). The outcomes sent back carry no delta.
     """
     torch.set_num_threads(1)
-    trim = _after_long_clients(TRIM_AFTER_S)
+    trim = _malloc_trim()
 
     def in_arena(like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         return [up.empty(t) for t in like]
@@ -164,11 +164,13 @@ def _worker_main(
                     if pos >= n:
                         break
                     room = ledger.views(slot, like) if slot >= 0 else None
+                    started = time.monotonic()
                     with delta_buffers(in_arena if room is None else _into(room)):
                         # each update is written where it is read: the parent's region, or the ledger's slot
                         outcome = run_client(
                             workspace, data, pipeline, algorithm, broadcast, cids[pos], states, ctx
                         )
+                    long = time.monotonic() - started >= TRIM_AFTER_S
                     if reduced:
                         if isinstance(outcome, ClientUpdate):  # the slot is reused once the sum passes it
                             outcome = _state_off(outcome, ledger.region)
@@ -177,11 +179,12 @@ def _worker_main(
                             outcome = summary(outcome)
                     chunk.append(outcome)
                     positions.append(pos)
-                    trim()
                     if len(chunk) == CHUNK or pos >= n - TAIL:
                         # What lies in ``up`` already is not copied.
                         conn.send(("ok", positions, pack(chunk, up), False))
                         chunk, positions = [], []
+                    if long:
+                        trim()
                 conn.send(("ok", positions, pack(chunk, up), True))
                 del broadcast, states, like
             except Exception as exc:
@@ -192,38 +195,21 @@ def _worker_main(
 
 def _malloc_trim() -> Callable[[], object]:
     """glibc's ``malloc_trim(0)``, which hands every free page of the heap back to the system;
-    elsewhere (musl, macOS) a call that does nothing."""
+    elsewhere (musl, macOS) a call that does nothing.
+
+    A client's training frees what it allocated, but glibc keeps the freed pages of its heap
+    resident, scattered between live blocks, and the next client's allocations land on pages
+    of their own as often as on those: left alone, a worker's private memory creeps up from
+    client to client. A worker trims after a client that trained for ``TRIM_AFTER_S`` or
+    more, where the cost (about a millisecond, and the page faults that map the pages again)
+    is noise; short clients have small live sets and pay nothing.
+    """
     try:
         release = ctypes.CDLL(None).malloc_trim
     except (AttributeError, OSError):
         return lambda: None
     release.argtypes = [ctypes.c_size_t]
     return lambda: release(0)
-
-
-def _after_long_clients(at_least_s: float) -> Callable[[], None]:
-    """A call, made after each client, that runs :func:`_malloc_trim` when that client (the time
-    since the previous call) took ``at_least_s`` or more.
-
-    A client's training frees what it allocated, but glibc keeps the freed pages of its heap
-    resident, scattered between live blocks, and the next client's allocations land on
-    pages of their own as often as on those: left alone, a worker's private memory creeps
-    up from client to client. After a long client a trim's cost (about a millisecond, and
-    the page faults that map the pages again) is noise; short clients have small live sets
-    and are not trimmed after.
-    """
-    release = _malloc_trim()
-    last = time.monotonic()
-
-    def trim() -> None:
-        nonlocal last
-        now = time.monotonic()
-        if now - last >= at_least_s:
-            release()
-            now = time.monotonic()
-        last = now
-
-    return trim
 
 
 def _into(room: list[torch.Tensor]) -> Callable[[Sequence[torch.Tensor]], list[torch.Tensor]]:
