@@ -21,7 +21,7 @@ bare loop's (target <= 1.2x).
     PYTHONPATH=src python benchmarks/bench_executors.py --workload w1 [--executors parallel,vectorized]
     PYTHONPATH=src python benchmarks/bench_executors.py --workload w2 --rounds 3 --repeats 2
     PYTHONPATH=src python benchmarks/bench_executors.py --workload w1 --memory
-    PYTHONPATH=src python benchmarks/bench_executors.py --workload w1 --executors vectorized --device cuda
+    PYTHONPATH=src python benchmarks/bench_executors.py --workload w1 --executors vectorized,sequential --device cuda
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ def workload(args: argparse.Namespace) -> tuple[ExperimentConfig, Callable[[], t
     common = [
         f"rounds={args.rounds}", "client.epochs=1", "client.lr=0.05", f"eval.every={args.rounds + 1}",
         "eval.target_accuracy=0", f"data.dir={args.data_dir}", f"workers={args.workers}",
+        f"device={args.device}",  # the sequential and parallel executors train on the workspace's device
     ]  # fmt: skip
     if args.workload == "w1":
         sets = ["data.num_clients=1000", "data.alpha=0.3", "sampling.fraction=0.1", "client.batch_size=20"]
