@@ -606,7 +606,6 @@ def _loop(
     # the heap. The device is the model's, so the first step decides for all.
     loss_sum = 0.0
     losses: torch.Tensor | None = None
-    on_cpu: bool | None = None
     step = 0
     for idx in _order(len(data), cfg.batch_size, total_steps, ctx.rng("local-shuffle")):
         for p in params:
@@ -622,11 +621,9 @@ def _loop(
             if correction is not None:
                 correction([p.detach() for p in params], grads)
         update(params, grads)
-        if on_cpu is None:
-            on_cpu = loss.device.type == "cpu"
-            if not on_cpu:  # float64 holds any float loss exactly (MPS has no float64)
-                wide = torch.float32 if loss.device.type == "mps" else torch.float64
-                losses = torch.empty(total_steps, dtype=wide, device=loss.device)
+        if step == 0 and loss.device.type != "cpu":  # float64 holds any float loss exactly (MPS has none)
+            wide = torch.float32 if loss.device.type == "mps" else torch.float64
+            losses = torch.empty(total_steps, dtype=wide, device=loss.device)
         if losses is None:
             loss_sum += loss.item()
         else:
